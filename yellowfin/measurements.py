@@ -1,0 +1,94 @@
+"""The estimator recursions (spec §3): curvature range, gradient variance, distance to optimum.
+
+Pure functions on 0-dim float64 tensors. The optimizer reduces each step's gradients to a
+``GradientSample`` (a handful of scalars); ``measure`` folds it into the tuner's state and
+returns the current ``Estimates``. Nothing here walks parameters.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .state import TunerSettings, TunerState
+
+
+class GradientSample(NamedTuple):
+    """One step's gradient, reduced to scalars (after weight decay and clipping for statistics)."""
+
+    sq_norm: Tensor  # ||g_t||^2, the curvature sample h_t
+    grad_avg_sq_norm: Tensor  # ||gbar||^2 of the raw (not debiased) gradient average, after this step
+    density: Tensor  # fraction of non-zero entries (1 when the sparsity correction is off)
+
+
+class Estimates(NamedTuple):
+    h_min: Tensor
+    h_max: Tensor
+    grad_var: Tensor  # C
+    dist: Tensor  # D
+
+
+def ema(average: Tensor, value: Tensor, beta: float) -> Tensor:
+    return beta * average + (1.0 - beta) * value
+
+
+def debias_factor(step: Tensor, beta: float) -> Tensor:
+    """1 - beta^(t+1): divide an average started at zero by this after t + 1 updates."""
+    return 1.0 - beta ** (step + 1.0)
+
+
+def curvature_range(curvatures: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
+    """(min, max) over the samples seen so far in the ring buffer (at most its length)."""
+    window = curvatures.shape[0]
+    seen = torch.arange(window, device=curvatures.device) <= step  # slot i filled once t >= i
+    inf = torch.tensor(float("inf"), dtype=curvatures.dtype, device=curvatures.device)
+    return torch.where(seen, curvatures, inf).amin(), torch.where(seen, curvatures, -inf).amax()
+
+
+def measure(state: TunerState, sample: GradientSample, settings: TunerSettings) -> tuple[TunerState, Estimates]:
+    """Fold one gradient sample into the averages; return the new state and current estimates.
+
+    ``state.step`` is t, the index of this sample; the returned state keeps it (the optimizer
+    advances it once the update is applied).
+    """
+    beta, eps, t = settings.beta, settings.eps, state.step
+    debias = debias_factor(t, beta)
+
+    # Curvature range: extremes over a sliding window, smoothed in log (or linear) space.
+    slot = torch.arange(settings.curvature_window, device=t.device) == torch.remainder(t, settings.curvature_window)
+    curvatures = torch.where(slot, sample.sq_norm, state.curvatures)
+    window_min, window_max = curvature_range(curvatures, t)
+    if settings.curvature_smoothing == "log":
+        h_max_avg = ema(state.h_max_avg, torch.log(window_max + eps), beta)
+        h_min_avg = ema(state.h_min_avg, torch.log(window_min + eps), beta)
+        h_max, h_min = torch.exp(h_max_avg / debias), torch.exp(h_min_avg / debias)
+    else:
+        h_max_avg = ema(state.h_max_avg, window_max, beta)
+        h_min_avg = ema(state.h_min_avg, window_min, beta)
+        h_max, h_min = h_max_avg / debias, h_min_avg / debias
+
+    # Variance: E||g||^2 - ||E g||^2, floored at eps.
+    grad_sq_avg = ema(state.grad_sq_avg, sample.sq_norm, beta)
+    grad_sq = grad_sq_avg / debias
+    grad_var = torch.clamp(grad_sq - sample.grad_avg_sq_norm / debias**2, min=eps)
+
+    # Distance to the optimum: E||g|| / E||g||^2, i.e. ||g|| / h for a quadratic.
+    grad_norm_avg = ema(state.grad_norm_avg, torch.sqrt(sample.sq_norm), beta)
+    dist_avg = ema(state.dist_avg, (grad_norm_avg / debias) / (grad_sq + eps), beta)
+    dist = dist_avg / debias
+
+    density_avg = ema(state.density_avg, sample.density, beta)
+    if settings.sparsity_correction:
+        # Sparse updates see only a fraction of the coordinates each step (embeddings).
+        density = density_avg / debias
+        h_min, h_max, grad_var = density * h_min, density * h_max, density * grad_var
+        dist = dist / (torch.sqrt(density) + eps)
+
+    new_state = state.replace(
+        curvatures=curvatures, h_max_avg=h_max_avg, h_min_avg=h_min_avg, grad_sq_avg=grad_sq_avg,
+        grad_norm_avg=grad_norm_avg, dist_avg=dist_avg, density_avg=density_avg,
+        h_min=h_min, h_max=h_max, grad_var=grad_var, dist=dist,
+    )
+    return new_state, Estimates(h_min, h_max, grad_var, dist)

@@ -1,0 +1,471 @@
+"""YellowFin as a ``torch.optim.Optimizer``: walk the parameters, reduce, measure, tune, update.
+
+One step of one tuning scope (spec §4):
+
+1. reduce the gradients to ||g||^2 (and the non-zero count),
+2. decide the clipping factors from the previous step's h_max,
+3. update the gradient averages gbar and reduce ||gbar||^2,
+4. ``measurements.measure`` and ``tuning.tune`` on 0-dim float64 tensors,
+5. update the momentum buffers and the parameters.
+
+Nothing in a step reads a tensor value on the host. A step whose gradient holds NaN or Inf
+must change nothing, so, instead of branching, every coefficient is gated on the device:
+the buffers are scaled by 1 and the (zeroed) gradient by 0, and the tuner state is selected
+field by field. The per-parameter work exists twice, as a readable per-tensor loop (the
+reference) and as multi-tensor ``torch._foreach_*`` calls; tests hold them to the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Iterable, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import measurements, tuning
+from .state import TunerSettings, TunerState
+
+# Per-group options (they may differ between groups that share one tuner).
+_GROUP_OPTIONS = ("lr", "weight_decay", "decoupled_weight_decay", "nesterov", "maximize", "foreach")
+# Keys torch itself may put into a param group.
+_TORCH_GROUP_KEYS = ("params", "param_names", "differentiable")
+
+
+class _Coefficients(NamedTuple):
+    """Scalars of the update pass, already gated so that a non-finite step is a no-op."""
+
+    momentum: Tensor  # multiplies v (1 on a skipped step)
+    grad_scale: Tensor  # multiplies g in v <- momentum v + grad_scale g (0 on a skipped step)
+    step_size: Tensor  # alpha before the group's multiplier (0 on a skipped step)
+
+
+class YellowFin(Optimizer):
+    """Momentum SGD whose momentum and learning rate tune themselves (YellowFin).
+
+    Args:
+        params: parameters or parameter groups.
+        lr: multiplier on the tuned learning rate (default 1). Stock ``lr_scheduler``s move it.
+        beta: smoothing of every running average (0.999).
+        curvature_window: number of recent curvature samples whose extremes give h_min, h_max.
+        eps: guard against division by zero in the estimators and SingleStep.
+        initial_lr, initial_momentum: alpha_0 and mu_0, used at the first step.
+        adaptive_clipping: clip gradients against the measured curvature range (spec §4.2, §4.5).
+        slow_start: ramp alpha over the first 10 windows.
+        clip_norm: optional global gradient-norm clip, applied before everything else.
+        weight_decay: L2 coefficient; coupled (it enters the gradient and so the statistics)
+            unless ``decoupled_weight_decay``, which shrinks parameters by lr * alpha * weight_decay.
+        nesterov: Nesterov's form of the momentum update.
+        maximize: maximise the objective instead of minimising it.
+        foreach: multi-tensor implementation (None picks it for dense gradients).
+        per_group_tuning: one tuner per parameter group instead of one over all groups.
+        sparsity_correction: rescale the estimates by the gradient density (sparse embeddings).
+        update_first, curvature_smoothing, smooth_tuned: the paper's variant (see ``paper_variant``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | Tensor = 1.0,
+        beta: float = 0.999,
+        curvature_window: int = 20,
+        eps: float = 1e-6,
+        initial_lr: float = 1e-4,
+        initial_momentum: float = 0.0,
+        adaptive_clipping: bool = True,
+        slow_start: bool = True,
+        clip_norm: float | None = None,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+        nesterov: bool = False,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        per_group_tuning: bool = False,
+        sparsity_correction: bool = False,
+        update_first: bool = False,
+        curvature_smoothing: str = "log",
+        smooth_tuned: bool = False,
+        **unknown,
+    ):
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {sorted(unknown)}; allowed options are "
+                f"{sorted(TunerSettings.names() + _GROUP_OPTIONS + ('per_group_tuning',))}"
+            )
+        settings = TunerSettings(
+            beta=beta, curvature_window=curvature_window, eps=eps, initial_lr=initial_lr,
+            initial_momentum=initial_momentum, adaptive_clipping=adaptive_clipping, slow_start=slow_start,
+            clip_norm=clip_norm, sparsity_correction=sparsity_correction, update_first=update_first,
+            curvature_smoothing=curvature_smoothing, smooth_tuned=smooth_tuned,
+        )
+        defaults = dict(
+            vars(settings), lr=lr, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+            nesterov=nesterov, maximize=maximize, foreach=foreach,
+        )
+        self.per_group_tuning = bool(per_group_tuning)
+        self._tuners: list[TunerState] = []
+        super().__init__(params, defaults)
+        self._tuners = [TunerState.initial(self._settings(groups[0]), _device_of(groups)) for groups in self._scopes()]
+
+    @classmethod
+    def paper_variant(cls, params: Iterable, **overrides) -> "YellowFin":
+        """Algorithm 1 of the paper: update with the previous (mu, alpha), then measure and tune;
+        linear curvature smoothing; mu and alpha smoothed; no slow start, no clipping; alpha_0 = 1."""
+        options = dict(
+            update_first=True, curvature_smoothing="linear", smooth_tuned=True,
+            slow_start=False, adaptive_clipping=False, initial_lr=1.0,
+        )
+        options.update(overrides)
+        return cls(params, **options)
+
+    # ----------------------------------------------------------------------------- groups
+    def add_param_group(self, param_group: dict) -> None:
+        unknown = set(param_group) - set(self.defaults) - set(_TORCH_GROUP_KEYS)
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {sorted(unknown)} in parameter group; allowed options are {sorted(self.defaults)}"
+            )
+        merged = {**self.defaults, **param_group}
+        settings = self._settings(merged)  # validates the tuner's settings
+        lr, weight_decay = merged["lr"], merged["weight_decay"]
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1:
+                raise ValueError(f"invalid lr: a tensor lr must hold one element, got shape {tuple(lr.shape)}")
+        elif not (isinstance(lr, (int, float)) and 0.0 <= lr < float("inf")):
+            raise ValueError(f"invalid lr={lr!r}: allowed range is [0, inf) (a multiplier on the tuned rate)")
+        if not (isinstance(weight_decay, (int, float)) and 0.0 <= weight_decay < float("inf")):
+            raise ValueError(f"invalid weight_decay={weight_decay!r}: allowed range is [0, inf)")
+        for name in ("nesterov", "maximize", "decoupled_weight_decay"):
+            if not isinstance(merged[name], bool):
+                raise ValueError(f"invalid {name}={merged[name]!r}: allowed values are True or False")
+        if merged["foreach"] not in (None, True, False):
+            raise ValueError(f"invalid foreach={merged['foreach']!r}: allowed values are None, True or False")
+        if not self.per_group_tuning and self.param_groups:
+            shared = self._settings(self.param_groups[0])
+            if settings != shared:
+                raise ValueError(
+                    "parameter groups that share one tuner must share its settings "
+                    f"({', '.join(TunerSettings.names())}); pass per_group_tuning=True to tune groups separately"
+                )
+        super().add_param_group(param_group)
+        if self.per_group_tuning and self._tuners:  # after construction: a new group brings its own tuner
+            self._tuners.append(TunerState.initial(settings, _device_of([self.param_groups[-1]])))
+
+    def _scopes(self) -> list[list[dict]]:
+        """The groups each tuner measures: all of them, or one each."""
+        if self.per_group_tuning:
+            return [[group] for group in self.param_groups]
+        return [self.param_groups]
+
+    @staticmethod
+    def _settings(group: dict) -> TunerSettings:
+        return TunerSettings(**{name: group[name] for name in TunerSettings.names()})
+
+    # ----------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, groups in enumerate(self._scopes()):
+            self._tuners[index] = self._step_scope(self._tuners[index], groups)
+        return loss
+
+    def _step_scope(self, state: TunerState, groups: list[dict]) -> TunerState:
+        settings = self._settings(groups[0])
+        batches = [batch for batch in map(self._collect, groups) if batch.params]
+        if not batches:
+            return state
+        device = state.device
+
+        # 1. ||g||^2 over everything this tuner measures, in float64 (1e30-sized gradients included).
+        sq_norm = sum(_reduce(batch, _sq_norm).to(device) for batch in batches)
+        finite = torch.isfinite(sq_norm)
+        batches = [batch._replace(grads=[_finite_grad(g, finite) for g in batch.grads]) for batch in batches]
+        density = torch.ones((), dtype=torch.float64, device=device)
+        if settings.sparsity_correction:
+            nonzero = sum(_reduce(batch, _nonzero_count).to(device) for batch in batches)
+            density = nonzero / float(sum(p.numel() for batch in batches for p in batch.params))
+
+        # 2. Clipping factors, from the previous step's curvature range.
+        started = state.step >= 1.0
+        norm = torch.sqrt(sq_norm)
+        scale = torch.ones_like(norm)
+        if settings.clip_norm is not None:
+            scale = torch.where(norm > settings.clip_norm, settings.clip_norm / norm, 1.0)
+        update_scale = torch.ones_like(norm)
+        if settings.adaptive_clipping:
+            stat_threshold = torch.sqrt(100.0 * state.h_max)
+            clipped = started & (scale * norm > stat_threshold)
+            scale = torch.where(clipped, stat_threshold / (scale * norm), scale)
+            update_clipped = started & (scale**2 * sq_norm > state.h_max)
+            update_scale = torch.where(update_clipped, torch.sqrt(state.h_max / (scale**2 * sq_norm)), 1.0)
+        curvature_sample = scale**2 * sq_norm
+
+        # 3. Gradient averages, and their norm for the variance estimate.
+        beta = settings.beta
+        avg_decay = torch.where(finite, beta, 1.0)
+        avg_grad_scale = torch.where(finite, (1.0 - beta) * scale, 0.0)
+        grad_avg_sq_norm = sum(
+            _update_grad_averages(batch, avg_decay, avg_grad_scale).to(device) for batch in batches
+        )
+
+        # 4. Measure, tune.
+        sample = measurements.GradientSample(curvature_sample, grad_avg_sq_norm, density)
+        measured, estimates = measurements.measure(state, sample, settings)
+        mu, lr = tuning.tune(estimates, state.step, state.mu, state.lr, settings)
+        new_state = measured.replace(mu=mu, lr=lr, step=state.step + 1.0)
+
+        # 5. Update, with this step's (reference) or the previous step's (paper) tuned values.
+        applied_mu, applied_lr = (state.mu, state.lr) if settings.update_first else (mu, lr)
+        coefficients = _Coefficients(
+            momentum=torch.where(finite, _applied_momentum(applied_mu, state.momentum_offset, settings.eps), 1.0),
+            grad_scale=torch.where(finite, scale * update_scale, 0.0),
+            step_size=torch.where(finite, applied_lr, 0.0),
+        )
+        for batch in batches:
+            _update_parameters(batch, coefficients)
+
+        return new_state.select(finite, state).replace(
+            skipped_steps=state.skipped_steps + (~finite).to(torch.float64)
+        )
+
+    def _collect(self, group: dict) -> "_Batch":
+        """The group's parameters that have a gradient, their gradients (after maximize and
+        coupled weight decay), and their two buffers, created on first use."""
+        params, grads, grad_avgs, momenta = [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            grad = -p.grad if group["maximize"] else p.grad
+            if group["weight_decay"] != 0.0 and not group["decoupled_weight_decay"]:
+                if grad.is_sparse:
+                    raise ValueError("coupled weight_decay does not support sparse gradients; "
+                                     "use decoupled_weight_decay=True")
+                grad = grad.add(p, alpha=group["weight_decay"])
+            state = self.state[p]
+            if not state:
+                state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(grad)
+            grad_avgs.append(state["grad_avg"])
+            momenta.append(state["momentum_buffer"])
+        foreach = group["foreach"] is not False
+        return _Batch(group, params, grads, grad_avgs, momenta, foreach)
+
+    # ----------------------------------------------------------------------------- reading the tuner
+    def stats(self) -> dict | list[dict]:
+        """The tuner's current state as Python floats (one record per group with per_group_tuning).
+
+        Reads tensors on the host: call it for logging, not inside a hot loop on a GPU.
+        """
+        records = [_record(state, self._settings(groups[0])) for state, groups in zip(self._tuners, self._scopes())]
+        return records if self.per_group_tuning else records[0]
+
+    def tuner_state(self, scope: int = 0) -> TunerState:
+        """The tensors behind ``stats()`` for one tuner (read without host synchronisation)."""
+        return self._tuners[scope]
+
+    def set_momentum_offset(self, value: float | Tensor, scope: int | None = None) -> None:
+        """Add ``value`` to the tuned momentum at every following update (the closed-loop hook).
+
+        ``scope`` is the tuner index (a group index with per_group_tuning); None sets all.
+        """
+        indices = range(len(self._tuners)) if scope is None else [scope]
+        for index in indices:
+            state = self._tuners[index]
+            offset = torch.as_tensor(value, dtype=torch.float64).detach().to(state.device).reshape(())
+            self._tuners[index] = state.replace(momentum_offset=offset.clone())
+
+    # ----------------------------------------------------------------------------- saving
+    def state_dict(self) -> dict:
+        state_dict = super().state_dict()
+        state_dict["tuners"] = [state.as_dict() for state in self._tuners]
+        state_dict["per_group_tuning"] = self.per_group_tuning
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a checkpoint; everything is validated first, so a mismatch changes nothing."""
+        state_dict = dict(state_dict)
+        if "tuners" not in state_dict:
+            raise ValueError("not a YellowFin state dict: it has no 'tuners' entry")
+        tuners = state_dict.pop("tuners")
+        per_group = state_dict.pop("per_group_tuning", self.per_group_tuning)
+        if per_group != self.per_group_tuning:
+            raise ValueError(f"state dict has per_group_tuning={per_group}, this optimizer {self.per_group_tuning}")
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state dict has {len(saved_groups)} parameter groups, this optimizer {len(self.param_groups)}"
+            )
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"parameter group {index} has {len(group['params'])} parameters, "
+                    f"the state dict {len(saved['params'])}"
+                )
+        params = {index: p for index, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        for index, param_state in state_dict.get("state", {}).items():
+            if index not in params:
+                raise ValueError(f"state dict holds state for parameter {index}, which does not exist")
+            for name, value in param_state.items():
+                if isinstance(value, Tensor) and value.shape != params[index].shape:
+                    raise ValueError(
+                        f"state {name!r} of parameter {index} has shape {tuple(value.shape)}, "
+                        f"the parameter {tuple(params[index].shape)}"
+                    )
+        scopes = [[g] for g in saved_groups] if self.per_group_tuning else [saved_groups]
+        if not isinstance(tuners, (list, tuple)) or len(tuners) != len(scopes):
+            raise ValueError(f"state dict has {len(tuners)} tuners, this optimizer needs {len(scopes)}")
+        restored = [
+            TunerState.from_dict(values, self._settings({**self.defaults, **groups[0]}), _device_of(own))
+            for values, groups, own in zip(tuners, scopes, self._scopes())
+        ]
+        super().load_state_dict(state_dict)
+        self._tuners = restored
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_tuners"] = self._tuners
+        state["per_group_tuning"] = self.per_group_tuning
+        return state
+
+
+# --------------------------------------------------------------------------------- helpers
+class _Batch(NamedTuple):
+    group: dict
+    params: list[Tensor]
+    grads: list[Tensor]
+    grad_avgs: list[Tensor]
+    momenta: list[Tensor]
+    foreach: bool
+
+
+def _device_of(groups: list[dict]) -> torch.device:
+    for group in groups:
+        for p in group["params"]:
+            return p.device
+    return torch.device("cpu")
+
+
+def _applied_momentum(mu: Tensor, offset: Tensor, eps: float) -> Tensor:
+    """mu plus the external offset, kept inside (-1, 1) where heavy ball can converge."""
+    return torch.clamp(mu + offset, -1.0 + eps, 1.0 - eps)
+
+
+def _record(state: TunerState, settings: TunerSettings) -> dict:
+    values = {name: float(getattr(state, name)) for name in (
+        "mu", "lr", "h_min", "h_max", "grad_var", "dist", "momentum_offset"
+    )}
+    values["step"] = int(state.step)
+    values["skipped_steps"] = int(state.skipped_steps)
+    values["applied_momentum"] = float(_applied_momentum(state.mu, state.momentum_offset, settings.eps))
+    return values
+
+
+def _dense_values(grad: Tensor) -> Tensor:
+    """The stored entries of a gradient (the values of a sparse one, duplicates summed)."""
+    return grad.coalesce()._values() if grad.is_sparse else grad
+
+
+def _sq_norm(grad: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(_dense_values(grad), dtype=torch.float64) ** 2
+
+
+def _nonzero_count(grad: Tensor) -> Tensor:
+    return torch.count_nonzero(_dense_values(grad)).to(torch.float64)
+
+
+def _reduce(batch: _Batch, per_tensor: Callable[[Tensor], Tensor]) -> Tensor:
+    """Sum a per-gradient float64 reduction over a batch."""
+    if batch.foreach and per_tensor is _sq_norm and not any(g.is_sparse for g in batch.grads):
+        total = None
+        for indices in _by_device_and_dtype(batch.grads).values():
+            norms = torch._foreach_norm([batch.grads[i] for i in indices], 2, dtype=torch.float64)
+            part = torch.stack(norms).square().sum()
+            total = part if total is None else total + part.to(total.device)
+        return total
+    total = None
+    for grad in batch.grads:
+        part = per_tensor(grad)
+        total = part if total is None else total + part.to(total.device)
+    return total
+
+
+def _finite_grad(grad: Tensor, finite: Tensor) -> Tensor:
+    """The gradient, or zeros on a skipped step (so that 0 * grad cannot make NaN)."""
+    if grad.is_sparse:
+        grad = grad.coalesce()
+        values = torch.where(finite, grad._values(), 0.0)
+        return torch.sparse_coo_tensor(grad._indices(), values, grad.shape, is_coalesced=True)
+    return torch.where(finite, grad, 0.0)
+
+
+def _update_grad_averages(batch: _Batch, decay: Tensor, grad_scale: Tensor) -> Tensor:
+    """gbar <- decay gbar + grad_scale g for each parameter; returns sum ||gbar||^2 (float64)."""
+    dense = [i for i, g in enumerate(batch.grads) if not g.is_sparse]
+    sparse = [i for i, g in enumerate(batch.grads) if g.is_sparse]
+    total = torch.zeros((), dtype=torch.float64, device=decay.device)
+    if batch.foreach and dense:
+        for indices in _by_device_and_dtype([batch.grads[i] for i in dense], dense).values():
+            grads = [batch.grads[i] for i in indices]
+            avgs = [batch.grad_avgs[i] for i in indices]
+            torch._foreach_mul_(avgs, decay.to(avgs[0].device))
+            torch._foreach_add_(avgs, torch._foreach_mul(grads, grad_scale.to(avgs[0].device)))
+            norms = torch._foreach_norm(avgs, 2, dtype=torch.float64)
+            total = total + torch.stack(norms).square().sum().to(total.device)
+        loop = sparse
+    else:
+        loop = dense + sparse
+    for i in loop:  # the per-tensor reference
+        grad_avg, grad = batch.grad_avgs[i], batch.grads[i]
+        grad_avg.mul_(decay).add_(grad * grad_scale)
+        total = total + (torch.linalg.vector_norm(grad_avg, dtype=torch.float64) ** 2).to(total.device)
+    return total
+
+
+def _update_parameters(batch: _Batch, c: _Coefficients) -> None:
+    """v <- momentum v + grad_scale g;  x <- x - lr * step_size * (v, or its Nesterov form)."""
+    group = batch.group
+    step_size = c.step_size * group["lr"]
+    decay = group["weight_decay"] if group["decoupled_weight_decay"] else 0.0
+    dense = [i for i, g in enumerate(batch.grads) if not g.is_sparse]
+    sparse = [i for i, g in enumerate(batch.grads) if g.is_sparse]
+    if batch.foreach and dense:
+        for indices in _by_device_and_dtype([batch.grads[i] for i in dense], dense).values():
+            device = batch.params[indices[0]].device
+            momentum, grad_scale, lr = (x.to(device) for x in (c.momentum, c.grad_scale, step_size))
+            params = [batch.params[i] for i in indices]
+            momenta = [batch.momenta[i] for i in indices]
+            scaled = torch._foreach_mul([batch.grads[i] for i in indices], grad_scale)
+            torch._foreach_mul_(momenta, momentum)
+            torch._foreach_add_(momenta, scaled)
+            direction = momenta
+            if group["nesterov"]:
+                direction = torch._foreach_add(scaled, torch._foreach_mul(momenta, momentum))
+            if decay != 0.0:
+                torch._foreach_mul_(params, 1.0 - lr * decay)
+            torch._foreach_add_(params, torch._foreach_mul(direction, -lr))
+        loop = sparse
+    else:
+        loop = dense + sparse
+    for i in loop:  # the per-tensor reference
+        param, momentum_buffer = batch.params[i], batch.momenta[i]
+        scaled = batch.grads[i] * c.grad_scale
+        momentum_buffer.mul_(c.momentum).add_(scaled)
+        direction = scaled + momentum_buffer * c.momentum if group["nesterov"] else momentum_buffer
+        if decay != 0.0:
+            param.mul_(1.0 - step_size * decay)
+        param.add_(direction * -step_size)
+
+
+def _by_device_and_dtype(tensors: list[Tensor], indices: list[int] | None = None) -> dict:
+    """Indices of ``tensors`` bucketed by (device, dtype), as multi-tensor kernels need."""
+    indices = list(range(len(tensors))) if indices is None else indices
+    buckets: dict = defaultdict(list)
+    for tensor, index in zip(tensors, indices):
+        buckets[(tensor.device, tensor.dtype)].append(index)
+    return buckets
