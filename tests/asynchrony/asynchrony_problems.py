@@ -1,0 +1,68 @@
+"""Small synthetic problems for the asynchrony tests (module-level so worker processes can use them)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DIM = 64
+CURVATURES = torch.logspace(-2, 0, DIM)
+
+
+class DiagonalQuadratic(nn.Module):
+    """f(x) = 1/2 sum_i h_i x_i^2 (+ a linear noise term supplied by the batch)."""
+
+    def __init__(self, seed: int = 0, dim: int = DIM):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.x = nn.Parameter(torch.randn(dim, generator=generator))
+
+
+def quadratic_loss(model: DiagonalQuadratic, noise: torch.Tensor) -> torch.Tensor:
+    h = CURVATURES[: model.x.numel()]
+    return 0.5 * (h * model.x ** 2).sum() + (noise * model.x).sum()
+
+
+def noise_batches(scale: float, seed: int, dim: int = DIM):
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        yield scale * torch.randn(dim, generator=generator)
+
+
+TRUE_WEIGHTS = torch.randn(4, 8, generator=torch.Generator().manual_seed(123))
+
+
+def make_regression_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Linear(8, 4)
+
+
+def regression_loss(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def regression_batches(worker_id: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        x = torch.randn(16, 8, generator=generator)
+        yield x, x @ TRUE_WEIGHTS.T
+
+
+def poisoned_batches(worker_id: int, seed: int):
+    """Worker 0 produces NaN gradients every other batch; the others are healthy."""
+    healthy = regression_batches(worker_id, seed)
+    count = 0
+    while True:
+        x, y = next(healthy)
+        count += 1
+        if worker_id == 0 and count % 2 == 0:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        yield x, y
+
+
+def regression_eval_loss(model: nn.Module) -> float:
+    with torch.no_grad():
+        batch = next(regression_batches(0, 999))
+        return float(regression_loss(model, batch))

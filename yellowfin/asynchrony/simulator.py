@@ -1,0 +1,208 @@
+"""Simulated asynchrony: every gradient is computed on the model as it was tau updates ago.
+
+This is exactly the queue model of asynchrony.md §1, cheap and deterministic given a seed, and it wraps
+any torch optimizer, so Adam, momentum SGD and YellowFin run under the same staleness sequence.
+
+    sim = StalenessSimulator(model, optimizer, num_workers=16, staleness="geometric", seed=0)
+    for batch in batches:
+        loss = sim.step(task.loss, batch)
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .controller import closed_loop_for
+from .sensor import MomentumSensor, flat_gradients, flat_parameters
+
+
+def step_size_of(optimizer) -> float:
+    """The step size alpha the optimizer applies in the lr-outside form x <- x - alpha v.
+
+    YellowFin: group lr multiplier times the tuned alpha. Other optimizers: the first group's lr (for
+    Adam this is only nominal; the sensor is then a diagnostic).
+    """
+    multiplier = float(optimizer.param_groups[0].get("lr", 1.0))
+    if hasattr(optimizer, "stats") and hasattr(optimizer, "set_momentum_offset"):
+        stats = optimizer.stats()
+        if isinstance(stats, list):
+            stats = stats[0]
+        return multiplier * float(stats["lr"])
+    return multiplier
+
+
+class StalenessSchedule:
+    """Draws the staleness of each update, deterministically from a seed.
+
+    - ``"fixed"``: tau = M - 1 (M workers in round robin: each gradient was computed M - 1 updates ago);
+    - ``"geometric"``: P(tau = l) = (1 - q) q^l with q = 1 - 1/M, truncated at ``max_staleness``;
+    - ``"none"``: tau = 0 (synchronous, for comparison).
+    """
+
+    KINDS = ("fixed", "geometric", "none")
+
+    def __init__(self, num_workers: int, kind: str = "fixed", seed: int = 0,
+                 max_staleness: int | None = None):
+        if kind not in self.KINDS:
+            raise ValueError(f"staleness must be one of {self.KINDS}, got {kind!r}")
+        if num_workers < 1:
+            raise ValueError("num_workers must be >= 1")
+        self.num_workers = int(num_workers)
+        self.kind = kind
+        self.max_staleness = int(max_staleness if max_staleness is not None else
+                                 (0 if kind == "none" else
+                                  num_workers - 1 if kind == "fixed" else 8 * num_workers))
+        self._rng = np.random.default_rng(seed)
+
+    def draw(self) -> int:
+        if self.kind == "none" or self.num_workers == 1:
+            return 0
+        if self.kind == "fixed":
+            return self.num_workers - 1
+        # numpy's geometric counts trials to the first success (>= 1); tau counts failures.
+        tau = int(self._rng.geometric(1.0 / self.num_workers)) - 1
+        return min(tau, self.max_staleness)
+
+    def state_dict(self) -> dict:
+        return {"rng": self._rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._rng.bit_generator.state = state["rng"]
+
+
+class StalenessSimulator:
+    """Wraps a model and any torch optimizer; applies gradients computed on stale model versions.
+
+    ``closed_loop=True`` (YellowFin) attaches a sensor and a :class:`ClosedLoopMomentum` controller
+    (``sensor_step`` and ``gain`` as in :func:`closed_loop_for`); it is then ``sensors[0]``.
+    ``sensors`` (optional) are :class:`MomentumSensor` s fed with the iterates and with each gradient at
+    the version it was computed on; ``controller`` (optional) is a :class:`ClosedLoopMomentum` updated
+    after each step. ``trace`` records per-step staleness, loss, step size and sensor estimates.
+    """
+
+    def __init__(self, model: nn.Module, optimizer, num_workers: int, staleness: str = "fixed",
+                 seed: int = 0, max_staleness: int | None = None,
+                 sensors: Iterable[MomentumSensor] = (), controller=None, closed_loop: bool = False,
+                 sensor_step: str = "algorithmic", gain: float = 0.01,
+                 step_size_fn: Callable[[object], float] = step_size_of, trace_every: int = 1):
+        self.model = model
+        self.optimizer = optimizer
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.schedule = StalenessSchedule(num_workers, staleness, seed, max_staleness)
+        self.sensors = list(sensors)
+        if closed_loop and controller is None:
+            numel = sum(p.numel() for p in self.params)
+            controller = closed_loop_for(optimizer, numel, num_workers, sensor_step, gain, seed=seed)
+        if controller is not None and controller.sensor not in self.sensors:
+            self.sensors.insert(0, controller.sensor)
+        for sensor in self.sensors:  # a gradient from tau updates ago needs versions s-1..s+1
+            sensor.history = max(sensor.history, self.schedule.max_staleness + 3)
+        self.controller = controller
+        self.step_size_fn = step_size_fn
+        self.trace_every = max(1, int(trace_every))
+        self.version = 0
+        self._history: collections.deque[tuple[int, torch.Tensor]] = collections.deque(
+            maxlen=self.schedule.max_staleness + 1)
+        self._remember_current()
+        self.staleness_counts: collections.Counter[int] = collections.Counter()
+        self.trace: list[dict] = []
+
+    # -- plumbing -------------------------------------------------------------------------
+    def _remember_current(self) -> None:
+        flat = flat_parameters(self.params).clone()
+        self._history.append((self.version, flat))
+        for sensor in self.sensors:
+            sensor.record_iterate(self.version, flat)
+
+    def _load(self, flat: torch.Tensor) -> None:
+        offset = 0
+        with torch.no_grad():
+            for p in self.params:
+                n = p.numel()
+                p.copy_(flat[offset:offset + n].view_as(p))
+                offset += n
+
+    def _set_grads(self, flat_grad: torch.Tensor) -> None:
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            g = flat_grad[offset:offset + n].view_as(p).to(p.dtype)
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+            offset += n
+
+    def stale_gradient(self, loss_fn: Callable, batch, tau: int) -> tuple[int, torch.Tensor, float]:
+        """Gradient (flat) and loss at the version ``tau`` updates ago (or the oldest kept)."""
+        index = max(0, len(self._history) - 1 - tau)
+        stale_version, stale_flat = self._history[index]
+        current = self._history[-1][1]
+        self._load(stale_flat)
+        for p in self.params:
+            p.grad = None
+        loss = loss_fn(self.model, batch)
+        loss.backward()
+        grad = flat_gradients(self.params).clone()
+        self._load(current)
+        return stale_version, grad, float(loss.detach())
+
+    # -- the loop -------------------------------------------------------------------------
+    def step(self, loss_fn: Callable[[nn.Module, object], torch.Tensor], batch) -> float:
+        """One asynchronous update. Returns the loss measured at the stale model."""
+        tau = self.schedule.draw()
+        stale_version, grad, loss = self.stale_gradient(loss_fn, batch, tau)
+        actual_tau = self.version - stale_version
+        self.staleness_counts[actual_tau] += 1
+        self._set_grads(grad)
+        self.optimizer.step()
+        step = self.step_size_fn(self.optimizer)
+        for sensor in self.sensors:
+            sensor.record_step(self.version, step)
+        self.version += 1
+        self._remember_current()
+        for sensor in self.sensors:
+            sensor.observe(stale_version, grad)
+        if self.controller is not None:
+            self.controller.update()
+        if self.version % self.trace_every == 0:
+            self.trace.append(self._trace_record(loss, actual_tau, step))
+        return loss
+
+    def _trace_record(self, loss: float, tau: int, step: float) -> dict:
+        record = {"version": self.version, "loss": loss, "staleness": tau, "step": step}
+        for i, sensor in enumerate(self.sensors):
+            record[f"mu_hat_{i}"] = sensor.estimate
+        if hasattr(self.optimizer, "stats") and hasattr(self.optimizer, "set_momentum_offset"):
+            stats = self.optimizer.stats()
+            stats = stats[0] if isinstance(stats, list) else stats
+            record["mu_target"] = float(stats["mu"])
+            record["mu_applied"] = float(stats.get("applied_momentum", stats["mu"]))
+        return record
+
+    def run(self, loss_fn, batches, num_steps: int, callback: Callable | None = None) -> list[float]:
+        losses = []
+        iterator = iter(batches)
+        for _ in range(num_steps):
+            losses.append(self.step(loss_fn, next(iterator)))
+            if callback is not None and callback(self) is False:
+                break
+        return losses
+
+    # -- checkpointing --------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"version": self.version, "history": list(self._history),
+                "schedule": self.schedule.state_dict(),
+                "staleness_counts": dict(self.staleness_counts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.version = state["version"]
+        self._history.clear()
+        self._history.extend(state["history"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.staleness_counts = collections.Counter(state["staleness_counts"])
