@@ -206,7 +206,7 @@ class YellowFin(Optimizer):
 
         # 3. Gradient averages, and their norm for the variance estimate.
         beta = settings.beta
-        avg_decay = torch.where(finite, beta, 1.0)
+        avg_decay = torch.where(finite, torch.full_like(sq_norm, beta), 1.0)
         avg_grad_scale = torch.where(finite, (1.0 - beta) * scale, 0.0)
         grad_avg_sq_norm = sum(
             _update_grad_averages(batch, avg_decay, avg_grad_scale).to(device) for batch in batches
@@ -400,7 +400,7 @@ def _finite_grad(grad: Tensor, finite: Tensor) -> Tensor:
     if grad.is_sparse:
         grad = grad.coalesce()
         values = torch.where(finite, grad._values(), 0.0)
-        return torch.sparse_coo_tensor(grad._indices(), values, grad.shape, is_coalesced=True)
+        return torch.sparse_coo_tensor(grad._indices(), values, grad.shape, is_coalesced=True, check_invariants=False)
     return torch.where(finite, grad, 0.0)
 
 

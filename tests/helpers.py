@@ -1,0 +1,47 @@
+"""Small models and training loops shared by the optimizer tests."""
+
+import torch
+from torch import nn
+
+
+def make_model(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1)).to(dtype)
+
+
+def make_data(seed=1, n=64, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=generator, dtype=dtype)
+    y = x[:, :1] - 0.5 * x[:, 1:2] + 0.1 * torch.randn(n, 1, generator=generator, dtype=dtype)
+    return x, y
+
+
+def loss_of(model, data):
+    x, y = data
+    return ((model(x) - y) ** 2).mean()
+
+
+def train(model, opt, data, steps, batch=16, seed=2):
+    generator = torch.Generator().manual_seed(seed)
+    x, y = data
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, x.shape[0], (batch,), generator=generator)
+        opt.zero_grad()
+        loss = loss_of(model, (x[idx], y[idx]))
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def flat_state(opt):
+    """Every tensor of an optimizer's state dict, in a fixed order."""
+    sd = opt.state_dict()
+    tensors = []
+    for index in sorted(sd["state"]):
+        for name in sorted(sd["state"][index]):
+            tensors.append(sd["state"][index][name])
+    for tuner in sd["tuners"]:
+        tensors.extend(tuner[name] for name in sorted(tuner))
+    return tensors

@@ -1,0 +1,120 @@
+"""The pure mathematics: the cubic, the robust region, SingleStep on exact inputs."""
+
+import math
+
+import pytest
+import torch
+
+from yellowfin import tuning
+from yellowfin.state import TunerSettings
+
+SPEC_VECTORS = [(1e-6, 0.990033), (1e-3, 0.903332), (0.1, 0.606997), (1.0, 0.317672), (10.0, 0.078301), (1e3, 0.000997)]
+
+
+@pytest.mark.parametrize("p, expected", SPEC_VECTORS)
+def test_cubic_matches_spec_vectors(p, expected):
+    x = tuning.cubic_root(p)
+    assert x.dtype == torch.float64
+    assert float(x) == pytest.approx(expected, abs=5e-7)
+    assert abs(float((1 - x) ** 3 - p * x)) < 1e-14
+
+
+def test_cubic_accurate_from_1e_minus_12_to_1e12():
+    p = torch.logspace(-12, 12, 4001, dtype=torch.float64)
+    x = tuning.cubic_root(p)
+    residual = (1 - x) ** 3 - p * x
+    scale = torch.maximum((1 - x) ** 3, p * x)  # both sides are equal at the root
+    assert torch.all(residual.abs() / scale < 1e-11)
+    mu = x**2
+    assert torch.all((mu >= 0) & (mu < 1))
+    assert torch.all(x[1:] <= x[:-1])  # the root falls monotonically as p grows
+
+
+def test_cubic_limits():
+    assert float(tuning.cubic_root(0.0)) > 0.9999999  # noise dominated: sqrt(mu) -> 1
+    assert float(tuning.cubic_root(1e40)) < 1e-29  # no noise: the root vanishes
+    assert torch.isfinite(tuning.cubic_root(float("inf")))
+
+
+def test_optimal_momentum():
+    assert float(tuning.optimal_momentum(1.0)) == 0.0
+    assert float(tuning.optimal_momentum(100.0)) == pytest.approx((9 / 11) ** 2)
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.25, 0.6, 0.9, 0.99])
+@pytest.mark.parametrize("h", [0.01, 1.0, 50.0])
+def test_spectral_radius_is_sqrt_mu_inside_robust_region(mu, h):
+    low, high = tuning.robust_lr_range(mu, h)
+    alphas = torch.linspace(float(low), float(high), 41, dtype=torch.float64)
+    radius = tuning.spectral_radius(alphas, mu, h)
+    assert torch.allclose(radius, torch.full_like(radius, math.sqrt(mu)), atol=1e-6)
+
+
+@pytest.mark.parametrize("mu", [0.1, 0.5, 0.9])
+def test_spectral_radius_exceeds_sqrt_mu_outside_robust_region(mu):
+    h = 2.0
+    low, high = tuning.robust_lr_range(mu, h)
+    outside = torch.tensor([float(low) * 0.5, float(low) * 0.9, float(high) * 1.1, float(high) * 2], dtype=torch.float64)
+    radius = tuning.spectral_radius(outside, mu, h)
+    assert torch.all(radius > math.sqrt(mu) + 1e-3)
+
+
+def test_spectral_radius_matches_eigenvalues():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        alpha, mu, h = torch.rand(3, generator=generator, dtype=torch.float64) * torch.tensor([2.0, 1.0, 3.0])
+        matrix = torch.tensor([[1 - alpha * h + mu, -mu], [1.0, 0.0]], dtype=torch.float64)
+        expected = torch.linalg.eigvals(matrix).abs().max()
+        assert float(tuning.spectral_radius(alpha, mu, h)) == pytest.approx(float(expected), rel=1e-9)
+
+
+@pytest.mark.parametrize("kappa", [1.0, 10.0, 100.0, 1e4])
+def test_single_step_on_noiseless_quadratic_gives_optimal_heavy_ball(kappa):
+    h_min, h_max = 0.5, 0.5 * kappa
+    mu, alpha = tuning.single_step(h_min, h_max, grad_var=0.0, dist=1.0)  # C -> 0: p -> infinity
+    root = math.sqrt(kappa)
+    expected_mu = ((root - 1) / (root + 1)) ** 2
+    assert float(mu) == pytest.approx(expected_mu, abs=1e-12)
+    assert float(alpha) == pytest.approx((1 - math.sqrt(expected_mu)) ** 2 / h_min, rel=1e-12)
+
+
+@pytest.mark.parametrize("kappa", [10.0, 100.0])
+def test_heavy_ball_with_single_step_values_converges_at_sqrt_mu(kappa):
+    curvatures = torch.linspace(1.0, kappa, 20, dtype=torch.float64)  # a diagonal quadratic
+    mu, alpha = (float(v) for v in tuning.single_step(float(curvatures.min()), float(curvatures.max()), 0.0, 1.0))
+    x = torch.ones_like(curvatures)
+    previous = x.clone()
+    distances = []
+    for _ in range(400):
+        x, previous = x - alpha * curvatures * x + mu * (x - previous), x
+        distances.append(float(torch.linalg.vector_norm(x)))
+    rate = (distances[-1] / distances[-201]) ** (1 / 200)
+    assert rate == pytest.approx(math.sqrt(mu), rel=0.02)
+
+
+def test_single_step_noise_dominated_gives_large_momentum_small_step():
+    mu_noisy, alpha_noisy = tuning.single_step(1.0, 2.0, grad_var=1e6, dist=1.0)
+    mu_clean, alpha_clean = tuning.single_step(1.0, 2.0, grad_var=1e-6, dist=1.0)
+    assert float(mu_noisy) > 0.8 > float(mu_clean)
+    assert float(alpha_noisy) < float(alpha_clean)
+
+
+def test_slow_start_ramps_over_ten_windows():
+    assert float(tuning.slow_start(1.0, 0, 20)) == pytest.approx(1 / 200)
+    assert float(tuning.slow_start(1.0, 99, 20)) == pytest.approx(0.5)
+    assert float(tuning.slow_start(1.0, 5000, 20)) == 1.0
+
+
+def test_tune_uses_initial_values_at_first_step_and_smooths_in_paper_variant():
+    estimates = (torch.tensor(1.0, dtype=torch.float64), torch.tensor(100.0, dtype=torch.float64),
+                 torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    settings = TunerSettings(initial_lr=0.3, initial_momentum=0.2)
+    mu, lr = tuning.tune(estimates, 0.0, 0.2, 0.3, settings)
+    assert (float(mu), float(lr)) == (0.2, 0.3)
+    solved_mu, solved_lr = tuning.single_step(*estimates, eps=settings.eps)
+    mu, lr = tuning.tune(estimates, 1000.0, 0.2, 0.3, settings)
+    assert float(mu) == float(solved_mu) and float(lr) == float(solved_lr)
+    smooth = TunerSettings(smooth_tuned=True, slow_start=False, beta=0.9)
+    mu, lr = tuning.tune(estimates, 5.0, 0.2, 0.3, smooth)
+    assert float(mu) == pytest.approx(0.9 * 0.2 + 0.1 * float(solved_mu))
+    assert float(lr) == pytest.approx(0.9 * 0.3 + 0.1 * float(solved_lr))
