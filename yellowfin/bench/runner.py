@@ -1,0 +1,325 @@
+"""Running benchmarks: one training run (train_run), and a whole suite with learning-rate grids, seeds and the
+YellowFin-step control (run_suite). Every finished run is written to its own results file; runs whose file
+already exists are skipped, so rerunning an interrupted command resumes it."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from yellowfin.bench import results as results_io
+from yellowfin.bench.data import DataNotFoundError
+from yellowfin.bench.optimizers import (CONTROL, TUNED, OptimizerSpec, get_optimizer_spec, resolve_optimizers,
+                                        set_train_mode)
+from yellowfin.bench.tasks import Task, get_task
+
+DEFAULT_SEEDS = (0, 1, 2)
+QUICK_SEEDS = (0,)
+# Schedule-Free evaluates at the averaged point, whose batch-norm statistics were never measured: its authors
+# recommend refreshing them with a few training batches before evaluating.
+BATCHNORM_REFRESH_BATCHES = 20
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine, stored in every results file."""
+    packages = {}
+    for name in ("yellowfin-optim", "torch", "numpy", "schedulefree", "prodigyopt", "dadaptation"):
+        try:
+            packages[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            packages[name] = None
+    return {
+        "python": platform.python_version(),
+        "packages": packages,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _refresh_batchnorm(task: Task, model: nn.Module, seed: int) -> None:
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    batches = task.train_batches(seed + 7919)
+    model.train()
+    with torch.no_grad():
+        for _ in range(BATCHNORM_REFRESH_BATCHES):
+            task.loss(model, next(batches))
+
+
+def train_run(task: Task, spec: OptimizerSpec, seed: int, steps: int, lr: float | None = None,
+              lr_schedule: Sequence[float] | None = None, progress: Callable[[int, float], None] | None = None,
+              ) -> dict[str, Any]:
+    """Train task's model with one optimizer for `steps` steps and evaluate it on val and test.
+
+    lr_schedule (the control run) sets every group's learning rate before each step. progress(step, loss) is
+    called after every step. Returns the record that goes into a results file."""
+    torch.manual_seed(seed)
+    model = task.make_model(seed)
+    model.train()
+    optimizer = spec.build(model.parameters(), lr)
+    set_train_mode(optimizer, True)
+    batches = task.train_batches(seed)
+    tracks_tuner = callable(getattr(optimizer, "stats", None))
+    losses: list[float | None] = []
+    wall: list[float] = []
+    trace: dict[str, list[float]] = {"mu": [], "lr": [], "applied_momentum": [], "effective_lr": []}
+    diverged = False
+    start = time.perf_counter()
+    for step in range(steps):
+        batch = next(batches)
+        if lr_schedule is not None:
+            step_size = lr_schedule[min(step, len(lr_schedule) - 1)]
+            for group in optimizer.param_groups:
+                group["lr"] = step_size
+        optimizer.zero_grad(set_to_none=True)
+        loss = task.loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        value = loss.item()
+        wall.append(round(time.perf_counter() - start, 4))
+        losses.append(results_io.finite_or_none(value))
+        if tracks_tuner:
+            stats = optimizer.stats()
+            stats = stats[0] if isinstance(stats, list) else stats
+            applied = stats.get("applied_momentum", stats["mu"])
+            factor = optimizer.param_groups[0]["lr"]
+            trace["mu"].append(stats["mu"])
+            trace["lr"].append(stats["lr"])
+            trace["applied_momentum"].append(applied)
+            # The step size plain SGD needs to move as far per step as momentum does in steady state.
+            trace["effective_lr"].append(factor * stats["lr"] / max(1.0 - applied, 1e-12))
+        if progress is not None:
+            progress(step + 1, value)
+        if not math.isfinite(value):
+            diverged = True
+            break
+    train_seconds = time.perf_counter() - start
+
+    evaluation: dict[str, Any] = {}
+    eval_start = time.perf_counter()
+    if not diverged:
+        set_train_mode(optimizer, False)
+        if spec.requires == "schedulefree":
+            _refresh_batchnorm(task, model, seed)
+        evaluation = {split: task.evaluate(model, split) for split in ("val", "test")}
+        if any(not math.isfinite(v) for split in evaluation.values() for v in split.values()):
+            diverged = True
+            evaluation = {s: {k: results_io.finite_or_none(v) for k, v in m.items()} for s, m in evaluation.items()}
+    record = {
+        "task": task.config(),
+        "higher_is_better": task.higher_is_better,
+        "optimizer": spec.name,
+        "optimizer_label": spec.label,
+        "kind": spec.kind,
+        "lr": lr,
+        "hyper": spec.hyper,
+        "seed": seed,
+        "steps": steps,
+        "completed_steps": len(losses),
+        "diverged": diverged,
+        "loss": losses,
+        "wall": wall,
+        "eval": evaluation,
+        "train_seconds": train_seconds,
+        "eval_seconds": time.perf_counter() - eval_start,
+        "environment": environment(),
+        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+    }
+    if tracks_tuner:
+        record["trace"] = trace
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Suites
+
+
+@dataclass
+class SuiteConfig:
+    tasks: Sequence[str]
+    optimizers: Sequence[str]
+    seeds: Sequence[int] = DEFAULT_SEEDS
+    steps: int | None = None  # None: each task's default (or quick) budget
+    quick: bool = False
+    results_dir: Path = results_io.DEFAULT_RESULTS_DIR
+    task_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per task name
+    progress: bool = True
+
+
+@dataclass
+class SuiteOutcome:
+    ran: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    unavailable: dict[str, str] = field(default_factory=dict)  # optimizer -> why
+    missing_data: dict[str, str] = field(default_factory=dict)  # task -> how to install its data
+    chosen_lr: dict[tuple[str, str], float | None] = field(default_factory=dict)  # (task, optimizer) -> lr
+
+
+def build_task(name: str, config: SuiteConfig) -> Task:
+    options = dict(config.task_options.get(name, {}))
+    task = get_task(name, **options)
+    if config.quick and task.quick_options:
+        task = get_task(name, **{**task.quick_options, **options})
+    return task
+
+
+class _Progress:
+    """tqdm bars (one for the suite, one per run) when tqdm is installed and wanted; silent otherwise."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self._tqdm = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self._tqdm = tqdm
+            except ImportError:
+                pass
+        self.suite = self._tqdm(total=total, desc="runs", unit="run", position=0) if self._tqdm else None
+
+    def run_bar(self, description: str, steps: int) -> Callable[[int, float], None] | None:
+        if self._tqdm is None:
+            return None
+        bar = self._tqdm(total=steps, desc=description, unit="step", position=1, leave=False, mininterval=0.5)
+        self._bar = bar
+
+        def update(step: int, loss: float) -> None:
+            bar.update(1)
+            if step % 10 == 0 or step == steps:
+                bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+
+        return update
+
+    def run_done(self, count: bool = True) -> None:
+        if getattr(self, "_bar", None) is not None:
+            self._bar.close()
+            self._bar = None
+        if self.suite is not None and count:
+            self.suite.update(1)
+
+    def write(self, message: str) -> None:
+        if self._tqdm is not None:
+            self._tqdm.write(message)
+        else:
+            print(message, file=sys.stderr)
+
+    def close(self) -> None:
+        if getattr(self, "_bar", None) is not None:
+            self._bar.close()
+        if self.suite is not None:
+            self.suite.close()
+
+
+def planned_run_count(config: SuiteConfig, specs: Sequence[OptimizerSpec], tasks: Sequence[Task]) -> int:
+    count = 0
+    for task in tasks:
+        for spec in specs:
+            if spec.kind == TUNED:
+                count += len(task.lr_grids.get(spec.name, ())) + len(config.seeds) - 1
+            elif spec.kind == CONTROL or spec.name == "yellowfin":
+                count += len(config.seeds)
+            else:
+                count += 1
+    return count
+
+
+def run_suite(config: SuiteConfig, log: Callable[[str], None] | None = None) -> SuiteOutcome:
+    """Run (or resume) a suite. Per task: YellowFin and the tuning-free peers; each tuned baseline's grid on the
+    first seed, then its best learning rate (by the validation metric) on the other seeds; then the control,
+    which replays the step size from the YellowFin run of the same seed (run first if missing).
+
+    The tuning-free peers run on the first seed only, to fit the time budget; YellowFin, the tuned baselines
+    and the control run on every seed. A task whose data is missing is skipped (outcome.missing_data)."""
+    return _Suite(config, log).run()
+
+
+class _Suite:
+    def __init__(self, config: SuiteConfig, log: Callable[[str], None] | None) -> None:
+        self.config = config
+        self.outcome = SuiteOutcome()
+        self.specs = []
+        for spec in resolve_optimizers(config.optimizers):
+            if spec.available():
+                self.specs.append(spec)
+            else:
+                self.outcome.unavailable[spec.name] = spec.missing_message()
+        self.tasks = [build_task(name, config) for name in config.tasks]
+        self.progress = _Progress(planned_run_count(config, self.specs, self.tasks), config.progress)
+        self.say = log or self.progress.write
+
+    def run(self) -> SuiteOutcome:
+        for message in self.outcome.unavailable.values():
+            self.say(f"skipping: {message}")
+        try:
+            for task in self.tasks:
+                try:
+                    self.run_task(task)
+                except DataNotFoundError as exc:
+                    self.outcome.missing_data[task.name] = str(exc)
+                    self.say(f"{task.name}: skipped, data missing. {exc}")
+        finally:
+            self.progress.close()
+        return self.outcome
+
+    def run_task(self, task: Task) -> None:
+        config = self.config
+        steps = config.steps or (task.quick_steps if config.quick else task.default_steps)
+        seeds = list(config.seeds)
+        for spec in self.specs:
+            if spec.kind == TUNED:
+                grid = task.lr_grids.get(spec.name)
+                if not grid:
+                    self.say(f"{task.name}: no learning-rate grid for {spec.name}; skipped")
+                    continue
+                grid_records = [self.execute(task, steps, spec, seeds[0], lr) for lr in grid]
+                chosen = results_io.best_lr(grid_records)
+                self.outcome.chosen_lr[(task.name, spec.name)] = chosen
+                if chosen is None:
+                    self.say(f"{task.name}: every {spec.name} grid run diverged")
+                    continue
+                self.say(f"{task.name}: {spec.name} lr={chosen:g} chosen on the validation split")
+                for seed in seeds[1:]:
+                    self.execute(task, steps, spec, seed, chosen)
+            elif spec.kind == CONTROL or spec.name == "yellowfin":
+                for seed in seeds:
+                    self.execute(task, steps, spec, seed)
+            else:
+                self.execute(task, steps, spec, seeds[0])
+
+    def execute(self, task: Task, steps: int, spec: OptimizerSpec, seed: int, lr: float | None = None,
+                planned: bool = True) -> dict[str, Any]:
+        """The run's record: read from its results file when done before, else trained and written."""
+        path = results_io.run_path(self.config.results_dir, task.name, spec.name, seed, steps, lr)
+        record = results_io.read_result(path)
+        if record is not None:
+            if planned:
+                self.outcome.skipped.append(path)
+                self.progress.run_done()
+            return record
+        schedule = None
+        if spec.kind == CONTROL:
+            reference = self.execute(task, steps, get_optimizer_spec("yellowfin"), seed, planned=False)
+            schedule = reference.get("trace", {}).get("effective_lr")
+            if not schedule:
+                raise RuntimeError(f"{task.name}: the YellowFin run for seed {seed} has no trace to replay")
+        lr_text = f" lr={lr:g}" if lr is not None else ""
+        bar = self.progress.run_bar(f"{task.name} {spec.name}{lr_text} seed={seed}", steps)
+        record = train_run(task, spec, seed, steps, lr=lr, lr_schedule=schedule, progress=bar)
+        results_io.write_result(path, record)
+        self.outcome.ran.append(path)
+        self.progress.run_done(count=planned)
+        return record
