@@ -1,0 +1,155 @@
+"""The `yellowfin` command line (also `python -m yellowfin`): demo, bench, report.
+
+Heavy imports happen inside the subcommands so that `yellowfin --help` answers at once."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+EXIT_DATA_MISSING = 1
+EXIT_INTERRUPTED = 130
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from yellowfin.bench.demo import run_demo
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = run_demo(minutes=args.minutes, data_dir=args.data_dir, out_dir=args.out, seed=args.seed,
+                      max_steps=args.steps, progress=not args.no_progress)
+    print()
+    print(result.table)
+    print()
+    print(f"Figure (loss curves, tuned mu and alpha): {result.figure}")
+    print(f"Numbers: {result.summary_path}")
+    return 0
+
+
+def _task_options(args: argparse.Namespace) -> dict[str, dict]:
+    options: dict[str, dict] = {"fmnist_resnet": {}, "char_lstm": {}}
+    if args.data_dir:
+        options["fmnist_resnet"]["data_dir"] = args.data_dir
+    if args.text_path:
+        options["char_lstm"]["text_path"] = args.text_path
+    if args.cache_dir:
+        options["char_lstm"]["cache_dir"] = args.cache_dir
+    return options
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from yellowfin.bench import results as results_io
+    from yellowfin.bench.optimizers import DEFAULT_OPTIMIZERS, OPTIMIZERS
+    from yellowfin.bench.runner import DEFAULT_SEEDS, QUICK_SEEDS, SuiteConfig, run_suite
+    from yellowfin.bench.tasks import TASKS, get_task
+
+    if args.list:
+        print("tasks (default steps / quick steps):")
+        for name in TASKS:
+            task = get_task(name)
+            print(f"  {name:14s} {task.default_steps:5d} / {task.quick_steps:4d}   metric: {task.metric}")
+        print("optimizers:")
+        for spec in OPTIMIZERS.values():
+            extra = "" if spec.available() else f"   [not installed: pip install {spec.pip_name}]"
+            print(f"  {spec.name:18s} {spec.kind:8s} {spec.label}{extra}")
+        return 0
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    unknown = [t for t in args.tasks if t not in TASKS] + [o for o in args.optimizers or () if o not in OPTIMIZERS]
+    if unknown:
+        print(f"unknown task or optimizer: {', '.join(unknown)} (see `yellowfin bench --list`)", file=sys.stderr)
+        return 2
+    results_dir = Path(args.results or (results_io.QUICK_RESULTS_DIR if args.quick else results_io.DEFAULT_RESULTS_DIR))
+    config = SuiteConfig(
+        tasks=args.tasks or list(TASKS),
+        optimizers=args.optimizers or list(DEFAULT_OPTIMIZERS),
+        seeds=args.seeds or (QUICK_SEEDS if args.quick else DEFAULT_SEEDS),
+        steps=args.steps,
+        quick=args.quick,
+        results_dir=results_dir,
+        task_options=_task_options(args),
+        progress=not args.no_progress,
+    )
+    try:
+        outcome = run_suite(config)
+    except KeyboardInterrupt:
+        print(f"\nInterrupted. Finished runs are kept in {results_dir}; run the same command again to resume.",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"{len(outcome.ran)} runs done, {len(outcome.skipped)} already there; results in {results_dir}")
+    for name, message in outcome.unavailable.items():
+        print(f"not run: {name}: {message}")
+    for task, message in outcome.missing_data.items():
+        print(f"not run: {task}: {message}", file=sys.stderr)
+    print(f"Next: yellowfin report --results {results_dir}")
+    return EXIT_DATA_MISSING if outcome.missing_data else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from yellowfin.bench import results as results_io
+    from yellowfin.bench.report import write_report
+
+    dirs = args.results or [d for d in (results_io.DEFAULT_RESULTS_DIR, results_io.QUICK_RESULTS_DIR) if d.is_dir()]
+    if not dirs and args.no_robustness:
+        print("no results directories found; run `yellowfin bench` first", file=sys.stderr)
+        return 1
+    written = write_report(dirs, markdown=args.out, figures_dir=args.figures, robustness=not args.no_robustness)
+    print(f"wrote {written['markdown']} ({', '.join(written['sections']) or 'no results'})")
+    for figure in written["figures"]:
+        print(f"  {figure}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="yellowfin", description="YellowFin: momentum and learning rate for SGD, "
+                                     "tuned while training runs. Demo, benchmarks and reports.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="YellowFin vs Adam on Fashion-MNIST for a few minutes, with a figure")
+    demo.add_argument("--minutes", type=float, default=3.0, help="wall-clock budget (default 3)")
+    demo.add_argument("--steps", type=int, default=None, help="stop after this many steps per optimizer")
+    demo.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files (default: the Debian package's)")
+    demo.add_argument("--out", default="yellowfin-demo", help="where the figure and numbers go")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.set_defaults(handler=_demo)
+
+    bench = sub.add_parser("bench", help="run benchmark tasks (resumes: finished runs are skipped)")
+    bench.add_argument("tasks", nargs="*", metavar="TASK", help="tasks to run (default: all; see --list)")
+    bench.add_argument("--optimizers", nargs="+", metavar="NAME", help="optimizers to compare (default: all)")
+    bench.add_argument("--seeds", nargs="+", type=int, help="seeds (default 0 1 2; with --quick: 0)")
+    bench.add_argument("--steps", type=int, help="steps per run (default: each task's budget)")
+    bench.add_argument("--quick", action="store_true", help="small budgets, one seed: the whole suite in minutes")
+    bench.add_argument("--results", help="results directory (default benchmarks/results, or benchmarks/results-quick)")
+    bench.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files")
+    bench.add_argument("--text-path", help="plain-text file to use instead of the King James Bible")
+    bench.add_argument("--cache-dir", help="where to cache the Bible text (default: no cache)")
+    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bench.add_argument("--list", action="store_true", help="list tasks and optimizers, then exit")
+    bench.set_defaults(handler=_bench)
+
+    report = sub.add_parser("report", help="tables and figures from results, into docs/benchmarks.md")
+    report.add_argument("--results", nargs="+", type=Path,
+                        help="results directories (default: benchmarks/results and benchmarks/results-quick)")
+    report.add_argument("--out", type=Path, default=Path("docs") / "benchmarks.md", help="markdown file to update")
+    report.add_argument("--figures", type=Path, default=Path("docs") / "figures", help="figure directory")
+    report.add_argument("--no-robustness", action="store_true", help="skip the momentum-robustness figure")
+    report.set_defaults(handler=_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
