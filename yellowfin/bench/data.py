@@ -165,7 +165,7 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Splits:
 # ---------------------------------------------------------------------------------------------------------------
 # The King James Bible
 
-_VERSE_NUMBER = re.compile(r"^\s*\d+\s+", re.MULTILINE)
+_VERSE_NUMBER = re.compile(r"^[ \t]+\d+[ \t]+", re.MULTILINE)
 
 
 def clean_bible_text(raw: str) -> str:
