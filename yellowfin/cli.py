@@ -5,6 +5,7 @@ Heavy imports happen inside the subcommands so that `yellowfin --help` answers a
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -75,6 +76,7 @@ def _bench(args: argparse.Namespace) -> int:
         results_dir=results_dir,
         task_options=_task_options(args),
         progress=not args.no_progress,
+        command=args.command_line,
     )
     try:
         outcome = run_suite(config)
@@ -147,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["yellowfin", *argv])
     return args.handler(args)
 
 

@@ -293,7 +293,7 @@ def render_section(results_dir: Path, summaries: Sequence[TaskSummary], figures:
     lines = [f"### Results in `{shown}`", ""]
     if not summaries:
         return "\n".join(lines + ["No results found.", ""])
-    lines += ["Produced by:", "", "```"] + [_strip_program(c) for c in commands] + ["```", ""]
+    lines += ["Produced by:", "", "```"] + commands + ["```", ""]
     lines += [
         f"Machine: {env.get('platform', '?')}, {env.get('cpu_count', '?')} CPUs visible, "
         f"{env.get('torch_threads', '?')} torch threads; Python {env.get('python', '?')}, "
@@ -316,15 +316,6 @@ def render_section(results_dir: Path, summaries: Sequence[TaskSummary], figures:
     if "speedup" in figures:
         lines += [f"![YellowFin speedups]({_relative(figures['speedup'], markdown_dir)})", ""]
     return "\n".join(lines)
-
-
-def _strip_program(command: str) -> str:
-    """Show the command as a user would type it, whatever path the interpreter ran it from."""
-    parts = command.split(" ", 1)
-    program = Path(parts[0]).name
-    if program in ("cli.py", "__main__.py", "yellowfin"):
-        program = "yellowfin"
-    return " ".join([program] + parts[1:])
 
 
 def _markers(key: str) -> tuple[str, str]:

@@ -158,6 +158,7 @@ class SuiteConfig:
     results_dir: Path = results_io.DEFAULT_RESULTS_DIR
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per task name
     progress: bool = True
+    command: str | None = None  # how the user started the suite, stored in every results file
 
 
 @dataclass
@@ -319,6 +320,8 @@ class _Suite:
         lr_text = f" lr={lr:g}" if lr is not None else ""
         bar = self.progress.run_bar(f"{task.name} {spec.name}{lr_text} seed={seed}", steps)
         record = train_run(task, spec, seed, steps, lr=lr, lr_schedule=schedule, progress=bar)
+        if self.config.command:
+            record["command"] = self.config.command
         results_io.write_result(path, record)
         self.outcome.ran.append(path)
         self.progress.run_done(count=planned)

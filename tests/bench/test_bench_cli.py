@@ -1,0 +1,77 @@
+import json
+import subprocess
+import sys
+
+from yellowfin.cli import main
+
+
+def test_python_dash_m_yellowfin_help():
+    done = subprocess.run([sys.executable, "-m", "yellowfin", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    for command in ("demo", "bench", "report"):
+        assert command in done.stdout
+
+
+def test_bench_list(capsys):
+    assert main(["bench", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "fmnist_resnet" in out and "sgd_yf_step" in out
+
+
+def test_bench_rejects_unknown_names(capsys):
+    assert main(["bench", "mnist_cnn", "--no-progress"]) == 2
+    assert "unknown" in capsys.readouterr().err
+
+
+def test_bench_then_report(tmp_path, capsys, text_path):
+    results = tmp_path / "results"
+    argv = ["bench", "quadratic", "char_lstm", "--optimizers", "yellowfin", "adam", "sgd_yf_step",
+            "--seeds", "0", "--steps", "3", "--results", str(results), "--text-path", str(text_path),
+            "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    files = sorted(results.rglob("*.json"))
+    n_adam_grid = 6 + 5  # quadratic and char_lstm grids
+    assert len(files) == 2 * 2 + n_adam_grid
+    assert f"{len(files)} runs done" in out
+    record = json.loads((results / "char_lstm" / "yellowfin_seed0_steps3.json").read_text())
+    assert record["task"]["text_path"] == str(text_path) and record["steps"] == 3
+    assert "--steps 3" in record["command"]
+
+    assert main(argv) == 0  # resumes: nothing left to do
+    assert f"0 runs done, {len(files)} already there" in capsys.readouterr().out
+
+    markdown = tmp_path / "benchmarks.md"
+    assert main(["report", "--results", str(results), "--out", str(markdown), "--figures",
+                 str(tmp_path / "figures"), "--no-robustness"]) == 0
+    text = markdown.read_text()
+    assert "#### char_lstm (3 steps)" in text and "test perplexity" in text
+    assert (tmp_path / "figures" / "results-char_lstm-3-loss.png").is_file()
+
+
+def test_bench_reports_missing_data_with_exit_code(tmp_path, capsys):
+    argv = ["bench", "fmnist_resnet", "--optimizers", "yellowfin", "--steps", "2", "--seeds", "0",
+            "--data-dir", str(tmp_path / "nothing"), "--results", str(tmp_path / "r"), "--no-progress"]
+    assert main(argv) == 1
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_demo_on_generated_fashion_mnist(tmp_path, capsys, fmnist_dir):
+    out_dir = tmp_path / "demo"
+    assert main(["demo", "--steps", "3", "--data-dir", str(fmnist_dir), "--out", str(out_dir), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "YellowFin (defaults)" in out and "Adam" in out
+    assert f"Figure (loss curves, tuned mu and alpha): {out_dir / 'demo.png'}" in out
+    assert (out_dir / "demo.png").stat().st_size > 1000
+    summary = json.loads((out_dir / "demo.json").read_text())
+    assert not summary["fallback"] and [len(r["loss"]) for r in summary["runs"]] == [3, 3]
+    assert len(summary["runs"][0]["mu"]) == 3 and summary["runs"][1]["mu"] == []
+
+
+def test_demo_falls_back_to_digits_and_says_why(tmp_path, capsys):
+    out_dir = tmp_path / "demo"
+    argv = ["demo", "--steps", "2", "--data-dir", str(tmp_path / "nothing"), "--out", str(out_dir), "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "apt-get install dataset-fashion-mnist" in out and "digits" in out
+    assert json.loads((out_dir / "demo.json").read_text())["fallback"] is True
