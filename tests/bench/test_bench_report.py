@@ -33,6 +33,8 @@ def test_summaries_choose_lr_on_validation_and_compare_against_best_tuned(result
         assert opt.lr == best_lr
     assert digits.speedup_against_reference(digits.reference) == 1.0
     assert digits.optimizers["yellowfin"].seeds == [0, 1]
+    assert digits.objective == "training loss"
+    assert summaries["quadratic"].objective.startswith("exact")  # compared on f(x) - f(x*), no noise floor
 
 
 def test_report_writes_tables_and_figures_and_keeps_hand_written_text(results_dir, tmp_path):

@@ -25,6 +25,15 @@ def test_train_run_records_losses_evaluation_and_yellowfin_trace():
     json.dumps(record, allow_nan=False)  # storable as is
 
 
+def test_quadratic_records_its_exact_objective_every_step():
+    task = get_task("quadratic")
+    record = train_run(task, get_optimizer_spec("sgd_momentum"), seed=0, steps=30, lr=3e-3)
+    exact = record["exact_loss"]
+    assert len(exact) == 30 and exact[-1] < exact[0]
+    assert exact[-1] == pytest.approx(record["eval"]["test"]["excess_loss"])  # both at the final point
+    assert "exact_loss" not in train_run(get_task("digits_mlp", hidden=8), get_optimizer_spec("adam"), 0, 2, lr=1e-3)
+
+
 def test_train_run_replays_a_step_size_schedule(monkeypatch):
     task = get_task("quadratic")
     seen = []

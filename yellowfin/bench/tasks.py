@@ -53,6 +53,11 @@ class Task:
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
         raise NotImplementedError
 
+    def exact_loss(self, model: nn.Module) -> float | None:
+        """The full (noise-free) training objective, when it is cheap to compute exactly; None otherwise.
+        When available the runner records it every step and the report compares optimizers on it."""
+        return None
+
     def config(self) -> dict[str, Any]:
         """What identifies this task's setup in a results file."""
         return {"name": self.name, "metric": self.metric, **{k: _jsonable(v) for k, v in self.options.items()}}
@@ -400,9 +405,15 @@ class NoisyQuadratic(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
         _check_split(split)
+        excess = self.exact_loss(model)
+        distance = float((model.x.detach().double() - self.optimum).norm())
+        return {"loss": excess, "excess_loss": excess, "distance": distance}
+
+    @torch.no_grad()
+    def exact_loss(self, model: nn.Module) -> float:
+        """f(x) - f(x*): the expected loss minus its irreducible noise floor noise^2 tr(H) / 2."""
         diff = model.x.detach().double() - self.optimum
-        excess = float(0.5 * diff @ self.hessian @ diff)
-        return {"loss": excess, "excess_loss": excess, "distance": float(diff.norm())}
+        return float(0.5 * diff @ self.hessian @ diff)
 
     @property
     def condition_number(self) -> float:
