@@ -200,13 +200,16 @@ def plot_yellowfin_trace(summary: TaskSummary, path: Path) -> Path | None:
 
 
 def plot_speedups(summaries: Sequence[TaskSummary], path: Path) -> Path | None:
-    """YellowFin's speedup over every other optimizer, per task (log scale; x: YF never reached its best)."""
+    """YellowFin's speedup over every other optimizer, per task: bars from 1 (log scale), up when YellowFin is
+    faster; "x" where YellowFin never reached that optimizer's best, "d" where that optimizer diverged."""
     rows = [(s, [n for n in s.optimizers if n != "yellowfin"]) for s in summaries if "yellowfin" in s.optimizers]
     if not rows:
         return None
     plt = _pyplot()
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
     names = list(dict.fromkeys(n for _, ns in rows for n in ns))
-    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(rows)), 4.2))
+    fig, ax = plt.subplots(figsize=(max(6.5, 2.4 * len(rows)), 4.4))
     width = 0.8 / max(1, len(names))
     labelled: set[str] = set()
     for j, name in enumerate(names):
@@ -214,18 +217,25 @@ def plot_speedups(summaries: Sequence[TaskSummary], path: Path) -> Path | None:
             if name not in present:
                 continue
             x = i + (j - (len(names) - 1) / 2) * width
+            opt = summary.optimizers[name]
             value = summary.speedup_of_yellowfin_over(name)
-            if value is None:
-                ax.text(x, 1.0, "x", ha="center", va="center", color=f"C{j}", fontsize=9)
+            if opt.diverged_seeds == len(opt.records) or value is None:
+                marker = "d" if opt.diverged_seeds == len(opt.records) else "x"
+                ax.text(x, 1.0, marker, ha="center", va="bottom", color=f"C{j}", fontsize=10, fontweight="bold")
+                ax.bar(x, 0, width, color=f"C{j}", label=None if name in labelled else name)
             else:
-                ax.bar(x, value, width, color=f"C{j}", label=None if name in labelled else name)
-                labelled.add(name)
+                ax.bar(x, value - 1.0, width, bottom=1.0, color=f"C{j}", label=None if name in labelled else name)
+            labelled.add(name)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
     ax.set_xticks(range(len(rows)), [f"{s.task}\n({s.steps} steps)" for s, _ in rows])
     ax.set_ylabel("YellowFin speedup (iterations)")
-    ax.set_title("Iterations for X to reach its best smoothed loss / iterations for YellowFin (x: never)")
-    ax.legend(fontsize=7)
+    ax.set_title("Speedup of YellowFin over X: iterations for X to reach its best\nsmoothed loss / iterations for "
+                 "YellowFin to reach it (x: never; d: X diverged)", fontsize=10)
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
