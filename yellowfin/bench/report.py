@@ -151,6 +151,8 @@ def plot_losses(summary: TaskSummary, path: Path) -> Path:
         finite = np.isfinite(opt.curve)
         label = opt.label + (f" lr={opt.lr:g}" if opt.lr is not None else "")
         label += f" ({len(opt.records)} seed{'s' if len(opt.records) > 1 else ''})"
+        if opt.diverged_seeds:
+            label += f", {opt.diverged_seeds} diverged"
         style = {"lw": 2.4, "color": "gold", "zorder": 5} if name == "yellowfin" else {"lw": 1.2, "color": f"C{index}"}
         if opt.kind == CONTROL:
             style["ls"] = "--"
@@ -159,6 +161,10 @@ def plot_losses(summary: TaskSummary, path: Path) -> Path:
     if target is not None:
         ax.axhline(target[0], color="gray", lw=0.7, ls=":", label="best tuned baseline's best")
     ax.set_yscale("log")
+    starts = [o.curve[np.isfinite(o.curve)][0] for o in summary.optimizers.values()
+              if not o.diverged_seeds and np.isfinite(o.curve).any()]
+    if starts:  # a diverging run would otherwise stretch the axis over dozens of decades
+        ax.set_ylim(top=3 * max(starts))
     ax.set_xlabel("iteration")
     ax.set_ylabel(f"{summary.objective}\n(mean over seeds, {summary.window}-step moving average)")
     ax.set_title(f"{summary.task}: {summary.objective}, {summary.steps} steps")
