@@ -12,11 +12,12 @@ The optimizer knows nothing about this package; the loop talks to it through ``o
 """
 
 from .controller import ClosedLoopMomentum, closed_loop_for, closed_loop_offset
+from .hogwild import Hogwild
 from .parameter_server import ParameterServer
 from .sensor import MomentumSensor, median_ratio, momentum_residual
 from .simulator import StalenessSchedule, StalenessSimulator, step_size_of
 
 __all__ = [
-    "ClosedLoopMomentum", "closed_loop_for", "closed_loop_offset", "MomentumSensor", "median_ratio",
+    "ClosedLoopMomentum", "closed_loop_for", "Hogwild", "closed_loop_offset", "MomentumSensor", "median_ratio",
     "momentum_residual", "ParameterServer", "StalenessSchedule", "StalenessSimulator", "step_size_of",
 ]

@@ -1,0 +1,62 @@
+import os
+
+import pytest
+import torch
+
+from asynchrony_problems import make_regression_model, regression_batches, regression_eval_loss, regression_loss
+from yellowfin.asynchrony import Hogwild
+from yellowfin.asynchrony.hogwild import heavy_ball_in_place
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def test_heavy_ball_in_place_matches_torch_sgd():
+    p1 = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    p2 = torch.nn.Parameter(p1.detach().clone())
+    buffer = torch.zeros(2)
+    sgd = torch.optim.SGD([p2], lr=0.1, momentum=0.7)
+    for g in (torch.tensor([0.5, 0.1]), torch.tensor([-0.3, 0.2])):
+        heavy_ball_in_place([p1], [buffer], [g], 0.7, 0.1)
+        p2.grad = g.clone()
+        sgd.step()
+    assert torch.allclose(p1, p2)
+
+
+def _gone(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        pytest.fail(f"worker {pid} still alive")
+
+
+def test_fixed_hyperparameters_train_the_shared_model():
+    model = make_regression_model(0)
+    before = regression_eval_loss(model)
+    hogwild = Hogwild(model, regression_loss, regression_batches, num_workers=2, tuner=None, lr=0.05,
+                      momentum=0.5)
+    with hogwild:
+        pids = [hogwild.worker_pid(i) for i in range(2)]
+        report = hogwild.run(400, timeout=60)
+    _gone(pids)
+    assert report["version"] >= 400
+    assert report["mu"] == 0.5 and report["alpha"] == 0.05
+    assert regression_eval_loss(model) < 0.05 * before  # the caller's model is the trained one
+
+
+def test_closed_loop_yellowfin_hogwild_tunes_shared_mu_and_alpha():
+    model = make_regression_model(0)
+    before = regression_eval_loss(model)
+    hogwild = Hogwild(model, regression_loss, regression_batches, num_workers=2, closed_loop=True)
+    initial = hogwild.shared.hyper.clone()
+    with hogwild:
+        report = hogwild.run(600, timeout=60)
+    assert report["tuned_gradients"] > 0
+    assert not torch.equal(hogwild.shared.hyper, initial)  # the tuner wrote mu and alpha
+    stats = hogwild.tuner.stats()
+    assert report["mu"] == pytest.approx(stats["applied_momentum"])
+    assert stats["momentum_offset"] == pytest.approx(hogwild.controller.offset)
+    assert regression_eval_loss(model) < before
+    state = hogwild.state_dict()
+    assert state["controller"]["calls"] == report["tuned_gradients"]

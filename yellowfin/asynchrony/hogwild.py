@@ -1,0 +1,301 @@
+"""Hogwild!: workers update one shared-memory model and one shared momentum buffer without locks.
+
+Each worker loops: read mu and alpha from shared tensors, compute a gradient on the shared model (which
+other workers keep changing underneath it), then apply heavy ball in place: v <- mu v + g; x <- x - alpha v.
+The tuner (the calling process) owns mu and alpha: it samples workers' gradients from per-worker mailboxes,
+feeds them to a YellowFin instance that only measures and tunes (it steps a private copy of the parameters
+that nobody uses), and writes the tuned (applied) mu and alpha back to shared memory. With
+``closed_loop=True`` a momentum sensor and controller correct mu for the momentum asynchrony adds.
+
+Sensing needs iterates indexed by version: after its update a worker takes a version number from a shared
+counter and stores a snapshot of the sensor's coordinates in a ring buffer slot for that version, with the
+alpha it used. Those snapshots are taken while others write, so they are approximate: that is Hogwild.
+
+    hogwild = Hogwild(model, task.loss, batch_factory, num_workers=4, closed_loop=True)
+    with hogwild:
+        report = hogwild.run(num_updates=4000)
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from .controller import closed_loop_for
+from .sensor import MomentumSensor, lr_outside_correction, random_coordinate_subset
+
+logger = logging.getLogger(__name__)
+
+EMPTY, FULL = 0, 1
+
+
+def heavy_ball_in_place(params, buffers, grads, mu: float, alpha: float) -> None:
+    """v <- mu v + g; x <- x - alpha v, in place and without locks (lr-outside form)."""
+    with torch.no_grad():
+        for p, v, g in zip(params, buffers, grads):
+            v.mul_(mu).add_(g)
+            p.sub_(alpha * v)
+
+
+class _Shared:
+    """Everything the processes share, in one picklable bundle."""
+
+    def __init__(self, ctx, params, num_workers: int, subset: torch.Tensor, ring_size: int):
+        numel = sum(p.numel() for p in params)
+        self.buffers = [torch.zeros_like(p).share_memory_() for p in params]
+        self.hyper = torch.zeros(2, dtype=torch.float64).share_memory_()        # mu, alpha
+        self.counter = ctx.Value("q", 0)                                       # updates applied
+        self.limit = torch.zeros(1, dtype=torch.int64).share_memory_()         # run until counter >= limit
+        self.subset = subset.share_memory_()
+        self.ring = torch.zeros(ring_size, subset.numel(), dtype=torch.float64).share_memory_()
+        self.ring_version = torch.full((ring_size,), -1, dtype=torch.int64).share_memory_()
+        self.ring_alpha = torch.zeros(ring_size, dtype=torch.float64).share_memory_()
+        self.mail_grad = torch.zeros(num_workers, numel).share_memory_()
+        self.mail_version = torch.zeros(num_workers, dtype=torch.int64).share_memory_()
+        self.mail_loss = torch.zeros(num_workers, dtype=torch.float64).share_memory_()
+        self.mail_flag = torch.zeros(num_workers, dtype=torch.int64).share_memory_()
+        self.stop = ctx.Event()
+
+
+def _flat_subset(params, subset: torch.Tensor) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in params])[subset].double()
+
+
+def _hogwild_worker(worker_id: int, model: nn.Module, loss_fn, batch_factory, seed: int,
+                    shared: _Shared) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    batches = batch_factory(worker_id, seed)
+    ring_size = shared.ring.shape[0]
+    while not shared.stop.is_set():
+        if shared.counter.value >= int(shared.limit[0]):
+            time.sleep(0.001)
+            continue
+        version = shared.counter.value
+        mu, alpha = float(shared.hyper[0]), float(shared.hyper[1])
+        for p in params:
+            p.grad = None
+        loss = loss_fn(model, next(batches))
+        loss.backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        heavy_ball_in_place(params, shared.buffers, grads, mu, alpha)
+        with shared.counter.get_lock():  # only to hand out unique version numbers
+            shared.counter.value += 1
+            new_version = shared.counter.value
+        slot = new_version % ring_size
+        shared.ring_version[slot] = -1  # mark the slot as being rewritten
+        shared.ring[slot] = _flat_subset(params, shared.subset)
+        shared.ring_alpha[slot] = alpha
+        shared.ring_version[slot] = new_version
+        if int(shared.mail_flag[worker_id]) == EMPTY:  # never wait for the tuner
+            shared.mail_grad[worker_id] = torch.cat([g.reshape(-1) for g in grads])
+            shared.mail_version[worker_id] = version
+            shared.mail_loss[worker_id] = float(loss.detach())
+            shared.mail_flag[worker_id] = FULL
+
+
+class Hogwild:
+    """Lock-free asynchronous training on one machine, tuned by YellowFin (optionally closed-loop).
+
+    Arguments:
+        model: trained in place (its parameters are moved to shared memory).
+        loss_fn(model, batch) -> scalar; batch_factory(worker_id, seed) -> endless batch iterator.
+        tuner: "yellowfin" (default), a callable params -> YellowFin-like optimizer, or None for fixed
+            ``lr``/``momentum`` (plain Hogwild momentum SGD).
+        closed_loop: attach the sensor and controller (``sensor_step`` and ``gain`` as in
+            :func:`closed_loop_for`).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn, batch_factory, num_workers: int = 4,
+                 tuner="yellowfin", lr: float = 0.01, momentum: float = 0.0, closed_loop: bool = False,
+                 sensor_step: str = "algorithmic", gain: float = 0.01, sensor_subset: int = 512,
+                 seed: int = 0, ring_size: int = 512, start_method: str = "fork",
+                 join_timeout: float = 5.0, replace_dead_workers: bool = True):
+        self.model = model
+        self.loss_fn = loss_fn
+        self.batch_factory = batch_factory
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.join_timeout = float(join_timeout)
+        self.replace_dead_workers = replace_dead_workers
+        self._ctx = mp.get_context(start_method)
+        model.share_memory()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        numel = sum(p.numel() for p in self.params)
+
+        if tuner == "yellowfin":
+            from yellowfin import YellowFin
+            tuner = YellowFin
+        # The tuner steps a private copy of the parameters: it is only there to measure and tune.
+        self.shadow = [p.detach().clone().requires_grad_(True) for p in self.params]
+        self.tuner = tuner(self.shadow) if tuner is not None else None
+        self.controller = None
+        self.sensor: MomentumSensor | None = None
+        if closed_loop:
+            if self.tuner is None:
+                raise ValueError("closed_loop needs a tuner")
+            self.controller = closed_loop_for(self.tuner, numel, self.num_workers, sensor_step, gain,
+                                              sensor_subset, seed=seed)
+            self.sensor = self.controller.sensor
+        subset = self.sensor.subset if self.sensor is not None else random_coordinate_subset(
+            numel, sensor_subset, seed)
+        self.shared = _Shared(self._ctx, self.params, self.num_workers, subset, ring_size)
+        self.shared.hyper[0] = momentum
+        self.shared.hyper[1] = lr
+        if self.tuner is not None:
+            self._write_tuned()
+
+        self._workers: dict[int, mp.Process] = {}
+        self._generation: collections.Counter[int] = collections.Counter()
+        self.tuned_gradients = 0
+        self.worker_failures: list[dict] = []
+        self.trace: list[dict] = []
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    @property
+    def version(self) -> int:
+        return self.shared.counter.value
+
+    @property
+    def alive_workers(self) -> list[int]:
+        return [i for i, p in self._workers.items() if p.is_alive()]
+
+    def worker_pid(self, worker_id: int) -> int:
+        return self._workers[worker_id].pid
+
+    def start(self) -> None:
+        if self._workers:
+            return
+        for worker_id in range(self.num_workers):
+            self._start_worker(worker_id)
+
+    def _start_worker(self, worker_id: int) -> None:
+        generation = self._generation[worker_id]
+        self._generation[worker_id] += 1
+        seed = self.seed * 1_000_003 + worker_id * 1009 + generation
+        self.shared.mail_flag[worker_id] = EMPTY
+        process = self._ctx.Process(target=_hogwild_worker, name=f"yellowfin-hogwild-{worker_id}",
+                                    daemon=True, args=(worker_id, self.model, self.loss_fn,
+                                                       self.batch_factory, seed, self.shared))
+        process.start()
+        self._workers[worker_id] = process
+
+    def stop(self) -> None:
+        self.shared.stop.set()
+        deadline = time.monotonic() + self.join_timeout
+        for process in self._workers.values():
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in self._workers.values():
+            if process.is_alive():
+                process.kill()
+                process.join(self.join_timeout)
+        self._workers.clear()
+
+    # -- tuning ---------------------------------------------------------------------------
+    def _write_tuned(self) -> None:
+        stats = self.tuner.stats()
+        stats = stats[0] if isinstance(stats, list) else stats
+        multiplier = float(self.tuner.param_groups[0].get("lr", 1.0))
+        self.shared.hyper[0] = float(stats.get("applied_momentum", stats["mu"]))
+        self.shared.hyper[1] = multiplier * float(stats["lr"])
+
+    def _sense(self, version: int, grad: torch.Tensor) -> None:
+        ring_size = self.shared.ring.shape[0]
+        slots = [(version + k) % ring_size for k in (-1, 0, 1)]
+        if version < 1 or [int(self.shared.ring_version[s]) for s in slots] != [version - 1, version,
+                                                                                 version + 1]:
+            self.sensor.missed += 1
+            return
+        x_prev, x_s, x_next = (self.shared.ring[s].clone() for s in slots)
+        alpha_prev, alpha_s = float(self.shared.ring_alpha[slots[1]]), float(self.shared.ring_alpha[slots[2]])
+        correction = lr_outside_correction(alpha_prev, alpha_s) if self.sensor.lr_outside else 1.0
+        self.sensor.observe_triplet(x_prev, x_s, x_next, grad[self.shared.subset], alpha_s, correction)
+
+    def _tune_on(self, worker_id: int) -> None:
+        grad = self.shared.mail_grad[worker_id].clone()
+        version = int(self.shared.mail_version[worker_id])
+        loss = float(self.shared.mail_loss[worker_id])
+        self.shared.mail_flag[worker_id] = EMPTY
+        if not torch.isfinite(grad).all():
+            logger.error("ignored a non-finite gradient from hogwild worker %d", worker_id)
+            return
+        offset = 0
+        for p in self.shadow:
+            n = p.numel()
+            p.grad = grad[offset:offset + n].view_as(p).clone()
+            offset += n
+        self.tuner.step()
+        if self.sensor is not None:
+            self._sense(version, grad)
+        if self.controller is not None:
+            self.controller.update()
+        self._write_tuned()
+        self.tuned_gradients += 1
+        stats = self.tuner.stats()
+        stats = stats[0] if isinstance(stats, list) else stats
+        self.trace.append({"version": self.version, "gradient_version": version, "loss": loss,
+                           "mu_target": float(stats["mu"]), "mu_applied": float(self.shared.hyper[0]),
+                           "alpha": float(self.shared.hyper[1]),
+                           "mu_hat": self.sensor.estimate if self.sensor is not None else None})
+
+    def run(self, num_updates: int, timeout: float | None = None) -> dict:
+        """Let the workers apply ``num_updates`` more updates while this process tunes."""
+        self.start()
+        target = self.version + int(num_updates)
+        self.shared.limit[0] = target
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.version < target:
+            if deadline is not None and time.monotonic() > deadline:
+                self.shared.limit[0] = self.version
+                raise TimeoutError(f"hogwild reached {self.version} of {target} updates")
+            self._check_workers()
+            full = (self.shared.mail_flag == FULL).nonzero().flatten().tolist()
+            if self.tuner is None:
+                for worker_id in full:
+                    self.shared.mail_flag[worker_id] = EMPTY
+            else:
+                for worker_id in full:
+                    self._tune_on(worker_id)
+            if not full:
+                time.sleep(0.0005)
+        return self.report()
+
+    def _check_workers(self) -> None:
+        for worker_id, process in list(self._workers.items()):
+            if process.is_alive():
+                continue
+            process.join(self.join_timeout)
+            self.worker_failures.append({"worker": worker_id, "pid": process.pid,
+                                         "exitcode": process.exitcode, "version": self.version})
+            logger.warning("hogwild worker %d died with exit code %s", worker_id, process.exitcode)
+            del self._workers[worker_id]
+            if self.replace_dead_workers and not self.shared.stop.is_set():
+                self._start_worker(worker_id)
+        if not self._workers:
+            raise RuntimeError("every hogwild worker has died")
+
+    def report(self) -> dict:
+        return {"version": self.version, "tuned_gradients": self.tuned_gradients,
+                "mu": float(self.shared.hyper[0]), "alpha": float(self.shared.hyper[1]),
+                "mu_hat": self.sensor.estimate if self.sensor is not None else None,
+                "momentum_offset": self.controller.offset if self.controller is not None else None,
+                "worker_failures": list(self.worker_failures)}
+
+    def state_dict(self) -> dict:
+        return {"version": self.version, "model": self.model.state_dict(),
+                "momentum_buffers": [b.clone() for b in self.shared.buffers],
+                "tuner": self.tuner.state_dict() if self.tuner is not None else None,
+                "controller": self.controller.state_dict() if self.controller is not None else None}
