@@ -1,0 +1,107 @@
+"""Shared helpers for the asynchrony experiments: one simulated run, smoothing, iterations to a target."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+from yellowfin import YellowFin  # noqa: E402
+from yellowfin.asynchrony import MomentumSensor, StalenessSimulator  # noqa: E402
+from yellowfin.bench.tasks import get_task  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIGURES = os.path.abspath(os.path.join(HERE, "..", "..", "docs", "figures", "asynchrony"))
+
+
+class HeavyBall(torch.optim.Optimizer):
+    """Momentum SGD that also accepts negative momentum (torch.optim.SGD refuses it):
+    v <- mu v + g; x <- x - lr v (the same lr-outside form as torch SGD and YellowFin)."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.0):
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buffer.mul_(group["momentum"]).add_(p.grad)
+                p.add_(buffer, alpha=-group["lr"])
+
+
+def make_optimizer(method: str, params, lr: float | None = None, momentum: float = 0.0):
+    if method.startswith("yellowfin"):
+        return YellowFin(params)
+    if method == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if method == "sgd":
+        return HeavyBall(params, lr=lr, momentum=momentum)
+    raise ValueError(method)
+
+
+def simulate(task, method: str, num_workers: int, steps: int, seed: int = 0, lr: float | None = None,
+             momentum: float = 0.0, staleness: str = "geometric", sensors: bool = True,
+             eval_fn=None, eval_every: int = 0, gain: float = 0.01, trace_every: int = 10,
+             divergence: float = 1e6) -> dict:
+    """One run under simulated asynchrony. Returns losses, staleness, sensor and tuner traces."""
+    torch.manual_seed(seed)
+    model = task.make_model(seed)
+    optimizer = make_optimizer(method, model.parameters(), lr, momentum)
+    numel = sum(p.numel() for p in model.parameters())
+    sensor_list = []
+    if sensors:
+        sensor_list = [MomentumSensor(numel, 512, seed=seed, step_scale=1.0),
+                       MomentumSensor(numel, 512, seed=seed, step_scale=1.0 / num_workers)]
+    sim = StalenessSimulator(model, optimizer, num_workers, staleness, seed=seed, sensors=sensor_list,
+                             closed_loop=method.startswith("yellowfin_closed"), gain=gain, trace_every=trace_every,
+                             sensor_step="effective" if method.endswith("effective") else "algorithmic")
+    batches = task.train_batches(seed)
+    losses, evals = [], []
+    started = time.time()
+    for step in range(steps):
+        loss = sim.step(task.loss, next(batches))
+        losses.append(loss)
+        if eval_fn is not None and eval_every and (step + 1) % eval_every == 0:
+            evals.append((step + 1, eval_fn(model)))
+        if not math.isfinite(loss) or loss > divergence:
+            break
+    return {"method": method, "num_workers": num_workers, "lr": lr, "momentum": momentum, "seed": seed,
+            "losses": losses, "evals": evals, "trace": sim.trace, "seconds": time.time() - started,
+            "staleness_counts": dict(sim.staleness_counts), "diverged": len(losses) < steps,
+            # Trace keys: with a closed loop, mu_hat_0 is the controller's sensor and mu_hat_1 / mu_hat_2 the
+            # algorithmic / effective diagnostics; otherwise mu_hat_0 / mu_hat_1 are those two.
+            "sensor_keys": ({"controller": "mu_hat_0", "algorithmic": "mu_hat_1", "effective": "mu_hat_2"}
+                            if method.startswith("yellowfin_closed") else
+                            {"algorithmic": "mu_hat_0", "effective": "mu_hat_1"})}
+
+
+def smooth(values, beta: float = 0.95):
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta ** i))
+    return out
+
+
+def iterations_to(values, target: float, stride: int = 1):
+    """First iteration (1-based, in units of ``stride``) where ``values`` reach ``target``; None if never."""
+    for i, v in enumerate(values):
+        if math.isfinite(v) and v <= target:
+            return (i + 1) * stride
+    return None
+
+
+def save_json(obj, name: str) -> str:
+    path = os.path.join(HERE, name)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, default=float)
+    return path
