@@ -1,0 +1,214 @@
+"""Training runs on 2 ranks (gloo, loopback) and their single-process references.
+
+Run under torchrun by test_sync.py: ``torchrun --standalone --nproc_per_node=2 distributed_scenarios.py
+OUT_DIR SCENARIO...``. Each scenario writes ``OUT_DIR/SCENARIO_rank{r}.pt`` with the final parameters, the
+tuner's stats and how many all-reduces each optimizer step made (or the error it raised).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from datetime import timedelta
+
+import torch
+from torch import nn
+
+from yellowfin import YellowFin
+
+WORLD_SIZE = 2
+STEPS = 30
+BATCH = 16  # combined batch; each rank takes BATCH // WORLD_SIZE rows
+
+
+def make_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+
+
+class EmbeddingRegressor(nn.Module):
+    """Dense-gradient embedding: most rows get zero gradient, so the non-zero count matters."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embedding = nn.Embedding(40, 4).double()
+        self.head = nn.Linear(4, 1).double()
+
+    def forward(self, tokens):
+        return self.head(self.embedding(tokens).mean(dim=1))
+
+
+class WithUnusedParameter(nn.Module):
+    """A small used layer and a larger parameter that gets no gradient: ZeRO puts the large one alone
+    on one rank, whose optimizer then has nothing to step but must still enter the all-reduce."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.layer = nn.Linear(6, 1).double()
+        self.unused = nn.Parameter(torch.randn(50, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def regression_batch(step: int, rank: int | None = None):
+    """The combined batch of ``step`` (rank None) or this rank's half of it."""
+    generator = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(BATCH, 6, generator=generator, dtype=torch.float64)
+    y = x[:, :1] - 0.5 * x[:, 1:2] + 0.1 * torch.randn(BATCH, 1, generator=generator, dtype=torch.float64)
+    if rank is not None:
+        rows = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
+        x, y = x[rows], y[rows]
+    return x, y
+
+
+def token_batch(step: int, rank: int | None = None):
+    generator = torch.Generator().manual_seed(2000 + step)
+    tokens = torch.randint(0, 10, (BATCH, 3), generator=generator)  # only 10 of 40 rows ever used
+    y = tokens.double().mean(dim=1, keepdim=True) / 10.0
+    if rank is not None:
+        rows = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
+        tokens, y = tokens[rows], y[rows]
+    return tokens, y
+
+
+def mse(model, batch):
+    inputs, target = batch
+    return ((model(inputs) - target) ** 2).mean()
+
+
+# The single-process reference of each scenario: model, batches, YellowFin options.
+SETUPS = {
+    "ddp": (make_mlp, regression_batch, {}),
+    "zero": (EmbeddingRegressor, token_batch, {"sparsity_correction": True}),
+    "zero_idle_shard": (WithUnusedParameter, regression_batch, {}),
+    "fsdp": (make_mlp, regression_batch, {}),
+}
+
+
+def reference_run(scenario: str) -> dict:
+    """One process stepping YellowFin on the combined batch."""
+    model_fn, batch_fn, options = SETUPS[scenario]
+    model = model_fn(0)
+    optimizer = YellowFin(model.parameters(), **options)
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        mse(model, batch_fn(step)).backward()
+        optimizer.step()
+    return {"params": {name: p.detach().clone() for name, p in model.named_parameters()},
+            "stats": optimizer.stats()}
+
+
+# ------------------------------------------------------------------------------------------ ranks
+class AllReduceCounter:
+    """Counts torch.distributed.all_reduce calls while active."""
+
+    def __init__(self):
+        self.calls = 0
+        self._original = None
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        self._original = dist.all_reduce
+
+        def counting(*args, **kwargs):
+            self.calls += 1
+            return self._original(*args, **kwargs)
+
+        dist.all_reduce = counting
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        dist.all_reduce = self._original
+
+
+def _train(model, optimizer, batch_fn, rank: int, local_half: bool) -> list[int]:
+    calls_per_step = []
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        mse(model, batch_fn(step, rank if local_half else None)).backward()
+        with AllReduceCounter() as counter:
+            optimizer.step()
+        calls_per_step.append(counter.calls)
+    return calls_per_step
+
+
+def _stats(optimizer):
+    inner = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer wraps the local YellowFin
+    return inner.stats()
+
+
+def run_scenario(scenario: str, rank: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from yellowfin.distributed import FullyShardedYellowFin, zero_redundancy_yellowfin
+
+    model_fn, batch_fn, options = SETUPS[scenario]
+    model = model_fn(0)
+    extra = {}
+    if scenario == "ddp":
+        ddp = DistributedDataParallel(model)
+        optimizer = YellowFin(ddp.parameters(), **options)
+        calls = _train(ddp, optimizer, batch_fn, rank, local_half=True)
+    elif scenario == "zero":
+        ddp = DistributedDataParallel(model)
+        optimizer = zero_redundancy_yellowfin(ddp.parameters(), **options)
+        calls = _train(ddp, optimizer, batch_fn, rank, local_half=True)
+    elif scenario == "zero_idle_shard":
+        # No DDP: every rank computes the combined batch's gradient itself.
+        optimizer = zero_redundancy_yellowfin(model.parameters(), **options)
+        extra["local_params_with_grad"] = None
+        calls = _train(model, optimizer, batch_fn, rank, local_half=False)
+        extra["local_params_with_grad"] = sum(
+            p.grad is not None for g in optimizer.optim.param_groups for p in g["params"])
+    elif scenario == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        optimizer = FullyShardedYellowFin(model.parameters(), **options)
+        calls = _train(model, optimizer, batch_fn, rank, local_half=True)
+        model = _gathered_copy(model)
+    else:
+        raise ValueError(f"unknown scenario {scenario!r}")
+    params = {name.replace("module.", ""): p.detach().clone() for name, p in model.named_parameters()}
+    return {"params": params, "stats": _stats(optimizer), "all_reduce_calls": calls, **extra}
+
+
+def _gathered_copy(model):
+    """Full (unsharded) parameters of an FSDP2 model, as a plain module."""
+    full = make_mlp(0)
+    with torch.no_grad():
+        for (name, p), target in zip(model.named_parameters(), full.parameters()):
+            target.copy_(p.full_tensor())
+    return full
+
+
+def main(out_dir: str, scenarios: list[str]) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank = dist.get_rank()
+    try:
+        for scenario in scenarios:
+            try:
+                result = run_scenario(scenario, rank)
+            except Exception as error:  # recorded for the test to show; the ranks stay in step
+                result = {"error": f"{type(error).__name__}: {error}\n{traceback.format_exc()}"}
+            torch.save(result, os.path.join(out_dir, f"{scenario}_rank{rank}.pt"))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
