@@ -19,9 +19,9 @@ from common import get_task, iterations_to, save_json, simulate, smooth
 NUM_WORKERS = 16
 SETUPS = {
     # A smaller ResNet than the benchmark default (1 block per stage, width 8, batch 32) to fit 2 CPU cores.
-    "fmnist_resnet": dict(options=dict(batch_size=32, blocks_per_stage=1, width=8), steps=1000,
+    "fmnist_resnet": dict(options=dict(batch_size=32, blocks_per_stage=1, width=8), steps=600,
                           grids={"adam": (3e-4, 1e-3, 3e-3), "sgd": (0.003, 0.01, 0.03)}),
-    "char_lstm": dict(options={}, steps=400, grids={"adam": (1e-3, 3e-3, 1e-2), "sgd": (0.03, 0.1, 0.3)}),
+    "char_lstm": dict(options={}, steps=300, grids={"adam": (1e-3, 3e-3, 1e-2), "sgd": (0.03, 0.1, 0.3)}),
 }
 
 

@@ -15,7 +15,7 @@ import torch
 
 from common import get_task, save_json
 from yellowfin import YellowFin
-from yellowfin.asynchrony import ParameterServer
+from yellowfin.asynchrony import MomentumSensor, ParameterServer
 
 UPDATES = 600
 RUNS = [(4, True), (8, True), (8, False)]
@@ -38,13 +38,11 @@ def main():
     results = {"task": "char_lstm", "updates": UPDATES, "runs": []}
     for num_workers, closed in RUNS:
         model = task.make_model(0)
+        numel = sum(p.numel() for p in model.parameters())
+        # Open loop: the same kind of sensor as a diagnostic, no controller.
+        sensor = None if closed else MomentumSensor(numel, 512, seed=0, history=16 * num_workers + 8)
         server = ParameterServer(model, YellowFin(model.parameters()), task.loss, TaskBatches(task),
-                                 num_workers=num_workers, closed_loop=closed, seed=0)
-        if not closed:  # sense without acting: a sensor of the same kind, no controller
-            from yellowfin.asynchrony import MomentumSensor
-            numel = sum(p.numel() for p in model.parameters())
-            server.sensor = MomentumSensor(numel, 512, seed=0, history=16 * num_workers + 8)
-            server.sensor.record_iterate(0, server._shared_params)
+                                 num_workers=num_workers, closed_loop=closed, sensor=sensor, seed=0)
         started = time.time()
         with server:
             report = server.run(UPDATES, timeout=500)

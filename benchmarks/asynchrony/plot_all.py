@@ -1,0 +1,245 @@
+"""Figures and summary tables for the asynchrony experiments, from the committed results files.
+
+    python benchmarks/asynchrony/plot_all.py   -> docs/figures/asynchrony/*.png and summary.md (printed too)
+Missing results files are skipped.
+"""
+
+import json
+import math
+import os
+import statistics
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from common import FIGURES, HERE, iterations_to  # noqa: E402
+
+os.makedirs(FIGURES, exist_ok=True)
+lines = []
+
+
+def out(text=""):
+    print(text)
+    lines.append(text)
+
+
+def load(name):
+    path = os.path.join(HERE, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def fmt(x, digits=3):
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}g}"
+
+
+# ------------------------------------------------------------------------------------------- experiment 1
+def exp1(task):
+    data = load(f"exp1_{task}.json")
+    if data is None:
+        return
+    runs = data["runs"]
+    workers = sorted({r["num_workers"] for r in runs})
+    momenta = sorted({r["momentum"] for r in runs})
+    if task == "quadratic":
+        target, curve_key, stride = 5.0, "evals", 10
+        target_text = "exact excess loss f(x) - f(x*) <= 5 (evaluated every 10 steps)"
+    else:
+        # The loosest level every M reaches with its best momentum: max over M of the best smoothed loss.
+        best_per_m = [min(min(r["smoothed"]) for r in runs if r["num_workers"] == m and not r["diverged"])
+                      for m in workers]
+        target, curve_key, stride = max(best_per_m), "smoothed", 5
+        target_text = f"smoothed training loss <= {target:.3f} (max over M of each M's best)"
+
+    def iters(run):
+        if run["diverged"]:
+            return None
+        values = [v for _, v in run["evals"]] if curve_key == "evals" else run["smoothed"]
+        return iterations_to(values, target, stride)
+
+    out(f"### Experiment 1, {task}: lr {data['setup']['lr']}, {data['setup']['steps']} steps, "
+        f"seeds {data['setup']['seeds']}, geometric staleness")
+    out(f"Target: {target_text}. Iterations to target (median over seeds; '-' = not reached or diverged):")
+    out("")
+    out("| M | " + " | ".join(f"mu={m:g}" for m in momenta) + " | best mu | theory | sensed mu_T (alg.) | "
+        "sensed mu_T (eff. alpha/M) | 1-1/M |")
+    out("|---" * (len(momenta) + 6) + "|")
+    best_mu, sensed_alg, sensed_eff = [], [], []
+    table = {}
+    for m in workers:
+        row = []
+        for mu in momenta:
+            values = [iters(r) for r in runs if r["num_workers"] == m and r["momentum"] == mu]
+            reached = [v for v in values if v is not None]
+            median = statistics.median(reached) if len(reached) * 2 > len(values) else None
+            table[(m, mu)] = median
+            row.append(median)
+        finite = [(v, mu) for v, mu in zip(row, momenta) if v is not None]
+        best_mu.append(min(finite)[1] if finite else float("nan"))
+        zero = [r for r in runs if r["num_workers"] == m and r["momentum"] == 0.0]
+        sensed_alg.append(statistics.median(r["mu_hat_algorithmic"] for r in zero))
+        sensed_eff.append(statistics.median(r["mu_hat_effective"] for r in zero))
+    theory = [max(min(momenta), best_mu[0] - (1 - 1 / m)) for m in workers]
+    for i, m in enumerate(workers):
+        out(f"| {m} | " + " | ".join(fmt(table[(m, mu)]) for mu in momenta) +
+            f" | {fmt(best_mu[i])} | {fmt(theory[i])} | {fmt(sensed_alg[i])} | {fmt(sensed_eff[i])} | "
+            f"{fmt(1 - 1 / m)} |")
+    out("")
+    out("theory = best mu at M=1 minus the implicit momentum 1 - 1/M, floored at the smallest grid value.")
+    out("")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot(workers, best_mu, "o-", label="best explicit momentum (grid)")
+    axes[0].plot(workers, theory, "k--", label="theory: mu*(M=1) - (1 - 1/M)")
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_xlabel("workers M")
+    axes[0].set_ylabel("explicit momentum")
+    axes[0].set_title(f"{task}: best explicit momentum")
+    axes[0].legend()
+    axes[1].plot(workers, sensed_alg, "o-", label="sensed mu_T, algorithmic step alpha")
+    axes[1].plot(workers, sensed_eff, "s-", label="sensed mu_T, effective step alpha/M")
+    axes[1].plot(workers, [1 - 1 / m for m in workers], "k--", label="1 - 1/M")
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_xlabel("workers M")
+    axes[1].set_title(f"{task}: sensed total momentum, explicit mu = 0")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(FIGURES, f"exp1_{task}.png"), dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------- experiment 2
+def exp2(task):
+    data = load(f"exp2_{task}.json")
+    if data is None or "summary" not in data:
+        return
+    summary = data["summary"]
+    out(f"### Experiment 2, {task}: M = {data['num_workers']} round-robin staleness, "
+        f"{data['setup']['steps']} steps")
+    out(f"Target = tuned Adam's best smoothed training loss = {summary['target_loss']:.4f}")
+    out("")
+    out("| method | lr | iterations to target | best smoothed loss | speedup vs Adam |")
+    out("|---|---|---|---|---|")
+    adam_iters = summary["adam"]["iterations_to_target"]
+    for method, row in summary.items():
+        if method == "target_loss":
+            continue
+        it = row["iterations_to_target"]
+        speed = adam_iters / it if it else None
+        out(f"| {method} | {fmt(row['lr'])} | {fmt(it)} | {row['best_smoothed_loss']:.4f} | {fmt(speed)} |")
+    out("")
+    out("All runs (final smoothed loss): " + ", ".join(
+        f"{r['method']}{'' if r['lr'] is None else '@' + format(r['lr'], 'g')}="
+        f"{'diverged' if r['diverged'] else format(r['final'], '.4f')}" for r in data["runs"]))
+    out("")
+    best = {}
+    for r in data["runs"]:
+        if not r["diverged"] and (r["method"] not in best or r["final"] < best[r["method"]]["final"]):
+            best[r["method"]] = r
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for method, r in best.items():
+        axes[0].plot(r["smoothed"], label=f"{method}" + ("" if r["lr"] is None else f" lr={r['lr']:g}"))
+    axes[0].axhline(summary["target_loss"], color="k", ls=":", label="target")
+    axes[0].set_xlabel("iteration")
+    axes[0].set_ylabel("smoothed training loss")
+    axes[0].set_title(f"{task}, M=16")
+    axes[0].legend(fontsize=7)
+    for ax, method in zip(axes[1:], ("yellowfin_closed", "yellowfin_open")):
+        runs = [r for r in data["runs"] if r["method"] == method]
+        if not runs:
+            continue
+        r, keys = runs[0], runs[0]["sensor_keys"]
+        trace = r["trace"]
+        v = [t["version"] for t in trace]
+        ax.plot(v, [t["mu_target"] for t in trace], label="mu* (YellowFin target)")
+        ax.plot(v, [t["mu_applied"] for t in trace], label="mu applied")
+        ax.plot(v, [t[keys["algorithmic"]] for t in trace], label="sensed mu_T (alpha)")
+        ax.plot(v, [t[keys["effective"]] for t in trace], label="sensed mu_T (alpha/M)", alpha=0.6)
+        ax.set_ylim(-1, 1.5)
+        ax.set_xlabel("iteration")
+        ax.set_title(f"{method}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(FIGURES, f"exp2_{task}.png"), dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------- experiment 3
+def exp3():
+    data = load("exp3_parameter_server.json")
+    if data is None:
+        return
+    out(f"### Experiment 3: parameter server, {data['task']}, {data['updates']} updates per run")
+    out("")
+    out("| workers | loop | mean staleness | staleness distribution | final sensed mu_T | final mu* | "
+        "final applied mu | offset | seconds |")
+    out("|---|---|---|---|---|---|---|---|---|")
+    fig, axes = plt.subplots(1, 1 + len(data["runs"]), figsize=(5 * (1 + len(data["runs"])), 4))
+    for i, r in enumerate(data["runs"]):
+        counts = {int(k): v for k, v in r["staleness_counts"].items()}
+        total = sum(counts.values())
+        dist = ", ".join(f"{k}:{v / total:.2f}" for k, v in sorted(counts.items()) if v / total >= 0.01)
+        last = r["trace"][-1]
+        out(f"| {r['num_workers']} | {'closed' if r['closed_loop'] else 'open'} | {r['mean_staleness']:.2f} | "
+            f"{dist} | {fmt(r['mu_hat'])} | {fmt(last['mu_target'])} | {fmt(last['mu_applied'])} | "
+            f"{fmt(r['momentum_offset'])} | {r['seconds']:.0f} |")
+        ks = sorted(counts)
+        axes[0].bar([k + 0.25 * i for k in ks], [counts[k] / total for k in ks], width=0.25,
+                    label=f"M={r['num_workers']} {'closed' if r['closed_loop'] else 'open'}")
+        ax = axes[1 + i]
+        v = [t["version"] for t in r["trace"]]
+        ax.plot(v, [t["mu_target"] for t in r["trace"]], label="mu*")
+        ax.plot(v, [t["mu_applied"] for t in r["trace"]], label="mu applied")
+        ax.plot(v, [t["mu_hat"] for t in r["trace"]], label="sensed mu_T (alpha)")
+        ax.set_ylim(-1, 1.5)
+        ax.set_title(f"server, M={r['num_workers']}, {'closed' if r['closed_loop'] else 'open'} loop")
+        ax.set_xlabel("update")
+        ax.legend(fontsize=7)
+    axes[0].set_xlabel("staleness (updates)")
+    axes[0].set_ylabel("fraction of gradients")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(FIGURES, "exp3_parameter_server.png"), dpi=110)
+    plt.close(fig)
+    out("")
+
+
+def gain_sweep():
+    data = load("gain_sweep.json")
+    if data is None:
+        return
+    out(f"### Gain sweep: closed-loop YellowFin, quadratic, M = {data['num_workers']} {data['staleness']} "
+        f"staleness, {data['steps']} steps (second-half statistics)")
+    out("")
+    out("| gain | mean abs(mu* - sensed mu_T) | applied mu mean | applied mu std | target mean | at clamp | "
+        "final smoothed loss |")
+    out("|---|---|---|---|---|---|---|")
+    for r in data["rows"]:
+        out(f"| {r['gain']:g} | {r['tracking_error']:.4f} | {r['applied_mean']:.3f} | {r['applied_std']:.4f} | "
+            f"{r['target_mean']:.3f} | {r['at_clamp']:.2f} | {'diverged' if r['diverged'] else fmt(r['final_loss'], 5)} |")
+    out("")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in data["rows"]:
+        trace = r["trace"]
+        ax.plot([t[0] for t in trace], [t[1] - t[3] for t in trace], label=f"gain {r['gain']:g}", lw=0.8)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("mu* - sensed mu_T")
+    ax.set_title("controller tracking error by gain")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(FIGURES, "gain_sweep.png"), dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    for task in ("quadratic", "char_lstm"):
+        exp1(task)
+    for task in ("fmnist_resnet", "char_lstm"):
+        exp2(task)
+    exp3()
+    gain_sweep()
+    with open(os.path.join(HERE, "summary.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
