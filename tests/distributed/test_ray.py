@@ -1,0 +1,92 @@
+"""The Ray parameter server on a local Ray instance (2 CPUs, loopback). Every test is bounded (its own
+timeouts and pytest-timeout); the fixture shuts Ray down, which ends every actor process."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -c constraints.txt -e '.[ray]'")
+
+import ray_problems  # noqa: E402
+from yellowfin.distributed.ray_server import RayAsyncTrainer  # noqa: E402
+
+pytestmark = pytest.mark.timeout(180)
+RUN_TIMEOUT_S = 90
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.cloudpickle.register_pickle_by_value(ray_problems)  # the workers cannot import the tests
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        ray.cloudpickle.unregister_pickle_by_value(ray_problems)
+
+
+def _trainer(**options):
+    return RayAsyncTrainer(ray_problems.make_model(0), ray_problems.loss_fn, ray_problems.batches,
+                           num_workers=2, **options)
+
+
+def test_closed_loop_yellowfin_trains_at_the_server(local_ray):
+    model = ray_problems.make_model(0)
+    initial = ray_problems.eval_loss(model)
+    with _trainer(closed_loop=True) as trainer:
+        report = trainer.run(400, timeout=RUN_TIMEOUT_S)
+        model.load_state_dict(trainer.model_state_dict())
+    assert report["version"] == 400
+    assert sum(report["applied_per_worker"].values()) == 400
+    assert set(report["applied_per_worker"]) == {0, 1}  # both workers contributed
+    assert sum(report["staleness_counts"].values()) == 400
+    assert report["rejected"] == 0 and report["lost_workers"] == []
+    # The controller drives YellowFin's momentum offset from the sensed total momentum.
+    assert report["optimizer"]["momentum_offset"] == pytest.approx(report["momentum_offset"])
+    assert report["optimizer"]["step"] == 400
+    assert report["mu_hat"] == report["mu_hat"]  # sensed (not NaN)
+    assert ray_problems.eval_loss(model) < 0.05 * initial
+
+
+def test_killed_worker_is_restarted_while_the_server_goes_on(local_ray):
+    with _trainer(closed_loop=True, max_restarts=2) as trainer:
+        trainer.run(20, timeout=RUN_TIMEOUT_S)  # both workers are up and registered
+        victim_pid = trainer.worker_pids()[0]
+        outcome = {}
+        runner = threading.Thread(target=lambda: outcome.update(trainer.run(600, timeout=RUN_TIMEOUT_S)))
+        runner.start()
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while ray.get(trainer.server.status.remote())["version"] < 60 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        killed_at = ray.get(trainer.server.status.remote())["version"]
+        os.kill(victim_pid, signal.SIGKILL)
+        runner.join(RUN_TIMEOUT_S + 30)
+        assert not runner.is_alive(), "the run did not finish"
+    assert outcome["version"] == 620
+    assert outcome["restarts"] == {0: 1} and outcome["lost_workers"] == []
+    restarted = [r for r in outcome["registrations"] if r["worker"] == 0 and r["incarnation"] == 1]
+    assert len(restarted) == 1 and restarted[0]["pid"] != victim_pid
+    # Worker 1 kept the server going while Ray restarted worker 0.
+    assert restarted[0]["version"] > killed_at
+
+
+def test_checkpoints_are_atomic_and_a_new_server_resumes(local_ray, tmp_path):
+    path = tmp_path / "server.pt"
+    with _trainer(checkpoint_path=str(path), checkpoint_every=100) as trainer:
+        trainer.run(250, timeout=RUN_TIMEOUT_S)
+    assert sorted(os.listdir(tmp_path)) == ["server.pt"]  # written to a temporary name, then renamed
+    saved = torch.load(path, weights_only=False)
+    assert saved["version"] == 200
+    assert saved["optimizer"]["tuners"][0]["step"] == 200
+    with _trainer(checkpoint_path=str(path), checkpoint_every=100, resume=True) as trainer:
+        assert trainer.report()["resumed_from"] == 200
+        for name, value in trainer.model_state_dict().items():
+            assert torch.equal(value, saved["model"][name])
+        report = trainer.run(50, timeout=RUN_TIMEOUT_S)
+    assert report["version"] == 250 and report["optimizer"]["step"] == 250
+    assert torch.load(path, weights_only=False)["version"] == 200  # next checkpoint is due at 300
