@@ -231,10 +231,18 @@ class RayAsyncTrainer:
                     logger.warning("worker %d is gone for good: %s", runs[ref], error)
                     self.lost_workers.append(runs[ref])
         status = ray.get(self.server.status.remote())
-        if status["version"] < target:
+        if status["version"] < status["target"]:  # (a stop() lowers the target to the version reached)
             raise RuntimeError(f"every worker is lost; the server stopped at version {status['version']} "
                                f"of {target}")
         return self.report()
+
+    def stop(self) -> None:
+        """End the current run early (from another thread): ``run`` returns at the version reached."""
+        ray.get(self.server.stop.remote())
+
+    def status(self) -> dict:
+        """The server's version and the current run's target."""
+        return ray.get(self.server.status.remote())
 
     def report(self) -> dict:
         report = ray.get(self.server.report.remote())
