@@ -20,6 +20,8 @@ SETUPS = {
     # lr fixed across M and momentum; the quadratic's exact excess loss is evaluated every 10 steps.
     "quadratic": dict(options={}, lr=0.002, steps=3000, seeds=(0, 1, 2),
                       momenta=(-0.4, -0.2, 0.0, 0.2, 0.4, 0.6, 0.8, 0.9)),
+    # Sensor check only (explicit momentum 0): the same quadratic without gradient noise.
+    "quadratic_noise_free": dict(options={"noise": 0.0}, lr=0.002, steps=1500, seeds=(0,), momenta=(0.0,)),
     "char_lstm": dict(options={}, lr=1.0, steps=200, seeds=(0,), momenta=(0.0, 0.3, 0.6, 0.9)),
 }
 
@@ -28,8 +30,8 @@ def main(names):
     torch.set_num_threads(1)
     for name in names:
         setup = SETUPS[name]
-        task = get_task(name, **setup["options"])
-        eval_fn = task.exact_loss if name == "quadratic" else None
+        task = get_task(name.replace("_noise_free", ""), **setup["options"])
+        eval_fn = task.exact_loss if name.startswith("quadratic") else None
         results = {"task": name, "setup": {k: v for k, v in setup.items()}, "runs": []}
         for num_workers in WORKERS:
             for momentum in setup["momenta"]:
