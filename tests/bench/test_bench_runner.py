@@ -18,7 +18,8 @@ def test_train_run_records_losses_evaluation_and_yellowfin_trace():
     assert not record["diverged"]
     assert set(record["eval"]) == {"val", "test"} and 0 <= record["eval"]["test"]["accuracy"] <= 1
     trace = record["trace"]
-    assert all(len(trace[k]) == 12 for k in ("mu", "lr", "applied_momentum", "effective_lr"))
+    assert all(len(trace[k]) == 12 for k in ("mu", "lr", "applied_momentum", "effective_lr", "h_min", "h_max"))
+    assert all(0 < lo <= hi for lo, hi in zip(trace["h_min"][1:], trace["h_max"][1:]))
     for alpha, mu, effective in zip(trace["lr"], trace["applied_momentum"], trace["effective_lr"]):
         assert effective == pytest.approx(alpha / (1 - mu))
     assert record["environment"]["packages"]["torch"]

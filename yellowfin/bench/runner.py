@@ -29,6 +29,8 @@ QUICK_SEEDS = (0,)
 # Schedule-Free evaluates at the averaged point, whose batch-norm statistics were never measured: its authors
 # recommend refreshing them with a few training batches before evaluating.
 BATCHNORM_REFRESH_BATCHES = 20
+# YellowFin's measurements behind each (mu, alpha), kept in the trace to explain its choices.
+TUNER_ESTIMATES = ("h_min", "h_max", "grad_var", "dist")
 
 
 def environment() -> dict[str, Any]:
@@ -77,7 +79,8 @@ def train_run(task: Task, spec: OptimizerSpec, seed: int, steps: int, lr: float 
     exact: list[float | None] = []
     losses: list[float | None] = []
     wall: list[float] = []
-    trace: dict[str, list[float]] = {"mu": [], "lr": [], "applied_momentum": [], "effective_lr": []}
+    trace_keys = ("mu", "lr", "applied_momentum", "effective_lr") + TUNER_ESTIMATES
+    trace: dict[str, list[float | None]] = {key: [] for key in trace_keys}
     diverged = False
     bookkeeping = 0.0  # time spent recording (exact loss, tuner stats), kept out of the wall-time trace
     start = time.perf_counter()
@@ -107,6 +110,8 @@ def train_run(task: Task, spec: OptimizerSpec, seed: int, steps: int, lr: float 
             trace["applied_momentum"].append(applied)
             # The step size plain SGD needs to move as far per step as momentum does in steady state.
             trace["effective_lr"].append(factor * stats["lr"] / max(1.0 - applied, 1e-12))
+            for key in TUNER_ESTIMATES:
+                trace[key].append(results_io.finite_or_none(stats.get(key, math.nan)))
         bookkeeping += time.perf_counter() - recording
         if progress is not None:
             progress(step + 1, value)
