@@ -186,14 +186,15 @@ class RayAsyncTrainer:
             ray.init(address=address, **(init_options or {}))
             self._owns_ray = True
         self.num_workers = int(num_workers)
-        # Passed inline, not by ray.put: a restarted actor re-reads its constructor arguments, and an
-        # object-store reference could have gone out of scope by then.
+        # One copy in the object store for every actor. A restarted actor re-reads its constructor
+        # arguments from there, so the trainer holds the reference for as long as it lives.
+        self._model_ref = ray.put(model)
         self.server = ray.remote(num_cpus=0, max_restarts=0)(ParameterServerActor).remote(
-            model, optimizer_fn, self.num_workers, seed, closed_loop, sensor_step, gain,
+            self._model_ref, optimizer_fn, self.num_workers, seed, closed_loop, sensor_step, gain,
             checkpoint_path, checkpoint_every, resume)
         worker_class = ray.remote(num_cpus=worker_num_cpus, max_restarts=max_restarts,
                                   max_task_retries=-1)(GradientWorker)
-        self.workers = [worker_class.remote(i, self.server, model, loss_fn, batch_factory, seed)
+        self.workers = [worker_class.remote(i, self.server, self._model_ref, loss_fn, batch_factory, seed)
                         for i in range(self.num_workers)]
         self.lost_workers: list[int] = []
 
