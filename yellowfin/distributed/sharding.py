@@ -13,6 +13,7 @@ would not be the sum over the model.
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable
 
 import torch
@@ -63,8 +64,12 @@ def zero_redundancy_yellowfin(params: Iterable, process_group=None, **options):
                 raise ValueError("ZeroRedundancyOptimizer over DTensor parameters (FSDP2) shards them twice; "
                                  "use FullyShardedYellowFin for fully_shard models")
     bucket_view = options.pop("parameters_as_bucket_view", False)
-    return ZeroRedundancyOptimizer(groups, optimizer_class=YellowFin, process_group=group,
-                                   parameters_as_bucket_view=bucket_view, shard_group=group, **options)
+    # The group is bound into the constructor rather than passed as a ZeRO keyword: ZeRO copies its
+    # keywords into every parameter group, and a ProcessGroup there reaches YellowFin's group
+    # validation and ZeRO's (pickled) state_dict.
+    local_yellowfin = functools.partial(YellowFin, shard_group=group)
+    return ZeroRedundancyOptimizer(groups, optimizer_class=local_yellowfin, process_group=group,
+                                   parameters_as_bucket_view=bucket_view, **options)
 
 
 class FullyShardedYellowFin(YellowFin):
