@@ -8,6 +8,7 @@ Modes (each a few seconds):
 - fsdp:      fully_shard + FullyShardedYellowFin; needs shard_group.
 - local_ps:  yellowfin.asynchrony.ParameterServer, N worker processes on this machine, closed loop.
 - ray_ps:    yellowfin.distributed.ray_server.RayAsyncTrainer, N worker actors on a local Ray, closed loop.
+- scalar_allreduce: the latency of the one all-reduce of a few float64 scalars that shard_group adds.
 The model is an MLP (784-256-256-10, 270k parameters, float32) on random data, batch 64 per worker.
 """
 
@@ -29,6 +30,7 @@ from torch import nn
 BATCH = 64
 SYNC_WARMUP, SYNC_STEPS = 10, 150
 ASYNC_WARMUP, ASYNC_UPDATES = 30, 600
+SCALAR_WARMUP, SCALAR_CALLS = 100, 2000
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -58,6 +60,21 @@ def rank_main(mode: str, out_path: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    if mode == "scalar_allreduce":
+        # What shard_group adds to a step: one all-reduce of a few float64 scalars.
+        scalars = torch.zeros(4, dtype=torch.float64)
+        for call in range(SCALAR_WARMUP + SCALAR_CALLS):
+            if call == SCALAR_WARMUP:
+                dist.barrier()
+                start = time.perf_counter()
+            dist.all_reduce(scalars)
+        seconds = time.perf_counter() - start
+        if rank == 0:
+            with open(out_path, "w") as f:
+                json.dump({"mode": mode, "workers": world, "calls": SCALAR_CALLS, "seconds": seconds,
+                           "microseconds_per_call": 1e6 * seconds / SCALAR_CALLS}, f)
+        dist.destroy_process_group()
+        return
     model = make_model(0)
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
@@ -133,7 +150,7 @@ def run_ray_ps(workers: int, cpus: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results.json"))
-    parser.add_argument("--modes", default="ddp,zero,fsdp,local_ps,ray_ps")
+    parser.add_argument("--modes", default="scalar_allreduce,ddp,zero,fsdp,local_ps,ray_ps")
     parser.add_argument("--sync-workers", default="1,2")
     parser.add_argument("--async-workers", default="1,2,4")
     parser.add_argument("--rank-mode", help=argparse.SUPPRESS)
@@ -150,6 +167,11 @@ def main() -> None:
     results, skipped = [], []
     cpus = os.cpu_count() or 1
     for mode in modes:
+        if mode == "scalar_allreduce":
+            result = run_sync(mode, 2)
+            print(f"{mode}: {result['microseconds_per_call']:.0f} us per call on 2 ranks", flush=True)
+            results.append(result)
+            continue
         if mode in ("zero", "fsdp") and not has_shard_group:
             skipped.append({"mode": mode, "reason": "YellowFin has no shard_group option"})
             continue

@@ -170,13 +170,16 @@ class RayAsyncTrainer:
         address: None starts Ray here; "auto" or "ray://host:port" joins a cluster. Ignored when Ray is
             already initialised. ``init_options`` go to ``ray.init``.
         worker_num_cpus: CPUs Ray reserves per worker (the server reserves none: it mostly waits).
+        server_options: Ray actor options for the server, e.g. a ``scheduling_strategy`` that pins it to
+            the node whose disk holds ``checkpoint_path``.
     """
 
     def __init__(self, model: nn.Module, loss_fn, batch_factory, num_workers: int = 2,
                  optimizer_fn: Callable = YellowFin, closed_loop: bool = True, sensor_step: str = "algorithmic",
                  gain: float = 0.01, checkpoint_path: str | None = None, checkpoint_every: int = 0,
                  resume: bool = False, max_restarts: int = 3, seed: int = 0, address: str | None = None,
-                 init_options: dict | None = None, worker_num_cpus: float = 1.0):
+                 init_options: dict | None = None, worker_num_cpus: float = 1.0,
+                 server_options: dict | None = None):
         if num_workers < 1:
             raise ValueError("num_workers must be >= 1")
         if checkpoint_every and not checkpoint_path:
@@ -189,7 +192,8 @@ class RayAsyncTrainer:
         # One copy in the object store for every actor. A restarted actor re-reads its constructor
         # arguments from there, so the trainer holds the reference for as long as it lives.
         self._model_ref = ray.put(model)
-        self.server = ray.remote(num_cpus=0, max_restarts=0)(ParameterServerActor).remote(
+        self.server = ray.remote(num_cpus=0, max_restarts=0)(ParameterServerActor).options(
+            **(server_options or {})).remote(
             self._model_ref, optimizer_fn, self.num_workers, seed, closed_loop, sensor_step, gain,
             checkpoint_path, checkpoint_every, resume)
         worker_class = ray.remote(num_cpus=worker_num_cpus, max_restarts=max_restarts,
