@@ -163,6 +163,7 @@ def main() -> None:
     from yellowfin import YellowFin
 
     has_shard_group = "shard_group" in inspect.signature(YellowFin.__init__).parameters
+    load_before = os.getloadavg()  # the machine is shared: record how busy it was
     modes = args.modes.split(",")
     results, skipped = [], []
     cpus = os.cpu_count() or 1
@@ -209,7 +210,8 @@ def main() -> None:
     record = {"command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
               "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "machine": {"cpus": cpus, "platform": platform.platform(), "python": platform.python_version(),
-                          "torch": torch.__version__, "ray": version("ray")},
+                          "torch": torch.__version__, "ray": version("ray"),
+                          "load_average_before": load_before, "load_average_after": os.getloadavg()},
               "model": "MLP 784-256-256-10 (269,322 parameters, float32), batch 64 per worker",
               "results": results, "skipped": skipped}
     tmp = args.out + ".tmp"
