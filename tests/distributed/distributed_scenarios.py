@@ -160,6 +160,10 @@ def run_scenario(scenario: str, rank: int) -> dict:
         ddp = DistributedDataParallel(model)
         optimizer = zero_redundancy_yellowfin(ddp.parameters(), **options)
         calls = _train(ddp, optimizer, batch_fn, rank, local_half=True)
+        # Per-rank saving: the local YellowFin's state dict carries the tuner (ZeRO's consolidated one does not).
+        reloaded = zero_redundancy_yellowfin(ddp.parameters(), **options)
+        reloaded.optim.load_state_dict(optimizer.optim.state_dict())
+        extra["reloaded_stats"] = reloaded.optim.stats()
     elif scenario == "zero_idle_shard":
         # No DDP: every rank computes the combined batch's gradient itself.
         optimizer = zero_redundancy_yellowfin(model.parameters(), **options)
@@ -176,6 +180,9 @@ def run_scenario(scenario: str, rank: int) -> dict:
         fully_shard(model)
         optimizer = FullyShardedYellowFin(model.parameters(), **options)
         calls = _train(model, optimizer, batch_fn, rank, local_half=True)
+        reloaded = FullyShardedYellowFin(model.parameters(), **options)
+        reloaded.load_state_dict(optimizer.state_dict())
+        extra["reloaded_stats"] = reloaded.stats()
         model = _gathered_copy(model)
     else:
         raise ValueError(f"unknown scenario {scenario!r}")

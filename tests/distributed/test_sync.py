@@ -90,6 +90,13 @@ def test_zero_redundancy_matches_unsharded_with_sparsity_correction(rank_results
 
 
 @needs_shard_group
+@pytest.mark.parametrize("name", ["zero", "fsdp"])
+def test_sharded_state_dict_reloads_per_rank(rank_results, name):
+    for result in _ok(rank_results, name):
+        assert result["reloaded_stats"] == result["stats"]
+
+
+@needs_shard_group
 @pytest.mark.parametrize("name", ["zero", "zero_idle_shard", "fsdp"])
 def test_sharded_step_makes_one_all_reduce(rank_results, name):
     for result in _ok(rank_results, name):
