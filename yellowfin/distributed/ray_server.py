@@ -184,6 +184,8 @@ class RayAsyncTrainer:
             raise ValueError("num_workers must be >= 1")
         if checkpoint_every and not checkpoint_path:
             raise ValueError("checkpoint_every needs a checkpoint_path")
+        if checkpoint_path:
+            checkpoint_path = os.path.abspath(checkpoint_path)  # the server's working directory is Ray's
         self._owns_ray = False
         if not ray.is_initialized():
             ray.init(address=address, **(init_options or {}))
