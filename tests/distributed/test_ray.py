@@ -35,6 +35,23 @@ def _trainer(**options):
                            num_workers=2, **options)
 
 
+def test_trainer_starts_and_stops_its_own_local_ray():
+    # Runs before the module's shared Ray instance exists (tests run in file order).
+    if ray.is_initialized():
+        pytest.skip("a Ray instance is already running in this process")
+    ray.cloudpickle.register_pickle_by_value(ray_problems)
+    try:
+        with _trainer(init_options=dict(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                                        log_to_driver=False, configure_logging=False)) as trainer:
+            assert ray.is_initialized()
+            assert trainer.run(30, timeout=RUN_TIMEOUT_S)["version"] == 30
+        assert not ray.is_initialized()
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.cloudpickle.unregister_pickle_by_value(ray_problems)
+
+
 def test_closed_loop_yellowfin_trains_at_the_server(local_ray):
     model = ray_problems.make_model(0)
     initial = ray_problems.eval_loss(model)
