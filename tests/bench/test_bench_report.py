@@ -69,6 +69,15 @@ def test_splice_replaces_only_its_own_block():
     assert "first" not in doc and "third" in doc and "second" in doc and doc.startswith("intro")
 
 
+def test_machine_line_names_every_thread_count_when_a_suite_mixes_them():
+    def record(task, threads):
+        return {"task": {"name": task}, "environment": {"torch_threads": threads}}
+
+    assert report._threads_text([record("a", 2), record("b", 2)]) == "2 torch threads"
+    mixed = report._threads_text([record("a", 2), record("b", 2), record("b", 1)])
+    assert mixed == "torch threads per run: 2 in 2 runs (a, b); 1 in 1 run (b)"
+
+
 def test_measured_rate_is_sqrt_mu_inside_the_robust_region():
     for mu in (0.25, 0.81):
         low, high = (1 - math.sqrt(mu)) ** 2, (1 + math.sqrt(mu)) ** 2

@@ -304,6 +304,21 @@ def _relative(path: Path, start: Path) -> str:
     return Path(os.path.relpath(path, start)).as_posix()
 
 
+def _threads_text(records: Sequence[dict[str, Any]]) -> str:
+    """How many torch threads the runs used: one number when they agree, else each count with its runs' tasks
+    (a suite resumed with --threads mixes them, and per-step times are only comparable within a count)."""
+    runs: dict[Any, list[str]] = defaultdict(list)
+    for record in records:
+        runs[record.get("environment", {}).get("torch_threads", "?")].append(record["task"]["name"])
+    if len(runs) <= 1:
+        return f"{next(iter(runs), '?')} torch threads"
+    parts = []
+    for threads, tasks in sorted(runs.items(), key=lambda item: -len(item[1])):
+        names = ", ".join(sorted(set(tasks)))
+        parts.append(f"{threads} in {len(tasks)} run{'s' if len(tasks) != 1 else ''} ({names})")
+    return "torch threads per run: " + "; ".join(parts)
+
+
 def render_section(results_dir: Path, summaries: Sequence[TaskSummary], figures: dict[str, Path],
                    markdown_dir: Path) -> str:
     records = [r for s in summaries for o in s.optimizers.values() for r in o.records]
@@ -317,7 +332,7 @@ def render_section(results_dir: Path, summaries: Sequence[TaskSummary], figures:
     lines += ["Produced by:", "", "```"] + commands + ["```", ""]
     lines += [
         f"Machine: {env.get('platform', '?')}, {env.get('cpu_count', '?')} CPUs visible, "
-        f"{env.get('torch_threads', '?')} torch threads; Python {env.get('python', '?')}, "
+        f"{_threads_text(records)}; Python {env.get('python', '?')}, "
         f"torch {packages.get('torch')}, yellowfin {packages.get('yellowfin-optim')}. Wall times are on a machine "
         "shared with other jobs and are noisy.",
         "",
