@@ -118,3 +118,34 @@ def test_simulator_state_round_trip_continues_identically():
     sim2.load_state_dict(saved["sim"])
     resumed = [sim2.step(quadratic_loss, b) for _, b in batches]
     assert continued == resumed
+
+
+def test_closed_loop_checkpoint_carries_the_controller_and_resumes_identically():
+    sim, model, _ = _simulate(YellowFin, num_workers=8, staleness="fixed", seed=5, steps=80, closed_loop=True)
+    assert sim.controller.corrections > 0 and sim.controller.offset != 0.0
+    saved = copy.deepcopy({"sim": sim.state_dict(), "model": model.state_dict(),
+                           "opt": sim.optimizer.state_dict()})
+    assert saved["sim"]["controller"]["offset"] == sim.controller.offset
+    batches = list(zip(range(20), noise_batches(0.1, 11)))
+    continued = [sim.step(quadratic_loss, b) for _, b in batches]
+
+    model2 = DiagonalQuadratic(0)
+    model2.load_state_dict(saved["model"])
+    opt2 = YellowFin(model2.parameters())
+    opt2.load_state_dict(saved["opt"])
+    sim2 = StalenessSimulator(model2, opt2, 8, "fixed", seed=5, closed_loop=True)
+    sim2.load_state_dict(saved["sim"])
+    assert sim2.controller.offset == saved["sim"]["controller"]["offset"]
+    assert opt2.stats()["momentum_offset"] == pytest.approx(sim2.controller.offset)
+    resumed = [sim2.step(quadratic_loss, b) for _, b in batches]
+    assert continued == resumed
+    assert sim2.controller.offset == sim.controller.offset
+
+
+def test_checkpoint_of_an_open_loop_run_does_not_load_into_a_closed_loop_one():
+    sgd = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.5)  # noqa: E731
+    sim, _, _ = _simulate(sgd, steps=10)
+    other = StalenessSimulator(DiagonalQuadratic(0), YellowFin(DiagonalQuadratic(0).parameters()), 4,
+                               closed_loop=True)
+    with pytest.raises(ValueError):
+        other.load_state_dict(sim.state_dict())

@@ -196,9 +196,13 @@ class StalenessSimulator:
 
     # -- checkpointing --------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Everything but the model and the optimizer (save those next to it): the stale versions, the
+        staleness stream, the sensors and the closed-loop controller (offset, counters, its sensor)."""
         return {"version": self.version, "history": list(self._history),
                 "schedule": self.schedule.state_dict(),
-                "staleness_counts": dict(self.staleness_counts)}
+                "staleness_counts": dict(self.staleness_counts),
+                "sensors": [sensor.state_dict() for sensor in self.sensors],
+                "controller": self.controller.state_dict() if self.controller is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.version = state["version"]
@@ -206,3 +210,14 @@ class StalenessSimulator:
         self._history.extend(state["history"])
         self.schedule.load_state_dict(state["schedule"])
         self.staleness_counts = collections.Counter(state["staleness_counts"])
+        saved_sensors = state.get("sensors") or []
+        if len(saved_sensors) != len(self.sensors):
+            raise ValueError(f"checkpoint has {len(saved_sensors)} sensors, this simulator {len(self.sensors)}")
+        for sensor, saved in zip(self.sensors, saved_sensors):
+            sensor.load_state_dict(saved)
+        if (state.get("controller") is None) != (self.controller is None):
+            raise ValueError("checkpoint and simulator disagree on whether the loop is closed")
+        if self.controller is not None:
+            # The controller's sensor is sensors[0] and was restored above; the controller's own copy of
+            # the sensor state is the same object's, so restore the counters and re-apply the offset.
+            self.controller.load_state_dict(state["controller"])
