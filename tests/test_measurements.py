@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from yellowfin import YellowFin
+from yellowfin import measurements
 from yellowfin.measurements import GradientSample, curvature_range, measure
 from yellowfin.state import TunerSettings, TunerState
 
@@ -96,3 +97,21 @@ def test_density_counts_nonzero_entries():
     param.grad = torch.tensor([1.0, 0, 0, 0, 2.0, 0, 0, 0])
     opt.step()
     assert float(opt.tuner_state().density_avg) == pytest.approx(0.25)
+
+
+def test_averaged_sq_norm_equals_the_norm_of_the_updated_average():
+    generator = torch.Generator().manual_seed(3)
+    grad_avg, grad = torch.randn(50, dtype=torch.float64, generator=generator), torch.randn(50, dtype=torch.float64, generator=generator)
+    decay, weight = torch.tensor(0.999, dtype=torch.float64), torch.tensor(0.001 * 0.7, dtype=torch.float64)
+    value = measurements.averaged_sq_norm(grad_avg @ grad_avg, grad_avg @ grad, grad @ grad, decay, weight)
+    expected = torch.sum((decay * grad_avg + weight * grad) ** 2)
+    torch.testing.assert_close(value, expected, rtol=1e-13, atol=0.0)
+
+
+@pytest.mark.parametrize("cross", [float("inf"), float("-inf"), float("nan")])
+def test_averaged_sq_norm_bounds_an_overflowed_cross_term(cross):
+    f64 = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    value = measurements.averaged_sq_norm(f64(4.0), f64(cross), f64(9.0), f64(1.0), f64(1.0))
+    # |<a, b>| <= ||a|| ||b|| = 6, so the result lies in [(3 - 2)^2, (3 + 2)^2]; NaN reads as 0.
+    expected = {"inf": 25.0, "-inf": 1.0, "nan": 13.0}[str(cross)]
+    assert value.item() == expected

@@ -30,6 +30,21 @@ class Estimates(NamedTuple):
     dist: Tensor  # D
 
 
+def averaged_sq_norm(
+    avg_sq_norm: Tensor, cross: Tensor, sq_norm: Tensor, decay: Tensor, weight: Tensor
+) -> Tensor:
+    """||decay * gbar + weight * g||^2 from ||gbar||^2, <gbar, g> and ||g||^2.
+
+    This lets one pass over memory reduce everything the tuner needs before the average is written.
+    A cross term that overflowed in low precision is brought back inside its Cauchy-Schwarz bound.
+    """
+    bound = torch.sqrt(avg_sq_norm * sq_norm)
+    cross = torch.where(torch.isnan(cross), 0.0, cross)
+    cross = torch.minimum(torch.maximum(cross, -bound), bound)
+    value = decay**2 * avg_sq_norm + 2.0 * decay * weight * cross + weight**2 * sq_norm
+    return torch.clamp(value, min=0.0)
+
+
 def ema(average: Tensor, value: Tensor, beta: float) -> Tensor:
     return beta * average + (1.0 - beta) * value
 

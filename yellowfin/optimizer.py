@@ -1,12 +1,12 @@
 """YellowFin as a ``torch.optim.Optimizer``: walk the parameters, reduce, measure, tune, update.
 
-One step of one tuning scope (spec §4):
+One step of one tuning scope (spec §4) makes two passes over memory:
 
-1. reduce the gradients to ||g||^2 (and the non-zero count),
-2. decide the clipping factors from the previous step's h_max,
-3. update the gradient averages gbar and reduce ||gbar||^2,
-4. ``measurements.measure`` and ``tuning.tune`` on 0-dim float64 tensors,
-5. update the momentum buffers and the parameters.
+1. reduce g and the gradient average gbar to ||g||^2, <gbar, g>, ||gbar||^2 (and counts) in one
+   float64 vector (all-reduced over ``shard_group`` when the parameters are sharded);
+2. on 0-dim float64 tensors: clipping factors from the previous step's h_max, ||gbar||^2 after
+   this step's update (``measurements.averaged_sq_norm``), ``measurements.measure``, ``tuning.tune``;
+3. update gbar, the momentum buffers and the parameters.
 
 Nothing in a step reads a tensor value on the host. A step whose gradient holds NaN or Inf
 must change nothing, so, instead of branching, every coefficient is gated on the device:
@@ -33,9 +33,22 @@ _GROUP_OPTIONS = ("lr", "weight_decay", "decoupled_weight_decay", "nesterov", "m
 _TORCH_GROUP_KEYS = ("params", "param_names", "differentiable")
 
 
-class _Coefficients(NamedTuple):
-    """Scalars of the update pass, already gated so that a non-finite step is a no-op."""
+class _Sums(NamedTuple):
+    """What the first pass reduces, in float64: everything the tuner needs from the tensors."""
 
+    sq_norm: Tensor  # ||g||^2
+    cross: Tensor  # <gbar, g>, with gbar before this step's update
+    grad_avg_sq_norm: Tensor  # ||gbar||^2, before this step's update
+    nonzero: Tensor  # non-zero gradient entries (only counted with the sparsity correction)
+    numel: Tensor  # gradient entries
+
+
+class _Coefficients(NamedTuple):
+    """Scalars of the update pass, already gated so that a skipped step changes nothing."""
+
+    finite: Tensor  # False on a skipped step: the gradient is read as zeros
+    avg_decay: Tensor  # gbar <- avg_decay gbar + avg_weight g  (1 and 0 on a skipped step)
+    avg_weight: Tensor
     momentum: Tensor  # multiplies v (1 on a skipped step)
     grad_scale: Tensor  # multiplies g in v <- momentum v + grad_scale g (0 on a skipped step)
     step_size: Tensor  # alpha before the group's multiplier (0 on a skipped step)
@@ -62,6 +75,9 @@ class YellowFin(Optimizer):
         per_group_tuning: one tuner per parameter group instead of one over all groups.
         sparsity_correction: rescale the estimates by the gradient density (sparse embeddings).
         update_first, curvature_smoothing, smooth_tuned: the paper's variant (see ``paper_variant``).
+        shard_group: a ``torch.distributed`` process group over which the parameters are sharded
+            (ZeRO, FSDP): the tuner's sums are all-reduced over it, one all-reduce per step that
+            every rank enters, so every shard tunes on the whole gradient. Not saved in state_dict.
     """
 
     def __init__(
@@ -86,12 +102,13 @@ class YellowFin(Optimizer):
         update_first: bool = False,
         curvature_smoothing: str = "log",
         smooth_tuned: bool = False,
+        shard_group=None,
         **unknown,
     ):
         if unknown:
             raise ValueError(
                 f"unknown option(s) {sorted(unknown)}; allowed options are "
-                f"{sorted(TunerSettings.names() + _GROUP_OPTIONS + ('per_group_tuning',))}"
+                f"{sorted(TunerSettings.names() + _GROUP_OPTIONS + ('per_group_tuning', 'shard_group'))}"
             )
         settings = TunerSettings(
             beta=beta, curvature_window=curvature_window, eps=eps, initial_lr=initial_lr,
@@ -104,6 +121,7 @@ class YellowFin(Optimizer):
             nesterov=nesterov, maximize=maximize, foreach=foreach,
         )
         self.per_group_tuning = bool(per_group_tuning)
+        self.shard_group = shard_group
         self._tuners: list[TunerState] = []
         super().__init__(params, defaults)
         self._tuners = [TunerState.initial(self._settings(groups[0]), _device_of(groups)) for groups in self._scopes()]
@@ -176,18 +194,24 @@ class YellowFin(Optimizer):
     def _step_scope(self, state: TunerState, groups: list[dict]) -> TunerState:
         settings = self._settings(groups[0])
         batches = [batch for batch in map(self._collect, groups) if batch.params]
-        if not batches:
-            return state
+        if not batches and self.shard_group is None:
+            return state  # (a shard without gradients must still enter the all-reduce below)
         device = state.device
 
-        # 1. ||g||^2 over everything this tuner measures, in float64 (1e30-sized gradients included).
-        sq_norm = sum(_reduce(batch, _sq_norm).to(device) for batch in batches)
-        finite = torch.isfinite(sq_norm)
-        batches = [batch._replace(grads=[_finite_grad(g, finite) for g in batch.grads]) for batch in batches]
+        # 1. One pass over g and gbar: ||g||^2, <gbar, g>, ||gbar||^2 (and non-zero and element
+        #    counts) in one float64 vector; with shard_group, summed over the shards by one all-reduce.
+        totals = torch.zeros(len(_Sums._fields), dtype=torch.float64, device=device)
+        for batch in batches:
+            totals = totals + _reduce_sums(batch, settings.sparsity_correction).to(device)
+        if self.shard_group is not None:
+            torch.distributed.all_reduce(totals, group=self.shard_group)
+        sums = _Sums(*totals.unbind())
+        finite = torch.isfinite(sums.sq_norm)  # (float64 sums: only a non-finite g makes this inf)
+        applied = finite & (sums.numel > 0)  # nothing to measure anywhere: a no-op, not a skip
+        sq_norm = torch.where(finite, sums.sq_norm, 0.0)
         density = torch.ones((), dtype=torch.float64, device=device)
         if settings.sparsity_correction:
-            nonzero = sum(_reduce(batch, _nonzero_count).to(device) for batch in batches)
-            density = nonzero / float(sum(p.numel() for batch in batches for p in batch.params))
+            density = sums.nonzero / torch.clamp(sums.numel, min=1.0)
 
         # 2. Clipping factors, from the previous step's curvature range.
         started = state.step >= 1.0
@@ -204,12 +228,11 @@ class YellowFin(Optimizer):
             update_scale = torch.where(update_clipped, torch.sqrt(state.h_max / (scale**2 * sq_norm)), 1.0)
         curvature_sample = scale**2 * sq_norm
 
-        # 3. Gradient averages, and their norm for the variance estimate.
-        beta = settings.beta
-        avg_decay = torch.where(finite, torch.full_like(sq_norm, beta), 1.0)
-        avg_grad_scale = torch.where(finite, (1.0 - beta) * scale, 0.0)
-        grad_avg_sq_norm = sum(
-            _update_grad_averages(batch, avg_decay, avg_grad_scale).to(device) for batch in batches
+        # 3. The norm of the gradient average after this step's update, before it is written.
+        avg_decay = torch.where(applied, torch.full_like(sq_norm, settings.beta), 1.0)
+        avg_weight = torch.where(applied, (1.0 - settings.beta) * scale, 0.0)
+        grad_avg_sq_norm = measurements.averaged_sq_norm(
+            sums.grad_avg_sq_norm, torch.where(finite, sums.cross, 0.0), sq_norm, avg_decay, avg_weight
         )
 
         # 4. Measure, tune.
@@ -218,17 +241,21 @@ class YellowFin(Optimizer):
         mu, lr = tuning.tune(estimates, state.step, state.mu, state.lr, settings)
         new_state = measured.replace(mu=mu, lr=lr, step=state.step + 1.0)
 
-        # 5. Update, with this step's (reference) or the previous step's (paper) tuned values.
+        # 5. One pass that writes gbar, v and x, with this step's (reference) or the previous
+        #    step's (paper) tuned values; every coefficient is the identity on a skipped step.
         applied_mu, applied_lr = (state.mu, state.lr) if settings.update_first else (mu, lr)
         coefficients = _Coefficients(
-            momentum=torch.where(finite, _applied_momentum(applied_mu, state.momentum_offset, settings.eps), 1.0),
-            grad_scale=torch.where(finite, scale * update_scale, 0.0),
-            step_size=torch.where(finite, applied_lr, 0.0),
+            finite=applied,
+            avg_decay=avg_decay,
+            avg_weight=avg_weight,
+            momentum=torch.where(applied, _applied_momentum(applied_mu, state.momentum_offset, settings.eps), 1.0),
+            grad_scale=torch.where(applied, scale * update_scale, 0.0),
+            step_size=torch.where(applied, applied_lr, 0.0),
         )
         for batch in batches:
-            _update_parameters(batch, coefficients)
+            _update(batch, coefficients)
 
-        return new_state.select(finite, state).replace(
+        return new_state.select(applied, state).replace(
             skipped_steps=state.skipped_steps + (~finite).to(torch.float64)
         )
 
@@ -331,6 +358,7 @@ class YellowFin(Optimizer):
         state = super().__getstate__()
         state["_tuners"] = self._tuners
         state["per_group_tuning"] = self.per_group_tuning
+        state["shard_group"] = self.shard_group
         return state
 
 
@@ -371,28 +399,97 @@ def _dense_values(grad: Tensor) -> Tensor:
     return grad.coalesce()._values() if grad.is_sparse else grad
 
 
-def _sq_norm(grad: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(_dense_values(grad), dtype=torch.float64) ** 2
+def _reduce_sums(batch: _Batch, count_nonzero: bool) -> Tensor:
+    """The ``_Sums`` of one batch as a float64 vector (pass 1: reads g and gbar, writes nothing)."""
+    rows = []
+    dense = [i for i, g in enumerate(batch.grads) if not g.is_sparse]
+    loop = [i for i, g in enumerate(batch.grads) if g.is_sparse]
+    if batch.foreach and dense:
+        for indices in _by_device_and_dtype([batch.grads[i] for i in dense], dense).values():
+            rows.append(_reduce_sums_foreach([batch.grads[i] for i in indices],
+                                             [batch.grad_avgs[i] for i in indices], count_nonzero))
+    else:
+        loop = dense + loop
+    for i in loop:  # the per-tensor reference, all in float64
+        grad, grad_avg = batch.grads[i], batch.grad_avgs[i]
+        if grad.is_sparse:
+            grad = grad.coalesce()
+            values, avg_values = grad._values(), grad_avg.sparse_mask(grad)._values()
+        else:
+            values, avg_values = grad, grad_avg
+        values, avg_values = values.to(torch.float64), avg_values.to(torch.float64)
+        rows.append(torch.stack([
+            torch.sum(values * values),
+            torch.sum(values * avg_values),
+            torch.sum(grad_avg.to(torch.float64) ** 2),
+            torch.count_nonzero(values).to(torch.float64) if count_nonzero else values.new_zeros(()),
+            values.new_tensor(float(grad_avg.numel())),
+        ]))
+    device = rows[0].device
+    return torch.stack([row.to(device) for row in rows]).sum(dim=0)
 
 
-def _nonzero_count(grad: Tensor) -> Tensor:
-    return torch.count_nonzero(_dense_values(grad)).to(torch.float64)
+def _reduce_sums_foreach(grads: list[Tensor], grad_avgs: list[Tensor], count_nonzero: bool) -> Tensor:
+    """``_reduce_sums`` for dense tensors of one device and dtype, with multi-tensor kernels.
+
+    Norms accumulate in float64. The products for <gbar, g> are formed in the tensors' dtype (at
+    least float32) and summed in float64; an overflow there is bounded in ``averaged_sq_norm``.
+    """
+    sq_norm = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).square().sum()
+    avg_sq_norm = torch.stack(torch._foreach_norm(grad_avgs, 2, dtype=torch.float64)).square().sum()
+    if grads[0].dtype in (torch.float16, torch.bfloat16):
+        grads, grad_avgs = [g.float() for g in grads], [a.float() for a in grad_avgs]
+    products = torch._foreach_mul(grads, grad_avgs)
+    cross = torch.stack([product.sum(dtype=torch.float64) for product in products]).sum()
+    nonzero = torch.zeros_like(cross)
+    if count_nonzero:
+        nonzero = torch.stack([torch.count_nonzero(g) for g in grads]).sum().to(torch.float64)
+    numel = torch.tensor(float(sum(g.numel() for g in grads)), dtype=torch.float64, device=cross.device)
+    return torch.stack([sq_norm, cross, avg_sq_norm, nonzero, numel])
 
 
-def _reduce(batch: _Batch, per_tensor: Callable[[Tensor], Tensor]) -> Tensor:
-    """Sum a per-gradient float64 reduction over a batch."""
-    if batch.foreach and per_tensor is _sq_norm and not any(g.is_sparse for g in batch.grads):
-        total = None
-        for indices in _by_device_and_dtype(batch.grads).values():
-            norms = torch._foreach_norm([batch.grads[i] for i in indices], 2, dtype=torch.float64)
-            part = torch.stack(norms).square().sum()
-            total = part if total is None else total + part.to(total.device)
-        return total
-    total = None
-    for grad in batch.grads:
-        part = per_tensor(grad)
-        total = part if total is None else total + part.to(total.device)
-    return total
+def _update(batch: _Batch, c: _Coefficients) -> None:
+    """Pass 2: gbar <- avg_decay gbar + avg_weight g;  v <- momentum v + grad_scale g;
+    x <- x - lr * step_size * (v, or its Nesterov form)."""
+    group = batch.group
+    step_size = c.step_size * group["lr"]
+    decay = group["weight_decay"] if group["decoupled_weight_decay"] else 0.0
+    dense = [i for i, g in enumerate(batch.grads) if not g.is_sparse]
+    loop = [i for i, g in enumerate(batch.grads) if g.is_sparse]
+    if batch.foreach and dense:
+        for indices in _by_device_and_dtype([batch.grads[i] for i in dense], dense).values():
+            device = batch.params[indices[0]].device
+            finite, avg_decay, avg_weight, momentum, grad_scale, lr = (
+                x.to(device) for x in (c.finite, c.avg_decay, c.avg_weight, c.momentum, c.grad_scale, step_size)
+            )
+            params = [batch.params[i] for i in indices]
+            momenta = [batch.momenta[i] for i in indices]
+            grad_avgs = [batch.grad_avgs[i] for i in indices]
+            # A skipped step must not let 0 * NaN through: read its gradient as zeros.
+            grads = [torch.where(finite, batch.grads[i], 0.0) for i in indices]
+            torch._foreach_mul_(grad_avgs, avg_decay)
+            torch._foreach_add_(grad_avgs, torch._foreach_mul(grads, avg_weight))
+            scaled = torch._foreach_mul(grads, grad_scale)
+            torch._foreach_mul_(momenta, momentum)
+            torch._foreach_add_(momenta, scaled)
+            direction = momenta
+            if group["nesterov"]:
+                direction = torch._foreach_add(scaled, torch._foreach_mul(momenta, momentum))
+            if decay != 0.0:
+                torch._foreach_mul_(params, 1.0 - lr * decay)
+            torch._foreach_add_(params, torch._foreach_mul(direction, -lr))
+    else:
+        loop = dense + loop
+    for i in loop:  # the per-tensor reference
+        param, grad_avg, momentum_buffer = batch.params[i], batch.grad_avgs[i], batch.momenta[i]
+        grad = _finite_grad(batch.grads[i], c.finite)
+        grad_avg.mul_(c.avg_decay).add_(grad * c.avg_weight)
+        scaled = grad * c.grad_scale
+        momentum_buffer.mul_(c.momentum).add_(scaled)
+        direction = scaled + momentum_buffer * c.momentum if group["nesterov"] else momentum_buffer
+        if decay != 0.0:
+            param.mul_(1.0 - step_size * decay)
+        param.add_(direction * -step_size)
 
 
 def _finite_grad(grad: Tensor, finite: Tensor) -> Tensor:
@@ -402,64 +499,6 @@ def _finite_grad(grad: Tensor, finite: Tensor) -> Tensor:
         values = torch.where(finite, grad._values(), 0.0)
         return torch.sparse_coo_tensor(grad._indices(), values, grad.shape, is_coalesced=True, check_invariants=False)
     return torch.where(finite, grad, 0.0)
-
-
-def _update_grad_averages(batch: _Batch, decay: Tensor, grad_scale: Tensor) -> Tensor:
-    """gbar <- decay gbar + grad_scale g for each parameter; returns sum ||gbar||^2 (float64)."""
-    dense = [i for i, g in enumerate(batch.grads) if not g.is_sparse]
-    sparse = [i for i, g in enumerate(batch.grads) if g.is_sparse]
-    total = torch.zeros((), dtype=torch.float64, device=decay.device)
-    if batch.foreach and dense:
-        for indices in _by_device_and_dtype([batch.grads[i] for i in dense], dense).values():
-            grads = [batch.grads[i] for i in indices]
-            avgs = [batch.grad_avgs[i] for i in indices]
-            torch._foreach_mul_(avgs, decay.to(avgs[0].device))
-            torch._foreach_add_(avgs, torch._foreach_mul(grads, grad_scale.to(avgs[0].device)))
-            norms = torch._foreach_norm(avgs, 2, dtype=torch.float64)
-            total = total + torch.stack(norms).square().sum().to(total.device)
-        loop = sparse
-    else:
-        loop = dense + sparse
-    for i in loop:  # the per-tensor reference
-        grad_avg, grad = batch.grad_avgs[i], batch.grads[i]
-        grad_avg.mul_(decay).add_(grad * grad_scale)
-        total = total + (torch.linalg.vector_norm(grad_avg, dtype=torch.float64) ** 2).to(total.device)
-    return total
-
-
-def _update_parameters(batch: _Batch, c: _Coefficients) -> None:
-    """v <- momentum v + grad_scale g;  x <- x - lr * step_size * (v, or its Nesterov form)."""
-    group = batch.group
-    step_size = c.step_size * group["lr"]
-    decay = group["weight_decay"] if group["decoupled_weight_decay"] else 0.0
-    dense = [i for i, g in enumerate(batch.grads) if not g.is_sparse]
-    sparse = [i for i, g in enumerate(batch.grads) if g.is_sparse]
-    if batch.foreach and dense:
-        for indices in _by_device_and_dtype([batch.grads[i] for i in dense], dense).values():
-            device = batch.params[indices[0]].device
-            momentum, grad_scale, lr = (x.to(device) for x in (c.momentum, c.grad_scale, step_size))
-            params = [batch.params[i] for i in indices]
-            momenta = [batch.momenta[i] for i in indices]
-            scaled = torch._foreach_mul([batch.grads[i] for i in indices], grad_scale)
-            torch._foreach_mul_(momenta, momentum)
-            torch._foreach_add_(momenta, scaled)
-            direction = momenta
-            if group["nesterov"]:
-                direction = torch._foreach_add(scaled, torch._foreach_mul(momenta, momentum))
-            if decay != 0.0:
-                torch._foreach_mul_(params, 1.0 - lr * decay)
-            torch._foreach_add_(params, torch._foreach_mul(direction, -lr))
-        loop = sparse
-    else:
-        loop = dense + sparse
-    for i in loop:  # the per-tensor reference
-        param, momentum_buffer = batch.params[i], batch.momenta[i]
-        scaled = batch.grads[i] * c.grad_scale
-        momentum_buffer.mul_(c.momentum).add_(scaled)
-        direction = scaled + momentum_buffer * c.momentum if group["nesterov"] else momentum_buffer
-        if decay != 0.0:
-            param.mul_(1.0 - step_size * decay)
-        param.add_(direction * -step_size)
 
 
 def _by_device_and_dtype(tensors: list[Tensor], indices: list[int] | None = None) -> dict:
