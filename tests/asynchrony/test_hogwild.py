@@ -60,3 +60,41 @@ def test_closed_loop_yellowfin_hogwild_tunes_shared_mu_and_alpha():
     assert regression_eval_loss(model) < before
     state = hogwild.state_dict()
     assert state["controller"]["calls"] == report["tuned_gradients"]
+
+
+def test_checkpoint_carries_buffers_tuner_and_controller_and_a_resumed_run_continues(tmp_path):
+    path = str(tmp_path / "hogwild.pt")
+    hogwild = Hogwild(make_regression_model(0), regression_loss, regression_batches, num_workers=2,
+                      closed_loop=True)
+    with hogwild:
+        hogwild.run(200, timeout=60)
+    hogwild.save_checkpoint(path)
+    assert os.listdir(tmp_path) == ["hogwild.pt"]
+    saved = torch.load(path, weights_only=False)
+
+    resumed = Hogwild(make_regression_model(1), regression_loss, regression_batches, num_workers=2,
+                      closed_loop=True)
+    resumed.load_checkpoint(path)
+    assert resumed.version == saved["version"]
+    for name, value in saved["model"].items():
+        assert torch.equal(resumed.model.state_dict()[name], value)
+    for buffer, value in zip(resumed.shared.buffers, saved["momentum_buffers"]):
+        assert torch.equal(buffer, value)
+    assert resumed.controller.offset == hogwild.controller.offset
+    assert resumed.controller.calls == hogwild.controller.calls
+    assert resumed.tuner.stats()["step"] == hogwild.tuner.stats()["step"]
+    assert resumed.tuner.stats()["momentum_offset"] == pytest.approx(hogwild.controller.offset)
+    assert float(resumed.shared.hyper[0]) == pytest.approx(float(hogwild.shared.hyper[0]))
+    with resumed:
+        pids = [resumed.worker_pid(i) for i in range(2)]
+        report = resumed.run(100, timeout=60)
+    _gone(pids)
+    assert report["version"] >= saved["version"] + 100
+
+
+def test_open_loop_checkpoint_does_not_load_into_a_closed_loop_hogwild():
+    open_loop = Hogwild(make_regression_model(0), regression_loss, regression_batches, num_workers=2)
+    closed = Hogwild(make_regression_model(0), regression_loss, regression_batches, num_workers=2,
+                     closed_loop=True)
+    with pytest.raises(ValueError):
+        closed.load_state_dict(open_loop.state_dict())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import time
 
 import torch
@@ -73,7 +74,8 @@ def _hogwild_worker(worker_id: int, model: nn.Module, loss_fn, batch_factory, se
     params = [p for p in model.parameters() if p.requires_grad]
     batches = batch_factory(worker_id, seed)
     ring_size = shared.ring.shape[0]
-    while not shared.stop.is_set():
+    parent = os.getppid()
+    while not shared.stop.is_set() and os.getppid() == parent:  # exit if the tuner process is gone
         if shared.counter.value >= int(shared.limit[0]):
             time.sleep(0.001)
             continue
@@ -298,4 +300,37 @@ class Hogwild:
         return {"version": self.version, "model": self.model.state_dict(),
                 "momentum_buffers": [b.clone() for b in self.shared.buffers],
                 "tuner": self.tuner.state_dict() if self.tuner is not None else None,
-                "controller": self.controller.state_dict() if self.controller is not None else None}
+                "controller": self.controller.state_dict() if self.controller is not None else None,
+                "hyper": self.shared.hyper.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore model, shared momentum buffers, tuner and controller (call while no run is going on)."""
+        if (state.get("controller") is None) != (self.controller is None):
+            raise ValueError("checkpoint and this Hogwild disagree on whether the loop is closed")
+        with torch.no_grad():
+            self.model.load_state_dict(state["model"])  # copies in place: stays in shared memory
+            for buffer, saved in zip(self.shared.buffers, state["momentum_buffers"]):
+                buffer.copy_(saved)
+            for shadow, p in zip(self.shadow, self.params):
+                shadow.copy_(p)
+        with self.shared.counter.get_lock():
+            self.shared.counter.value = int(state["version"])
+        self.shared.limit[0] = int(state["version"])
+        if "hyper" in state:
+            self.shared.hyper.copy_(state["hyper"])
+        if self.tuner is not None and state.get("tuner") is not None:
+            self.tuner.load_state_dict(state["tuner"])
+        if self.controller is not None:
+            self.controller.load_state_dict(state["controller"])
+        if self.tuner is not None:
+            self._write_tuned()
+
+    def save_checkpoint(self, path: str) -> str:
+        """Atomic (write, fsync, rename) like the parameter server's."""
+        from .parameter_server import atomic_save
+
+        atomic_save(self.state_dict(), path)
+        return path
+
+    def load_checkpoint(self, path: str) -> None:
+        self.load_state_dict(torch.load(path, weights_only=False))

@@ -101,8 +101,21 @@ def atomic_save(state: dict, path: str) -> None:
 # Worker process
 # ----------------------------------------------------------------------------------------------
 
+class _StopOrOrphaned:
+    """Set when the server asks the workers to stop, or when the server process is gone (a worker
+    whose server was SIGKILLed must not spin forever on a sequence counter nobody will update)."""
+
+    def __init__(self, stop_event):
+        self.stop_event = stop_event
+        self.parent = os.getppid()
+
+    def is_set(self) -> bool:
+        return self.stop_event.is_set() or os.getppid() != self.parent
+
+
 def _worker_main(worker_id: int, model: nn.Module, loss_fn, batch_factory, seed: int,
                  shared_params: torch.Tensor, sequence: torch.Tensor, conn, stop_event) -> None:
+    stop_event = _StopOrOrphaned(stop_event)
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -124,7 +137,12 @@ def _worker_main(worker_id: int, model: nn.Module, loss_fn, batch_factory, seed:
             loss.backward()
             grad = flat_gradients(params).numpy()
             conn.send((worker_id, version, grad, float(loss.detach())))
-            conn.recv()  # wait for the server to take it: at most one gradient in flight per worker
+            # Wait for the server to take it: at most one gradient in flight per worker. Poll, because a
+            # forked worker holds copies of pipe ends, so a dead server does not always give it EOF.
+            while not conn.poll(0.2):
+                if stop_event.is_set():
+                    return
+            conn.recv()
     except (BrokenPipeError, EOFError, ConnectionResetError, KeyboardInterrupt):
         pass  # the server went away or asked us to stop
     finally:
