@@ -27,3 +27,11 @@ def eval_loss(model) -> float:
     x, y = next(batches(-1, 12345))
     with torch.no_grad():
         return float(loss_fn(model, (x, y)))
+
+
+def failing_batches(worker_id: int, seed: int):
+    """Worker 1's data source breaks after a few batches."""
+    for index, batch in enumerate(batches(worker_id, seed)):
+        if worker_id == 1 and index == 5:
+            raise ValueError("corrupt shard")
+        yield batch

@@ -119,3 +119,12 @@ def test_checkpoints_are_atomic_and_a_new_server_resumes(local_ray, tmp_path):
         report = trainer.run(50, timeout=RUN_TIMEOUT_S)
     assert report["version"] == 250 and report["optimizer"]["step"] == 250
     assert torch.load(path, weights_only=False)["version"] == 200  # next checkpoint is due at 300
+
+
+def test_an_error_in_a_worker_stops_the_run_and_reaches_the_caller(local_ray):
+    with RayAsyncTrainer(ray_problems.make_model(0), ray_problems.loss_fn, ray_problems.failing_batches,
+                         num_workers=2) as trainer:
+        with pytest.raises(ray.exceptions.RayTaskError, match="corrupt shard"):
+            trainer.run(10**7, timeout=RUN_TIMEOUT_S)
+        status = trainer.status()
+        assert status["target"] == status["version"] < 10**7  # stopped, not left running

@@ -237,6 +237,9 @@ class RayAsyncTrainer:
                 except ray.exceptions.RayActorError as error:
                     logger.warning("worker %d is gone for good: %s", runs[ref], error)
                     self.lost_workers.append(runs[ref])
+                except Exception:  # the user's loss or batches raised: stop the others too
+                    ray.get(self.server.stop.remote())
+                    raise
         status = ray.get(self.server.status.remote())
         if status["version"] < status["target"]:  # (a stop() lowers the target to the version reached)
             raise RuntimeError(f"every worker is lost; the server stopped at version {status['version']} "
