@@ -149,6 +149,8 @@ def run_scenario(scenario: str, rank: int) -> dict:
 
     from yellowfin.distributed import FullyShardedYellowFin, zero_redundancy_yellowfin
 
+    if scenario == "refusals":
+        return {"errors": _refusals()}
     model_fn, batch_fn, options = SETUPS[scenario]
     model = model_fn(0)
     extra = {}
@@ -161,6 +163,7 @@ def run_scenario(scenario: str, rank: int) -> dict:
         optimizer = zero_redundancy_yellowfin(ddp.parameters(), **options)
         calls = _train(ddp, optimizer, batch_fn, rank, local_half=True)
         # Per-rank saving: the local YellowFin's state dict carries the tuner (ZeRO's consolidated one does not).
+        extra["local_numel"] = sum(p.numel() for g in optimizer.optim.param_groups for p in g["params"])
         reloaded = zero_redundancy_yellowfin(ddp.parameters(), **options)
         reloaded.optim.load_state_dict(optimizer.optim.state_dict())
         extra["reloaded_stats"] = reloaded.optim.stats()
@@ -180,6 +183,7 @@ def run_scenario(scenario: str, rank: int) -> dict:
         fully_shard(model)
         optimizer = FullyShardedYellowFin(model.parameters(), **options)
         calls = _train(model, optimizer, batch_fn, rank, local_half=True)
+        extra["local_numel"] = sum(local.numel() for _, local in optimizer._sharded)
         reloaded = FullyShardedYellowFin(model.parameters(), **options)
         reloaded.load_state_dict(optimizer.state_dict())
         extra["reloaded_stats"] = reloaded.stats()
@@ -188,6 +192,32 @@ def run_scenario(scenario: str, rank: int) -> dict:
         raise ValueError(f"unknown scenario {scenario!r}")
     params = {name.replace("module.", ""): p.detach().clone() for name, p in model.named_parameters()}
     return {"params": params, "stats": _stats(optimizer), "all_reduce_calls": calls, **extra}
+
+
+def _refusals() -> dict:
+    """The sharded layouts that must raise rather than tune on a shard's statistics (DTensors need a
+    process group, so these run on the ranks): {case: the ValueError's message, or None if none}."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from yellowfin.distributed import FullyShardedYellowFin, zero_redundancy_yellowfin
+
+    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+    replicated = nn.Parameter(distribute_tensor(torch.ones(4, 3, dtype=torch.float64), mesh, [Replicate()]))
+    sharded = nn.Parameter(distribute_tensor(torch.ones(4, 3, dtype=torch.float64), mesh, [Shard(0)]))
+    cases = {
+        "fsdp_replicated": lambda: FullyShardedYellowFin([replicated]),
+        "fsdp_mixed_plain": lambda: FullyShardedYellowFin([sharded, nn.Parameter(torch.ones(3))]),
+        "zero_over_dtensor": lambda: zero_redundancy_yellowfin([sharded]),
+    }
+    errors = {}
+    for case, make in cases.items():
+        try:
+            make()
+            errors[case] = None
+        except ValueError as error:
+            errors[case] = str(error)
+    return errors
 
 
 def _gathered_copy(model):

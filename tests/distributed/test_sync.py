@@ -1,10 +1,10 @@
 """Synchronous data parallel and sharded YellowFin on 2 ranks (gloo on loopback, launched by torchrun).
 
 One torchrun launch runs every scenario (distributed_scenarios.py); each test compares what the ranks
-wrote with one process stepping YellowFin on the combined batch.
+wrote with one unsharded process stepping YellowFin on the combined batch. The launch is bounded
+(LAUNCH_TIMEOUT_S, then torchrun and both ranks are killed as one process group).
 """
 
-import inspect
 import os
 import signal
 import subprocess
@@ -14,14 +14,10 @@ import pytest
 import torch
 
 import distributed_scenarios as scenarios
-from yellowfin import YellowFin
 from yellowfin.distributed import FullyShardedYellowFin, zero_redundancy_yellowfin
 
 pytestmark = pytest.mark.timeout(240)
 
-HAS_SHARD_GROUP = "shard_group" in inspect.signature(YellowFin.__init__).parameters
-needs_shard_group = pytest.mark.skipif(
-    not HAS_SHARD_GROUP, reason="YellowFin has no shard_group option yet (sharded state needs it)")
 LAUNCH_TIMEOUT_S = 180
 
 
@@ -31,7 +27,7 @@ def rank_results(tmp_path_factory):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available in this build")
     out_dir = tmp_path_factory.mktemp("ranks")
-    names = ["ddp"] + (["zero", "zero_idle_shard", "fsdp"] if HAS_SHARD_GROUP else [])
+    names = ["ddp", "zero", "zero_idle_shard", "fsdp", "refusals"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", PYTHONPATH=os.pathsep.join(
         [os.path.dirname(__file__)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -82,28 +78,24 @@ def test_ddp_step_communicates_nothing(rank_results):
         assert result["all_reduce_calls"] == [0] * scenarios.STEPS
 
 
-@needs_shard_group
 def test_zero_redundancy_matches_unsharded_with_sparsity_correction(rank_results):
     ranks = _ok(rank_results, "zero")
     assert_matches_reference("zero", ranks)
     assert ranks[0]["stats"] == ranks[1]["stats"]
 
 
-@needs_shard_group
 @pytest.mark.parametrize("name", ["zero", "fsdp"])
 def test_sharded_state_dict_reloads_per_rank(rank_results, name):
     for result in _ok(rank_results, name):
         assert result["reloaded_stats"] == result["stats"]
 
 
-@needs_shard_group
 @pytest.mark.parametrize("name", ["zero", "zero_idle_shard", "fsdp"])
 def test_sharded_step_makes_one_all_reduce(rank_results, name):
     for result in _ok(rank_results, name):
         assert result["all_reduce_calls"] == [1] * scenarios.STEPS
 
 
-@needs_shard_group
 def test_zero_rank_without_gradients_still_tunes_globally(rank_results):
     ranks = _ok(rank_results, "zero_idle_shard")
     # One rank's partition is the unused parameter alone: it steps nothing yet enters every all-reduce.
@@ -112,14 +104,29 @@ def test_zero_rank_without_gradients_still_tunes_globally(rank_results):
     assert ranks[0]["stats"] == ranks[1]["stats"]
 
 
-@needs_shard_group
 def test_fully_sharded_matches_unsharded(rank_results):
     ranks = _ok(rank_results, "fsdp")
     assert_matches_reference("fsdp", ranks)
     assert ranks[0]["stats"] == ranks[1]["stats"]
 
 
-# ---------------------------------------------------------------------------- refusals, in process
+@pytest.mark.parametrize("name", ["zero", "fsdp"])
+def test_each_rank_steps_only_its_shard(rank_results, name):
+    # The comparisons above mean something only if no rank holds the whole model.
+    total = sum(p.numel() for p in scenarios.reference_run(name)["params"].values())
+    local = [result["local_numel"] for result in _ok(rank_results, name)]
+    assert sum(local) == total and max(local) < total, local
+
+
+# ---------------------------------------------------------------------------- refusals
+def test_sharded_layouts_that_cannot_tune_globally_raise(rank_results):
+    for result in _ok(rank_results, "refusals"):
+        errors = result["errors"]
+        assert "needs Shard placements on a 1-D mesh" in (errors["fsdp_replicated"] or "no error")
+        assert "plain tensor, not a DTensor" in (errors["fsdp_mixed_plain"] or "no error")
+        assert "shards them twice" in (errors["zero_over_dtensor"] or "no error")
+
+
 def test_fully_sharded_refuses_plain_tensor():
     with pytest.raises(ValueError, match="plain tensor, not a DTensor"):
         FullyShardedYellowFin([torch.zeros(3, requires_grad=True)])
