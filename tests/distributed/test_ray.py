@@ -1,5 +1,6 @@
 """The Ray parameter server on a local Ray instance (2 CPUs, loopback). Every test is bounded (its own
-timeouts and pytest-timeout); the fixture shuts Ray down, which ends every actor process."""
+timeouts and pytest-timeout); the trainers kill their actors and the fixtures shut Ray down, which ends
+every process Ray started. Skipped, with the reason, only when Ray is not installed."""
 
 import os
 import signal
@@ -16,18 +17,44 @@ from yellowfin.distributed.ray_server import RayAsyncTrainer  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 RUN_TIMEOUT_S = 90
+LOCAL_RAY = dict(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 configure_logging=False)
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.cloudpickle.register_pickle_by_value(ray_problems)  # the workers cannot import the tests
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             configure_logging=False)
+def ray_module():
+    """Ship the test problems to the workers by value (they cannot import the tests); shut down at the end."""
+    ray.cloudpickle.register_pickle_by_value(ray_problems)
     try:
         yield
     finally:
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
         ray.cloudpickle.unregister_pickle_by_value(ray_problems)
+
+
+@pytest.fixture
+def local_ray(ray_module):
+    """One local Ray for the module, (re)started if a test shut it down."""
+    if not ray.is_initialized():
+        ray.init(**LOCAL_RAY)
+    yield
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def _wait_until_gone(pids, what):
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while any(_alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} still running: {[pid for pid in pids if _alive(pid)]}")
+        time.sleep(0.1)
 
 
 def _trainer(**options):
@@ -35,21 +62,15 @@ def _trainer(**options):
                            num_workers=2, **options)
 
 
-def test_trainer_starts_and_stops_its_own_local_ray():
-    # Runs before the module's shared Ray instance exists (tests run in file order).
-    if ray.is_initialized():
-        pytest.skip("a Ray instance is already running in this process")
-    ray.cloudpickle.register_pickle_by_value(ray_problems)
-    try:
-        with _trainer(init_options=dict(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                                        log_to_driver=False, configure_logging=False)) as trainer:
-            assert ray.is_initialized()
-            assert trainer.run(30, timeout=RUN_TIMEOUT_S)["version"] == 30
-        assert not ray.is_initialized()
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        ray.cloudpickle.unregister_pickle_by_value(ray_problems)
+def test_trainer_starts_and_stops_its_own_local_ray(ray_module):
+    if ray.is_initialized():  # (another test's instance: local_ray starts a new one when needed)
+        ray.shutdown()
+    with _trainer(init_options=LOCAL_RAY) as trainer:
+        assert ray.is_initialized()
+        assert trainer.run(30, timeout=RUN_TIMEOUT_S)["version"] == 30
+        pids = list(trainer.worker_pids().values())
+    assert not ray.is_initialized()
+    _wait_until_gone(pids, "worker processes of a Ray that was shut down")
 
 
 def test_closed_loop_yellowfin_trains_at_the_server(local_ray):
@@ -58,6 +79,8 @@ def test_closed_loop_yellowfin_trains_at_the_server(local_ray):
     with _trainer(closed_loop=True) as trainer:
         report = trainer.run(400, timeout=RUN_TIMEOUT_S)
         model.load_state_dict(trainer.model_state_dict())
+        pids = list(trainer.worker_pids().values())
+    _wait_until_gone(pids, "worker actors of a trainer that was shut down")  # Ray itself keeps running
     assert report["version"] == 400
     assert sum(report["applied_per_worker"].values()) == 400
     assert set(report["applied_per_worker"]) == {0, 1}  # both workers contributed
