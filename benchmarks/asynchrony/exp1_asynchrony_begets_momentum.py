@@ -6,7 +6,7 @@ against the theory's prediction max(0, mu_best(M=1) - (1 - 1/M)) ) and the sense
 explicit momentum 0 (algorithmic step and effective step alpha/M) against 1 - 1/M.
 
     python benchmarks/asynchrony/exp1_asynchrony_begets_momentum.py [quadratic|char_lstm|all]
-Writes exp1_<task>.json next to this script; plots with plot_exp1.py.
+Writes exp1_<task>.json next to this script; plot_all.py draws the figures and the summary.
 """
 
 import sys

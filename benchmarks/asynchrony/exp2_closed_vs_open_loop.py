@@ -3,18 +3,22 @@ vs open-loop YellowFin, Adam and momentum SGD at M = 16 simulated workers.
 
 Round-robin staleness (tau = M - 1 = 15 for every gradient, the same sequence for every method). Adam and
 momentum SGD (mu = 0.9) get a 3-point (ResNet) or 4-point (char-LSTM) learning-rate grid each, tuned by their
-final smoothed training loss under the same asynchrony. Target loss = the tuned Adam's best smoothed training loss; we report
-iterations each method needs to reach it.
+final smoothed training loss under the same asynchrony; when the best rate is on an edge of the grid the
+grid is extended past that edge (at most twice, extend_edges). Target loss = the tuned Adam's best smoothed
+training loss; we report iterations each method needs to reach it (plot_all.py adds a looser common target).
 
-    python benchmarks/asynchrony/exp2_closed_vs_open_loop.py [fmnist_resnet|char_lstm|all]
-Writes exp2_<task>.json; plot_exp2.py draws the figures.
+    python benchmarks/asynchrony/exp2_closed_vs_open_loop.py [fmnist_resnet|char_lstm|all] [seed] [--extend-only]
+Writes exp2_<task>.json (seed 0, the default) or exp2_<task>_seed<seed>.json; plot_all.py draws the
+figures and the summary. --extend-only adds the edge extensions to an existing results file.
 """
 
+import json
+import os
 import sys
 
 import torch
 
-from common import get_task, iterations_to, save_json, simulate, smooth
+from common import HERE, get_task, iterations_to, save_json, simulate, smooth
 
 NUM_WORKERS = 16
 SETUPS = {
@@ -27,13 +31,59 @@ SETUPS = {
 }
 
 
-def main(names):
+MAX_EXTENSIONS = 2  # grid points added beyond an edge of a learning-rate grid, per side
+
+
+def extend_edges(results, setup, run_one):
+    """Tuning that cannot end on an edge of its grid: while a baseline's best learning rate is the smallest
+    (largest) one tried, try one more step below (above) it, with the grid's own ratio; at most
+    MAX_EXTENSIONS times per baseline."""
+    for method in setup["grids"]:
+        for _ in range(MAX_EXTENSIONS):
+            runs = [r for r in results["runs"] if r["method"] == method]
+            finite = [r for r in runs if not r["diverged"]]
+            if not finite or len(runs) < 2:
+                break
+            best = min(finite, key=lambda r: r["final"])["lr"]
+            lrs = sorted({r["lr"] for r in runs})
+            if best == lrs[0]:
+                new = lrs[0] * lrs[0] / lrs[1]
+            elif best == lrs[-1]:
+                new = lrs[-1] * lrs[-1] / lrs[-2]
+            else:
+                break
+            run_one(method, float(f"{new:.3g}"))
+
+
+def summarize(results):
+    best = {}
+    for run in results["runs"]:
+        key = run["method"]
+        if not run["diverged"] and (key not in best or run["final"] < best[key]["final"]):
+            best[key] = run
+    target = min(best["adam"]["smoothed"])
+    summary = {"target_loss": target}
+    for method, run in best.items():
+        summary[method] = {"lr": run["lr"], "iterations_to_target": iterations_to(run["smoothed"], target),
+                           "best_smoothed_loss": min(run["smoothed"])}
+    results["summary"] = summary
+    return summary
+
+
+def main(names, seed=0, extend_only=False):
+    """``extend_only``: load the results file and only add the edge extensions (for a file written before
+    extend_edges existed)."""
     torch.set_num_threads(1)
     for name in names:
         setup = SETUPS[name]
         task = get_task(name, **setup["options"])
-        results = {"task": name, "num_workers": NUM_WORKERS, "staleness": "fixed",
-                   "setup": {k: v for k, v in setup.items()}, "runs": []}
+        filename = f"exp2_{name}.json" if seed == 0 else f"exp2_{name}_seed{seed}.json"
+        if extend_only:
+            with open(os.path.join(HERE, filename)) as f:
+                results = json.load(f)
+        else:
+            results = {"task": name, "num_workers": NUM_WORKERS, "staleness": "fixed", "seed": seed,
+                       "setup": {k: v for k, v in setup.items()}, "runs": []}
 
         def record(run):
             run["smoothed"] = smooth(run.pop("losses"))
@@ -41,29 +91,25 @@ def main(names):
             results["runs"].append(run)
             print(name, run["method"], run["lr"], f"final {run['final']:.4f}", f"{run['seconds']:.0f}s",
                   flush=True)
-            save_json(results, f"exp2_{name}.json")
+            save_json(results, filename)
 
-        for method in ("yellowfin_closed", "yellowfin_closed_effective", "yellowfin_open"):
-            record(simulate(task, method, NUM_WORKERS, setup["steps"], staleness="fixed"))
-        for method, grid in setup["grids"].items():
-            for lr in grid:
-                record(simulate(task, method, NUM_WORKERS, setup["steps"], lr=lr,
-                                momentum=0.9 if method == "sgd" else 0.0, staleness="fixed", sensors=True))
-        best = {}
-        for run in results["runs"]:
-            key = run["method"]
-            if not run["diverged"] and (key not in best or run["final"] < best[key]["final"]):
-                best[key] = run
-        target = min(best["adam"]["smoothed"])
-        summary = {"target_loss": target}
-        for method, run in best.items():
-            summary[method] = {"lr": run["lr"], "iterations_to_target": iterations_to(run["smoothed"], target),
-                               "best_smoothed_loss": min(run["smoothed"])}
-        results["summary"] = summary
-        print(name, summary, flush=True)
-        save_json(results, f"exp2_{name}.json")
+        def run_baseline(method, lr):
+            record(simulate(task, method, NUM_WORKERS, setup["steps"], seed=seed, lr=lr,
+                            momentum=0.9 if method == "sgd" else 0.0, staleness="fixed", sensors=True))
+
+        if not extend_only:
+            for method in ("yellowfin_closed", "yellowfin_closed_effective", "yellowfin_open"):
+                record(simulate(task, method, NUM_WORKERS, setup["steps"], seed=seed, staleness="fixed"))
+            for method, grid in setup["grids"].items():
+                for lr in grid:
+                    run_baseline(method, lr)
+        extend_edges(results, setup, run_baseline)
+        print(name, summarize(results), flush=True)
+        save_json(results, filename)
 
 
 if __name__ == "__main__":
-    which = sys.argv[1] if len(sys.argv) > 1 else "all"
-    main(list(SETUPS) if which == "all" else [which])
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    which = args[0] if args else "all"
+    main(list(SETUPS) if which == "all" else [which], int(args[1]) if len(args) > 1 else 0,
+         extend_only="--extend-only" in sys.argv)

@@ -5,7 +5,7 @@ applied, and the controller tracking its target (mu*, applied mu, sensed mu_T ov
 run at 8 workers shows the sensed momentum without correction.
 
     python benchmarks/asynchrony/exp3_parameter_server.py
-Writes exp3_parameter_server.json; plot_exp3.py draws the figures.
+Writes exp3_parameter_server.json; plot_all.py draws the figures and the summary.
 """
 
 import logging
