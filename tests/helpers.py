@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from yellowfin import YellowFin
+
 
 def make_model(seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
@@ -45,3 +47,25 @@ def flat_state(opt):
     for tuner in sd["tuners"]:
         tensors.extend(tuner[name] for name in sorted(tuner))
     return tensors
+
+
+def run_with_holes(dtype=torch.float64, steps=25, nan_at=None, **options):
+    """A model with a frozen layer, a 0-dim parameter, and parameters missing gradients on some steps
+    (and a NaN gradient at step ``nan_at``), trained by YellowFin(**options)."""
+    torch.manual_seed(0)
+    layers = nn.ModuleList([nn.Linear(5, 7), nn.Linear(7, 3), nn.Linear(3, 1)]).to(dtype)
+    scalar = nn.Parameter(torch.tensor(0.7, dtype=dtype))
+    layers[1].requires_grad_(False)
+    params = list(layers.parameters()) + [scalar]
+    opt = YellowFin([{"params": params[:2]}, {"params": params[2:], "lr": 0.5}], **options)
+    generator = torch.Generator().manual_seed(5)
+    for step in range(steps):
+        x = torch.randn(8, 5, generator=generator, dtype=dtype)
+        hidden = layers[1](torch.tanh(layers[0](x)))
+        out = layers[2](hidden).squeeze(-1) * scalar if step % 3 else hidden.sum(-1)
+        opt.zero_grad(set_to_none=True)
+        (out**2).mean().backward()
+        if step == nan_at:
+            layers[0].weight.grad[0, 0] = float("nan")
+        opt.step()
+    return params, opt

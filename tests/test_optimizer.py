@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from yellowfin import YellowFin
-from helpers import flat_state, loss_of, make_data, make_model, train
+from helpers import flat_state, loss_of, make_data, make_model, run_with_holes, train
 
 CONFIGS = [
     {},
@@ -239,28 +239,9 @@ def test_deepcopy_continues_identically():
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model_copy.parameters()))
 
 
-def _run_with_holes(foreach, dtype=torch.float64):
-    """A model with a frozen layer, a 0-dim parameter, and parameters missing gradients on some steps."""
-    torch.manual_seed(0)
-    layers = nn.ModuleList([nn.Linear(5, 7), nn.Linear(7, 3), nn.Linear(3, 1)]).to(dtype)
-    scalar = nn.Parameter(torch.tensor(0.7, dtype=dtype))
-    layers[1].requires_grad_(False)
-    params = list(layers.parameters()) + [scalar]
-    opt = YellowFin([{"params": params[:2]}, {"params": params[2:], "lr": 0.5}], foreach=foreach)
-    generator = torch.Generator().manual_seed(5)
-    for step in range(25):
-        x = torch.randn(8, 5, generator=generator, dtype=dtype)
-        hidden = layers[1](torch.tanh(layers[0](x)))
-        out = layers[2](hidden).squeeze(-1) * scalar if step % 3 else hidden.sum(-1)
-        opt.zero_grad(set_to_none=True)
-        (out**2).mean().backward()
-        opt.step()
-    return params, opt
-
-
 def test_foreach_matches_the_per_tensor_reference():
-    params_loop, opt_loop = _run_with_holes(foreach=False)
-    params_fast, opt_fast = _run_with_holes(foreach=True)
+    params_loop, opt_loop = run_with_holes(foreach=False)
+    params_fast, opt_fast = run_with_holes(foreach=True)
     for a, b in zip(params_loop, params_fast):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
     for a, b in zip(flat_state(opt_loop), flat_state(opt_fast)):

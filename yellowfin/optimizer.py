@@ -24,11 +24,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import measurements, tuning
+from . import fused, measurements, tuning
 from .state import TunerSettings, TunerState
 
 # Per-group options (they may differ between groups that share one tuner).
-_GROUP_OPTIONS = ("lr", "weight_decay", "decoupled_weight_decay", "nesterov", "maximize", "foreach")
+_GROUP_OPTIONS = ("lr", "weight_decay", "decoupled_weight_decay", "nesterov", "maximize", "foreach", "fused")
 # Keys torch itself may put into a param group.
 _TORCH_GROUP_KEYS = ("params", "param_names", "differentiable")
 
@@ -72,6 +72,8 @@ class YellowFin(Optimizer):
         nesterov: Nesterov's form of the momentum update.
         maximize: maximise the objective instead of minimising it.
         foreach: multi-tensor implementation (None picks it for dense gradients).
+        fused: the two passes as ``torch.compile``d kernels (``yellowfin.fused``), and the tuner's
+            scalar arithmetic compiled too; the first steps pay the compilation.
         per_group_tuning: one tuner per parameter group instead of one over all groups.
         sparsity_correction: rescale the estimates by the gradient density (sparse embeddings).
         update_first, curvature_smoothing, smooth_tuned: the paper's variant (see ``paper_variant``).
@@ -97,6 +99,7 @@ class YellowFin(Optimizer):
         nesterov: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
         per_group_tuning: bool = False,
         sparsity_correction: bool = False,
         update_first: bool = False,
@@ -118,7 +121,7 @@ class YellowFin(Optimizer):
         )
         defaults = dict(
             vars(settings), lr=lr, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-            nesterov=nesterov, maximize=maximize, foreach=foreach,
+            nesterov=nesterov, maximize=maximize, foreach=foreach, fused=fused,
         )
         self.per_group_tuning = bool(per_group_tuning)
         self.shard_group = shard_group
@@ -157,8 +160,11 @@ class YellowFin(Optimizer):
         for name in ("nesterov", "maximize", "decoupled_weight_decay"):
             if not isinstance(merged[name], bool):
                 raise ValueError(f"invalid {name}={merged[name]!r}: allowed values are True or False")
-        if merged["foreach"] not in (None, True, False):
-            raise ValueError(f"invalid foreach={merged['foreach']!r}: allowed values are None, True or False")
+        for name in ("foreach", "fused"):
+            if merged[name] not in (None, True, False):
+                raise ValueError(f"invalid {name}={merged[name]!r}: allowed values are None, True or False")
+        if merged["foreach"] and merged["fused"]:
+            raise ValueError("foreach=True and fused=True are two implementations of the same step: choose one")
         if not self.per_group_tuning and self.param_groups:
             shared = self._settings(self.param_groups[0])
             if settings != shared:
@@ -196,68 +202,22 @@ class YellowFin(Optimizer):
         batches = [batch for batch in map(self._collect, groups) if batch.params]
         if not batches and self.shard_group is None:
             return state  # (a shard without gradients must still enter the all-reduce below)
-        device = state.device
 
-        # 1. One pass over g and gbar: ||g||^2, <gbar, g>, ||gbar||^2 (and non-zero and element
-        #    counts) in one float64 vector; with shard_group, summed over the shards by one all-reduce.
-        totals = torch.zeros(len(_Sums._fields), dtype=torch.float64, device=device)
+        # Pass 1: g and gbar reduced to one float64 vector of ``_Sums``; with shard_group,
+        # summed over the shards by one all-reduce.
+        totals = torch.zeros(len(_Sums._fields), dtype=torch.float64, device=state.device)
         for batch in batches:
-            totals = totals + _reduce_sums(batch, settings.sparsity_correction).to(device)
+            totals = totals + _reduce_sums(batch, settings.sparsity_correction).to(state.device)
         if self.shard_group is not None:
             torch.distributed.all_reduce(totals, group=self.shard_group)
-        sums = _Sums(*totals.unbind())
-        finite = torch.isfinite(sums.sq_norm)  # (float64 sums: only a non-finite g makes this inf)
-        applied = finite & (sums.numel > 0)  # nothing to measure anywhere: a no-op, not a skip
-        sq_norm = torch.where(finite, sums.sq_norm, 0.0)
-        density = torch.ones((), dtype=torch.float64, device=device)
-        if settings.sparsity_correction:
-            density = sums.nonzero / torch.clamp(sums.numel, min=1.0)
 
-        # 2. Clipping factors, from the previous step's curvature range.
-        started = state.step >= 1.0
-        norm = torch.sqrt(sq_norm)
-        scale = torch.ones_like(norm)
-        if settings.clip_norm is not None:
-            scale = torch.where(norm > settings.clip_norm, settings.clip_norm / norm, 1.0)
-        update_scale = torch.ones_like(norm)
-        if settings.adaptive_clipping:
-            stat_threshold = torch.sqrt(100.0 * state.h_max)
-            clipped = started & (scale * norm > stat_threshold)
-            scale = torch.where(clipped, stat_threshold / (scale * norm), scale)
-            update_clipped = started & (scale**2 * sq_norm > state.h_max)
-            update_scale = torch.where(update_clipped, torch.sqrt(state.h_max / (scale**2 * sq_norm)), 1.0)
-        curvature_sample = scale**2 * sq_norm
+        fused = any(batch.mode == "fused" for batch in batches)
+        new_state, coefficients = (_compiled_tune_from_sums if fused else _tune_from_sums)(state, totals, settings)
 
-        # 3. The norm of the gradient average after this step's update, before it is written.
-        avg_decay = torch.where(applied, torch.full_like(sq_norm, settings.beta), 1.0)
-        avg_weight = torch.where(applied, (1.0 - settings.beta) * scale, 0.0)
-        grad_avg_sq_norm = measurements.averaged_sq_norm(
-            sums.grad_avg_sq_norm, torch.where(finite, sums.cross, 0.0), sq_norm, avg_decay, avg_weight
-        )
-
-        # 4. Measure, tune.
-        sample = measurements.GradientSample(curvature_sample, grad_avg_sq_norm, density)
-        measured, estimates = measurements.measure(state, sample, settings)
-        mu, lr = tuning.tune(estimates, state.step, state.mu, state.lr, settings)
-        new_state = measured.replace(mu=mu, lr=lr, step=state.step + 1.0)
-
-        # 5. One pass that writes gbar, v and x, with this step's (reference) or the previous
-        #    step's (paper) tuned values; every coefficient is the identity on a skipped step.
-        applied_mu, applied_lr = (state.mu, state.lr) if settings.update_first else (mu, lr)
-        coefficients = _Coefficients(
-            finite=applied,
-            avg_decay=avg_decay,
-            avg_weight=avg_weight,
-            momentum=torch.where(applied, _applied_momentum(applied_mu, state.momentum_offset, settings.eps), 1.0),
-            grad_scale=torch.where(applied, scale * update_scale, 0.0),
-            step_size=torch.where(applied, applied_lr, 0.0),
-        )
+        # Pass 2: gbar, v and x written once.
         for batch in batches:
             _update(batch, coefficients)
-
-        return new_state.select(applied, state).replace(
-            skipped_steps=state.skipped_steps + (~finite).to(torch.float64)
-        )
+        return new_state
 
     def _collect(self, group: dict) -> "_Batch":
         """The group's parameters that have a gradient, their gradients (after maximize and
@@ -280,8 +240,8 @@ class YellowFin(Optimizer):
             grads.append(grad)
             grad_avgs.append(state["grad_avg"])
             momenta.append(state["momentum_buffer"])
-        foreach = group["foreach"] is not False
-        return _Batch(group, params, grads, grad_avgs, momenta, foreach)
+        mode = "fused" if group["fused"] else "loop" if group["foreach"] is False else "foreach"
+        return _Batch(group, params, grads, grad_avgs, momenta, mode)
 
     # ----------------------------------------------------------------------------- reading the tuner
     def stats(self) -> dict | list[dict]:
@@ -362,6 +322,68 @@ class YellowFin(Optimizer):
         return state
 
 
+# --------------------------------------------------------------------------------- the scalar step
+def _tune_from_sums(state: TunerState, totals: Tensor, settings: TunerSettings) -> tuple[TunerState, "_Coefficients"]:
+    """Everything between the two passes, on 0-dim float64 tensors: clipping, measure, tune.
+
+    Returns the tuner's next state and the coefficients of the update pass, both already gated
+    so that a non-finite gradient changes nothing but the skipped-step count.
+    """
+    sums = _Sums(*totals.unbind())
+    finite = torch.isfinite(sums.sq_norm)  # (float64 sums: only a non-finite g makes this inf)
+    applied = finite & (sums.numel > 0)  # nothing to measure anywhere: a no-op, not a skip
+    sq_norm = torch.where(finite, sums.sq_norm, 0.0)
+    density = torch.ones_like(sq_norm)
+    if settings.sparsity_correction:
+        density = sums.nonzero / torch.clamp(sums.numel, min=1.0)
+
+    # Clipping factors, from the previous step's curvature range.
+    started = state.step >= 1.0
+    norm = torch.sqrt(sq_norm)
+    scale = torch.ones_like(norm)
+    if settings.clip_norm is not None:
+        scale = torch.where(norm > settings.clip_norm, settings.clip_norm / norm, 1.0)
+    update_scale = torch.ones_like(norm)
+    if settings.adaptive_clipping:
+        stat_threshold = torch.sqrt(100.0 * state.h_max)
+        clipped = started & (scale * norm > stat_threshold)
+        scale = torch.where(clipped, stat_threshold / (scale * norm), scale)
+        update_clipped = started & (scale**2 * sq_norm > state.h_max)
+        update_scale = torch.where(update_clipped, torch.sqrt(state.h_max / (scale**2 * sq_norm)), 1.0)
+    curvature_sample = scale**2 * sq_norm
+
+    # The norm of the gradient average after this step's update, before the update pass writes it.
+    avg_decay = torch.where(applied, torch.full_like(sq_norm, settings.beta), 1.0)
+    avg_weight = torch.where(applied, (1.0 - settings.beta) * scale, 0.0)
+    grad_avg_sq_norm = measurements.averaged_sq_norm(
+        sums.grad_avg_sq_norm, torch.where(finite, sums.cross, 0.0), sq_norm, avg_decay, avg_weight
+    )
+
+    sample = measurements.GradientSample(curvature_sample, grad_avg_sq_norm, density)
+    measured, estimates = measurements.measure(state, sample, settings)
+    mu, lr = tuning.tune(estimates, state.step, state.mu, state.lr, settings)
+    new_state = measured.replace(mu=mu, lr=lr, step=state.step + 1.0)
+
+    # The update uses this step's (reference) or the previous step's (paper) tuned values.
+    applied_mu, applied_lr = (state.mu, state.lr) if settings.update_first else (mu, lr)
+    coefficients = _Coefficients(
+        finite=applied,
+        avg_decay=avg_decay,
+        avg_weight=avg_weight,
+        momentum=torch.where(applied, _applied_momentum(applied_mu, state.momentum_offset, settings.eps), 1.0),
+        grad_scale=torch.where(applied, scale * update_scale, 0.0),
+        step_size=torch.where(applied, applied_lr, 0.0),
+    )
+    new_state = new_state.select(applied, state).replace(
+        skipped_steps=state.skipped_steps + (~finite).to(torch.float64)
+    )
+    return new_state, coefficients
+
+
+# One graph of a few hundred scalar operations instead of as many eager kernel launches.
+_compiled_tune_from_sums = torch.compile(_tune_from_sums)
+
+
 # --------------------------------------------------------------------------------- helpers
 class _Batch(NamedTuple):
     group: dict
@@ -369,7 +391,7 @@ class _Batch(NamedTuple):
     grads: list[Tensor]
     grad_avgs: list[Tensor]
     momenta: list[Tensor]
-    foreach: bool
+    mode: str  # "loop" (the per-tensor reference), "foreach" or "fused"
 
 
 def _device_of(groups: list[dict]) -> torch.device:
@@ -404,10 +426,13 @@ def _reduce_sums(batch: _Batch, count_nonzero: bool) -> Tensor:
     rows = []
     dense = [i for i, g in enumerate(batch.grads) if not g.is_sparse]
     loop = [i for i, g in enumerate(batch.grads) if g.is_sparse]
-    if batch.foreach and dense:
+    if batch.mode != "loop" and dense:
+        kernel = fused.reduce_sums if batch.mode == "fused" else _reduce_sums_foreach
         for indices in _by_device_and_dtype([batch.grads[i] for i in dense], dense).values():
-            rows.append(_reduce_sums_foreach([batch.grads[i] for i in indices],
-                                             [batch.grad_avgs[i] for i in indices], count_nonzero))
+            grads = [batch.grads[i] for i in indices]
+            row = kernel(grads, [batch.grad_avgs[i] for i in indices], count_nonzero)
+            numel = torch.tensor(float(sum(g.numel() for g in grads)), dtype=torch.float64, device=row.device)
+            rows.append(torch.cat([row, numel.reshape(1)]))
     else:
         loop = dense + loop
     for i in loop:  # the per-tensor reference, all in float64
@@ -430,7 +455,8 @@ def _reduce_sums(batch: _Batch, count_nonzero: bool) -> Tensor:
 
 
 def _reduce_sums_foreach(grads: list[Tensor], grad_avgs: list[Tensor], count_nonzero: bool) -> Tensor:
-    """``_reduce_sums`` for dense tensors of one device and dtype, with multi-tensor kernels.
+    """``_reduce_sums`` (without the element count) for dense tensors of one device and dtype,
+    with multi-tensor kernels.
 
     Norms accumulate in float64. The products for <gbar, g> are formed in the tensors' dtype (at
     least float32) and summed in float64; an overflow there is bounded in ``averaged_sq_norm``.
@@ -444,8 +470,7 @@ def _reduce_sums_foreach(grads: list[Tensor], grad_avgs: list[Tensor], count_non
     nonzero = torch.zeros_like(cross)
     if count_nonzero:
         nonzero = torch.stack([torch.count_nonzero(g) for g in grads]).sum().to(torch.float64)
-    numel = torch.tensor(float(sum(g.numel() for g in grads)), dtype=torch.float64, device=cross.device)
-    return torch.stack([sq_norm, cross, avg_sq_norm, nonzero, numel])
+    return torch.stack([sq_norm, cross, avg_sq_norm, nonzero])
 
 
 def _update(batch: _Batch, c: _Coefficients) -> None:
@@ -456,7 +481,17 @@ def _update(batch: _Batch, c: _Coefficients) -> None:
     decay = group["weight_decay"] if group["decoupled_weight_decay"] else 0.0
     dense = [i for i, g in enumerate(batch.grads) if not g.is_sparse]
     loop = [i for i, g in enumerate(batch.grads) if g.is_sparse]
-    if batch.foreach and dense:
+    if batch.mode == "fused" and dense:
+        for indices in _by_device_and_dtype([batch.grads[i] for i in dense], dense).values():
+            device = batch.params[indices[0]].device
+            fused.update(
+                [batch.params[i] for i in indices], [batch.grads[i] for i in indices],
+                [batch.grad_avgs[i] for i in indices], [batch.momenta[i] for i in indices],
+                *(x.to(device) for x in (c.finite, c.avg_decay, c.avg_weight, c.momentum, c.grad_scale, step_size,
+                                         1.0 - step_size * decay)),
+                nesterov=group["nesterov"],
+            )
+    elif batch.mode == "foreach" and dense:
         for indices in _by_device_and_dtype([batch.grads[i] for i in dense], dense).values():
             device = batch.params[indices[0]].device
             finite, avg_decay, avg_weight, momentum, grad_scale, lr = (

@@ -1,0 +1,87 @@
+"""The fused (torch.compile) path: the reference's numbers, no recompilation, no host reads."""
+
+import contextlib
+
+import pytest
+import torch
+import torch._dynamo
+
+from yellowfin import YellowFin
+from helpers import flat_state, make_data, make_model, run_with_holes
+from test_robustness import _host_reads_forbidden
+
+
+@pytest.fixture(autouse=True)
+def fresh_compile_cache():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "dtype, rtol, options",
+    [
+        (torch.float64, 1e-12, {}),
+        (torch.float32, 1e-6, {}),
+        (torch.float64, 1e-12, {"nesterov": True, "weight_decay": 1e-2, "decoupled_weight_decay": True,
+                                "maximize": True, "sparsity_correction": True}),
+    ],
+    ids=["float64", "float32", "float64-options"],
+)
+def test_fused_matches_the_per_tensor_reference(dtype, rtol, options):
+    # Frozen layer, a 0-dim parameter, gradients missing on some steps, one NaN step.
+    params_ref, opt_ref = run_with_holes(dtype, steps=12, nan_at=4, foreach=False, **options)
+    params_fused, opt_fused = run_with_holes(dtype, steps=12, nan_at=4, fused=True, **options)
+    assert opt_fused.stats()["skipped_steps"] == 1 and opt_fused.stats()["step"] == 11
+    for a, b in zip(params_ref, params_fused):
+        torch.testing.assert_close(b, a, rtol=rtol, atol=0.0)
+    for a, b in zip(flat_state(opt_ref), flat_state(opt_fused)):
+        # Buffers that pass through zero are compared to the parameters' scale.
+        torch.testing.assert_close(b, a, rtol=rtol, atol=rtol * 1e-3)
+
+
+def _fused_training(steps, around_step):
+    model, (x, y) = make_model(), make_data()
+    opt = YellowFin(model.parameters(), fused=True)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for step in range(steps):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        if step == 3:
+            model[0].weight.grad[0, 0] = float("inf")
+        if step == 4:
+            opt.set_momentum_offset(-0.1)
+        with around_step(step):
+            opt.step()
+        scheduler.step()  # a new multiplier each step: a tensor to the kernels, not a constant
+    assert opt.stats()["skipped_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_fused_steps_compile_once_without_graph_breaks():
+    torch._dynamo.utils.counters.clear()
+
+    def after_the_first_step_no_recompiles(step):
+        return torch._dynamo.config.patch(error_on_recompile=step > 0)
+
+    _fused_training(8, after_the_first_step_no_recompiles)
+    # A graph break would mean a data-dependent branch, i.e. a host read, inside the kernels.
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3  # both passes and the scalar step
+
+
+def test_fused_step_code_never_reads_tensors_on_the_host():
+    # Dynamo guards on the Tensor methods that the host-read guard patches, so the code of the
+    # fused step is checked as it runs eagerly; the compiled graphs are checked above.
+    def eager_and_host_reads_forbidden(step):
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.compiler.set_stance("force_eager"))
+        stack.enter_context(_host_reads_forbidden())
+        return stack
+
+    _fused_training(6, eager_and_host_reads_forbidden)
+
+
+def test_fused_and_foreach_together_are_refused():
+    with pytest.raises(ValueError, match="foreach=True and fused=True"):
+        YellowFin(make_model().parameters(), foreach=True, fused=True)
