@@ -397,3 +397,22 @@ def test_sparse_embedding_matches_dense_embedding():
         results.append((embedding.weight.detach().clone(), opt.stats()))
     assert torch.allclose(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
     assert results[0][1]["h_max"] == pytest.approx(results[1][1]["h_max"], rel=1e-12)
+
+
+def test_dtensor_parameters_are_refused_with_a_pointer_to_the_sharded_optimizer():
+    dtensor = pytest.importorskip("torch.distributed.tensor")
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+        created = True
+    else:
+        created = False
+    try:
+        mesh = dtensor.DeviceMesh("cpu", [0])
+        param = nn.Parameter(dtensor.distribute_tensor(torch.randn(4, 3), mesh, [dtensor.Shard(0)]))
+        with pytest.raises(ValueError, match="FullyShardedYellowFin"):
+            YellowFin([param])
+    finally:
+        if created:
+            dist.destroy_process_group()

@@ -27,6 +27,11 @@ from torch.optim import Optimizer
 from . import fused, measurements, tuning
 from .state import TunerSettings, TunerState
 
+try:  # (torch builds without distributed support have no DTensor)
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover
+    _DTensor = None
+
 # Per-group options (they may differ between groups that share one tuner).
 _GROUP_OPTIONS = ("lr", "weight_decay", "decoupled_weight_decay", "nesterov", "maximize", "foreach", "fused")
 # Keys torch itself may put into a param group.
@@ -147,6 +152,11 @@ class YellowFin(Optimizer):
             raise ValueError(
                 f"unknown option(s) {sorted(unknown)} in parameter group; allowed options are {sorted(self.defaults)}"
             )
+        params = param_group["params"]
+        param_group = {**param_group, "params": [params] if isinstance(params, Tensor) else list(params)}
+        if any(is_dtensor(p) for p in param_group["params"]):
+            raise ValueError("DTensor parameters (FSDP2 fully_shard): tuning on one shard's statistics would give "
+                             "every rank different values; use yellowfin.distributed.FullyShardedYellowFin")
         merged = {**self.defaults, **param_group}
         settings = self._settings(merged)  # validates the tuner's settings
         lr, weight_decay = merged["lr"], merged["weight_decay"]
@@ -193,31 +203,34 @@ class YellowFin(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        scopes = []  # (tuner index, settings, batches of the groups it measures)
         for index, groups in enumerate(self._scopes()):
-            self._tuners[index] = self._step_scope(self._tuners[index], groups)
-        return loss
+            batches = [batch for batch in map(self._collect, groups) if batch.params]
+            # A shard without gradients must still enter the all-reduce below.
+            if batches or self.shard_group is not None:
+                scopes.append((index, self._settings(groups[0]), batches))
+        if not scopes:
+            return loss
 
-    def _step_scope(self, state: TunerState, groups: list[dict]) -> TunerState:
-        settings = self._settings(groups[0])
-        batches = [batch for batch in map(self._collect, groups) if batch.params]
-        if not batches and self.shard_group is None:
-            return state  # (a shard without gradients must still enter the all-reduce below)
-
-        # Pass 1: g and gbar reduced to one float64 vector of ``_Sums``; with shard_group,
-        # summed over the shards by one all-reduce.
-        totals = torch.zeros(len(_Sums._fields), dtype=torch.float64, device=state.device)
-        for batch in batches:
-            totals = totals + _reduce_sums(batch, settings.sparsity_correction).to(state.device)
+        # Pass 1: each tuner's g and gbar reduced to one float64 vector of ``_Sums``; with
+        # shard_group, all tuners' vectors summed over the shards by a single all-reduce.
+        device = self._tuners[scopes[0][0]].device
+        totals = torch.zeros(len(scopes), len(_Sums._fields), dtype=torch.float64, device=device)
+        for row, (_, settings, batches) in enumerate(scopes):
+            for batch in batches:
+                totals[row] += _reduce_sums(batch, settings.sparsity_correction).to(device)
         if self.shard_group is not None:
             torch.distributed.all_reduce(totals, group=self.shard_group)
 
-        fused = any(batch.mode == "fused" for batch in batches)
-        new_state, coefficients = (_compiled_tune_from_sums if fused else _tune_from_sums)(state, totals, settings)
-
-        # Pass 2: gbar, v and x written once.
-        for batch in batches:
-            _update(batch, coefficients)
-        return new_state
+        for row, (index, settings, batches) in enumerate(scopes):
+            state = self._tuners[index]
+            fused = any(batch.mode == "fused" for batch in batches)
+            tune = _compiled_tune_from_sums if fused else _tune_from_sums
+            self._tuners[index], coefficients = tune(state, totals[row].to(state.device), settings)
+            # Pass 2: gbar, v and x written once.
+            for batch in batches:
+                _update(batch, coefficients)
+        return loss
 
     def _collect(self, group: dict) -> "_Batch":
         """The group's parameters that have a gradient, their gradients (after maximize and
@@ -392,6 +405,11 @@ class _Batch(NamedTuple):
     grad_avgs: list[Tensor]
     momenta: list[Tensor]
     mode: str  # "loop" (the per-tensor reference), "foreach" or "fused"
+
+
+def is_dtensor(tensor) -> bool:
+    """A sharded ``DTensor`` (FSDP2); False where torch has no distributed support."""
+    return _DTensor is not None and isinstance(tensor, _DTensor)
 
 
 def _device_of(groups: list[dict]) -> torch.device:

@@ -86,14 +86,23 @@ SETUPS = {
     "zero": (EmbeddingRegressor, token_batch, {"sparsity_correction": True}),
     "zero_idle_shard": (WithUnusedParameter, regression_batch, {}),
     "fsdp": (make_mlp, regression_batch, {}),
+    "zero_per_group": (make_mlp, regression_batch, {"per_group_tuning": True}),
 }
+
+
+def param_groups(parameters, scenario: str):
+    """Weights and biases as two tuned groups for the per-group scenario, else one group."""
+    parameters = list(parameters)
+    if not scenario.endswith("per_group"):
+        return parameters
+    return [{"params": [p for p in parameters if p.dim() > 1]}, {"params": [p for p in parameters if p.dim() <= 1]}]
 
 
 def reference_run(scenario: str) -> dict:
     """One process stepping YellowFin on the combined batch."""
     model_fn, batch_fn, options = SETUPS[scenario]
     model = model_fn(0)
-    optimizer = YellowFin(model.parameters(), **options)
+    optimizer = YellowFin(param_groups(model.parameters(), scenario), **options)
     for step in range(STEPS):
         optimizer.zero_grad()
         mse(model, batch_fn(step)).backward()
@@ -158,13 +167,13 @@ def run_scenario(scenario: str, rank: int) -> dict:
         ddp = DistributedDataParallel(model)
         optimizer = YellowFin(ddp.parameters(), **options)
         calls = _train(ddp, optimizer, batch_fn, rank, local_half=True)
-    elif scenario == "zero":
+    elif scenario in ("zero", "zero_per_group"):
         ddp = DistributedDataParallel(model)
-        optimizer = zero_redundancy_yellowfin(ddp.parameters(), **options)
+        optimizer = zero_redundancy_yellowfin(param_groups(ddp.parameters(), scenario), **options)
         calls = _train(ddp, optimizer, batch_fn, rank, local_half=True)
         # Per-rank saving: the local YellowFin's state dict carries the tuner (ZeRO's consolidated one does not).
         extra["local_numel"] = sum(p.numel() for g in optimizer.optim.param_groups for p in g["params"])
-        reloaded = zero_redundancy_yellowfin(ddp.parameters(), **options)
+        reloaded = zero_redundancy_yellowfin(param_groups(ddp.parameters(), scenario), **options)
         reloaded.optim.load_state_dict(optimizer.optim.state_dict())
         extra["reloaded_stats"] = reloaded.optim.stats()
     elif scenario == "zero_idle_shard":

@@ -27,7 +27,7 @@ def rank_results(tmp_path_factory):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available in this build")
     out_dir = tmp_path_factory.mktemp("ranks")
-    names = ["ddp", "zero", "zero_idle_shard", "fsdp", "refusals"]
+    names = ["ddp", "zero", "zero_idle_shard", "fsdp", "zero_per_group", "refusals"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", PYTHONPATH=os.pathsep.join(
         [os.path.dirname(__file__)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -90,7 +90,7 @@ def test_sharded_state_dict_reloads_per_rank(rank_results, name):
         assert result["reloaded_stats"] == result["stats"]
 
 
-@pytest.mark.parametrize("name", ["zero", "zero_idle_shard", "fsdp"])
+@pytest.mark.parametrize("name", ["zero", "zero_idle_shard", "fsdp", "zero_per_group"])
 def test_sharded_step_makes_one_all_reduce(rank_results, name):
     for result in _ok(rank_results, name):
         assert result["all_reduce_calls"] == [1] * scenarios.STEPS
@@ -101,6 +101,20 @@ def test_zero_rank_without_gradients_still_tunes_globally(rank_results):
     # One rank's partition is the unused parameter alone: it steps nothing yet enters every all-reduce.
     assert sorted(r["local_params_with_grad"] for r in ranks) == [0, 2]
     assert_matches_reference("zero_idle_shard", ranks)
+    assert ranks[0]["stats"] == ranks[1]["stats"]
+
+
+def test_zero_per_group_tuning_matches_unsharded_with_one_all_reduce_for_all_groups(rank_results):
+    ranks = _ok(rank_results, "zero_per_group")
+    reference = scenarios.reference_run("zero_per_group")
+    for rank, result in enumerate(ranks):
+        for param_name, expected in reference["params"].items():
+            torch.testing.assert_close(result["params"][param_name], expected, rtol=1e-7, atol=1e-10,
+                                       msg=lambda m: f"rank {rank}, {param_name}: {m}")
+        assert len(result["stats"]) == 2  # one tuner per group, each on its whole group
+        for got, expected in zip(result["stats"], reference["stats"]):
+            assert got["mu"] == pytest.approx(expected["mu"], rel=1e-7)
+            assert got["lr"] == pytest.approx(expected["lr"], rel=1e-7)
     assert ranks[0]["stats"] == ranks[1]["stats"]
 
 

@@ -20,16 +20,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..optimizer import YellowFin
+from ..optimizer import YellowFin, is_dtensor
 
 try:  # DTensor moved under torch.distributed.tensor in 2.4
     from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # pragma: no cover - older torch
     DTensor, Shard = None, None
-
-
-def _is_dtensor(tensor: Tensor) -> bool:
-    return DTensor is not None and isinstance(tensor, DTensor)
 
 
 def _param_groups(params: Iterable) -> list[dict]:
@@ -60,14 +56,16 @@ def zero_redundancy_yellowfin(params: Iterable, process_group=None, **options):
     groups = _param_groups(params)
     for param_group in groups:
         for p in param_group["params"]:
-            if _is_dtensor(p):
+            if is_dtensor(p):
                 raise ValueError("ZeroRedundancyOptimizer over DTensor parameters (FSDP2) shards them twice; "
                                  "use FullyShardedYellowFin for fully_shard models")
     bucket_view = options.pop("parameters_as_bucket_view", False)
     # The group is bound into the constructor rather than passed as a ZeRO keyword: ZeRO copies its
     # keywords into every parameter group, and a ProcessGroup there reaches YellowFin's group
     # validation and ZeRO's (pickled) state_dict.
-    local_yellowfin = functools.partial(YellowFin, shard_group=group)
+    # per_group_tuning is an option of the optimizer, not of a parameter group: bound the same way.
+    optimizer_options = {name: options.pop(name) for name in ("per_group_tuning",) if name in options}
+    local_yellowfin = functools.partial(YellowFin, shard_group=group, **optimizer_options)
     return ZeroRedundancyOptimizer(groups, optimizer_class=local_yellowfin, process_group=group,
                                    parameters_as_bucket_view=bucket_view, **options)
 
@@ -139,7 +137,7 @@ class FullyShardedYellowFin(YellowFin):
 
 
 def _check_sharded(p: Tensor, mesh, group_index: int):
-    if not _is_dtensor(p):
+    if not is_dtensor(p):
         raise ValueError(
             f"a parameter in group {group_index} (shape {tuple(p.shape)}) is a plain tensor, not a DTensor "
             "from fully_shard: every rank holds it whole, so summing statistics over ranks would count it once "
