@@ -82,6 +82,19 @@ def test_fused_step_code_never_reads_tensors_on_the_host():
     _fused_training(6, eager_and_host_reads_forbidden)
 
 
+def test_fused_keeps_gradients_of_norm_1e30_in_range():
+    # The kernels accumulate in float64, like the reference: nothing overflows, nothing is skipped.
+    p = torch.randn(5, requires_grad=True)
+    opt = YellowFin([p], fused=True)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        p.grad = 1e30 * torch.randn(5, generator=generator)
+        opt.step()
+    assert torch.isfinite(p).all()
+    assert all(torch.isfinite(t).all() for t in flat_state(opt))
+    assert opt.stats()["skipped_steps"] == 0 and opt.stats()["step"] == 12
+
+
 def test_fused_and_foreach_together_are_refused():
     with pytest.raises(ValueError, match="foreach=True and fused=True"):
         YellowFin(make_model().parameters(), foreach=True, fused=True)

@@ -476,15 +476,17 @@ def _reduce_sums_foreach(grads: list[Tensor], grad_avgs: list[Tensor], count_non
     """``_reduce_sums`` (without the element count) for dense tensors of one device and dtype,
     with multi-tensor kernels.
 
-    Norms accumulate in float64. The products for <gbar, g> are formed in the tensors' dtype (at
-    least float32) and summed in float64; an overflow there is bounded in ``averaged_sq_norm``.
+    The sums accumulate in the tensors' own precision (float32 at least): a float64 reduction
+    would first copy every tensor to float64, which costs several times the whole update. So
+    here a float32 gradient whose norm passes ~1.8e19 overflows, reads as non-finite, and the
+    step is skipped and counted; the reference and fused paths accumulate in float64.
     """
-    sq_norm = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).square().sum()
-    avg_sq_norm = torch.stack(torch._foreach_norm(grad_avgs, 2, dtype=torch.float64)).square().sum()
     if grads[0].dtype in (torch.float16, torch.bfloat16):
         grads, grad_avgs = [g.float() for g in grads], [a.float() for a in grad_avgs]
-    products = torch._foreach_mul(grads, grad_avgs)
-    cross = torch.stack([product.sum(dtype=torch.float64) for product in products]).sum()
+    sq_norm = torch.stack(torch._foreach_norm(grads, 2)).to(torch.float64).square().sum()
+    avg_sq_norm = torch.stack(torch._foreach_norm(grad_avgs, 2)).to(torch.float64).square().sum()
+    cross = torch.stack([torch.dot(g.reshape(-1), a.reshape(-1)) for g, a in zip(grads, grad_avgs)])
+    cross = cross.to(torch.float64).sum()
     nonzero = torch.zeros_like(cross)
     if count_nonzero:
         nonzero = torch.stack([torch.count_nonzero(g) for g in grads]).sum().to(torch.float64)
@@ -520,17 +522,18 @@ def _update(batch: _Batch, c: _Coefficients) -> None:
             grad_avgs = [batch.grad_avgs[i] for i in indices]
             # A skipped step must not let 0 * NaN through: read its gradient as zeros.
             grads = [torch.where(finite, batch.grads[i], 0.0) for i in indices]
+            # x += c * y as addcmul with a 0-dim c: one pass, where mul-then-add makes a temporary.
             torch._foreach_mul_(grad_avgs, avg_decay)
-            torch._foreach_add_(grad_avgs, torch._foreach_mul(grads, avg_weight))
-            scaled = torch._foreach_mul(grads, grad_scale)
+            torch._foreach_addcmul_(grad_avgs, grads, [avg_weight] * len(grads))
             torch._foreach_mul_(momenta, momentum)
-            torch._foreach_add_(momenta, scaled)
+            torch._foreach_addcmul_(momenta, grads, [grad_scale] * len(grads))
             direction = momenta
             if group["nesterov"]:
-                direction = torch._foreach_add(scaled, torch._foreach_mul(momenta, momentum))
+                direction = torch._foreach_addcmul(torch._foreach_mul(momenta, momentum), grads,
+                                                   [grad_scale] * len(grads))
             if decay != 0.0:
                 torch._foreach_mul_(params, 1.0 - lr * decay)
-            torch._foreach_add_(params, torch._foreach_mul(direction, -lr))
+            torch._foreach_addcmul_(params, direction, [-lr] * len(params))
     else:
         loop = dense + loop
     for i in loop:  # the per-tensor reference
