@@ -449,8 +449,8 @@ def _reduce_sums(batch: _Batch, count_nonzero: bool) -> Tensor:
         for indices in _by_device_and_dtype([batch.grads[i] for i in dense], dense).values():
             grads = [batch.grads[i] for i in indices]
             row = kernel(grads, [batch.grad_avgs[i] for i in indices], count_nonzero)
-            numel = torch.tensor(float(sum(g.numel() for g in grads)), dtype=torch.float64, device=row.device)
-            rows.append(torch.cat([row, numel.reshape(1)]))
+            # (new_full fills on the device; a tensor built from a host number would be a copy)
+            rows.append(torch.cat([row, row.new_full((1,), float(sum(g.numel() for g in grads)))]))
     else:
         loop = dense + loop
     for i in loop:  # the per-tensor reference, all in float64
@@ -466,7 +466,7 @@ def _reduce_sums(batch: _Batch, count_nonzero: bool) -> Tensor:
             torch.sum(values * avg_values),
             torch.sum(grad_avg.to(torch.float64) ** 2),
             torch.count_nonzero(values).to(torch.float64) if count_nonzero else values.new_zeros(()),
-            values.new_tensor(float(grad_avg.numel())),
+            values.new_full((), float(grad_avg.numel())),
         ]))
     device = rows[0].device
     return torch.stack([row.to(device) for row in rows]).sum(dim=0)
