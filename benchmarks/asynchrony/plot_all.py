@@ -203,6 +203,38 @@ def exp2(task, seed=0):
     plt.close(fig)
 
 
+def exp2_overview(task):
+    """One line per method over the seeds present: best and final smoothed loss, iterations to the loosest
+    level every method reaches in every seed."""
+    seeds = [(seed, load(f"exp2_{task}.json" if seed == 0 else f"exp2_{task}_seed{seed}.json")) for seed in (0, 1)]
+    seeds = [(seed, d) for seed, d in seeds if d is not None and "summary" in d]
+    if len(seeds) < 2:
+        return
+    best = {}
+    for seed, data in seeds:
+        for r in data["runs"]:
+            key = (r["method"], seed)
+            if not r["diverged"] and (key not in best or r["final"] < best[key]["final"]):
+                best[key] = r
+    methods = [m for m in ("yellowfin_closed", "yellowfin_closed_effective", "yellowfin_open", "adam", "sgd")
+               if all((m, seed) in best for seed, _ in seeds)]
+    level = max(min(best[(m, seed)]["smoothed"]) for m in methods for seed, _ in seeds)
+    names = ", ".join(str(seed) for seed, _ in seeds)
+    out(f"### Experiment 2, {task}, seeds {names} side by side")
+    out(f"Target C = the loosest level every method reaches in every seed = {level:.4f}.")
+    out("")
+    out("| method | lr (per seed) | best smoothed loss (per seed) | final smoothed loss (per seed) | "
+        "iterations to C (per seed) |")
+    out("|---|---|---|---|---|")
+    for m in methods:
+        rs = [best[(m, seed)] for seed, _ in seeds]
+        out(f"| {m} | {' / '.join(fmt(r['lr']) for r in rs)} | "
+            f"{' / '.join(format(min(r['smoothed']), '.3f') for r in rs)} | "
+            f"{' / '.join(format(r['final'], '.3f') for r in rs)} | "
+            f"{' / '.join(fmt(iterations_to(r['smoothed'], level)) for r in rs)} |")
+    out("")
+
+
 # ------------------------------------------------------------------------------------------- experiment 3
 def exp3():
     data = load("exp3_parameter_server.json")
@@ -291,6 +323,7 @@ if __name__ == "__main__":
     for task in ("fmnist_resnet", "char_lstm"):
         for seed in (0, 1):
             exp2(task, seed)
+        exp2_overview(task)
     exp3()
     gain_sweep()
     with open(os.path.join(HERE, "summary.md"), "w") as f:
