@@ -224,8 +224,8 @@ class YellowFin(Optimizer):
 
         for row, (index, settings, batches) in enumerate(scopes):
             state = self._tuners[index]
-            fused = any(batch.mode == "fused" for batch in batches)
-            tune = _compiled_tune_from_sums if fused else _tune_from_sums
+            compiled = any(batch.mode == "fused" for batch in batches)
+            tune = _compiled_tune_from_sums if compiled else _tune_from_sums
             self._tuners[index], coefficients = tune(state, totals[row].to(state.device), settings)
             # Pass 2: gbar, v and x written once.
             for batch in batches:
@@ -434,11 +434,6 @@ def _record(state: TunerState, settings: TunerSettings) -> dict:
     return values
 
 
-def _dense_values(grad: Tensor) -> Tensor:
-    """The stored entries of a gradient (the values of a sparse one, duplicates summed)."""
-    return grad.coalesce()._values() if grad.is_sparse else grad
-
-
 def _reduce_sums(batch: _Batch, count_nonzero: bool) -> Tensor:
     """The ``_Sums`` of one batch as a float64 vector (pass 1: reads g and gbar, writes nothing)."""
     rows = []
@@ -521,7 +516,7 @@ def _update(batch: _Batch, c: _Coefficients) -> None:
             momenta = [batch.momenta[i] for i in indices]
             grad_avgs = [batch.grad_avgs[i] for i in indices]
             # A skipped step must not let 0 * NaN through: read its gradient as zeros.
-            grads = [torch.where(finite, batch.grads[i], 0.0) for i in indices]
+            grads = [_finite_grad(batch.grads[i], finite) for i in indices]
             # x += c * y as addcmul with a 0-dim c: one pass, where mul-then-add makes a temporary.
             torch._foreach_mul_(grad_avgs, avg_decay)
             torch._foreach_addcmul_(grad_avgs, grads, [avg_weight] * len(grads))
