@@ -18,7 +18,6 @@ alpha it used. Those snapshots are taken while others write, so they are approxi
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import time
@@ -29,6 +28,7 @@ from torch import nn
 
 from .controller import closed_loop_for
 from .sensor import MomentumSensor, lr_outside_correction, random_coordinate_subset
+from .workers import WorkerProcesses
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def _hogwild_worker(worker_id: int, model: nn.Module, loss_fn, batch_factory, se
             shared.mail_flag[worker_id] = FULL
 
 
-class Hogwild:
+class Hogwild(WorkerProcesses):
     """Lock-free asynchronous training on one machine, tuned by YellowFin (optionally closed-loop).
 
     Arguments:
@@ -119,12 +119,10 @@ class Hogwild:
                  sensor_step: str = "algorithmic", gain: float = 0.01, sensor_subset: int = 512,
                  seed: int = 0, ring_size: int = 512, start_method: str = "fork",
                  join_timeout: float = 5.0, replace_dead_workers: bool = True):
+        super().__init__(int(num_workers), seed, join_timeout)
         self.model = model
         self.loss_fn = loss_fn
         self.batch_factory = batch_factory
-        self.num_workers = int(num_workers)
-        self.seed = int(seed)
-        self.join_timeout = float(join_timeout)
         self.replace_dead_workers = replace_dead_workers
         self._ctx = mp.get_context(start_method)
         model.share_memory()
@@ -153,30 +151,14 @@ class Hogwild:
         if self.tuner is not None:
             self._write_tuned()
 
-        self._workers: dict[int, mp.Process] = {}
-        self._generation: collections.Counter[int] = collections.Counter()
         self.tuned_gradients = 0
         self.worker_failures: list[dict] = []
         self.trace: list[dict] = []
 
     # -- lifecycle ------------------------------------------------------------------------
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
     @property
     def version(self) -> int:
         return self.shared.counter.value
-
-    @property
-    def alive_workers(self) -> list[int]:
-        return [i for i, p in self._workers.items() if p.is_alive()]
-
-    def worker_pid(self, worker_id: int) -> int:
-        return self._workers[worker_id].pid
 
     def start(self) -> None:
         if self._workers:
@@ -185,9 +167,7 @@ class Hogwild:
             self._start_worker(worker_id)
 
     def _start_worker(self, worker_id: int) -> None:
-        generation = self._generation[worker_id]
-        self._generation[worker_id] += 1
-        seed = self.seed * 1_000_003 + worker_id * 1009 + generation
+        seed = self._next_seed(worker_id)
         self.shared.mail_flag[worker_id] = EMPTY
         process = self._ctx.Process(target=_hogwild_worker, name=f"yellowfin-hogwild-{worker_id}",
                                     daemon=True, args=(worker_id, self.model, self.loss_fn,
@@ -197,14 +177,7 @@ class Hogwild:
 
     def stop(self) -> None:
         self.shared.stop.set()
-        deadline = time.monotonic() + self.join_timeout
-        for process in self._workers.values():
-            process.join(max(0.0, deadline - time.monotonic()))
-        for process in self._workers.values():
-            if process.is_alive():
-                process.kill()
-                process.join(self.join_timeout)
-        self._workers.clear()
+        self._join_workers()
 
     # -- tuning ---------------------------------------------------------------------------
     def _write_tuned(self) -> None:

@@ -39,6 +39,7 @@ from torch import nn
 
 from .controller import ClosedLoopMomentum, closed_loop_for
 from .sensor import MomentumSensor, flat_gradients, flat_parameters
+from .workers import WorkerProcesses
 from .simulator import step_size_of
 
 logger = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ def _worker_main(worker_id: int, model: nn.Module, loss_fn, batch_factory, seed:
 # Server
 # ----------------------------------------------------------------------------------------------
 
-class ParameterServer:
+class ParameterServer(WorkerProcesses):
     """Applies workers' gradients in arrival order; records staleness; survives worker faults.
 
     Arguments:
@@ -174,12 +175,11 @@ class ParameterServer:
                  checkpoint_path: str | None = None, checkpoint_every: int = 0,
                  replace_dead_workers: bool = True, start_method: str = "fork",
                  join_timeout: float = 5.0, trace_every: int = 1):
+        super().__init__(int(num_workers), seed, join_timeout)
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.batch_factory = batch_factory
-        self.num_workers = int(num_workers)
-        self.seed = int(seed)
         self.params = [p for p in model.parameters() if p.requires_grad]
         flat = flat_parameters(self.params)
         self.numel = flat.numel()
@@ -194,7 +194,6 @@ class ParameterServer:
         self.checkpoint_path = checkpoint_path
         self.checkpoint_every = int(checkpoint_every)
         self.replace_dead_workers = replace_dead_workers
-        self.join_timeout = float(join_timeout)
         self.trace_every = max(1, int(trace_every))
         self._ctx = mp.get_context(start_method)
 
@@ -209,25 +208,9 @@ class ParameterServer:
         self._shared_params = torch.zeros(self.numel, dtype=flat.dtype).share_memory_()
         self._sequence = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._stop_event = None
-        self._workers: dict[int, mp.Process] = {}
         self._conns: dict[int, object] = {}
-        self._generation: collections.Counter[int] = collections.Counter()
 
     # -- lifecycle ------------------------------------------------------------------------
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
-    @property
-    def alive_workers(self) -> list[int]:
-        return [i for i, p in self._workers.items() if p.is_alive()]
-
-    def worker_pid(self, worker_id: int) -> int:
-        return self._workers[worker_id].pid
-
     def start(self) -> None:
         if self._workers:
             return
@@ -238,9 +221,7 @@ class ParameterServer:
 
     def _start_worker(self, worker_id: int) -> None:
         receiver, sender = self._ctx.Pipe(duplex=True)
-        generation = self._generation[worker_id]
-        self._generation[worker_id] += 1
-        seed = self.seed * 1_000_003 + worker_id * 1009 + generation
+        seed = self._next_seed(worker_id)
         process = self._ctx.Process(
             target=_worker_main, name=f"yellowfin-ps-worker-{worker_id}", daemon=True,
             args=(worker_id, copy.deepcopy(self.model), self.loss_fn, self.batch_factory, seed,
@@ -257,14 +238,7 @@ class ParameterServer:
         for conn in self._conns.values():
             conn.close()
         self._conns.clear()
-        deadline = time.monotonic() + self.join_timeout
-        for process in self._workers.values():
-            process.join(max(0.0, deadline - time.monotonic()))
-        for process in self._workers.values():
-            if process.is_alive():
-                process.kill()
-                process.join(self.join_timeout)
-        self._workers.clear()
+        self._join_workers()
 
     def kill_worker(self, worker_id: int) -> None:
         """Fault injection: SIGKILL one worker (the server finds out on its own)."""
