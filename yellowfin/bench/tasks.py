@@ -13,6 +13,7 @@ runner needs no per-task code.
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Any, Callable, Iterator
 
@@ -25,7 +26,7 @@ from yellowfin.bench import data
 Batch = Any
 
 
-class Task:
+class Task(abc.ABC):
     """The contract every benchmark task implements (see docs/api-contract.md)."""
 
     name: str = ""
@@ -41,17 +42,21 @@ class Task:
     def __init__(self, **options: Any) -> None:
         self.options = options
 
+    @abc.abstractmethod
     def make_model(self, seed: int) -> nn.Module:
-        raise NotImplementedError
+        """A freshly initialised model (the same for the same seed)."""
 
+    @abc.abstractmethod
     def train_batches(self, seed: int) -> Iterator[Batch]:
-        raise NotImplementedError
+        """An endless iterator of training batches."""
 
+    @abc.abstractmethod
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        raise NotImplementedError
+        """The scalar training loss, a mean over the batch (and sequence)."""
 
+    @abc.abstractmethod
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
-        raise NotImplementedError
+        """The loss and the task's metric on the "val" or "test" split."""
 
     def exact_loss(self, model: nn.Module) -> float | None:
         """The full (noise-free) training objective, when it is cheap to compute exactly; None otherwise.
@@ -99,8 +104,9 @@ class ClassificationTask(Task):
         self.eval_examples = eval_examples
         self._splits: data.Splits | None = None
 
+    @abc.abstractmethod
     def load_splits(self) -> data.Splits:
-        raise NotImplementedError
+        """The train/val/test arrays, loaded from the task's data."""
 
     @property
     def splits(self) -> data.Splits:
