@@ -305,6 +305,7 @@ def test_report_skips_damaged_results_files_and_says_why(tmp_path, capsys, good_
     ({"trace": {"mu": [0.5, None, "?"]}}, "field trace must be"),
     ({"completed_steps": 2}, "3 losses for completed_steps 2"),
     ({"diverged": "no"}, "field diverged must be true or false"),
+    ({"trace": {"mu": [0.0, 0.1, 0.2]}}, "a YellowFin run without its trace of effective_lr"),
 ])
 def test_record_problem_names_the_bad_field(good_results, change, reason):
     record = results_io.load_result(good_results / "quadratic" / "yellowfin_seed0_steps3.json")

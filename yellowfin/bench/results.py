@@ -143,6 +143,8 @@ def record_problem(record: Any) -> str | None:
                 return f"field {name} must be {expected}, found {json.dumps(record[name])[:60]}"
     if record["kind"] == TUNED and record["lr"] is None:
         return "a tuned run without its learning rate (lr is null)"
+    if record["optimizer"] == "yellowfin" and not (record.get("trace") or {}).get("effective_lr"):
+        return "a YellowFin run without its trace of effective_lr (the control run replays it)"
     if len(record["loss"]) != record["completed_steps"]:
         return f"{len(record['loss'])} losses for completed_steps {record['completed_steps']}"
     return None
