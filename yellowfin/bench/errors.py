@@ -3,6 +3,8 @@ line prints their message as one line and exits non-zero instead of showing a tr
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class BadInputError(Exception):
     """Something the user supplied cannot be used; the message names it and says what is wrong."""
@@ -14,3 +16,12 @@ class DataInvalidError(BadInputError, ValueError):
 
 class NotWritableError(BadInputError, OSError):
     """A directory that output must go to cannot be created or written."""
+
+
+class InvalidResultError(BadInputError, ValueError):
+    """A results file that cannot be used (truncated, wrong fields); str() names the file and says why. The suite
+    runs such a run again; the report leaves the file out with a warning."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason

@@ -11,20 +11,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from yellowfin.bench.errors import NotWritableError
+from yellowfin.bench.errors import InvalidResultError, NotWritableError
 from yellowfin.bench.optimizers import CONTROL, TUNED, UNTUNED
 
 SCHEMA_VERSION = 1
 DEFAULT_RESULTS_DIR = Path("benchmarks") / "results"
 QUICK_RESULTS_DIR = Path("benchmarks") / "results-quick"
-
-
-class InvalidResultError(ValueError):
-    """A results file that cannot be used; str() names the file and says why."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = path, reason
 
 
 def run_filename(optimizer: str, seed: int, steps: int, lr: float | None = None) -> str:
