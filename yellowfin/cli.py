@@ -5,13 +5,48 @@ Heavy imports happen inside the subcommands so that `yellowfin --help` answers a
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from yellowfin.bench.errors import BadInputError
+
 EXIT_DATA_MISSING = 1
+EXIT_BAD_INPUT = 2  # as argparse exits for a malformed command line
 EXIT_INTERRUPTED = 130
+SEED_LIMIT = 2**32  # seeds must fit every generator the benchmarks seed (torch, numpy)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"a seed must be an integer from 0 to {SEED_LIMIT - 1}, got {text}")
+    return value
+
+
+def _positive_minutes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of minutes, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"minutes must be a positive finite number, got {text}")
+    return value
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -62,10 +97,12 @@ def _bench(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    unknown = [t for t in args.tasks if t not in TASKS] + [o for o in args.optimizers or () if o not in OPTIMIZERS]
-    if unknown:
-        print(f"unknown task or optimizer: {', '.join(unknown)} (see `yellowfin bench --list`)", file=sys.stderr)
-        return 2
+    for kind, given, known in (("task", args.tasks, TASKS), ("optimizer", args.optimizers or (), OPTIMIZERS)):
+        unknown = [name for name in given if name not in known]
+        if unknown:
+            print(f"yellowfin bench: error: unknown {kind}{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                  f"choose from {', '.join(known)} (see `yellowfin bench --list`)", file=sys.stderr)
+            return EXIT_BAD_INPUT
     results_dir = Path(args.results or (results_io.QUICK_RESULTS_DIR if args.quick else results_io.DEFAULT_RESULTS_DIR))
     config = SuiteConfig(
         tasks=args.tasks or list(TASKS),
@@ -102,6 +139,8 @@ def _report(args: argparse.Namespace) -> int:
         print("no results directories found; run `yellowfin bench` first", file=sys.stderr)
         return 1
     written = write_report(dirs, markdown=args.out, figures_dir=args.figures, robustness=not args.no_robustness)
+    for invalid in written["skipped"]:
+        print(f"warning: skipped {invalid}", file=sys.stderr)
     print(f"wrote {written['markdown']} ({', '.join(written['sections']) or 'no results'})")
     for figure in written["figures"]:
         print(f"  {figure}")
@@ -114,26 +153,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="YellowFin vs Adam on Fashion-MNIST for a few minutes, with a figure")
-    demo.add_argument("--minutes", type=float, default=3.0, help="wall-clock budget (default 3)")
-    demo.add_argument("--steps", type=int, default=None, help="stop after this many steps per optimizer")
+    demo.add_argument("--minutes", type=_positive_minutes, default=3.0, help="wall-clock budget (default 3)")
+    demo.add_argument("--steps", type=_positive_int, default=None, help="stop after this many steps per optimizer")
     demo.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files (default: the Debian package's)")
     demo.add_argument("--out", default="yellowfin-demo", help="where the figure and numbers go")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    demo.add_argument("--seed", type=_seed, default=0)
+    demo.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_demo)
 
     bench = sub.add_parser("bench", help="run benchmark tasks (resumes: finished runs are skipped)")
     bench.add_argument("tasks", nargs="*", metavar="TASK", help="tasks to run (default: all; see --list)")
     bench.add_argument("--optimizers", nargs="+", metavar="NAME", help="optimizers to compare (default: all)")
-    bench.add_argument("--seeds", nargs="+", type=int, help="seeds (default 0 1 2; with --quick: 0)")
-    bench.add_argument("--steps", type=int, help="steps per run (default: each task's budget)")
+    bench.add_argument("--seeds", nargs="+", type=_seed, help="seeds (default 0 1 2; with --quick: 0)")
+    bench.add_argument("--steps", type=_positive_int, help="steps per run (default: each task's budget)")
     bench.add_argument("--quick", action="store_true", help="small budgets, one seed: the whole suite in minutes")
     bench.add_argument("--results", help="results directory (default benchmarks/results, or benchmarks/results-quick)")
     bench.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files")
     bench.add_argument("--text-path", help="plain-text file to use instead of the King James Bible")
     bench.add_argument("--cache-dir", help="where to cache the Bible text (default: no cache)")
-    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    bench.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench.add_argument("--list", action="store_true", help="list tasks and optimizers, then exit")
     bench.set_defaults(handler=_bench)
@@ -152,7 +191,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["yellowfin", *argv])
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except BadInputError as exc:  # the user's data or directories, not a bug: one line, no traceback
+        print(f"yellowfin {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

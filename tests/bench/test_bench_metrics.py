@@ -34,12 +34,15 @@ def test_speedup_matches_the_paper_definition():
 def test_atomic_write_and_read(tmp_path):
     path = results_io.run_path(tmp_path, "quadratic", "adam", seed=1, steps=10, lr=0.003)
     assert path.name == "adam_lr0.003_seed1_steps10.json"
-    results_io.write_result(path, {"loss": [1.0, results_io.finite_or_none(float("nan"))]})
+    diverged_run = {"task": {"name": "quadratic", "metric": "excess_loss"}, "higher_is_better": False,
+                    "optimizer": "adam", "kind": "tuned", "lr": 0.003, "seed": 1, "steps": 10, "completed_steps": 2,
+                    "diverged": True, "wall": [0.1, 0.2], "eval": {}, "train_seconds": 0.2, "environment": {}}
+    results_io.write_result(path, {**diverged_run, "loss": [1.0, results_io.finite_or_none(float("nan"))]})
     record = results_io.read_result(path)
     assert record["loss"] == [1.0, None] and record["schema"] == results_io.SCHEMA_VERSION
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left behind
     with pytest.raises(ValueError):  # NaN never reaches a file
-        results_io.write_result(path, {"loss": [float("nan")]})
+        results_io.write_result(path, {**diverged_run, "loss": [float("nan")]})
     assert results_io.read_result(path)["loss"] == [1.0, None]  # the old file survived the failed write
     assert [p.name for p in path.parent.iterdir()] == [path.name]
 

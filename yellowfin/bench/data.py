@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import functools
 import gzip
+import math
 import os
 import re
 import shutil
 import struct
 import subprocess
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from yellowfin.bench.errors import DataInvalidError, NotWritableError
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MNIST_ENV = "YELLOWFIN_FASHION_MNIST_DIR"
@@ -65,22 +69,31 @@ class Splits:
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (plain or gzipped) into a numpy array of its declared type and shape."""
+    """Read an IDX file (plain or gzipped) into a numpy array of its declared type and shape.
+
+    Raises DataInvalidError, naming the file, when it cannot be read or is not a complete IDX file."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataInvalidError(f"{path}: not a valid gzip file ({exc})") from None
+    except OSError as exc:
+        raise DataInvalidError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{path}: not an IDX file (bad magic number)")
+        raise DataInvalidError(f"{path}: not an IDX file (bad magic number)")
     type_code, ndim = raw[2], raw[3]
     if type_code not in IDX_DTYPES:
-        raise ValueError(f"{path}: unknown IDX element type 0x{type_code:02x}")
-    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    dtype = np.dtype(IDX_DTYPES[type_code])
-    count = int(np.prod(shape)) if shape else 1
+        raise DataInvalidError(f"{path}: unknown IDX element type 0x{type_code:02x}")
     offset = 4 + 4 * ndim
+    if len(raw) < offset:
+        raise DataInvalidError(f"{path}: truncated IDX header ({ndim} dimensions declared, {len(raw)} bytes)")
+    shape = struct.unpack(f">{ndim}I", raw[4:offset])
+    dtype = np.dtype(IDX_DTYPES[type_code])
+    count = math.prod(shape)  # exact integer: a garbage header must not overflow into a plausible size
     if len(raw) - offset < count * dtype.itemsize:
-        raise ValueError(f"{path}: truncated IDX file (header says shape {shape})")
+        raise DataInvalidError(f"{path}: truncated IDX file (header says shape {shape})")
     return np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
@@ -130,14 +143,40 @@ FASHION_MNIST_CLASSES = (
 )
 
 
+FASHION_MNIST_IMAGE_SIZE = (28, 28)
+
+
+def _check_fashion_mnist_part(images_path: Path, images: np.ndarray, labels_path: Path, labels: np.ndarray) -> None:
+    """Refuse files that would only fail (or silently mislead) during training: wrong shapes or types, labels
+    outside the classes, image and label counts that disagree."""
+    size = FASHION_MNIST_IMAGE_SIZE
+    if images.ndim != 3 or images.shape[1:] != size or images.dtype != np.uint8:
+        raise DataInvalidError(f"{images_path}: expected unsigned-byte images of shape (N, {size[0]}, {size[1]}), "
+                               f"found {images.dtype} of shape {images.shape}")
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise DataInvalidError(f"{labels_path}: expected a 1-D array of integer labels, "
+                               f"found {labels.dtype} of shape {labels.shape}")
+    n_classes = len(FASHION_MNIST_CLASSES)
+    outside = labels[(labels < 0) | (labels >= n_classes)]
+    if outside.size:
+        raise DataInvalidError(f"{labels_path}: {outside.size} labels outside 0..{n_classes - 1} "
+                               f"(Fashion-MNIST has {n_classes} classes), e.g. {int(outside[0])}")
+    if len(images) != len(labels):
+        raise DataInvalidError(f"{labels_path}: {len(labels)} labels for the {len(images)} images in "
+                               f"{images_path.name}")
+    minimum = 2  # the training part must leave at least one image beside the validation hold-out
+    if len(images) < minimum:
+        raise DataInvalidError(f"{images_path}: {len(images)} images; at least {minimum} are needed")
+
+
 @functools.lru_cache(maxsize=4)
 def _load_fashion_mnist_cached(directory: str) -> Splits:
     d = Path(directory)
-    arrays = {key: read_idx(_find_idx(d, stem)) for key, stem in _FMNIST_STEMS.items()}
+    paths = {key: _find_idx(d, stem) for key, stem in _FMNIST_STEMS.items()}
+    arrays = {key: read_idx(path) for key, path in paths.items()}
     for part in ("train", "test"):
-        images, labels = arrays[f"{part}_images"], arrays[f"{part}_labels"]
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise ValueError(f"{d}: {part} images {images.shape} and labels {labels.shape} do not match")
+        _check_fashion_mnist_part(paths[f"{part}_images"], arrays[f"{part}_images"],
+                                  paths[f"{part}_labels"], arrays[f"{part}_labels"])
 
     def to_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         # Scale to [0, 1] and centre with the data set's usual statistics, so BN-free layers start sensibly too.
@@ -184,7 +223,10 @@ def read_bible_text(text_path: str | os.PathLike | None = None, cache_dir: str |
         path = Path(text_path)
         if not path.is_file():
             raise DataNotFoundError(f"text file {path} does not exist. " + BIBLE_HINT)
-        return path.read_text(encoding="utf-8", errors="replace")
+        try:
+            return path.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise DataInvalidError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     cached = Path(cache_dir) / "kjv-bible.txt" if cache_dir is not None else None
     if cached is not None and cached.is_file():
         return cached.read_text(encoding="utf-8")
@@ -195,10 +237,13 @@ def read_bible_text(text_path: str | os.PathLike | None = None, cache_dir: str |
         raise DataNotFoundError(f"`{' '.join(BIBLE_COMMAND)}` failed ({result.stderr.strip()[:200]}). " + BIBLE_HINT)
     text = clean_bible_text(result.stdout)
     if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(cached)
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(".tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(cached)
+        except OSError as exc:
+            raise NotWritableError(f"cannot cache the text in {cached.parent}: {exc.strerror or exc}") from None
     return text
 
 
@@ -234,7 +279,11 @@ def encode_corpus(text: str, val_fraction: float = 0.05, test_fraction: float = 
 
 @functools.lru_cache(maxsize=4)
 def _load_bible_cached(text_path: str | None, cache_dir: str | None) -> CharCorpus:
-    return encode_corpus(read_bible_text(text_path, cache_dir))
+    text = read_bible_text(text_path, cache_dir)
+    try:
+        return encode_corpus(text)
+    except ValueError as exc:
+        raise DataInvalidError(f"{text_path or 'the King James Bible text'}: {exc}") from None
 
 
 def load_bible(text_path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> CharCorpus:

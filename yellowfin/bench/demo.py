@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from yellowfin.bench import metrics
+from yellowfin.bench import results as results_io
 from yellowfin.bench.data import DataNotFoundError
 from yellowfin.bench.tasks import Task, get_task
 
@@ -63,6 +64,7 @@ def run_demo(minutes: float = 3.0, data_dir: str | None = None, out_dir: str | P
              say: Callable[[str], None] = print) -> DemoResult:
     from yellowfin import YellowFin
 
+    out_dir = results_io.check_writable(out_dir)  # before minutes of training, not after
     task, fallback = choose_task(data_dir, say)
     say(f"Task: {task.name} ({'fallback' if fallback else 'Fashion-MNIST, ResNet-8'}); "
         f"{minutes:g} minutes of training, {torch.get_num_threads()} torch threads.")
@@ -107,8 +109,6 @@ def run_demo(minutes: float = 3.0, data_dir: str | None = None, out_dir: str | P
                 bar.close()
     for run in runs:
         run.test = task.evaluate(run.model, "test") if run.losses else {}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     table = summary_table(task, runs)
     figure = plot_demo(task, runs, out_dir / "demo.png", fallback)
     summary_path = out_dir / "demo.json"

@@ -18,6 +18,7 @@ import numpy as np
 
 from yellowfin.bench import metrics
 from yellowfin.bench import results as results_io
+from yellowfin.bench.errors import BadInputError, NotWritableError
 from yellowfin.bench.optimizers import CONTROL, OPTIMIZERS, TUNED
 
 DEFAULT_MARKDOWN = Path("docs") / "benchmarks.md"
@@ -371,12 +372,23 @@ def splice(document: str, key: str, body: str) -> str:
 
 def write_report(results_dirs: Sequence[str | os.PathLike], markdown: str | os.PathLike = DEFAULT_MARKDOWN,
                  figures_dir: str | os.PathLike = DEFAULT_FIGURES, robustness: bool = True) -> dict[str, Any]:
-    """Regenerate figures and the generated sections of the markdown file. Returns what was written."""
+    """Regenerate figures and the generated sections of the markdown file. Returns what was written, and under
+    "skipped" the results files left out as unusable (results_io.InvalidResultError, each saying why)."""
     markdown, figures_dir = Path(markdown), Path(figures_dir)
-    document = markdown.read_text(encoding="utf-8") if markdown.is_file() else "# Benchmarks\n"
-    written: dict[str, Any] = {"figures": [], "sections": []}
+    # Bad paths are refused before any figure is drawn.
     for results_dir in map(Path, results_dirs):
-        summaries = summarize(results_io.load_results(results_dir))
+        if not results_dir.is_dir():
+            raise BadInputError(f"results directory {results_dir} does not exist or is not a directory")
+    if markdown.is_dir():
+        raise NotWritableError(f"cannot write the report to {markdown}: it is a directory; give a .md file")
+    results_io.check_writable(markdown.parent)
+    results_io.check_writable(figures_dir)
+    document = markdown.read_text(encoding="utf-8") if markdown.is_file() else "# Benchmarks\n"
+    written: dict[str, Any] = {"figures": [], "sections": [], "skipped": []}
+    for results_dir in map(Path, results_dirs):
+        records, invalid = results_io.scan_results(results_dir)
+        written["skipped"] += invalid
+        summaries = summarize(records)
         prefix = results_dir.name
         figures: dict[str, Path] = {}
         for summary in summaries:

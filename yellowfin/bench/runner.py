@@ -275,17 +275,24 @@ class _Suite:
         self.tasks = [build_task(name, config) for name in config.tasks]
         self.progress = _Progress(planned_run_count(config, self.specs, self.tasks), config.progress)
         self.say = log or self.progress.write
+        # Checked when the first run is about to train, so resuming a finished suite needs no write access.
+        self.results_writable = False
 
     def run(self) -> SuiteOutcome:
         for message in self.outcome.unavailable.values():
             self.say(f"skipping: {message}")
         try:
+            # Every task's data first: broken data (DataInvalidError) stops the suite before anything trains.
+            ready = []
             for task in self.tasks:
                 try:
-                    self.run_task(task)
+                    task.load_data()
+                    ready.append(task)
                 except DataNotFoundError as exc:
                     self.outcome.missing_data[task.name] = str(exc)
                     self.say(f"{task.name}: skipped, data missing. {exc}")
+            for task in ready:
+                self.run_task(task)
         finally:
             self.progress.close()
         return self.outcome
@@ -319,7 +326,13 @@ class _Suite:
                 planned: bool = True) -> dict[str, Any]:
         """The run's record: read from its results file when done before, else trained and written."""
         path = results_io.run_path(self.config.results_dir, task.name, spec.name, seed, steps, lr)
-        record = results_io.read_result(path)
+        try:
+            record = results_io.load_result(path)
+        except FileNotFoundError:
+            record = None
+        except results_io.InvalidResultError as exc:
+            self.say(f"running again, the results file is unusable: {exc}")
+            record = None
         if record is not None:
             if planned:
                 self.outcome.skipped.append(path)
@@ -331,6 +344,9 @@ class _Suite:
             schedule = reference.get("trace", {}).get("effective_lr")
             if not schedule:
                 raise RuntimeError(f"{task.name}: the YellowFin run for seed {seed} has no trace to replay")
+        if not self.results_writable:  # checked once, before the first training, for every task's directory
+            results_io.check_writable(self.config.results_dir, [t.name for t in self.tasks])
+            self.results_writable = True
         lr_text = f" lr={lr:g}" if lr is not None else ""
         bar = self.progress.run_bar(f"{task.name} {spec.name}{lr_text} seed={seed}", steps)
         record = train_run(task, spec, seed, steps, lr=lr, lr_schedule=schedule, progress=bar)

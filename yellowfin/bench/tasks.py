@@ -58,6 +58,10 @@ class Task(abc.ABC):
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
         """The loss and the task's metric on the "val" or "test" split."""
 
+    def load_data(self) -> None:
+        """Load and check the task's data now, so that missing data (DataNotFoundError) or broken data
+        (DataInvalidError) is reported before any training starts. Tasks that generate their data do nothing."""
+
     def exact_loss(self, model: nn.Module) -> float | None:
         """The full (noise-free) training objective, when it is cheap to compute exactly; None otherwise.
         When available the runner records it every step and the report compares optimizers on it."""
@@ -107,6 +111,9 @@ class ClassificationTask(Task):
     @abc.abstractmethod
     def load_splits(self) -> data.Splits:
         """The train/val/test arrays, loaded from the task's data."""
+
+    def load_data(self) -> None:
+        self.splits  # noqa: B018 - the property loads and caches them
 
     @property
     def splits(self) -> data.Splits:
@@ -295,6 +302,18 @@ class BibleCharLSTM(Task):
         if self._corpus is None:
             self._corpus = data.load_bible(self.text_path, self.cache_dir)
         return self._corpus
+
+    def load_data(self) -> None:
+        corpus = self.corpus
+        # Every split must hold more than one sequence and its shifted target, or training or evaluation fails.
+        needed = self.seq_len + 2
+        for split in ("train", "val", "test"):
+            if len(corpus[split]) < needed:
+                source = self.text_path or "the King James Bible text"
+                raise data.DataInvalidError(
+                    f"{source}: too short for seq_len {self.seq_len}: the {split} split has {len(corpus[split])} "
+                    f"characters, at least {needed} are needed (a 5% split: about {20 * needed} characters "
+                    "of text in all)")
 
     def make_model(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)
