@@ -17,6 +17,8 @@ reference) and as multi-tensor ``torch._foreach_*`` calls; tests hold them to th
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections import defaultdict
 from typing import Callable, Iterable, NamedTuple
 
@@ -25,7 +27,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import fused, measurements, tuning
-from .state import TunerSettings, TunerState
+from .state import TunerSettings, TunerState, check_bool, check_number
 
 try:  # (torch builds without distributed support have no DTensor)
     from torch.distributed.tensor import DTensor as _DTensor
@@ -128,7 +130,8 @@ class YellowFin(Optimizer):
             vars(settings), lr=lr, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
             nesterov=nesterov, maximize=maximize, foreach=foreach, fused=fused,
         )
-        self.per_group_tuning = bool(per_group_tuning)
+        check_bool("per_group_tuning", per_group_tuning)
+        self.per_group_tuning = per_group_tuning
         self.shard_group = shard_group
         self._tuners: list[TunerState] = []
         super().__init__(params, defaults)
@@ -157,24 +160,10 @@ class YellowFin(Optimizer):
         if any(is_dtensor(p) for p in param_group["params"]):
             raise ValueError("DTensor parameters (FSDP2 fully_shard): tuning on one shard's statistics would give "
                              "every rank different values; use yellowfin.distributed.FullyShardedYellowFin")
-        merged = {**self.defaults, **param_group}
-        settings = self._settings(merged)  # validates the tuner's settings
-        lr, weight_decay = merged["lr"], merged["weight_decay"]
-        if isinstance(lr, Tensor):
-            if lr.numel() != 1:
-                raise ValueError(f"invalid lr: a tensor lr must hold one element, got shape {tuple(lr.shape)}")
-        elif not (isinstance(lr, (int, float)) and 0.0 <= lr < float("inf")):
-            raise ValueError(f"invalid lr={lr!r}: allowed range is [0, inf) (a multiplier on the tuned rate)")
-        if not (isinstance(weight_decay, (int, float)) and 0.0 <= weight_decay < float("inf")):
-            raise ValueError(f"invalid weight_decay={weight_decay!r}: allowed range is [0, inf)")
-        for name in ("nesterov", "maximize", "decoupled_weight_decay"):
-            if not isinstance(merged[name], bool):
-                raise ValueError(f"invalid {name}={merged[name]!r}: allowed values are True or False")
-        for name in ("foreach", "fused"):
-            if merged[name] not in (None, True, False):
-                raise ValueError(f"invalid {name}={merged[name]!r}: allowed values are None, True or False")
-        if merged["foreach"] and merged["fused"]:
-            raise ValueError("foreach=True and fused=True are two implementations of the same step: choose one")
+        if len({id(p) for p in param_group["params"]}) != len(param_group["params"]):
+            # (torch only warns; the per-tensor and multi-tensor paths would update such a tensor once and twice)
+            raise ValueError("a parameter group lists the same tensor more than once: list each parameter once")
+        settings = _check_group({**self.defaults, **param_group})
         if not self.per_group_tuning and self.param_groups:
             shared = self._settings(self.param_groups[0])
             if settings != shared:
@@ -288,7 +277,14 @@ class YellowFin(Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a checkpoint; everything is validated first, so a mismatch changes nothing."""
+        """Load a checkpoint; everything is validated first, so a refused load changes nothing."""
+        state_dict, tuners = self._checked_state_dict(state_dict)
+        super().load_state_dict(state_dict)
+        self._tuners = tuners
+
+    def _checked_state_dict(self, state_dict: dict) -> tuple[dict, list[TunerState]]:
+        """The state dict with missing group options filled in, and its tuners; raises ValueError
+        (TypeError for a group option of the wrong type) for anything this optimizer would not accept."""
         state_dict = dict(state_dict)
         if "tuners" not in state_dict:
             raise ValueError("not a YellowFin state dict: it has no 'tuners' entry")
@@ -301,12 +297,21 @@ class YellowFin(Optimizer):
             raise ValueError(
                 f"state dict has {len(saved_groups)} parameter groups, this optimizer {len(self.param_groups)}"
             )
+        # A group saved before an option existed ran with that option's default, as torch's optimizers assume.
+        saved_groups = [{**_option_defaults(), **saved} for saved in saved_groups]
+        state_dict["param_groups"] = saved_groups
         for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
                     f"parameter group {index} has {len(group['params'])} parameters, "
                     f"the state dict {len(saved['params'])}"
                 )
+            unknown = set(saved) - set(self.defaults) - set(_TORCH_GROUP_KEYS)
+            if unknown:
+                raise ValueError(f"parameter group {index} of the state dict has unknown option(s) {sorted(unknown)}")
+            _check_group(saved)
+        if not self.per_group_tuning and any(self._settings(g) != self._settings(saved_groups[0]) for g in saved_groups):
+            raise ValueError("state dict has groups with different tuner settings but one shared tuner")
         params = {index: p for index, p in enumerate(p for g in self.param_groups for p in g["params"])}
         for index, param_state in state_dict.get("state", {}).items():
             if index not in params:
@@ -317,15 +322,16 @@ class YellowFin(Optimizer):
                         f"state {name!r} of parameter {index} has shape {tuple(value.shape)}, "
                         f"the parameter {tuple(params[index].shape)}"
                     )
+                if isinstance(value, Tensor) and not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"state {name!r} of parameter {index} holds NaN or Inf: allowed are finite values")
         scopes = [[g] for g in saved_groups] if self.per_group_tuning else [saved_groups]
         if not isinstance(tuners, (list, tuple)) or len(tuners) != len(scopes):
             raise ValueError(f"state dict has {len(tuners)} tuners, this optimizer needs {len(scopes)}")
         restored = [
-            TunerState.from_dict(values, self._settings({**self.defaults, **groups[0]}), _device_of(own))
+            TunerState.from_dict(values, self._settings(groups[0]), _device_of(own))
             for values, groups, own in zip(tuners, scopes, self._scopes())
         ]
-        super().load_state_dict(state_dict)
-        self._tuners = restored
+        return state_dict, restored
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -405,6 +411,38 @@ class _Batch(NamedTuple):
     grad_avgs: list[Tensor]
     momenta: list[Tensor]
     mode: str  # "loop" (the per-tensor reference), "foreach" or "fused"
+
+
+@functools.cache
+def _option_defaults() -> dict:
+    """Every option a parameter group holds, at its default (from YellowFin's signature: one place)."""
+    parameters = inspect.signature(YellowFin.__init__).parameters
+    return {name: parameters[name].default for name in TunerSettings.names() + _GROUP_OPTIONS}
+
+
+def _check_group(group: dict) -> TunerSettings:
+    """Validate a parameter group's options (at construction, add_param_group and load_state_dict alike);
+    return its tuner settings. Raises TypeError for a value of the wrong type, ValueError out of range."""
+    settings = YellowFin._settings(group)
+    lr, weight_decay = group["lr"], group["weight_decay"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or lr.is_complex() or not lr.is_floating_point():
+            raise ValueError(f"invalid lr: a tensor lr must hold one real floating-point number, got {lr!r}")
+        lr = float(lr)  # (validation only: reads the value on the host once, never inside step())
+    check_number("lr", lr, "a number or a one-element tensor in [0, inf)")
+    if not 0.0 <= lr < float("inf"):
+        raise ValueError(f"invalid lr={group['lr']!r}: allowed range is [0, inf) (a multiplier on the tuned rate)")
+    check_number("weight_decay", weight_decay, "a number in [0, inf)")
+    if not 0.0 <= weight_decay < float("inf"):
+        raise ValueError(f"invalid weight_decay={weight_decay!r}: allowed range is [0, inf)")
+    for name in ("nesterov", "maximize", "decoupled_weight_decay"):
+        check_bool(name, group[name])
+    for name in ("foreach", "fused"):
+        if group[name] is not None:
+            check_bool(name, group[name])
+    if group["foreach"] and group["fused"]:
+        raise ValueError("foreach=True and fused=True are two implementations of the same step: choose one")
+    return settings
 
 
 def is_dtensor(tensor) -> bool:
