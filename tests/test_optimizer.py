@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from yellowfin import YellowFin
-from helpers import flat_state, loss_of, make_data, make_model, run_with_holes, train
+from helpers import complex_and_real_twin, flat_state, loss_of, make_data, make_model, run_with_holes, train
 
 CONFIGS = [
     {},
@@ -519,3 +519,19 @@ def test_state_dict_saved_before_an_option_existed_loads_with_its_default_and_st
     train(resumed_model, resumed, make_data(), steps=2)
     assert resumed.stats()["step"] == 7
     assert all(torch.isfinite(p).all() for p in resumed_model.parameters())
+
+
+@pytest.mark.parametrize("options", [{"foreach": False}, {"foreach": True},
+                                     {"foreach": True, "nesterov": True, "weight_decay": 0.1}], ids=str)
+def test_complex_parameter_steps_like_its_real_view_twin(options):
+    (z, opt), (twin, twin_opt) = complex_and_real_twin(**options)
+    torch.testing.assert_close(torch.view_as_real(z.detach()), twin.detach(), rtol=1e-12, atol=1e-12)
+    assert opt.stats() == pytest.approx(twin_opt.stats(), rel=1e-12)
+    assert opt.state[z]["momentum_buffer"].dtype == torch.complex128
+
+
+def test_complex_parameter_with_sparse_gradient_is_refused_clearly():
+    p = torch.zeros(3, dtype=torch.complex128, requires_grad=True)
+    p.grad = torch.zeros(3, dtype=torch.complex128).to_sparse()
+    with pytest.raises(ValueError, match="complex parameters with sparse gradients"):
+        YellowFin([p]).step()

@@ -238,10 +238,16 @@ class YellowFin(Optimizer):
             if not state:
                 state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(grad)
-            grad_avgs.append(state["grad_avg"])
-            momenta.append(state["momentum_buffer"])
+            tensors = (p, grad, state["grad_avg"], state["momentum_buffer"])
+            if p.is_complex():
+                # A complex entry is two real coordinates: every path works on the real views, so
+                # ||g||^2 = sum |g|^2 and <gbar, g> = Re sum conj(gbar) g, exactly as for the real twin.
+                if grad.is_sparse:
+                    raise ValueError("complex parameters with sparse gradients are not supported; "
+                                     "allowed are dense gradients for complex parameters")
+                tensors = tuple(map(torch.view_as_real, tensors))
+            for values, tensor in zip((params, grads, grad_avgs, momenta), tensors):
+                values.append(tensor)
         mode = "fused" if group["fused"] else "loop" if group["foreach"] is False else "foreach"
         return _Batch(group, params, grads, grad_avgs, momenta, mode)
 
@@ -350,7 +356,11 @@ def _tune_from_sums(state: TunerState, totals: Tensor, settings: TunerSettings) 
     """
     sums = _Sums(*totals.unbind())
     finite = torch.isfinite(sums.sq_norm)  # (float64 sums: only a non-finite g makes this inf)
-    applied = finite & (sums.numel > 0)  # nothing to measure anywhere: a no-op, not a skip
+    # An all-zero gradient of the whole scope (a frozen phase, a masked loss) carries no information:
+    # like a step without gradients it is a no-op, not a skip, so it cannot age or pollute the
+    # estimates (step count, curvature window, averages, slow start). Zeros in some tensors while
+    # others have a gradient are an ordinary step.
+    applied = finite & (sums.sq_norm > 0.0)
     sq_norm = torch.where(finite, sums.sq_norm, 0.0)
     density = torch.ones_like(sq_norm)
     if settings.sparsity_correction:
@@ -385,6 +395,14 @@ def _tune_from_sums(state: TunerState, totals: Tensor, settings: TunerSettings) 
 
     # The update uses this step's (reference) or the previous step's (paper) tuned values.
     applied_mu, applied_lr = (state.mu, state.lr) if settings.update_first else (mu, lr)
+    if settings.adaptive_clipping:
+        # The first step has no curvature history to clip against, and alpha_0 is not tuned: a
+        # gradient of norm 1e20 would move the parameters by alpha_0 * 1e20 and training would never
+        # recover. Bound it by the tuner's own model of this one sample: the distance to the optimum
+        # is D = ||g|| / ||g||^2, the step that SingleStep tunes for it (alpha = 1 / ||g||^2, mu = 0),
+        # so alpha_0 ||g|| (scaled) may not exceed 1 / ||g||. Ordinary first steps are far below it.
+        first_reach = applied_lr * curvature_sample  # alpha_0 ||g|| / (1 / ||g||)
+        update_scale = torch.where(~started & (first_reach > 1.0), 1.0 / first_reach, update_scale)
     coefficients = _Coefficients(
         finite=applied,
         avg_decay=avg_decay,
@@ -509,15 +527,17 @@ def _reduce_sums_foreach(grads: list[Tensor], grad_avgs: list[Tensor], count_non
     """``_reduce_sums`` (without the element count) for dense tensors of one device and dtype,
     with multi-tensor kernels.
 
-    The sums accumulate in the tensors' own precision (float32 at least): a float64 reduction
-    would first copy every tensor to float64, which costs several times the whole update. So
-    here a float32 gradient whose norm passes ~1.8e19 overflows, reads as non-finite, and the
-    step is skipped and counted; the reference and fused paths accumulate in float64.
+    The norms accumulate in float64, as on the reference and fused paths: in float32 a gradient
+    of norm above ~1.8e19 would overflow and be skipped (and one below ~1e-23 would read as zero)
+    where the other paths apply it. (On CUDA the kernel reads float32 and accumulates in float64;
+    on CPU torch converts each tensor, which costs about a quarter of a step.) The cross term stays
+    a float32 dot: where it overflows, ``measurements.averaged_sq_norm`` brings it back inside its
+    Cauchy-Schwarz bound.
     """
     if grads[0].dtype in (torch.float16, torch.bfloat16):
         grads, grad_avgs = [g.float() for g in grads], [a.float() for a in grad_avgs]
-    sq_norm = torch.stack(torch._foreach_norm(grads, 2)).to(torch.float64).square().sum()
-    avg_sq_norm = torch.stack(torch._foreach_norm(grad_avgs, 2)).to(torch.float64).square().sum()
+    sq_norm = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).square().sum()
+    avg_sq_norm = torch.stack(torch._foreach_norm(grad_avgs, 2, dtype=torch.float64)).square().sum()
     cross = torch.stack([torch.dot(g.reshape(-1), a.reshape(-1)) for g, a in zip(grads, grad_avgs)])
     cross = cross.to(torch.float64).sum()
     nonzero = torch.zeros_like(cross)
