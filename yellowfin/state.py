@@ -36,8 +36,9 @@ class TunerSettings:
     smooth_tuned: bool = False
 
     def __post_init__(self):
-        for name in ("beta", "eps", "initial_lr", "initial_momentum"):
-            check_number(name, getattr(self, name))
+        for name, allowed in (("beta", "[0, 1)"), ("eps", "(0, 1)"), ("initial_lr", "[0, inf)"),
+                              ("initial_momentum", "(-1, 1)")):
+            check_number(name, getattr(self, name), f"a number in {allowed}")
         _check(0.0 <= self.beta < 1.0, "beta", self.beta, "[0, 1)")
         check_number("curvature_window", self.curvature_window, "an integer in [1, 10**6]")
         _check(
