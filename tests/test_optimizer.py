@@ -535,3 +535,13 @@ def test_complex_parameter_with_sparse_gradient_is_refused_clearly():
     p.grad = torch.zeros(3, dtype=torch.complex128).to_sparse()
     with pytest.raises(ValueError, match="complex parameters with sparse gradients"):
         YellowFin([p]).step()
+
+
+def test_state_dict_whose_groups_disagree_on_a_shared_tuner_is_refused():
+    model = make_model()
+    opt = YellowFin([{"params": model[0].parameters()}, {"params": model[2].parameters()}])
+    saved = opt.state_dict()
+    saved["param_groups"][1]["beta"] = 0.9
+    with pytest.raises(ValueError, match="shared tuner"):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[1]["beta"] == 0.999
