@@ -69,3 +69,43 @@ def run_with_holes(dtype=torch.float64, steps=25, nan_at=None, **options):
             layers[0].weight.grad[0, 0] = float("nan")
         opt.step()
     return params, opt
+
+
+def train_with_scaled_loss(scale, steps=10, dtype=torch.float64, **options):
+    """make_model trained on the full batch of make_data with its loss multiplied by ``scale``."""
+    model, (x, y) = make_model(dtype=dtype), make_data(dtype=dtype)
+    opt = YellowFin(model.parameters(), **options)
+    for _ in range(steps):
+        opt.zero_grad()
+        (scale * ((model(x) - y) ** 2).mean()).backward()
+        opt.step()
+    return list(model.parameters()), opt
+
+
+def train_after_zero_gradients(zero_steps, steps=40, **options):
+    """make_model trained after ``zero_steps`` steps whose gradients are all zero."""
+    model, data = make_model(), make_data()
+    opt = YellowFin(model.parameters(), **options)
+    for _ in range(zero_steps):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    train(model, opt, data, steps=steps)
+    return list(model.parameters()), opt
+
+
+def complex_and_real_twin(steps=200, **options):
+    """A complex128 parameter and its ``torch.view_as_real`` float64 twin, each stepped by
+    YellowFin(**options) with the same random complex gradients (purely imaginary ones included)."""
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 3, dtype=torch.complex128, generator=generator).requires_grad_()
+    twin = torch.view_as_real(z.detach()).clone().requires_grad_()
+    opt, twin_opt = YellowFin([z], **options), YellowFin([twin], **options)
+    for step in range(steps):
+        grad = torch.randn(2, 3, dtype=torch.complex128, generator=generator)
+        if step % 5 == 0:
+            grad = 1j * grad.imag
+        z.grad, twin.grad = grad.clone(), torch.view_as_real(grad).clone()
+        opt.step()
+        twin_opt.step()
+    return (z, opt), (twin, twin_opt)

@@ -7,7 +7,7 @@ import torch
 import torch._dynamo
 
 from yellowfin import YellowFin
-from helpers import flat_state, make_data, make_model, run_with_holes
+from helpers import complex_and_real_twin, flat_state, make_data, make_model, run_with_holes, train_after_zero_gradients, train_with_scaled_loss
 from test_robustness import _host_reads_forbidden
 
 
@@ -98,3 +98,24 @@ def test_fused_keeps_gradients_of_norm_1e30_in_range():
 def test_fused_and_foreach_together_are_refused():
     with pytest.raises(ValueError, match="foreach=True and fused=True"):
         YellowFin(make_model().parameters(), foreach=True, fused=True)
+
+
+def test_fused_bounds_a_loss_scaled_by_1e20_like_the_reference():
+    loop_params, loop = train_with_scaled_loss(1e20, dtype=torch.float32, foreach=False)
+    fused_params, fused = train_with_scaled_loss(1e20, dtype=torch.float32, fused=True)
+    assert fused.stats()["skipped_steps"] == 0 and fused.stats()["step"] == 10
+    for a, b in zip(loop_params, fused_params):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=0.0)
+
+
+def test_fused_all_zero_gradients_are_no_tuner_steps():
+    fresh_params, fresh = train_after_zero_gradients(0, steps=10, fused=True)
+    params, opt = train_after_zero_gradients(100, steps=10, fused=True)
+    assert opt.stats() == fresh.stats()
+    assert all(torch.equal(a, b) for a, b in zip(params, fresh_params))
+
+
+def test_fused_complex_parameter_steps_like_its_real_view_twin():
+    (z, opt), (twin, _) = complex_and_real_twin(steps=30, fused=True)
+    torch.testing.assert_close(torch.view_as_real(z.detach()), twin.detach(), rtol=1e-12, atol=1e-12)
+    assert opt.stats()["step"] == 30

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from yellowfin import YellowFin
-from helpers import flat_state, loss_of, make_data, make_model, run_with_holes, train
+from helpers import complex_and_real_twin, flat_state, loss_of, make_data, make_model, run_with_holes, train
 
 CONFIGS = [
     {},
@@ -416,3 +416,132 @@ def test_dtensor_parameters_are_refused_with_a_pointer_to_the_sharded_optimizer(
     finally:
         if created:
             dist.destroy_process_group()
+
+
+PATHS = [{"foreach": False}, {"foreach": True}, {"fused": True}]
+
+
+@pytest.mark.parametrize("path", PATHS, ids=str)
+@pytest.mark.parametrize(
+    "kwargs, error, name",
+    [
+        ({"beta": "0.9"}, TypeError, "beta"),
+        ({"eps": None}, TypeError, "eps"),
+        ({"curvature_window": True}, TypeError, "curvature_window"),
+        ({"curvature_window": 10**9}, ValueError, "curvature_window"),
+        ({"lr": torch.tensor(float("nan"))}, ValueError, "lr"),
+        ({"lr": float("nan")}, ValueError, "lr"),
+        ({"lr": "1"}, TypeError, "lr"),
+        ({"per_group_tuning": "no"}, TypeError, "per_group_tuning"),
+        ({"nesterov": "yes"}, TypeError, "nesterov"),
+        ({"slow_start": 1}, TypeError, "slow_start"),
+    ],
+    ids=str,
+)
+def test_inputs_of_the_wrong_type_or_range_are_refused_clearly(path, kwargs, error, name):
+    with pytest.raises(error, match=name) as raised:
+        YellowFin(make_model().parameters(), **path, **kwargs)
+    assert "allowed" in str(raised.value)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=str)
+def test_the_same_tensor_twice_in_one_group_is_refused(path):
+    p = nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="more than once"):
+        YellowFin([p, p], **path)
+    opt = YellowFin([nn.Parameter(torch.zeros(2))], per_group_tuning=True, **path)
+    with pytest.raises(ValueError, match="more than once"):
+        opt.add_param_group({"params": [p, p]})
+
+
+def _trained(steps=5, **options):
+    model, data = make_model(), make_data()
+    opt = YellowFin(model.parameters(), **options)
+    train(model, opt, data, steps=steps)
+    return model, opt
+
+
+def _poison_tuner(field):
+    def poison(saved):
+        saved["tuners"][0][field] = saved["tuners"][0][field].clone()
+        saved["tuners"][0][field].view(-1)[0] = float("nan")
+    return poison
+
+
+def _set_group(name, value):
+    def change(saved):
+        saved["param_groups"][0][name] = value
+    return change
+
+
+def _poison_buffer(saved):
+    saved["state"][0]["momentum_buffer"][0, 0] = float("inf")
+
+
+@pytest.mark.parametrize(
+    "corrupt, error",
+    [(_poison_tuner(field), ValueError) for field in YellowFin(make_model().parameters()).state_dict()["tuners"][0]]
+    + [
+        (_set_group("lr", float("nan")), ValueError),
+        (_set_group("lr", torch.tensor(float("inf"))), ValueError),
+        (_set_group("beta", 1.5), ValueError),
+        (_set_group("beta", "0.9"), TypeError),
+        (_set_group("nesterov", "yes"), TypeError),
+        (_set_group("fused", True), ValueError),  # the saved group already says foreach=True
+        (_set_group("betta", 0.9), ValueError),
+        (_poison_buffer, ValueError),
+    ],
+)
+def test_state_dict_with_invalid_values_is_refused_and_changes_nothing(corrupt, error):
+    model, opt = _trained(foreach=True)
+    saved = copy.deepcopy(_trained(steps=7, foreach=True)[1].state_dict())
+    corrupt(saved)
+    before, stats, groups = [t.clone() for t in flat_state(opt)], opt.stats(), copy.deepcopy(opt.param_groups)
+    with pytest.raises(error):
+        opt.load_state_dict(saved)
+    assert all(torch.equal(a, b) for a, b in zip(before, flat_state(opt)))
+    assert opt.stats() == stats
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == [
+        {k: v for k, v in g.items() if k != "params"} for g in groups
+    ]
+
+
+@pytest.mark.parametrize("option", sorted(YellowFin(make_model().parameters()).defaults))
+def test_state_dict_saved_before_an_option_existed_loads_with_its_default_and_steps(option):
+    model, opt = _trained()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group[option]
+    resumed_model = copy.deepcopy(model)
+    resumed = YellowFin(resumed_model.parameters())
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0][option] == YellowFin(make_model().parameters()).defaults[option]
+    train(resumed_model, resumed, make_data(), steps=2)
+    assert resumed.stats()["step"] == 7
+    assert all(torch.isfinite(p).all() for p in resumed_model.parameters())
+
+
+@pytest.mark.parametrize("options", [{"foreach": False}, {"foreach": True},
+                                     {"foreach": True, "nesterov": True, "weight_decay": 0.1}], ids=str)
+def test_complex_parameter_steps_like_its_real_view_twin(options):
+    (z, opt), (twin, twin_opt) = complex_and_real_twin(**options)
+    torch.testing.assert_close(torch.view_as_real(z.detach()), twin.detach(), rtol=1e-12, atol=1e-12)
+    assert opt.stats() == pytest.approx(twin_opt.stats(), rel=1e-12)
+    assert opt.state[z]["momentum_buffer"].dtype == torch.complex128
+
+
+def test_complex_parameter_with_sparse_gradient_is_refused_clearly():
+    p = torch.zeros(3, dtype=torch.complex128, requires_grad=True)
+    p.grad = torch.zeros(3, dtype=torch.complex128).to_sparse()
+    with pytest.raises(ValueError, match="complex parameters with sparse gradients"):
+        YellowFin([p]).step()
+
+
+def test_state_dict_whose_groups_disagree_on_a_shared_tuner_is_refused():
+    model = make_model()
+    opt = YellowFin([{"params": model[0].parameters()}, {"params": model[2].parameters()}])
+    saved = opt.state_dict()
+    saved["param_groups"][1]["beta"] = 0.9
+    with pytest.raises(ValueError, match="shared tuner"):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[1]["beta"] == 0.999

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from yellowfin import YellowFin
-from helpers import flat_state, make_data, make_model, train
+from helpers import flat_state, make_data, make_model, train, train_after_zero_gradients, train_with_scaled_loss
 
 
 def _snapshot(params, opt):
@@ -75,12 +75,56 @@ def test_extreme_gradient_scales_keep_everything_finite(scale, dtype, foreach):
         opt.step()
     assert torch.isfinite(p).all()
     assert all(torch.isfinite(t).all() for t in flat_state(opt))
-    if foreach and dtype == torch.float32 and scale == 1e30:
-        # The foreach path sums in float32 (a float64 copy of every tensor costs more than the whole
-        # step): ||g||^2 overflows, so every step is skipped, counted, and changes nothing.
-        assert opt.stats()["skipped_steps"] == 30 and opt.stats()["step"] == 0
-    else:  # the reference (and the fused path, tests/test_fused.py) accumulate in float64
-        assert opt.stats()["skipped_steps"] == 0
+    # Every path accumulates ||g||^2 in float64 (the fused path: tests/test_fused.py), so no scale
+    # overflows into a skip; an all-zero gradient is no step at all.
+    assert opt.stats()["skipped_steps"] == 0
+    assert opt.stats()["step"] == (0 if scale == 0.0 else 30)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=str)
+def test_a_loss_scaled_by_1e20_neither_throws_the_parameters_nor_is_skipped(dtype, rtol):
+    start = [p.detach().clone() for p in make_model(dtype=dtype).parameters()]
+    runs = [train_with_scaled_loss(1e20, dtype=dtype, foreach=foreach) for foreach in (False, True)]
+    for params, opt in runs:
+        assert opt.stats()["skipped_steps"] == 0 and opt.stats()["step"] == 10
+        # The first step is bounded by 1 / ||g|| and the tuned steps after it are as small.
+        assert max(float((p - s).abs().max()) for p, s in zip(params, start)) < 1e-6
+    (loop_params, loop), (foreach_params, foreach) = runs
+    for a, b in zip(loop_params, foreach_params):
+        torch.testing.assert_close(b, a, rtol=rtol, atol=0.0)
+    assert foreach.stats()["h_max"] == pytest.approx(loop.stats()["h_max"], rel=rtol)
+
+
+def test_a_huge_gradient_after_the_first_step_is_clipped():
+    model, data = make_model(), make_data()
+    opt = YellowFin(model.parameters())
+    train(model, opt, data, steps=5)
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1e20)
+    opt.step()
+    assert max(float((p - b).abs().max()) for p, b in zip(model.parameters(), before)) < 1.0
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_all_zero_gradients_are_no_tuner_steps(foreach):
+    fresh_params, fresh = train_after_zero_gradients(0, foreach=foreach)
+    params, opt = train_after_zero_gradients(1000, foreach=foreach)
+    assert opt.stats() == fresh.stats()
+    assert all(torch.equal(a, b) for a, b in zip(params, fresh_params))
+    assert all(torch.equal(a, b) for a, b in zip(flat_state(opt), flat_state(fresh)))
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_zeros_in_some_parameters_are_an_ordinary_step_and_per_group_scopes_decide_alone(foreach):
+    a, b = (torch.ones(3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    opt = YellowFin([a, b], foreach=foreach)
+    a.grad, b.grad = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    opt.step()
+    assert opt.stats()["step"] == 1
+    grouped = YellowFin([{"params": [a]}, {"params": [b]}], per_group_tuning=True, foreach=foreach)
+    grouped.step()
+    assert [s["step"] for s in grouped.stats()] == [0, 1]
 
 
 def test_single_scalar_parameter():

@@ -17,6 +17,8 @@ reference) and as multi-tensor ``torch._foreach_*`` calls; tests hold them to th
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections import defaultdict
 from typing import Callable, Iterable, NamedTuple
 
@@ -25,7 +27,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import fused, measurements, tuning
-from .state import TunerSettings, TunerState
+from .state import TunerSettings, TunerState, check_bool, check_number
 
 try:  # (torch builds without distributed support have no DTensor)
     from torch.distributed.tensor import DTensor as _DTensor
@@ -128,7 +130,8 @@ class YellowFin(Optimizer):
             vars(settings), lr=lr, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
             nesterov=nesterov, maximize=maximize, foreach=foreach, fused=fused,
         )
-        self.per_group_tuning = bool(per_group_tuning)
+        check_bool("per_group_tuning", per_group_tuning)
+        self.per_group_tuning = per_group_tuning
         self.shard_group = shard_group
         self._tuners: list[TunerState] = []
         super().__init__(params, defaults)
@@ -157,24 +160,10 @@ class YellowFin(Optimizer):
         if any(is_dtensor(p) for p in param_group["params"]):
             raise ValueError("DTensor parameters (FSDP2 fully_shard): tuning on one shard's statistics would give "
                              "every rank different values; use yellowfin.distributed.FullyShardedYellowFin")
-        merged = {**self.defaults, **param_group}
-        settings = self._settings(merged)  # validates the tuner's settings
-        lr, weight_decay = merged["lr"], merged["weight_decay"]
-        if isinstance(lr, Tensor):
-            if lr.numel() != 1:
-                raise ValueError(f"invalid lr: a tensor lr must hold one element, got shape {tuple(lr.shape)}")
-        elif not (isinstance(lr, (int, float)) and 0.0 <= lr < float("inf")):
-            raise ValueError(f"invalid lr={lr!r}: allowed range is [0, inf) (a multiplier on the tuned rate)")
-        if not (isinstance(weight_decay, (int, float)) and 0.0 <= weight_decay < float("inf")):
-            raise ValueError(f"invalid weight_decay={weight_decay!r}: allowed range is [0, inf)")
-        for name in ("nesterov", "maximize", "decoupled_weight_decay"):
-            if not isinstance(merged[name], bool):
-                raise ValueError(f"invalid {name}={merged[name]!r}: allowed values are True or False")
-        for name in ("foreach", "fused"):
-            if merged[name] not in (None, True, False):
-                raise ValueError(f"invalid {name}={merged[name]!r}: allowed values are None, True or False")
-        if merged["foreach"] and merged["fused"]:
-            raise ValueError("foreach=True and fused=True are two implementations of the same step: choose one")
+        if len({id(p) for p in param_group["params"]}) != len(param_group["params"]):
+            # (torch only warns; the per-tensor and multi-tensor paths would update such a tensor once and twice)
+            raise ValueError("a parameter group lists the same tensor more than once: list each parameter once")
+        settings = _check_group({**self.defaults, **param_group})
         if not self.per_group_tuning and self.param_groups:
             shared = self._settings(self.param_groups[0])
             if settings != shared:
@@ -249,10 +238,16 @@ class YellowFin(Optimizer):
             if not state:
                 state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(grad)
-            grad_avgs.append(state["grad_avg"])
-            momenta.append(state["momentum_buffer"])
+            tensors = (p, grad, state["grad_avg"], state["momentum_buffer"])
+            if p.is_complex():
+                # A complex entry is two real coordinates: every path works on the real views, so
+                # ||g||^2 = sum |g|^2 and <gbar, g> = Re sum conj(gbar) g, exactly as for the real twin.
+                if grad.is_sparse:
+                    raise ValueError("complex parameters with sparse gradients are not supported; "
+                                     "allowed are dense gradients for complex parameters")
+                tensors = tuple(map(torch.view_as_real, tensors))
+            for values, tensor in zip((params, grads, grad_avgs, momenta), tensors):
+                values.append(tensor)
         mode = "fused" if group["fused"] else "loop" if group["foreach"] is False else "foreach"
         return _Batch(group, params, grads, grad_avgs, momenta, mode)
 
@@ -288,7 +283,14 @@ class YellowFin(Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a checkpoint; everything is validated first, so a mismatch changes nothing."""
+        """Load a checkpoint; everything is validated first, so a refused load changes nothing."""
+        state_dict, tuners = self._checked_state_dict(state_dict)
+        super().load_state_dict(state_dict)
+        self._tuners = tuners
+
+    def _checked_state_dict(self, state_dict: dict) -> tuple[dict, list[TunerState]]:
+        """The state dict with missing group options filled in, and its tuners; raises ValueError
+        (TypeError for a group option of the wrong type) for anything this optimizer would not accept."""
         state_dict = dict(state_dict)
         if "tuners" not in state_dict:
             raise ValueError("not a YellowFin state dict: it has no 'tuners' entry")
@@ -301,12 +303,21 @@ class YellowFin(Optimizer):
             raise ValueError(
                 f"state dict has {len(saved_groups)} parameter groups, this optimizer {len(self.param_groups)}"
             )
+        # A group saved before an option existed ran with that option's default, as torch's optimizers assume.
+        saved_groups = [{**_option_defaults(), **saved} for saved in saved_groups]
+        state_dict["param_groups"] = saved_groups
         for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
                     f"parameter group {index} has {len(group['params'])} parameters, "
                     f"the state dict {len(saved['params'])}"
                 )
+            unknown = set(saved) - set(self.defaults) - set(_TORCH_GROUP_KEYS)
+            if unknown:
+                raise ValueError(f"parameter group {index} of the state dict has unknown option(s) {sorted(unknown)}")
+            _check_group(saved)
+        if not self.per_group_tuning and any(self._settings(g) != self._settings(saved_groups[0]) for g in saved_groups):
+            raise ValueError("state dict has groups with different tuner settings but one shared tuner")
         params = {index: p for index, p in enumerate(p for g in self.param_groups for p in g["params"])}
         for index, param_state in state_dict.get("state", {}).items():
             if index not in params:
@@ -317,15 +328,16 @@ class YellowFin(Optimizer):
                         f"state {name!r} of parameter {index} has shape {tuple(value.shape)}, "
                         f"the parameter {tuple(params[index].shape)}"
                     )
+                if isinstance(value, Tensor) and not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"state {name!r} of parameter {index} holds NaN or Inf: allowed are finite values")
         scopes = [[g] for g in saved_groups] if self.per_group_tuning else [saved_groups]
         if not isinstance(tuners, (list, tuple)) or len(tuners) != len(scopes):
             raise ValueError(f"state dict has {len(tuners)} tuners, this optimizer needs {len(scopes)}")
         restored = [
-            TunerState.from_dict(values, self._settings({**self.defaults, **groups[0]}), _device_of(own))
+            TunerState.from_dict(values, self._settings(groups[0]), _device_of(own))
             for values, groups, own in zip(tuners, scopes, self._scopes())
         ]
-        super().load_state_dict(state_dict)
-        self._tuners = restored
+        return state_dict, restored
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -344,7 +356,11 @@ def _tune_from_sums(state: TunerState, totals: Tensor, settings: TunerSettings) 
     """
     sums = _Sums(*totals.unbind())
     finite = torch.isfinite(sums.sq_norm)  # (float64 sums: only a non-finite g makes this inf)
-    applied = finite & (sums.numel > 0)  # nothing to measure anywhere: a no-op, not a skip
+    # An all-zero gradient of the whole scope (a frozen phase, a masked loss) carries no information:
+    # like a step without gradients it is a no-op, not a skip, so it cannot age or pollute the
+    # estimates (step count, curvature window, averages, slow start). Zeros in some tensors while
+    # others have a gradient are an ordinary step.
+    applied = finite & (sums.sq_norm > 0.0)
     sq_norm = torch.where(finite, sums.sq_norm, 0.0)
     density = torch.ones_like(sq_norm)
     if settings.sparsity_correction:
@@ -379,6 +395,14 @@ def _tune_from_sums(state: TunerState, totals: Tensor, settings: TunerSettings) 
 
     # The update uses this step's (reference) or the previous step's (paper) tuned values.
     applied_mu, applied_lr = (state.mu, state.lr) if settings.update_first else (mu, lr)
+    if settings.adaptive_clipping:
+        # The first step has no curvature history to clip against, and alpha_0 is not tuned: a
+        # gradient of norm 1e20 would move the parameters by alpha_0 * 1e20 and training would never
+        # recover. Bound it by the tuner's own model of this one sample: the distance to the optimum
+        # is D = ||g|| / ||g||^2, the step that SingleStep tunes for it (alpha = 1 / ||g||^2, mu = 0),
+        # so alpha_0 ||g|| (scaled) may not exceed 1 / ||g||. Ordinary first steps are far below it.
+        first_reach = applied_lr * curvature_sample  # alpha_0 ||g|| / (1 / ||g||)
+        update_scale = torch.where(~started & (first_reach > 1.0), 1.0 / first_reach, update_scale)
     coefficients = _Coefficients(
         finite=applied,
         avg_decay=avg_decay,
@@ -405,6 +429,38 @@ class _Batch(NamedTuple):
     grad_avgs: list[Tensor]
     momenta: list[Tensor]
     mode: str  # "loop" (the per-tensor reference), "foreach" or "fused"
+
+
+@functools.cache
+def _option_defaults() -> dict:
+    """Every option a parameter group holds, at its default (from YellowFin's signature: one place)."""
+    parameters = inspect.signature(YellowFin.__init__).parameters
+    return {name: parameters[name].default for name in TunerSettings.names() + _GROUP_OPTIONS}
+
+
+def _check_group(group: dict) -> TunerSettings:
+    """Validate a parameter group's options (at construction, add_param_group and load_state_dict alike);
+    return its tuner settings. Raises TypeError for a value of the wrong type, ValueError out of range."""
+    settings = YellowFin._settings(group)
+    lr, weight_decay = group["lr"], group["weight_decay"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or lr.is_complex() or not lr.is_floating_point():
+            raise ValueError(f"invalid lr: a tensor lr must hold one real floating-point number, got {lr!r}")
+        lr = float(lr)  # (validation only: reads the value on the host once, never inside step())
+    check_number("lr", lr, "a number or a one-element tensor in [0, inf)")
+    if not 0.0 <= lr < float("inf"):
+        raise ValueError(f"invalid lr={group['lr']!r}: allowed range is [0, inf) (a multiplier on the tuned rate)")
+    check_number("weight_decay", weight_decay, "a number in [0, inf)")
+    if not 0.0 <= weight_decay < float("inf"):
+        raise ValueError(f"invalid weight_decay={weight_decay!r}: allowed range is [0, inf)")
+    for name in ("nesterov", "maximize", "decoupled_weight_decay"):
+        check_bool(name, group[name])
+    for name in ("foreach", "fused"):
+        if group[name] is not None:
+            check_bool(name, group[name])
+    if group["foreach"] and group["fused"]:
+        raise ValueError("foreach=True and fused=True are two implementations of the same step: choose one")
+    return settings
 
 
 def is_dtensor(tensor) -> bool:
@@ -471,15 +527,17 @@ def _reduce_sums_foreach(grads: list[Tensor], grad_avgs: list[Tensor], count_non
     """``_reduce_sums`` (without the element count) for dense tensors of one device and dtype,
     with multi-tensor kernels.
 
-    The sums accumulate in the tensors' own precision (float32 at least): a float64 reduction
-    would first copy every tensor to float64, which costs several times the whole update. So
-    here a float32 gradient whose norm passes ~1.8e19 overflows, reads as non-finite, and the
-    step is skipped and counted; the reference and fused paths accumulate in float64.
+    The norms accumulate in float64, as on the reference and fused paths: in float32 a gradient
+    of norm above ~1.8e19 would overflow and be skipped (and one below ~1e-23 would read as zero)
+    where the other paths apply it. (On CUDA the kernel reads float32 and accumulates in float64;
+    on CPU torch converts each tensor, which costs about a quarter of a step.) The cross term stays
+    a float32 dot: where it overflows, ``measurements.averaged_sq_norm`` brings it back inside its
+    Cauchy-Schwarz bound.
     """
     if grads[0].dtype in (torch.float16, torch.bfloat16):
         grads, grad_avgs = [g.float() for g in grads], [a.float() for a in grad_avgs]
-    sq_norm = torch.stack(torch._foreach_norm(grads, 2)).to(torch.float64).square().sum()
-    avg_sq_norm = torch.stack(torch._foreach_norm(grad_avgs, 2)).to(torch.float64).square().sum()
+    sq_norm = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).square().sum()
+    avg_sq_norm = torch.stack(torch._foreach_norm(grad_avgs, 2, dtype=torch.float64)).square().sum()
     cross = torch.stack([torch.dot(g.reshape(-1), a.reshape(-1)) for g, a in zip(grads, grad_avgs)])
     cross = cross.to(torch.float64).sum()
     nonzero = torch.zeros_like(cross)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, fields
 
 import torch
@@ -35,14 +36,20 @@ class TunerSettings:
     smooth_tuned: bool = False
 
     def __post_init__(self):
+        for name, allowed in (("beta", "[0, 1)"), ("eps", "(0, 1)"), ("initial_lr", "[0, inf)"),
+                              ("initial_momentum", "(-1, 1)")):
+            check_number(name, getattr(self, name), f"a number in {allowed}")
         _check(0.0 <= self.beta < 1.0, "beta", self.beta, "[0, 1)")
+        check_number("curvature_window", self.curvature_window, "an integer in [1, 10**6]")
         _check(
-            isinstance(self.curvature_window, int) and self.curvature_window >= 1,
-            "curvature_window", self.curvature_window, "an integer >= 1",
+            isinstance(self.curvature_window, numbers.Integral) and 1 <= self.curvature_window <= MAX_CURVATURE_WINDOW,
+            "curvature_window", self.curvature_window, "an integer in [1, 10**6]",
         )
         _check(0.0 < self.eps < 1.0, "eps", self.eps, "(0, 1)")
         _check(self.initial_lr >= 0.0 and math.isfinite(self.initial_lr), "initial_lr", self.initial_lr, "[0, inf)")
         _check(-1.0 < self.initial_momentum < 1.0, "initial_momentum", self.initial_momentum, "(-1, 1)")
+        if self.clip_norm is not None:
+            check_number("clip_norm", self.clip_norm, "None or a finite number > 0")
         _check(
             self.clip_norm is None or (self.clip_norm > 0.0 and math.isfinite(self.clip_norm)),
             "clip_norm", self.clip_norm, "None or a finite number > 0",
@@ -52,16 +59,33 @@ class TunerSettings:
             "curvature_smoothing", self.curvature_smoothing, "'log' or 'linear'",
         )
         for name in ("adaptive_clipping", "slow_start", "sparsity_correction", "update_first", "smooth_tuned"):
-            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
+            check_bool(name, getattr(self, name))
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
 
 
+# The curvature window is a float64 ring buffer per tuner, scanned for its extremes at every step:
+# 10**6 samples (8 MB, a window longer than most training runs) is far beyond any useful window
+# (the default is 20), while 10**9 would allocate 8 GB and scan it at every step.
+MAX_CURVATURE_WINDOW = 10**6
+
+
 def _check(ok: bool, name: str, value, allowed: str) -> None:
     if not ok:
         raise ValueError(f"invalid {name}={value!r}: allowed range is {allowed}")
+
+
+def check_number(name: str, value, allowed: str = "a real number") -> None:
+    """A TypeError unless ``value`` is a real number (int or float; a bool is not a number here)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"invalid {name}={value!r} of type {type(value).__name__}: allowed is {allowed}")
+
+
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"invalid {name}={value!r} of type {type(value).__name__}: allowed values are True or False")
 
 
 @dataclass(frozen=True)
@@ -134,6 +158,24 @@ class TunerState:
                     f"tuner state field {name!r} has shape {tuple(value.shape)}, expected {shape} "
                     f"(curvature_window={settings.curvature_window})"
                 )
+        for name, value in values.items():
+            if value.is_complex() or not bool(torch.isfinite(value).all()):
+                raise ValueError(f"tuner state field {name!r} holds {value.tolist()}: allowed are finite real numbers")
+            low, high = _FIELD_RANGES.get(name, (-math.inf, math.inf))
+            if not bool(((value >= low) & (value <= high)).all()):
+                raise ValueError(f"tuner state field {name!r} holds {value.tolist()}: allowed range is [{low}, {high}]")
+        for name in ("step", "skipped_steps"):
+            if values[name] != torch.round(values[name]):
+                raise ValueError(f"tuner state field {name!r} holds {values[name].item()}: allowed are whole numbers")
         return cls(**{
             name: value.detach().to(device=device, dtype=torch.float64).clone() for name, value in values.items()
         })
+
+
+# What a saved tuner field may hold (finite in every case); fields not listed may take any finite value
+# (the log-smoothed curvature averages are negative below 1; the momentum offset is clamped when used).
+_FIELD_RANGES = {
+    name: (0.0, math.inf)
+    for name in ("step", "skipped_steps", "curvatures", "grad_sq_avg", "grad_norm_avg", "dist_avg",
+                 "h_min", "h_max", "grad_var", "dist", "lr")
+} | {"density_avg": (0.0, 1.0), "mu": (-1.0, 1.0)}
