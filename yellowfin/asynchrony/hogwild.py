@@ -19,7 +19,6 @@ alpha it used. Those snapshots are taken while others write, so they are approxi
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import torch
@@ -28,7 +27,7 @@ from torch import nn
 
 from .controller import closed_loop_for
 from .sensor import MomentumSensor, lr_outside_correction, random_coordinate_subset
-from .workers import WorkerProcesses
+from .workers import StopSignal, WorkerProcesses
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ class _Shared:
         self.mail_version = torch.zeros(num_workers, dtype=torch.int64).share_memory_()
         self.mail_loss = torch.zeros(num_workers, dtype=torch.float64).share_memory_()
         self.mail_flag = torch.zeros(num_workers, dtype=torch.int64).share_memory_()
-        self.stop = ctx.Event()
+        self.stop = StopSignal()
 
 
 def _flat_subset(params, subset: torch.Tensor) -> torch.Tensor:
@@ -74,8 +73,7 @@ def _hogwild_worker(worker_id: int, model: nn.Module, loss_fn, batch_factory, se
     params = [p for p in model.parameters() if p.requires_grad]
     batches = batch_factory(worker_id, seed)
     ring_size = shared.ring.shape[0]
-    parent = os.getppid()
-    while not shared.stop.is_set() and os.getppid() == parent:  # exit if the tuner process is gone
+    while not shared.stop.should_stop():  # also exits if the tuner process is gone
         if shared.counter.value >= int(shared.limit[0]):
             time.sleep(0.001)
             continue
@@ -163,17 +161,15 @@ class Hogwild(WorkerProcesses):
     def start(self) -> None:
         if self._workers:
             return
+        self.shared.stop = StopSignal()  # made here: it records the pid of the process that forks
         for worker_id in range(self.num_workers):
             self._start_worker(worker_id)
 
     def _start_worker(self, worker_id: int) -> None:
         seed = self._next_seed(worker_id)
         self.shared.mail_flag[worker_id] = EMPTY
-        process = self._ctx.Process(target=_hogwild_worker, name=f"yellowfin-hogwild-{worker_id}",
-                                    daemon=True, args=(worker_id, self.model, self.loss_fn,
-                                                       self.batch_factory, seed, self.shared))
-        process.start()
-        self._workers[worker_id] = process
+        self._launch(worker_id, f"yellowfin-hogwild-{worker_id}", _hogwild_worker,
+                     (worker_id, self.model, self.loss_fn, self.batch_factory, seed, self.shared))
 
     def stop(self) -> None:
         self.shared.stop.set()

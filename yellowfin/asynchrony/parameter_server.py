@@ -39,7 +39,7 @@ from torch import nn
 
 from .controller import ClosedLoopMomentum, closed_loop_for
 from .sensor import MomentumSensor, flat_gradients, flat_parameters
-from .workers import WorkerProcesses
+from .workers import StopSignal, WorkerProcesses
 from .simulator import step_size_of
 
 logger = logging.getLogger(__name__)
@@ -60,9 +60,9 @@ def publish(shared_params: torch.Tensor, sequence: torch.Tensor, flat: torch.Ten
 
 
 def read_published(shared_params: torch.Tensor, sequence: torch.Tensor, out: torch.Tensor,
-                   stop_event=None) -> int | None:
+                   stop: StopSignal | None = None) -> int | None:
     """Copy a consistent snapshot into ``out``; return its version (None if asked to stop)."""
-    while stop_event is None or not stop_event.is_set():
+    while stop is None or not stop.should_stop():
         before = int(sequence[0])
         if before % 2:
             time.sleep(0)
@@ -102,29 +102,16 @@ def atomic_save(state: dict, path: str) -> None:
 # Worker process
 # ----------------------------------------------------------------------------------------------
 
-class _StopOrOrphaned:
-    """Set when the server asks the workers to stop, or when the server process is gone (a worker
-    whose server was SIGKILLed must not spin forever on a sequence counter nobody will update)."""
-
-    def __init__(self, stop_event):
-        self.stop_event = stop_event
-        self.parent = os.getppid()
-
-    def is_set(self) -> bool:
-        return self.stop_event.is_set() or os.getppid() != self.parent
-
-
 def _worker_main(worker_id: int, model: nn.Module, loss_fn, batch_factory, seed: int,
-                 shared_params: torch.Tensor, sequence: torch.Tensor, conn, stop_event) -> None:
-    stop_event = _StopOrOrphaned(stop_event)
+                 shared_params: torch.Tensor, sequence: torch.Tensor, conn, stop: StopSignal) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     batches = batch_factory(worker_id, seed)
     local = torch.empty_like(shared_params)
     try:
-        while not stop_event.is_set():
-            version = read_published(shared_params, sequence, local, stop_event)
+        while not stop.should_stop():
+            version = read_published(shared_params, sequence, local, stop)
             if version is None:
                 break
             offset = 0
@@ -138,10 +125,10 @@ def _worker_main(worker_id: int, model: nn.Module, loss_fn, batch_factory, seed:
             loss.backward()
             grad = flat_gradients(params).numpy()
             conn.send((worker_id, version, grad, float(loss.detach())))
-            # Wait for the server to take it: at most one gradient in flight per worker. Poll, because a
-            # forked worker holds copies of pipe ends, so a dead server does not always give it EOF.
+            # Wait for the server to take it: at most one gradient in flight per worker. Poll, and check
+            # the parent between polls: cheap insurance should a dead server's EOF not arrive.
             while not conn.poll(0.2):
-                if stop_event.is_set():
+                if stop.should_stop():
                     return
             conn.recv()
     except (BrokenPipeError, EOFError, ConnectionResetError, KeyboardInterrupt):
@@ -207,14 +194,14 @@ class ParameterServer(WorkerProcesses):
 
         self._shared_params = torch.zeros(self.numel, dtype=flat.dtype).share_memory_()
         self._sequence = torch.zeros(1, dtype=torch.int64).share_memory_()
-        self._stop_event = None
+        self._stop = None
         self._conns: dict[int, object] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         if self._workers:
             return
-        self._stop_event = self._ctx.Event()
+        self._stop = StopSignal()
         self._publish()
         for worker_id in range(self.num_workers):
             self._start_worker(worker_id)
@@ -222,19 +209,19 @@ class ParameterServer(WorkerProcesses):
     def _start_worker(self, worker_id: int) -> None:
         receiver, sender = self._ctx.Pipe(duplex=True)
         seed = self._next_seed(worker_id)
-        process = self._ctx.Process(
-            target=_worker_main, name=f"yellowfin-ps-worker-{worker_id}", daemon=True,
-            args=(worker_id, copy.deepcopy(self.model), self.loss_fn, self.batch_factory, seed,
-                  self._shared_params, self._sequence, sender, self._stop_event))
-        process.start()
+        self._launch(worker_id, f"yellowfin-ps-worker-{worker_id}", _worker_main,
+                     (worker_id, copy.deepcopy(self.model), self.loss_fn, self.batch_factory, seed,
+                      self._shared_params, self._sequence, sender, self._stop), own_ends=(receiver,))
         sender.close()  # only the worker holds its end, so its death gives us EOF
-        self._workers[worker_id] = process
         self._conns[worker_id] = receiver
+
+    def _parent_pipe_ends(self) -> list:
+        return list(self._conns.values())
 
     def stop(self) -> None:
         """Stop every worker: ask, then close the pipes (unblocks senders), join, then kill."""
-        if self._stop_event is not None:
-            self._stop_event.set()
+        if self._stop is not None:
+            self._stop.set()
         for conn in self._conns.values():
             conn.close()
         self._conns.clear()
@@ -309,7 +296,7 @@ class ParameterServer(WorkerProcesses):
                        process.pid, process.exitcode, self.version,
                        "starting a replacement" if self.replace_dead_workers else "going on without it")
         del self._workers[worker_id]
-        if self.replace_dead_workers and not self._stop_event.is_set():
+        if self.replace_dead_workers and not self._stop.is_set():
             self._start_worker(worker_id)
             self.replacements += 1
 
