@@ -3,7 +3,8 @@ import os
 import pytest
 import torch
 
-from asynchrony_problems import make_regression_model, regression_batches, regression_eval_loss, regression_loss
+from asynchrony_problems import (make_regression_model, poisoned_batches, regression_batches, regression_eval_loss,
+                                 regression_loss)
 from yellowfin.asynchrony import Hogwild
 from yellowfin.asynchrony.hogwild import heavy_ball_in_place
 
@@ -98,3 +99,18 @@ def test_open_loop_checkpoint_does_not_load_into_a_closed_loop_hogwild():
                      closed_loop=True)
     with pytest.raises(ValueError):
         closed.load_state_dict(open_loop.state_dict())
+
+
+@pytest.mark.parametrize("tuner", ["yellowfin", None])
+def test_non_finite_gradients_change_nothing_and_are_counted(tuner):
+    """Worker 0 computes a NaN gradient every other batch: those are skipped, never applied."""
+    model = make_regression_model(0)
+    before = regression_eval_loss(model)
+    hogwild = Hogwild(model, regression_loss, poisoned_batches, num_workers=2, tuner=tuner, lr=0.05,
+                      momentum=0.5)
+    with hogwild:
+        report = hogwild.run(300, timeout=60)
+    assert report["rejected"] > 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(b).all() for b in hogwild.shared.buffers)
+    assert regression_eval_loss(model) < before

@@ -26,6 +26,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from .controller import closed_loop_for
+from .parameter_server import atomic_save, gradient_problem
 from .sensor import MomentumSensor, lr_outside_correction, random_coordinate_subset
 from .workers import StopSignal, WorkerProcesses
 
@@ -59,6 +60,7 @@ class _Shared:
         self.mail_version = torch.zeros(num_workers, dtype=torch.int64).share_memory_()
         self.mail_loss = torch.zeros(num_workers, dtype=torch.float64).share_memory_()
         self.mail_flag = torch.zeros(num_workers, dtype=torch.int64).share_memory_()
+        self.rejected = torch.zeros(num_workers, dtype=torch.int64).share_memory_()  # one writer each
         self.stop = StopSignal()
 
 
@@ -84,6 +86,11 @@ def _hogwild_worker(worker_id: int, model: nn.Module, loss_fn, batch_factory, se
         loss = loss_fn(model, next(batches))
         loss.backward()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat_grad = torch.cat([g.reshape(-1) for g in grads])
+        flat_numpy = flat_grad.numpy()
+        if gradient_problem(flat_numpy, flat_numpy.size, flat_numpy.dtype) is not None:
+            shared.rejected[worker_id] += 1  # one NaN applied would poison the shared model for good
+            continue
         heavy_ball_in_place(params, shared.buffers, grads, mu, alpha)
         with shared.counter.get_lock():  # only to hand out unique version numbers
             shared.counter.value += 1
@@ -94,7 +101,7 @@ def _hogwild_worker(worker_id: int, model: nn.Module, loss_fn, batch_factory, se
         shared.ring_alpha[slot] = alpha
         shared.ring_version[slot] = new_version
         if int(shared.mail_flag[worker_id]) == EMPTY:  # never wait for the tuner
-            shared.mail_grad[worker_id] = torch.cat([g.reshape(-1) for g in grads])
+            shared.mail_grad[worker_id] = flat_grad
             shared.mail_version[worker_id] = version
             shared.mail_loss[worker_id] = float(loss.detach())
             shared.mail_flag[worker_id] = FULL
@@ -150,6 +157,7 @@ class Hogwild(WorkerProcesses):
             self._write_tuned()
 
         self.tuned_gradients = 0
+        self._rejected_reported = 0
         self.worker_failures: list[dict] = []
         self.trace: list[dict] = []
 
@@ -199,10 +207,7 @@ class Hogwild(WorkerProcesses):
         grad = self.shared.mail_grad[worker_id].clone()
         version = int(self.shared.mail_version[worker_id])
         loss = float(self.shared.mail_loss[worker_id])
-        self.shared.mail_flag[worker_id] = EMPTY
-        if not torch.isfinite(grad).all():
-            logger.error("ignored a non-finite gradient from hogwild worker %d", worker_id)
-            return
+        self.shared.mail_flag[worker_id] = EMPTY  # (workers mail only gradients they applied: finite ones)
         offset = 0
         for p in self.shadow:
             n = p.numel()
@@ -242,7 +247,16 @@ class Hogwild(WorkerProcesses):
                     self._tune_on(worker_id)
             if not full:
                 time.sleep(0.0005)
+        rejected = self.rejected
+        if rejected > self._rejected_reported:
+            logger.error("hogwild workers skipped %d non-finite gradients", rejected - self._rejected_reported)
+            self._rejected_reported = rejected
         return self.report()
+
+    @property
+    def rejected(self) -> int:
+        """Non-finite gradients the workers skipped (never applied)."""
+        return int(self.shared.rejected.sum())
 
     def _check_workers(self) -> None:
         for worker_id, process in list(self._workers.items()):
@@ -259,7 +273,7 @@ class Hogwild(WorkerProcesses):
             raise RuntimeError("every hogwild worker has died")
 
     def report(self) -> dict:
-        return {"version": self.version, "tuned_gradients": self.tuned_gradients,
+        return {"version": self.version, "tuned_gradients": self.tuned_gradients, "rejected": self.rejected,
                 "mu": float(self.shared.hyper[0]), "alpha": float(self.shared.hyper[1]),
                 "mu_hat": self.sensor.estimate if self.sensor is not None else None,
                 "momentum_offset": self.controller.offset if self.controller is not None else None,
@@ -296,8 +310,6 @@ class Hogwild(WorkerProcesses):
 
     def save_checkpoint(self, path: str) -> str:
         """Atomic (write, fsync, rename) like the parameter server's."""
-        from .parameter_server import atomic_save
-
         atomic_save(self.state_dict(), path)
         return path
 
