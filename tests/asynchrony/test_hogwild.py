@@ -71,7 +71,7 @@ def test_checkpoint_carries_buffers_tuner_and_controller_and_a_resumed_run_conti
         hogwild.run(200, timeout=60)
     hogwild.save_checkpoint(path)
     assert os.listdir(tmp_path) == ["hogwild.pt"]
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, weights_only=True)
 
     resumed = Hogwild(make_regression_model(1), regression_loss, regression_batches, num_workers=2,
                       closed_loop=True)

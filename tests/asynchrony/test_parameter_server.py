@@ -121,7 +121,7 @@ def test_checkpoint_is_atomic_and_a_resumed_run_continues(tmp_path):
     with server:
         server.run(35, timeout=60)
     assert os.listdir(tmp_path) == ["server.pt"]  # no temporary file left behind
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, weights_only=True)
     assert saved["version"] == 30 and saved["controller"] is not None
 
     resumed = _server(num_workers=2, optimizer_fn=YellowFin, closed_loop=True, checkpoint_path=path)
@@ -150,7 +150,7 @@ def test_a_crash_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, mon
     with pytest.raises(OSError):
         server.save_checkpoint(path)
     monkeypatch.undo()
-    assert torch.load(path, weights_only=False)["version"] == 0
+    assert torch.load(path, weights_only=True)["version"] == 0
 
 
 def test_closed_loop_yellowfin_on_the_server():

@@ -132,7 +132,7 @@ def test_checkpoints_are_atomic_and_a_new_server_resumes(local_ray, tmp_path):
     with _trainer(checkpoint_path=str(path), checkpoint_every=100) as trainer:
         trainer.run(250, timeout=RUN_TIMEOUT_S)
     assert sorted(os.listdir(tmp_path)) == ["server.pt"]  # written to a temporary name, then renamed
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, weights_only=True)
     assert saved["version"] == 200
     assert saved["optimizer"]["tuners"][0]["step"] == 200
     with _trainer(checkpoint_path=str(path), checkpoint_every=100, resume=True) as trainer:
@@ -141,7 +141,7 @@ def test_checkpoints_are_atomic_and_a_new_server_resumes(local_ray, tmp_path):
             assert torch.equal(value, saved["model"][name])
         report = trainer.run(50, timeout=RUN_TIMEOUT_S)
     assert report["version"] == 250 and report["optimizer"]["step"] == 250
-    assert torch.load(path, weights_only=False)["version"] == 200  # next checkpoint is due at 300
+    assert torch.load(path, weights_only=True)["version"] == 200  # next checkpoint is due at 300
 
 
 def test_an_error_in_a_worker_stops_the_run_and_reaches_the_caller(local_ray):

@@ -28,7 +28,7 @@ from torch import nn
 from .controller import closed_loop_for
 from .parameter_server import atomic_save, gradient_problem
 from .sensor import MomentumSensor, lr_outside_correction, random_coordinate_subset
-from .workers import StopSignal, WorkerProcesses
+from .workers import StopSignal, WorkerProcesses, load_all_or_nothing, load_checkpoint_file
 
 logger = logging.getLogger(__name__)
 
@@ -287,24 +287,43 @@ class Hogwild(WorkerProcesses):
                 "hyper": self.shared.hyper.clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore model, shared momentum buffers, tuner and controller (call while no run is going on)."""
+        """Restore model, shared momentum buffers, tuner and controller (call while no run is going on).
+
+        All or nothing: everything is checked first; if any part does not fit, it raises and nothing
+        (model, buffers, tuner, controller, version counter, mu and alpha) has changed."""
         if (state.get("controller") is None) != (self.controller is None):
             raise ValueError("checkpoint and this Hogwild disagree on whether the loop is closed")
+        try:
+            version = int(state["version"])
+            buffers = list(state["momentum_buffers"])
+            hyper = state.get("hyper")
+            loads = [(self.model, state["model"])]
+            if self.tuner is not None and state.get("tuner") is not None:
+                loads.append((self.tuner, state["tuner"]))
+            if self.controller is not None:
+                loads.append((self.controller, state["controller"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"not a Hogwild checkpoint: {error!r}") from error
+        shapes = [tuple(b.shape) for b in self.shared.buffers]
+        if len(buffers) != len(shapes) or any(
+                not isinstance(saved, torch.Tensor) or tuple(saved.shape) != shape
+                for saved, shape in zip(buffers, shapes)):
+            raise ValueError(f"checkpoint momentum buffers do not match the model's parameters {shapes}")
+        if hyper is not None and (not isinstance(hyper, torch.Tensor) or hyper.shape != self.shared.hyper.shape):
+            raise ValueError("checkpoint 'hyper' must be a tensor of (mu, alpha)")
+        if version < 0:
+            raise ValueError(f"checkpoint version {version} is negative")
         with torch.no_grad():
-            self.model.load_state_dict(state["model"])  # copies in place: stays in shared memory
-            for buffer, saved in zip(self.shared.buffers, state["momentum_buffers"]):
+            load_all_or_nothing(loads)  # the model loads in place: it stays in shared memory
+            for buffer, saved in zip(self.shared.buffers, buffers):
                 buffer.copy_(saved)
             for shadow, p in zip(self.shadow, self.params):
                 shadow.copy_(p)
         with self.shared.counter.get_lock():
-            self.shared.counter.value = int(state["version"])
-        self.shared.limit[0] = int(state["version"])
-        if "hyper" in state:
-            self.shared.hyper.copy_(state["hyper"])
-        if self.tuner is not None and state.get("tuner") is not None:
-            self.tuner.load_state_dict(state["tuner"])
-        if self.controller is not None:
-            self.controller.load_state_dict(state["controller"])
+            self.shared.counter.value = version
+        self.shared.limit[0] = version
+        if hyper is not None:
+            self.shared.hyper.copy_(hyper)
         if self.tuner is not None:
             self._write_tuned()
 
@@ -314,4 +333,4 @@ class Hogwild(WorkerProcesses):
         return path
 
     def load_checkpoint(self, path: str) -> None:
-        self.load_state_dict(torch.load(path, weights_only=False))
+        self.load_state_dict(load_checkpoint_file(path))

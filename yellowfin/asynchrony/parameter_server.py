@@ -39,7 +39,7 @@ from torch import nn
 
 from .controller import ClosedLoopMomentum, closed_loop_for
 from .sensor import MomentumSensor, flat_gradients, flat_parameters
-from .workers import StopSignal, WorkerProcesses
+from .workers import StopSignal, WorkerProcesses, load_all_or_nothing, load_checkpoint_file
 from .simulator import step_size_of
 
 logger = logging.getLogger(__name__)
@@ -396,14 +396,24 @@ class ParameterServer(WorkerProcesses):
         return path
 
     def load_checkpoint(self, path: str | None = None) -> None:
-        """Restore a checkpoint (before or between runs); the workers then pull the restored model."""
-        state = torch.load(path or self.checkpoint_path, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.controller is not None and state["controller"] is not None:
-            self.controller.load_state_dict(state["controller"])
-        if self.sensor is not None and state["sensor"] is not None:
-            self.sensor.load_state_dict(state["sensor"])
-        self.version = int(state["version"])
-        self.staleness_counts = collections.Counter(state["staleness_counts"])
+        """Restore a checkpoint (before or between runs); the workers then pull the restored model.
+
+        All or nothing: if any part does not fit this server, it raises and nothing has changed."""
+        path = path or self.checkpoint_path
+        state = load_checkpoint_file(path)
+        try:
+            version = int(state["version"])
+            staleness_counts = collections.Counter({int(k): int(v) for k, v in state["staleness_counts"].items()})
+            loads = [(self.model, state["model"]), (self.optimizer, state["optimizer"])]
+            if self.controller is not None and state["controller"] is not None:
+                loads.append((self.controller, state["controller"]))
+            if self.sensor is not None and state["sensor"] is not None:
+                loads.append((self.sensor, state["sensor"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise ValueError(f"{path} is not a parameter server checkpoint: {error!r}") from error
+        if version < 0:
+            raise ValueError(f"{path}: version {version} is negative")
+        load_all_or_nothing(loads)
+        self.version = version
+        self.staleness_counts = staleness_counts
         self._publish()

@@ -5,6 +5,7 @@ that joins and then kills."""
 from __future__ import annotations
 
 import collections
+import copy
 import os
 import time
 
@@ -33,6 +34,29 @@ class StopSignal:
     def should_stop(self) -> bool:
         """In a worker: asked to stop, or orphaned (its parent is gone, and it was re-parented)."""
         return self.is_set() or os.getppid() != self.parent_pid
+
+
+def load_checkpoint_file(path: str) -> dict:
+    """``torch.load`` that can only rebuild tensors and plain containers: a checkpoint file can never run
+    code (with ``weights_only=False`` unpickling a crafted file runs whatever it names)."""
+    state = torch.load(path, weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a checkpoint (a dict)")
+    return state
+
+
+def load_all_or_nothing(loads: list[tuple[object, dict]]) -> None:
+    """``component.load_state_dict(state)`` for each pair; if any of them raises, every component gets its
+    previous state back before the error propagates, so a checkpoint that fails to load changes nothing
+    (``load_state_dict`` methods check as they go and may have applied part of the state already)."""
+    previous = [(component, copy.deepcopy(component.state_dict())) for component, _ in loads]
+    try:
+        for component, state in loads:
+            component.load_state_dict(state)
+    except BaseException:
+        for component, state in previous:
+            component.load_state_dict(state)
+        raise
 
 
 def _worker_entry(target, args, inherited) -> None:
