@@ -81,3 +81,8 @@ def wide_batches(worker_id: int, seed: int):
     while True:
         x = torch.randn(4, WIDE, generator=generator)
         yield x, x.flip(1)
+
+
+def failing_loss(model: nn.Module, batch) -> torch.Tensor:
+    """A loss function with a bug: it raises every time."""
+    raise ValueError("the loss exploded on purpose")

@@ -3,9 +3,9 @@ import os
 import pytest
 import torch
 
-from asynchrony_problems import (make_regression_model, poisoned_batches, regression_batches, regression_eval_loss,
+from asynchrony_problems import (failing_loss, make_regression_model, poisoned_batches, regression_batches, regression_eval_loss,
                                  regression_loss)
-from yellowfin.asynchrony import Hogwild
+from yellowfin.asynchrony import Hogwild, WorkerFailed
 from yellowfin.asynchrony.hogwild import heavy_ball_in_place
 
 pytestmark = pytest.mark.timeout(90)
@@ -114,3 +114,15 @@ def test_non_finite_gradients_change_nothing_and_are_counted(tuner):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(torch.isfinite(b).all() for b in hogwild.shared.buffers)
     assert regression_eval_loss(model) < before
+
+
+def test_a_worker_whose_loss_raises_is_restarted_within_its_budget_then_the_run_stops_with_its_error():
+    hogwild = Hogwild(make_regression_model(0), failing_loss, regression_batches, num_workers=2, tuner=None,
+                      max_restarts=1)
+    with hogwild:
+        with pytest.raises(WorkerFailed, match="the loss exploded on purpose") as raised:
+            hogwild.run(100)  # no timeout: the restart budget, not the caller, ends this run
+        assert hogwild.alive_workers == []
+    assert "Traceback" in str(raised.value) and "in failing_loss" in str(raised.value)
+    deaths = [f for f in hogwild.worker_failures if f["worker"] == raised.value.worker_id]
+    assert len(deaths) == 2 and hogwild.version == 0

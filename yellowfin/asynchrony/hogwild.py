@@ -117,14 +117,17 @@ class Hogwild(WorkerProcesses):
             ``lr``/``momentum`` (plain Hogwild momentum SGD).
         closed_loop: attach the sensor and controller (``sensor_step`` and ``gain`` as in
             :func:`closed_loop_for`).
+        replace_dead_workers, max_restarts, restart_window: as for the parameter server (a worker that
+            dies more often than its budget allows stops the run with ``WorkerFailed``).
     """
 
     def __init__(self, model: nn.Module, loss_fn, batch_factory, num_workers: int = 4,
                  tuner="yellowfin", lr: float = 0.01, momentum: float = 0.0, closed_loop: bool = False,
                  sensor_step: str = "algorithmic", gain: float = 0.01, sensor_subset: int = 512,
                  seed: int = 0, ring_size: int = 512, start_method: str = "fork",
-                 join_timeout: float = 5.0, replace_dead_workers: bool = True):
-        super().__init__(int(num_workers), seed, join_timeout)
+                 join_timeout: float = 5.0, replace_dead_workers: bool = True, max_restarts: int = 3,
+                 restart_window: float = 60.0):
+        super().__init__(int(num_workers), seed, join_timeout, max_restarts, restart_window)
         self.model = model
         self.loss_fn = loss_fn
         self.batch_factory = batch_factory
@@ -262,15 +265,15 @@ class Hogwild(WorkerProcesses):
         for worker_id, process in list(self._workers.items()):
             if process.is_alive():
                 continue
-            process.join(self.join_timeout)
-            self.worker_failures.append({"worker": worker_id, "pid": process.pid,
-                                         "exitcode": process.exitcode, "version": self.version})
-            logger.warning("hogwild worker %d died with exit code %s", worker_id, process.exitcode)
-            del self._workers[worker_id]
+            failure = self._reap(worker_id, self.version)
+            self.worker_failures.append(failure)
             if self.replace_dead_workers and not self.shared.stop.is_set():
+                self._check_restart_budget(failure)
                 self._start_worker(worker_id)
         if not self._workers:
-            raise RuntimeError("every hogwild worker has died")
+            errors = [f["error"] for f in self.worker_failures if f["error"]]
+            raise RuntimeError("every hogwild worker has died"
+                               + (f"; the last error:\n{errors[-1]}" if errors else ""))
 
     def report(self) -> dict:
         return {"version": self.version, "tuned_gradients": self.tuned_gradients, "rejected": self.rejected,

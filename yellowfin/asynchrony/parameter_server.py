@@ -152,7 +152,9 @@ class ParameterServer(WorkerProcesses):
         closed_loop: attach a momentum sensor and a :class:`ClosedLoopMomentum` controller (YellowFin).
         sensor_step: "algorithmic" (alpha) or "effective" (alpha / M) for the controller's sensor.
         checkpoint_path / checkpoint_every: atomic checkpoints of model, optimizer, controller.
-        replace_dead_workers: start a replacement when a worker dies.
+        replace_dead_workers: start a replacement when a worker dies, at most ``max_restarts`` times per
+            worker within ``restart_window`` seconds; one more death stops the run and raises
+            :class:`~yellowfin.asynchrony.workers.WorkerFailed` with the worker's exception and traceback.
     """
 
     def __init__(self, model: nn.Module, optimizer, loss_fn, batch_factory: BatchFactory,
@@ -161,8 +163,9 @@ class ParameterServer(WorkerProcesses):
                  sensor_step: str = "algorithmic", sensor_subset: int = 512, gain: float = 0.01,
                  checkpoint_path: str | None = None, checkpoint_every: int = 0,
                  replace_dead_workers: bool = True, start_method: str = "fork",
-                 join_timeout: float = 5.0, trace_every: int = 1):
-        super().__init__(int(num_workers), seed, join_timeout)
+                 join_timeout: float = 5.0, trace_every: int = 1, max_restarts: int = 3,
+                 restart_window: float = 60.0):
+        super().__init__(int(num_workers), seed, join_timeout, max_restarts, restart_window)
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
@@ -216,7 +219,7 @@ class ParameterServer(WorkerProcesses):
         self._conns[worker_id] = receiver
 
     def _parent_pipe_ends(self) -> list:
-        return list(self._conns.values())
+        return [*super()._parent_pipe_ends(), *self._conns.values()]
 
     def stop(self) -> None:
         """Stop every worker: ask, then close the pipes (unblocks senders), join, then kill."""
@@ -284,26 +287,21 @@ class ParameterServer(WorkerProcesses):
         return record
 
     def _worker_died(self, worker_id: int) -> None:
-        process = self._workers[worker_id]
-        process.join(self.join_timeout)
         conn = self._conns.pop(worker_id, None)
         if conn is not None:
             conn.close()
-        failure = {"worker": worker_id, "pid": process.pid, "exitcode": process.exitcode,
-                   "version": self.version}
+        failure = self._reap(worker_id, self.version)
         self.worker_failures.append(failure)
-        logger.warning("worker %d (pid %s) died with exit code %s at version %d; %s", worker_id,
-                       process.pid, process.exitcode, self.version,
-                       "starting a replacement" if self.replace_dead_workers else "going on without it")
-        del self._workers[worker_id]
         if self.replace_dead_workers and not self._stop.is_set():
+            self._check_restart_budget(failure)
             self._start_worker(worker_id)
             self.replacements += 1
 
     def run(self, num_updates: int, timeout: float | None = None) -> dict:
         """Apply ``num_updates`` more gradients (arrival order); returns :meth:`report`.
 
-        Raises TimeoutError past ``timeout`` seconds and RuntimeError if every worker is gone.
+        Raises TimeoutError past ``timeout`` seconds, WorkerFailed when a worker dies more often than
+        its restart budget allows, and RuntimeError if every worker is gone.
         """
         self.start()
         target = self.version + int(num_updates)
@@ -312,7 +310,9 @@ class ParameterServer(WorkerProcesses):
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"parameter server reached version {self.version} of {target}")
             if not self._workers:
-                raise RuntimeError("every worker has died and none is being replaced")
+                errors = [f["error"] for f in self.worker_failures if f["error"]]
+                raise RuntimeError("every worker has died and none is being replaced"
+                                   + (f"; the last error:\n{errors[-1]}" if errors else ""))
             by_handle = {}
             for worker_id, conn in self._conns.items():
                 by_handle[conn] = ("message", worker_id)

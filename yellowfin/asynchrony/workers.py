@@ -6,11 +6,29 @@ from __future__ import annotations
 
 import collections
 import copy
+import logging
 import os
 import time
+import traceback
 
 import torch
 import torch.multiprocessing as mp
+
+logger = logging.getLogger(__name__)
+
+# A worker's error report is written once, just before it exits; keeping it under a pipe's buffer
+# (64 KiB on Linux) means that write never waits for the parent to read.
+MAX_ERROR_CHARS = 16_000
+
+
+class WorkerFailed(RuntimeError):
+    """A worker died more often than its restart budget allows; carries the worker's last error (the
+    original exception and its traceback, as text) when it died of one."""
+
+    def __init__(self, message: str, worker_id: int, error: str | None):
+        super().__init__(message)
+        self.worker_id = worker_id
+        self.error = error
 
 
 class StopSignal:
@@ -59,24 +77,43 @@ def load_all_or_nothing(loads: list[tuple[object, dict]]) -> None:
         raise
 
 
-def _worker_entry(target, args, inherited) -> None:
+def _worker_entry(target, args, error_pipe, inherited) -> None:
     """Runs first in every worker. A forked child holds copies of every pipe end the parent held; close
     the parent's ends, so that when the parent dies nobody holds them and a send fails instead of
-    blocking forever on a full pipe."""
+    blocking forever on a full pipe. An exception in the worker (the user's loss, its batches) goes back
+    to the parent as text, with its traceback, before the worker exits."""
     for connection in inherited:
         connection.close()
-    target(*args)
+    try:
+        target(*args)
+    except Exception:
+        try:
+            error_pipe.send(traceback.format_exc()[-MAX_ERROR_CHARS:])
+        except OSError:
+            pass  # the parent is gone
+        raise SystemExit(1)
+    finally:
+        error_pipe.close()
 
 
 class WorkerProcesses:
     """Base of a system of ``num_workers`` processes. Subclasses define ``start`` (set up what the
     workers share, start each) and ``stop`` (tell the workers, then ``_join_workers``)."""
 
-    def __init__(self, num_workers: int, seed: int, join_timeout: float):
+    def __init__(self, num_workers: int, seed: int, join_timeout: float, max_restarts: int = 3,
+                 restart_window: float = 60.0):
+        if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
+            raise ValueError(f"max_restarts must be an int >= 0, got {max_restarts!r}")
+        if not restart_window > 0:
+            raise ValueError(f"restart_window must be a number of seconds > 0, got {restart_window!r}")
         self.num_workers = num_workers
         self.seed = int(seed)
         self.join_timeout = float(join_timeout)
+        self.max_restarts = max_restarts
+        self.restart_window = float(restart_window)
         self._workers: dict[int, mp.Process] = {}
+        self._error_pipes: dict[int, object] = {}
+        self._restart_times: dict[int, collections.deque] = collections.defaultdict(collections.deque)
         self._generation: collections.Counter[int] = collections.Counter()
 
     def __enter__(self):
@@ -94,20 +131,59 @@ class WorkerProcesses:
         return self._workers[worker_id].pid
 
     def _parent_pipe_ends(self) -> list:
-        """Pipe ends this (parent) process holds; subclasses with pipes list theirs."""
-        return []
+        """Pipe ends this (parent) process holds; subclasses with pipes of their own add theirs."""
+        return list(self._error_pipes.values())
 
     def _launch(self, worker_id: int, name: str, target, args: tuple, own_ends: tuple = ()):
         """Start ``target(*args)`` in a new worker process; ``own_ends`` are parent-side ends of the
         new worker's own pipes, which the child must not keep either."""
+        error_reader, error_writer = self._ctx.Pipe(duplex=False)
         inherited = []
         if self._ctx.get_start_method() == "fork":  # spawn and forkserver children inherit nothing
-            inherited = [*self._parent_pipe_ends(), *own_ends]
+            inherited = [*self._parent_pipe_ends(), *own_ends, error_reader]
         process = self._ctx.Process(target=_worker_entry, name=name, daemon=True,
-                                    args=(target, args, inherited))
+                                    args=(target, args, error_writer, inherited))
         process.start()
+        error_writer.close()
         self._workers[worker_id] = process
+        self._error_pipes[worker_id] = error_reader
         return process
+
+    def _reap(self, worker_id: int, version: int) -> dict:
+        """Join a worker that has exited; return (and log) what is known of its death."""
+        process = self._workers.pop(worker_id)
+        process.join(self.join_timeout)
+        error = None
+        reader = self._error_pipes.pop(worker_id, None)
+        if reader is not None:
+            try:
+                if reader.poll():
+                    error = str(reader.recv())
+            except (EOFError, OSError):
+                pass
+            reader.close()
+        failure = {"worker": worker_id, "pid": process.pid, "exitcode": process.exitcode,
+                   "version": version, "error": error}
+        logger.warning("worker %d (pid %s) died with exit code %s at version %d%s", worker_id, process.pid,
+                       process.exitcode, version, f":\n{error}" if error else "")
+        return failure
+
+    def _check_restart_budget(self, failure: dict) -> None:
+        """Allow at most ``max_restarts`` restarts of one worker within ``restart_window`` seconds;
+        past that, stop every worker and raise :class:`WorkerFailed` with the worker's error."""
+        worker_id = failure["worker"]
+        now = time.monotonic()
+        recent = self._restart_times[worker_id]
+        while recent and recent[0] < now - self.restart_window:
+            recent.popleft()
+        if len(recent) >= self.max_restarts:
+            self.stop()
+            cause = failure["error"] or f"exit code {failure['exitcode']}\n"
+            raise WorkerFailed(
+                f"worker {worker_id} died {len(recent) + 1} times within {self.restart_window:g} s, more than "
+                f"max_restarts={self.max_restarts} allows; the run is stopped. Its last death:\n{cause}",
+                worker_id, failure["error"])
+        recent.append(now)
 
     def _next_seed(self, worker_id: int) -> int:
         """A different seed at each (re)start, so a replacement does not replay its predecessor's batches."""
@@ -125,3 +201,6 @@ class WorkerProcesses:
                 process.kill()
                 process.join(self.join_timeout)
         self._workers.clear()
+        for reader in self._error_pipes.values():
+            reader.close()
+        self._error_pipes.clear()
