@@ -1,4 +1,7 @@
+import multiprocessing
 import os
+import signal
+import time
 
 import pytest
 import torch
@@ -126,3 +129,28 @@ def test_a_worker_whose_loss_raises_is_restarted_within_its_budget_then_the_run_
     assert "Traceback" in str(raised.value) and "in failing_loss" in str(raised.value)
     deaths = [f for f in hogwild.worker_failures if f["worker"] == raised.value.worker_id]
     assert len(deaths) == 2 and hogwild.version == 0
+
+
+def _hold_forever(lock):
+    lock.acquire()
+    while True:
+        time.sleep(1)
+
+
+def test_a_worker_killed_while_holding_the_version_lock_does_not_stall_the_run():
+    """The version lock is the only lock workers take; one killed inside it must not block the others."""
+    hogwild = Hogwild(make_regression_model(0), regression_loss, regression_batches, num_workers=2, tuner=None)
+    with hogwild:
+        hogwild.run(20, timeout=60)
+        # Stand in for a worker that dies inside the lock: a process takes the lock, then is killed, as is
+        # a worker (whose death the tuner notices).
+        holder = multiprocessing.get_context("fork").Process(target=_hold_forever,
+                                                             args=(hogwild.shared.counter_lock,), daemon=True)
+        holder.start()
+        while hogwild.shared.counter_lock.acquire(timeout=0.01):  # until the holder has it
+            hogwild.shared.counter_lock.release()
+        holder.kill()
+        holder.join(10)
+        os.kill(hogwild.worker_pid(0), signal.SIGKILL)
+        report = hogwild.run(50, timeout=60)
+    assert report["version"] >= 70 and len(report["worker_failures"]) == 1

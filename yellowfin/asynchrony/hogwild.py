@@ -50,7 +50,9 @@ class _Shared:
         numel = sum(p.numel() for p in params)
         self.buffers = [torch.zeros_like(p).share_memory_() for p in params]
         self.hyper = torch.zeros(2, dtype=torch.float64).share_memory_()        # mu, alpha
-        self.counter = ctx.Value("q", 0)                                       # updates applied
+        # Updates applied. Read without a lock; the lock only hands out unique version numbers.
+        self.counter = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.counter_lock = ctx.Lock()
         self.limit = torch.zeros(1, dtype=torch.int64).share_memory_()         # run until counter >= limit
         self.subset = subset.share_memory_()
         self.ring = torch.zeros(ring_size, subset.numel(), dtype=torch.float64).share_memory_()
@@ -76,10 +78,10 @@ def _hogwild_worker(worker_id: int, model: nn.Module, loss_fn, batch_factory, se
     batches = batch_factory(worker_id, seed)
     ring_size = shared.ring.shape[0]
     while not shared.stop.should_stop():  # also exits if the tuner process is gone
-        if shared.counter.value >= int(shared.limit[0]):
+        if int(shared.counter[0]) >= int(shared.limit[0]):
             time.sleep(0.001)
             continue
-        version = shared.counter.value
+        version = int(shared.counter[0])
         mu, alpha = float(shared.hyper[0]), float(shared.hyper[1])
         for p in params:
             p.grad = None
@@ -92,9 +94,9 @@ def _hogwild_worker(worker_id: int, model: nn.Module, loss_fn, batch_factory, se
             shared.rejected[worker_id] += 1  # one NaN applied would poison the shared model for good
             continue
         heavy_ball_in_place(params, shared.buffers, grads, mu, alpha)
-        with shared.counter.get_lock():  # only to hand out unique version numbers
-            shared.counter.value += 1
-            new_version = shared.counter.value
+        with shared.counter_lock:  # only to hand out unique version numbers
+            new_version = int(shared.counter[0]) + 1
+            shared.counter[0] = new_version
         slot = new_version % ring_size
         shared.ring_version[slot] = -1  # mark the slot as being rewritten
         shared.ring[slot] = _flat_subset(params, shared.subset)
@@ -167,7 +169,7 @@ class Hogwild(WorkerProcesses):
     # -- lifecycle ------------------------------------------------------------------------
     @property
     def version(self) -> int:
-        return self.shared.counter.value
+        return int(self.shared.counter[0])
 
     def start(self) -> None:
         if self._workers:
@@ -267,6 +269,7 @@ class Hogwild(WorkerProcesses):
                 continue
             failure = self._reap(worker_id, self.version)
             self.worker_failures.append(failure)
+            self._free_lock_of_dead_worker()
             if self.replace_dead_workers and not self.shared.stop.is_set():
                 self._check_restart_budget(failure)
                 self._start_worker(worker_id)
@@ -274,6 +277,17 @@ class Hogwild(WorkerProcesses):
             errors = [f["error"] for f in self.worker_failures if f["error"]]
             raise RuntimeError("every hogwild worker has died"
                                + (f"; the last error:\n{errors[-1]}" if errors else ""))
+
+    def _free_lock_of_dead_worker(self) -> None:
+        """A worker killed while it held the version lock would leave it held for ever and stall every
+        other worker. Live workers hold it for one increment: if it stays held this long after a death,
+        the dead worker held it, and it is released on its behalf."""
+        lock = self.shared.counter_lock
+        if lock.acquire(timeout=2.0):
+            lock.release()
+        else:
+            logger.warning("released the version lock a dead hogwild worker held")
+            lock.release()
 
     def report(self) -> dict:
         return {"version": self.version, "tuned_gradients": self.tuned_gradients, "rejected": self.rejected,
@@ -322,8 +336,8 @@ class Hogwild(WorkerProcesses):
                 buffer.copy_(saved)
             for shadow, p in zip(self.shadow, self.params):
                 shadow.copy_(p)
-        with self.shared.counter.get_lock():
-            self.shared.counter.value = version
+        with self.shared.counter_lock:
+            self.shared.counter[0] = version
         self.shared.limit[0] = version
         if hyper is not None:
             self.shared.hyper.copy_(hyper)
