@@ -16,9 +16,9 @@ import torch.multiprocessing as mp
 
 logger = logging.getLogger(__name__)
 
-# A worker's error report is written once, just before it exits; keeping it under a pipe's buffer
-# (64 KiB on Linux) means that write never waits for the parent to read.
-MAX_ERROR_CHARS = 16_000
+# A worker's error report is written once, just before it exits; keeping it well under a pipe's buffer
+# (64 KiB on Linux, and a character takes up to 4 bytes) means that write never waits for the parent.
+MAX_ERROR_CHARS = 8_000
 
 
 class WorkerFailed(RuntimeError):
@@ -97,8 +97,10 @@ def _worker_entry(target, args, error_pipe, inherited) -> None:
 
 
 class WorkerProcesses:
-    """Base of a system of ``num_workers`` processes. Subclasses define ``start`` (set up what the
-    workers share, start each) and ``stop`` (tell the workers, then ``_join_workers``)."""
+    """Base of a system of ``num_workers`` processes. Subclasses set ``_ctx`` (the multiprocessing
+    context) and define ``start`` (set up what the workers share, ``_launch`` each) and ``stop`` (tell the
+    workers, then ``_join_workers``); when a worker dies they ``_reap`` it and, before replacing it,
+    ``_check_restart_budget``."""
 
     def __init__(self, num_workers: int, seed: int, join_timeout: float, max_restarts: int = 3,
                  restart_window: float = 60.0):
