@@ -1,10 +1,14 @@
+import multiprocessing
 import os
+import signal
+import time
 
 import pytest
 import torch
 
-from asynchrony_problems import make_regression_model, regression_batches, regression_eval_loss, regression_loss
-from yellowfin.asynchrony import Hogwild
+from asynchrony_problems import (failing_loss, make_regression_model, poisoned_batches, regression_batches, regression_eval_loss,
+                                 regression_loss)
+from yellowfin.asynchrony import Hogwild, WorkerFailed
 from yellowfin.asynchrony.hogwild import heavy_ball_in_place
 
 pytestmark = pytest.mark.timeout(90)
@@ -70,7 +74,7 @@ def test_checkpoint_carries_buffers_tuner_and_controller_and_a_resumed_run_conti
         hogwild.run(200, timeout=60)
     hogwild.save_checkpoint(path)
     assert os.listdir(tmp_path) == ["hogwild.pt"]
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, weights_only=True)
 
     resumed = Hogwild(make_regression_model(1), regression_loss, regression_batches, num_workers=2,
                       closed_loop=True)
@@ -98,3 +102,55 @@ def test_open_loop_checkpoint_does_not_load_into_a_closed_loop_hogwild():
                      closed_loop=True)
     with pytest.raises(ValueError):
         closed.load_state_dict(open_loop.state_dict())
+
+
+@pytest.mark.parametrize("tuner", ["yellowfin", None])
+def test_non_finite_gradients_change_nothing_and_are_counted(tuner):
+    """Worker 0 computes a NaN gradient every other batch: those are skipped, never applied."""
+    model = make_regression_model(0)
+    before = regression_eval_loss(model)
+    hogwild = Hogwild(model, regression_loss, poisoned_batches, num_workers=2, tuner=tuner, lr=0.05,
+                      momentum=0.5)
+    with hogwild:
+        report = hogwild.run(300, timeout=60)
+    assert report["rejected"] > 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(b).all() for b in hogwild.shared.buffers)
+    assert regression_eval_loss(model) < before
+
+
+def test_a_worker_whose_loss_raises_is_restarted_within_its_budget_then_the_run_stops_with_its_error():
+    hogwild = Hogwild(make_regression_model(0), failing_loss, regression_batches, num_workers=2, tuner=None,
+                      max_restarts=1)
+    with hogwild:
+        with pytest.raises(WorkerFailed, match="the loss exploded on purpose") as raised:
+            hogwild.run(100)  # no timeout: the restart budget, not the caller, ends this run
+        assert hogwild.alive_workers == []
+    assert "Traceback" in str(raised.value) and "in failing_loss" in str(raised.value)
+    deaths = [f for f in hogwild.worker_failures if f["worker"] == raised.value.worker_id]
+    assert len(deaths) == 2 and hogwild.version == 0
+
+
+def _hold_forever(lock):
+    lock.acquire()
+    while True:
+        time.sleep(1)
+
+
+def test_a_worker_killed_while_holding_the_version_lock_does_not_stall_the_run():
+    """The version lock is the only lock workers take; one killed inside it must not block the others."""
+    hogwild = Hogwild(make_regression_model(0), regression_loss, regression_batches, num_workers=2, tuner=None)
+    with hogwild:
+        hogwild.run(20, timeout=60)
+        # Stand in for a worker that dies inside the lock: a process takes the lock, then is killed, as is
+        # a worker (whose death the tuner notices).
+        holder = multiprocessing.get_context("fork").Process(target=_hold_forever,
+                                                             args=(hogwild.shared.counter_lock,), daemon=True)
+        holder.start()
+        while hogwild.shared.counter_lock.acquire(timeout=0.01):  # until the holder has it
+            hogwild.shared.counter_lock.release()
+        holder.kill()
+        holder.join(10)
+        os.kill(hogwild.worker_pid(0), signal.SIGKILL)
+        report = hogwild.run(50, timeout=60)
+    assert report["version"] >= 70 and len(report["worker_failures"]) == 1

@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from asynchrony_problems import (make_regression_model, poisoned_batches, regression_batches,
+from asynchrony_problems import (failing_loss, make_regression_model, poisoned_batches, regression_batches,
                                  regression_eval_loss, regression_loss)
 from yellowfin import YellowFin
-from yellowfin.asynchrony import ParameterServer
+from yellowfin.asynchrony import ParameterServer, WorkerFailed
 
 pytestmark = pytest.mark.timeout(90)
 
 
-def _server(num_workers=3, optimizer_fn=None, batches=regression_batches, **options):
+def _server(num_workers=3, optimizer_fn=None, batches=regression_batches, loss=regression_loss, **options):
     model = make_regression_model(0)
     optimizer = (optimizer_fn or (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.5)))(model.parameters())
-    return ParameterServer(model, optimizer, regression_loss, batches, num_workers=num_workers, **options)
+    return ParameterServer(model, optimizer, loss, batches, num_workers=num_workers, **options)
 
 
 def _assert_all_gone(pids):
@@ -121,7 +121,7 @@ def test_checkpoint_is_atomic_and_a_resumed_run_continues(tmp_path):
     with server:
         server.run(35, timeout=60)
     assert os.listdir(tmp_path) == ["server.pt"]  # no temporary file left behind
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, weights_only=True)
     assert saved["version"] == 30 and saved["controller"] is not None
 
     resumed = _server(num_workers=2, optimizer_fn=YellowFin, closed_loop=True, checkpoint_path=path)
@@ -150,7 +150,7 @@ def test_a_crash_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, mon
     with pytest.raises(OSError):
         server.save_checkpoint(path)
     monkeypatch.undo()
-    assert torch.load(path, weights_only=False)["version"] == 0
+    assert torch.load(path, weights_only=True)["version"] == 0
 
 
 def test_closed_loop_yellowfin_on_the_server():
@@ -160,3 +160,22 @@ def test_closed_loop_yellowfin_on_the_server():
     assert report["mu_hat"] is not None and server.controller.calls == 200
     assert server.optimizer.stats()["momentum_offset"] == pytest.approx(server.controller.offset)
     assert report["mean_staleness"] > 0
+
+
+def test_a_worker_whose_loss_raises_is_restarted_within_its_budget_then_the_run_stops_with_its_error():
+    server = _server(num_workers=2, loss=failing_loss, max_restarts=2)
+    with server:
+        with pytest.raises(WorkerFailed, match="the loss exploded on purpose") as raised:
+            server.run(100)  # no timeout: the restart budget, not the caller, ends this run
+        assert server.alive_workers == []  # the run is stopped
+    message = str(raised.value)
+    assert "Traceback" in message and "in failing_loss" in message and "max_restarts=2" in message
+    deaths = [f for f in server.worker_failures if f["worker"] == raised.value.worker_id]
+    assert len(deaths) == 3 and all("ValueError" in f["error"] for f in deaths)
+    assert server.version == 0 and server.replacements <= 4
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "3"])
+def test_max_restarts_must_be_a_non_negative_int(bad):
+    with pytest.raises(ValueError, match="max_restarts"):
+        _server(max_restarts=bad)

@@ -16,8 +16,10 @@ from .hogwild import Hogwild
 from .parameter_server import ParameterServer
 from .sensor import MomentumSensor, median_ratio, momentum_residual
 from .simulator import StalenessSchedule, StalenessSimulator, step_size_of
+from .workers import WorkerFailed
 
 __all__ = [
     "ClosedLoopMomentum", "closed_loop_for", "Hogwild", "closed_loop_offset", "MomentumSensor", "median_ratio",
     "momentum_residual", "ParameterServer", "StalenessSchedule", "StalenessSimulator", "step_size_of",
+    "WorkerFailed",
 ]

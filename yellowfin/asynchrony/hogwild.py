@@ -19,7 +19,6 @@ alpha it used. Those snapshots are taken while others write, so they are approxi
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import torch
@@ -27,8 +26,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from .controller import closed_loop_for
+from .parameter_server import atomic_save, gradient_problem
 from .sensor import MomentumSensor, lr_outside_correction, random_coordinate_subset
-from .workers import WorkerProcesses
+from .workers import StopSignal, WorkerProcesses, load_all_or_nothing, load_checkpoint_file
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,9 @@ class _Shared:
         numel = sum(p.numel() for p in params)
         self.buffers = [torch.zeros_like(p).share_memory_() for p in params]
         self.hyper = torch.zeros(2, dtype=torch.float64).share_memory_()        # mu, alpha
-        self.counter = ctx.Value("q", 0)                                       # updates applied
+        # Updates applied. Read without a lock; the lock only hands out unique version numbers.
+        self.counter = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.counter_lock = ctx.Lock()
         self.limit = torch.zeros(1, dtype=torch.int64).share_memory_()         # run until counter >= limit
         self.subset = subset.share_memory_()
         self.ring = torch.zeros(ring_size, subset.numel(), dtype=torch.float64).share_memory_()
@@ -60,7 +62,8 @@ class _Shared:
         self.mail_version = torch.zeros(num_workers, dtype=torch.int64).share_memory_()
         self.mail_loss = torch.zeros(num_workers, dtype=torch.float64).share_memory_()
         self.mail_flag = torch.zeros(num_workers, dtype=torch.int64).share_memory_()
-        self.stop = ctx.Event()
+        self.rejected = torch.zeros(num_workers, dtype=torch.int64).share_memory_()  # one writer each
+        self.stop = StopSignal()
 
 
 def _flat_subset(params, subset: torch.Tensor) -> torch.Tensor:
@@ -74,29 +77,33 @@ def _hogwild_worker(worker_id: int, model: nn.Module, loss_fn, batch_factory, se
     params = [p for p in model.parameters() if p.requires_grad]
     batches = batch_factory(worker_id, seed)
     ring_size = shared.ring.shape[0]
-    parent = os.getppid()
-    while not shared.stop.is_set() and os.getppid() == parent:  # exit if the tuner process is gone
-        if shared.counter.value >= int(shared.limit[0]):
+    while not shared.stop.should_stop():  # also exits if the tuner process is gone
+        if int(shared.counter[0]) >= int(shared.limit[0]):
             time.sleep(0.001)
             continue
-        version = shared.counter.value
+        version = int(shared.counter[0])
         mu, alpha = float(shared.hyper[0]), float(shared.hyper[1])
         for p in params:
             p.grad = None
         loss = loss_fn(model, next(batches))
         loss.backward()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat_grad = torch.cat([g.reshape(-1) for g in grads])
+        flat_numpy = flat_grad.numpy()
+        if gradient_problem(flat_numpy, flat_numpy.size, flat_numpy.dtype) is not None:
+            shared.rejected[worker_id] += 1  # one NaN applied would poison the shared model for good
+            continue
         heavy_ball_in_place(params, shared.buffers, grads, mu, alpha)
-        with shared.counter.get_lock():  # only to hand out unique version numbers
-            shared.counter.value += 1
-            new_version = shared.counter.value
+        with shared.counter_lock:  # only to hand out unique version numbers
+            new_version = int(shared.counter[0]) + 1
+            shared.counter[0] = new_version
         slot = new_version % ring_size
         shared.ring_version[slot] = -1  # mark the slot as being rewritten
         shared.ring[slot] = _flat_subset(params, shared.subset)
         shared.ring_alpha[slot] = alpha
         shared.ring_version[slot] = new_version
         if int(shared.mail_flag[worker_id]) == EMPTY:  # never wait for the tuner
-            shared.mail_grad[worker_id] = torch.cat([g.reshape(-1) for g in grads])
+            shared.mail_grad[worker_id] = flat_grad
             shared.mail_version[worker_id] = version
             shared.mail_loss[worker_id] = float(loss.detach())
             shared.mail_flag[worker_id] = FULL
@@ -112,14 +119,17 @@ class Hogwild(WorkerProcesses):
             ``lr``/``momentum`` (plain Hogwild momentum SGD).
         closed_loop: attach the sensor and controller (``sensor_step`` and ``gain`` as in
             :func:`closed_loop_for`).
+        replace_dead_workers, max_restarts, restart_window: as for the parameter server (a worker that
+            dies more often than its budget allows stops the run with ``WorkerFailed``).
     """
 
     def __init__(self, model: nn.Module, loss_fn, batch_factory, num_workers: int = 4,
                  tuner="yellowfin", lr: float = 0.01, momentum: float = 0.0, closed_loop: bool = False,
                  sensor_step: str = "algorithmic", gain: float = 0.01, sensor_subset: int = 512,
                  seed: int = 0, ring_size: int = 512, start_method: str = "fork",
-                 join_timeout: float = 5.0, replace_dead_workers: bool = True):
-        super().__init__(int(num_workers), seed, join_timeout)
+                 join_timeout: float = 5.0, replace_dead_workers: bool = True, max_restarts: int = 3,
+                 restart_window: float = 60.0):
+        super().__init__(int(num_workers), seed, join_timeout, max_restarts, restart_window)
         self.model = model
         self.loss_fn = loss_fn
         self.batch_factory = batch_factory
@@ -152,28 +162,27 @@ class Hogwild(WorkerProcesses):
             self._write_tuned()
 
         self.tuned_gradients = 0
+        self._rejected_reported = 0
         self.worker_failures: list[dict] = []
         self.trace: list[dict] = []
 
     # -- lifecycle ------------------------------------------------------------------------
     @property
     def version(self) -> int:
-        return self.shared.counter.value
+        return int(self.shared.counter[0])
 
     def start(self) -> None:
         if self._workers:
             return
+        self.shared.stop = StopSignal()  # made here: it records the pid of the process that forks
         for worker_id in range(self.num_workers):
             self._start_worker(worker_id)
 
     def _start_worker(self, worker_id: int) -> None:
         seed = self._next_seed(worker_id)
         self.shared.mail_flag[worker_id] = EMPTY
-        process = self._ctx.Process(target=_hogwild_worker, name=f"yellowfin-hogwild-{worker_id}",
-                                    daemon=True, args=(worker_id, self.model, self.loss_fn,
-                                                       self.batch_factory, seed, self.shared))
-        process.start()
-        self._workers[worker_id] = process
+        self._launch(worker_id, f"yellowfin-hogwild-{worker_id}", _hogwild_worker,
+                     (worker_id, self.model, self.loss_fn, self.batch_factory, seed, self.shared))
 
     def stop(self) -> None:
         self.shared.stop.set()
@@ -203,10 +212,7 @@ class Hogwild(WorkerProcesses):
         grad = self.shared.mail_grad[worker_id].clone()
         version = int(self.shared.mail_version[worker_id])
         loss = float(self.shared.mail_loss[worker_id])
-        self.shared.mail_flag[worker_id] = EMPTY
-        if not torch.isfinite(grad).all():
-            logger.error("ignored a non-finite gradient from hogwild worker %d", worker_id)
-            return
+        self.shared.mail_flag[worker_id] = EMPTY  # (workers mail only gradients they applied: finite ones)
         offset = 0
         for p in self.shadow:
             n = p.numel()
@@ -246,24 +252,45 @@ class Hogwild(WorkerProcesses):
                     self._tune_on(worker_id)
             if not full:
                 time.sleep(0.0005)
+        rejected = self.rejected
+        if rejected > self._rejected_reported:
+            logger.error("hogwild workers skipped %d non-finite gradients", rejected - self._rejected_reported)
+            self._rejected_reported = rejected
         return self.report()
+
+    @property
+    def rejected(self) -> int:
+        """Non-finite gradients the workers skipped (never applied)."""
+        return int(self.shared.rejected.sum())
 
     def _check_workers(self) -> None:
         for worker_id, process in list(self._workers.items()):
             if process.is_alive():
                 continue
-            process.join(self.join_timeout)
-            self.worker_failures.append({"worker": worker_id, "pid": process.pid,
-                                         "exitcode": process.exitcode, "version": self.version})
-            logger.warning("hogwild worker %d died with exit code %s", worker_id, process.exitcode)
-            del self._workers[worker_id]
+            failure = self._reap(worker_id, self.version)
+            self.worker_failures.append(failure)
+            self._free_lock_of_dead_worker()
             if self.replace_dead_workers and not self.shared.stop.is_set():
+                self._check_restart_budget(failure)
                 self._start_worker(worker_id)
         if not self._workers:
-            raise RuntimeError("every hogwild worker has died")
+            errors = [f["error"] for f in self.worker_failures if f["error"]]
+            raise RuntimeError("every hogwild worker has died"
+                               + (f"; the last error:\n{errors[-1]}" if errors else ""))
+
+    def _free_lock_of_dead_worker(self) -> None:
+        """A worker killed while it held the version lock would leave it held for ever and stall every
+        other worker. Live workers hold it for one increment: if it stays held this long after a death,
+        the dead worker held it, and it is released on its behalf."""
+        lock = self.shared.counter_lock
+        if lock.acquire(timeout=2.0):
+            lock.release()
+        else:
+            logger.warning("released the version lock a dead hogwild worker held")
+            lock.release()
 
     def report(self) -> dict:
-        return {"version": self.version, "tuned_gradients": self.tuned_gradients,
+        return {"version": self.version, "tuned_gradients": self.tuned_gradients, "rejected": self.rejected,
                 "mu": float(self.shared.hyper[0]), "alpha": float(self.shared.hyper[1]),
                 "mu_hat": self.sensor.estimate if self.sensor is not None else None,
                 "momentum_offset": self.controller.offset if self.controller is not None else None,
@@ -277,33 +304,50 @@ class Hogwild(WorkerProcesses):
                 "hyper": self.shared.hyper.clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore model, shared momentum buffers, tuner and controller (call while no run is going on)."""
+        """Restore model, shared momentum buffers, tuner and controller (call while no run is going on).
+
+        All or nothing: everything is checked first; if any part does not fit, it raises and nothing
+        (model, buffers, tuner, controller, version counter, mu and alpha) has changed."""
         if (state.get("controller") is None) != (self.controller is None):
             raise ValueError("checkpoint and this Hogwild disagree on whether the loop is closed")
+        try:
+            version = int(state["version"])
+            buffers = list(state["momentum_buffers"])
+            hyper = state.get("hyper")
+            loads = [(self.model, state["model"])]
+            if self.tuner is not None and state.get("tuner") is not None:
+                loads.append((self.tuner, state["tuner"]))
+            if self.controller is not None:
+                loads.append((self.controller, state["controller"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"not a Hogwild checkpoint: {error!r}") from error
+        shapes = [tuple(b.shape) for b in self.shared.buffers]
+        if len(buffers) != len(shapes) or any(
+                not isinstance(saved, torch.Tensor) or tuple(saved.shape) != shape
+                for saved, shape in zip(buffers, shapes)):
+            raise ValueError(f"checkpoint momentum buffers do not match the model's parameters {shapes}")
+        if hyper is not None and (not isinstance(hyper, torch.Tensor) or hyper.shape != self.shared.hyper.shape):
+            raise ValueError("checkpoint 'hyper' must be a tensor of (mu, alpha)")
+        if version < 0:
+            raise ValueError(f"checkpoint version {version} is negative")
         with torch.no_grad():
-            self.model.load_state_dict(state["model"])  # copies in place: stays in shared memory
-            for buffer, saved in zip(self.shared.buffers, state["momentum_buffers"]):
+            load_all_or_nothing(loads)  # the model loads in place: it stays in shared memory
+            for buffer, saved in zip(self.shared.buffers, buffers):
                 buffer.copy_(saved)
             for shadow, p in zip(self.shadow, self.params):
                 shadow.copy_(p)
-        with self.shared.counter.get_lock():
-            self.shared.counter.value = int(state["version"])
-        self.shared.limit[0] = int(state["version"])
-        if "hyper" in state:
-            self.shared.hyper.copy_(state["hyper"])
-        if self.tuner is not None and state.get("tuner") is not None:
-            self.tuner.load_state_dict(state["tuner"])
-        if self.controller is not None:
-            self.controller.load_state_dict(state["controller"])
+        with self.shared.counter_lock:
+            self.shared.counter[0] = version
+        self.shared.limit[0] = version
+        if hyper is not None:
+            self.shared.hyper.copy_(hyper)
         if self.tuner is not None:
             self._write_tuned()
 
     def save_checkpoint(self, path: str) -> str:
         """Atomic (write, fsync, rename) like the parameter server's."""
-        from .parameter_server import atomic_save
-
         atomic_save(self.state_dict(), path)
         return path
 
     def load_checkpoint(self, path: str) -> None:
-        self.load_state_dict(torch.load(path, weights_only=False))
+        self.load_state_dict(load_checkpoint_file(path))

@@ -39,7 +39,7 @@ from torch import nn
 
 from .controller import ClosedLoopMomentum, closed_loop_for
 from .sensor import MomentumSensor, flat_gradients, flat_parameters
-from .workers import WorkerProcesses
+from .workers import StopSignal, WorkerProcesses, load_all_or_nothing, load_checkpoint_file
 from .simulator import step_size_of
 
 logger = logging.getLogger(__name__)
@@ -60,9 +60,9 @@ def publish(shared_params: torch.Tensor, sequence: torch.Tensor, flat: torch.Ten
 
 
 def read_published(shared_params: torch.Tensor, sequence: torch.Tensor, out: torch.Tensor,
-                   stop_event=None) -> int | None:
+                   stop: StopSignal | None = None) -> int | None:
     """Copy a consistent snapshot into ``out``; return its version (None if asked to stop)."""
-    while stop_event is None or not stop_event.is_set():
+    while stop is None or not stop.should_stop():
         before = int(sequence[0])
         if before % 2:
             time.sleep(0)
@@ -102,29 +102,16 @@ def atomic_save(state: dict, path: str) -> None:
 # Worker process
 # ----------------------------------------------------------------------------------------------
 
-class _StopOrOrphaned:
-    """Set when the server asks the workers to stop, or when the server process is gone (a worker
-    whose server was SIGKILLed must not spin forever on a sequence counter nobody will update)."""
-
-    def __init__(self, stop_event):
-        self.stop_event = stop_event
-        self.parent = os.getppid()
-
-    def is_set(self) -> bool:
-        return self.stop_event.is_set() or os.getppid() != self.parent
-
-
 def _worker_main(worker_id: int, model: nn.Module, loss_fn, batch_factory, seed: int,
-                 shared_params: torch.Tensor, sequence: torch.Tensor, conn, stop_event) -> None:
-    stop_event = _StopOrOrphaned(stop_event)
+                 shared_params: torch.Tensor, sequence: torch.Tensor, conn, stop: StopSignal) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     batches = batch_factory(worker_id, seed)
     local = torch.empty_like(shared_params)
     try:
-        while not stop_event.is_set():
-            version = read_published(shared_params, sequence, local, stop_event)
+        while not stop.should_stop():
+            version = read_published(shared_params, sequence, local, stop)
             if version is None:
                 break
             offset = 0
@@ -138,10 +125,10 @@ def _worker_main(worker_id: int, model: nn.Module, loss_fn, batch_factory, seed:
             loss.backward()
             grad = flat_gradients(params).numpy()
             conn.send((worker_id, version, grad, float(loss.detach())))
-            # Wait for the server to take it: at most one gradient in flight per worker. Poll, because a
-            # forked worker holds copies of pipe ends, so a dead server does not always give it EOF.
+            # Wait for the server to take it: at most one gradient in flight per worker. Poll, and check
+            # the parent between polls: cheap insurance should a dead server's EOF not arrive.
             while not conn.poll(0.2):
-                if stop_event.is_set():
+                if stop.should_stop():
                     return
             conn.recv()
     except (BrokenPipeError, EOFError, ConnectionResetError, KeyboardInterrupt):
@@ -165,7 +152,9 @@ class ParameterServer(WorkerProcesses):
         closed_loop: attach a momentum sensor and a :class:`ClosedLoopMomentum` controller (YellowFin).
         sensor_step: "algorithmic" (alpha) or "effective" (alpha / M) for the controller's sensor.
         checkpoint_path / checkpoint_every: atomic checkpoints of model, optimizer, controller.
-        replace_dead_workers: start a replacement when a worker dies.
+        replace_dead_workers: start a replacement when a worker dies, at most ``max_restarts`` times per
+            worker within ``restart_window`` seconds; one more death stops the run and raises
+            :class:`~yellowfin.asynchrony.workers.WorkerFailed` with the worker's exception and traceback.
     """
 
     def __init__(self, model: nn.Module, optimizer, loss_fn, batch_factory: BatchFactory,
@@ -174,8 +163,9 @@ class ParameterServer(WorkerProcesses):
                  sensor_step: str = "algorithmic", sensor_subset: int = 512, gain: float = 0.01,
                  checkpoint_path: str | None = None, checkpoint_every: int = 0,
                  replace_dead_workers: bool = True, start_method: str = "fork",
-                 join_timeout: float = 5.0, trace_every: int = 1):
-        super().__init__(int(num_workers), seed, join_timeout)
+                 join_timeout: float = 5.0, trace_every: int = 1, max_restarts: int = 3,
+                 restart_window: float = 60.0):
+        super().__init__(int(num_workers), seed, join_timeout, max_restarts, restart_window)
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
@@ -207,14 +197,14 @@ class ParameterServer(WorkerProcesses):
 
         self._shared_params = torch.zeros(self.numel, dtype=flat.dtype).share_memory_()
         self._sequence = torch.zeros(1, dtype=torch.int64).share_memory_()
-        self._stop_event = None
+        self._stop = None
         self._conns: dict[int, object] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         if self._workers:
             return
-        self._stop_event = self._ctx.Event()
+        self._stop = StopSignal()
         self._publish()
         for worker_id in range(self.num_workers):
             self._start_worker(worker_id)
@@ -222,19 +212,19 @@ class ParameterServer(WorkerProcesses):
     def _start_worker(self, worker_id: int) -> None:
         receiver, sender = self._ctx.Pipe(duplex=True)
         seed = self._next_seed(worker_id)
-        process = self._ctx.Process(
-            target=_worker_main, name=f"yellowfin-ps-worker-{worker_id}", daemon=True,
-            args=(worker_id, copy.deepcopy(self.model), self.loss_fn, self.batch_factory, seed,
-                  self._shared_params, self._sequence, sender, self._stop_event))
-        process.start()
+        self._launch(worker_id, f"yellowfin-ps-worker-{worker_id}", _worker_main,
+                     (worker_id, copy.deepcopy(self.model), self.loss_fn, self.batch_factory, seed,
+                      self._shared_params, self._sequence, sender, self._stop), own_ends=(receiver,))
         sender.close()  # only the worker holds its end, so its death gives us EOF
-        self._workers[worker_id] = process
         self._conns[worker_id] = receiver
+
+    def _parent_pipe_ends(self) -> list:
+        return [*super()._parent_pipe_ends(), *self._conns.values()]
 
     def stop(self) -> None:
         """Stop every worker: ask, then close the pipes (unblocks senders), join, then kill."""
-        if self._stop_event is not None:
-            self._stop_event.set()
+        if self._stop is not None:
+            self._stop.set()
         for conn in self._conns.values():
             conn.close()
         self._conns.clear()
@@ -297,26 +287,21 @@ class ParameterServer(WorkerProcesses):
         return record
 
     def _worker_died(self, worker_id: int) -> None:
-        process = self._workers[worker_id]
-        process.join(self.join_timeout)
         conn = self._conns.pop(worker_id, None)
         if conn is not None:
             conn.close()
-        failure = {"worker": worker_id, "pid": process.pid, "exitcode": process.exitcode,
-                   "version": self.version}
+        failure = self._reap(worker_id, self.version)
         self.worker_failures.append(failure)
-        logger.warning("worker %d (pid %s) died with exit code %s at version %d; %s", worker_id,
-                       process.pid, process.exitcode, self.version,
-                       "starting a replacement" if self.replace_dead_workers else "going on without it")
-        del self._workers[worker_id]
-        if self.replace_dead_workers and not self._stop_event.is_set():
+        if self.replace_dead_workers and not self._stop.is_set():
+            self._check_restart_budget(failure)
             self._start_worker(worker_id)
             self.replacements += 1
 
     def run(self, num_updates: int, timeout: float | None = None) -> dict:
         """Apply ``num_updates`` more gradients (arrival order); returns :meth:`report`.
 
-        Raises TimeoutError past ``timeout`` seconds and RuntimeError if every worker is gone.
+        Raises TimeoutError past ``timeout`` seconds, WorkerFailed when a worker dies more often than
+        its restart budget allows, and RuntimeError if every worker is gone.
         """
         self.start()
         target = self.version + int(num_updates)
@@ -325,7 +310,9 @@ class ParameterServer(WorkerProcesses):
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"parameter server reached version {self.version} of {target}")
             if not self._workers:
-                raise RuntimeError("every worker has died and none is being replaced")
+                errors = [f["error"] for f in self.worker_failures if f["error"]]
+                raise RuntimeError("every worker has died and none is being replaced"
+                                   + (f"; the last error:\n{errors[-1]}" if errors else ""))
             by_handle = {}
             for worker_id, conn in self._conns.items():
                 by_handle[conn] = ("message", worker_id)
@@ -409,14 +396,24 @@ class ParameterServer(WorkerProcesses):
         return path
 
     def load_checkpoint(self, path: str | None = None) -> None:
-        """Restore a checkpoint (before or between runs); the workers then pull the restored model."""
-        state = torch.load(path or self.checkpoint_path, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.controller is not None and state["controller"] is not None:
-            self.controller.load_state_dict(state["controller"])
-        if self.sensor is not None and state["sensor"] is not None:
-            self.sensor.load_state_dict(state["sensor"])
-        self.version = int(state["version"])
-        self.staleness_counts = collections.Counter(state["staleness_counts"])
+        """Restore a checkpoint (before or between runs); the workers then pull the restored model.
+
+        All or nothing: if any part does not fit this server, it raises and nothing has changed."""
+        path = path or self.checkpoint_path
+        state = load_checkpoint_file(path)
+        try:
+            version = int(state["version"])
+            staleness_counts = collections.Counter({int(k): int(v) for k, v in state["staleness_counts"].items()})
+            loads = [(self.model, state["model"]), (self.optimizer, state["optimizer"])]
+            if self.controller is not None and state["controller"] is not None:
+                loads.append((self.controller, state["controller"]))
+            if self.sensor is not None and state["sensor"] is not None:
+                loads.append((self.sensor, state["sensor"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise ValueError(f"{path} is not a parameter server checkpoint: {error!r}") from error
+        if version < 0:
+            raise ValueError(f"{path}: version {version} is negative")
+        load_all_or_nothing(loads)
+        self.version = version
+        self.staleness_counts = staleness_counts
         self._publish()

@@ -1,23 +1,121 @@
 """What the parameter server and Hogwild! share about their worker processes: the context manager,
-a fresh seed for each (re)start of a worker, and a stop that joins and then kills."""
+a fresh seed for each (re)start of a worker, the stop signal, the launch of a worker process, and a stop
+that joins and then kills."""
 
 from __future__ import annotations
 
 import collections
+import copy
+import logging
+import os
 import time
+import traceback
 
+import torch
 import torch.multiprocessing as mp
+
+logger = logging.getLogger(__name__)
+
+# A worker's error report is written once, just before it exits; keeping it well under a pipe's buffer
+# (64 KiB on Linux, and a character takes up to 4 bytes) means that write never waits for the parent.
+MAX_ERROR_CHARS = 8_000
+
+
+class WorkerFailed(RuntimeError):
+    """A worker died more often than its restart budget allows; carries the worker's last error (the
+    original exception and its traceback, as text) when it died of one."""
+
+    def __init__(self, message: str, worker_id: int, error: str | None):
+        super().__init__(message)
+        self.worker_id = worker_id
+        self.error = error
+
+
+class StopSignal:
+    """Tells workers to stop: a flag in shared memory, read and written without a lock (a worker killed
+    at any moment cannot leave a lock held that the others, or the server's ``stop``, would wait on).
+
+    It is made in the process that forks the workers, and remembers that process's pid: a worker compares
+    ``os.getppid()`` with it, so a worker whose parent died even before the worker ran any code of its own
+    (when ``os.getppid()`` would already name init) still finds out."""
+
+    def __init__(self):
+        self._flag = torch.zeros(1, dtype=torch.int8).share_memory_()
+        self.parent_pid = os.getpid()
+
+    def set(self) -> None:
+        self._flag[0] = 1
+
+    def is_set(self) -> bool:
+        return bool(self._flag[0])
+
+    def should_stop(self) -> bool:
+        """In a worker: asked to stop, or orphaned (its parent is gone, and it was re-parented)."""
+        return self.is_set() or os.getppid() != self.parent_pid
+
+
+def load_checkpoint_file(path: str) -> dict:
+    """``torch.load`` that can only rebuild tensors and plain containers: a checkpoint file can never run
+    code (with ``weights_only=False`` unpickling a crafted file runs whatever it names)."""
+    state = torch.load(path, weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a checkpoint (a dict)")
+    return state
+
+
+def load_all_or_nothing(loads: list[tuple[object, dict]]) -> None:
+    """``component.load_state_dict(state)`` for each pair; if any of them raises, every component gets its
+    previous state back before the error propagates, so a checkpoint that fails to load changes nothing
+    (``load_state_dict`` methods check as they go and may have applied part of the state already)."""
+    previous = [(component, copy.deepcopy(component.state_dict())) for component, _ in loads]
+    try:
+        for component, state in loads:
+            component.load_state_dict(state)
+    except BaseException:
+        for component, state in previous:
+            component.load_state_dict(state)
+        raise
+
+
+def _worker_entry(target, args, error_pipe, inherited) -> None:
+    """Runs first in every worker. A forked child holds copies of every pipe end the parent held; close
+    the parent's ends, so that when the parent dies nobody holds them and a send fails instead of
+    blocking forever on a full pipe. An exception in the worker (the user's loss, its batches) goes back
+    to the parent as text, with its traceback, before the worker exits."""
+    for connection in inherited:
+        connection.close()
+    try:
+        target(*args)
+    except Exception:
+        try:
+            error_pipe.send(traceback.format_exc()[-MAX_ERROR_CHARS:])
+        except OSError:
+            pass  # the parent is gone
+        raise SystemExit(1)
+    finally:
+        error_pipe.close()
 
 
 class WorkerProcesses:
-    """Base of a system of ``num_workers`` processes. Subclasses define ``start`` (set up what the
-    workers share, start each) and ``stop`` (tell the workers, then ``_join_workers``)."""
+    """Base of a system of ``num_workers`` processes. Subclasses set ``_ctx`` (the multiprocessing
+    context) and define ``start`` (set up what the workers share, ``_launch`` each) and ``stop`` (tell the
+    workers, then ``_join_workers``); when a worker dies they ``_reap`` it and, before replacing it,
+    ``_check_restart_budget``."""
 
-    def __init__(self, num_workers: int, seed: int, join_timeout: float):
+    def __init__(self, num_workers: int, seed: int, join_timeout: float, max_restarts: int = 3,
+                 restart_window: float = 60.0):
+        if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
+            raise ValueError(f"max_restarts must be an int >= 0, got {max_restarts!r}")
+        if not restart_window > 0:
+            raise ValueError(f"restart_window must be a number of seconds > 0, got {restart_window!r}")
         self.num_workers = num_workers
         self.seed = int(seed)
         self.join_timeout = float(join_timeout)
+        self.max_restarts = max_restarts
+        self.restart_window = float(restart_window)
         self._workers: dict[int, mp.Process] = {}
+        self._error_pipes: dict[int, object] = {}
+        self._restart_times: dict[int, collections.deque] = collections.defaultdict(collections.deque)
         self._generation: collections.Counter[int] = collections.Counter()
 
     def __enter__(self):
@@ -33,6 +131,61 @@ class WorkerProcesses:
 
     def worker_pid(self, worker_id: int) -> int:
         return self._workers[worker_id].pid
+
+    def _parent_pipe_ends(self) -> list:
+        """Pipe ends this (parent) process holds; subclasses with pipes of their own add theirs."""
+        return list(self._error_pipes.values())
+
+    def _launch(self, worker_id: int, name: str, target, args: tuple, own_ends: tuple = ()):
+        """Start ``target(*args)`` in a new worker process; ``own_ends`` are parent-side ends of the
+        new worker's own pipes, which the child must not keep either."""
+        error_reader, error_writer = self._ctx.Pipe(duplex=False)
+        inherited = []
+        if self._ctx.get_start_method() == "fork":  # spawn and forkserver children inherit nothing
+            inherited = [*self._parent_pipe_ends(), *own_ends, error_reader]
+        process = self._ctx.Process(target=_worker_entry, name=name, daemon=True,
+                                    args=(target, args, error_writer, inherited))
+        process.start()
+        error_writer.close()
+        self._workers[worker_id] = process
+        self._error_pipes[worker_id] = error_reader
+        return process
+
+    def _reap(self, worker_id: int, version: int) -> dict:
+        """Join a worker that has exited; return (and log) what is known of its death."""
+        process = self._workers.pop(worker_id)
+        process.join(self.join_timeout)
+        error = None
+        reader = self._error_pipes.pop(worker_id, None)
+        if reader is not None:
+            try:
+                if reader.poll():
+                    error = str(reader.recv())
+            except (EOFError, OSError):
+                pass
+            reader.close()
+        failure = {"worker": worker_id, "pid": process.pid, "exitcode": process.exitcode,
+                   "version": version, "error": error}
+        logger.warning("worker %d (pid %s) died with exit code %s at version %d%s", worker_id, process.pid,
+                       process.exitcode, version, f":\n{error}" if error else "")
+        return failure
+
+    def _check_restart_budget(self, failure: dict) -> None:
+        """Allow at most ``max_restarts`` restarts of one worker within ``restart_window`` seconds;
+        past that, stop every worker and raise :class:`WorkerFailed` with the worker's error."""
+        worker_id = failure["worker"]
+        now = time.monotonic()
+        recent = self._restart_times[worker_id]
+        while recent and recent[0] < now - self.restart_window:
+            recent.popleft()
+        if len(recent) >= self.max_restarts:
+            self.stop()
+            cause = failure["error"] or f"exit code {failure['exitcode']}\n"
+            raise WorkerFailed(
+                f"worker {worker_id} died {len(recent) + 1} times within {self.restart_window:g} s, more than "
+                f"max_restarts={self.max_restarts} allows; the run is stopped. Its last death:\n{cause}",
+                worker_id, failure["error"])
+        recent.append(now)
 
     def _next_seed(self, worker_id: int) -> int:
         """A different seed at each (re)start, so a replacement does not replay its predecessor's batches."""
@@ -50,3 +203,6 @@ class WorkerProcesses:
                 process.kill()
                 process.join(self.join_timeout)
         self._workers.clear()
+        for reader in self._error_pipes.values():
+            reader.close()
+        self._error_pipes.clear()
