@@ -440,10 +440,6 @@ class NoisyQuadratic(Task):
         diff = model.x.detach().double() - self.optimum
         return float(0.5 * diff @ self.hessian @ diff)
 
-    @property
-    def condition_number(self) -> float:
-        return float(self.eigenvalues[-1] / self.eigenvalues[0])
-
 
 TASKS: dict[str, Callable[..., Task]] = {
     "quadratic": NoisyQuadratic,
