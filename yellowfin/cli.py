@@ -67,14 +67,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _task_options(args: argparse.Namespace) -> dict[str, dict]:
-    options: dict[str, dict] = {"fmnist_resnet": {}, "char_lstm": {}}
-    if args.data_dir:
-        options["fmnist_resnet"]["data_dir"] = args.data_dir
-    if args.text_path:
-        options["char_lstm"]["text_path"] = args.text_path
-    if args.cache_dir:
-        options["char_lstm"]["cache_dir"] = args.cache_dir
-    return options
+    """The data options given on the command line, for every task that takes them (Task.data_options)."""
+    from yellowfin.bench.tasks import TASKS
+
+    given = {"data_dir": args.data_dir, "text_path": args.text_path, "cache_dir": args.cache_dir}
+    return {name: {option: given[option] for option in getattr(factory, "data_options", ()) if given[option]}
+            for name, factory in TASKS.items()}
 
 
 def _bench(args: argparse.Namespace) -> int:
