@@ -69,6 +69,7 @@ class TaskSummary:
     reference: str | None  # the best tuned baseline (lowest best smoothed training loss)
     window: int
     objective: str = "training loss"  # what the curves are: mini-batch training loss, or the exact objective
+    curve_key: str = "loss"  # the records' field the curves are made of ("loss" or "exact_loss")
 
     @property
     def highlighted(self) -> str | None:
@@ -138,7 +139,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[TaskSummary]:
         first = group[0]
         summaries.append(TaskSummary(task, steps, first["task"]["metric"], bool(first.get("higher_is_better")),
                                      optimizers, reference, window,
-                                     "exact excess loss f(x) - f(x*)" if exact else "training loss"))
+                                     "exact excess loss f(x) - f(x*)" if exact else "training loss", curve_key))
     return summaries
 
 
