@@ -108,7 +108,8 @@ def ablation_summaries(results_dir: Path, baseline_dirs: Sequence[Path] = ()) ->
     records = results_io.load_results(results_dir)
     own_baselines = {(r["task"]["name"], r["steps"]) for r in records if r["optimizer"] == BASELINE}
     tasks_here = {(r["task"]["name"], r["steps"]) for r in records}
-    extra = [r for r in _baseline_records(baseline_dirs, own_baselines) if (r["task"]["name"], r["steps"]) in tasks_here]
+    extra = [r for r in _baseline_records(baseline_dirs, own_baselines)
+             if (r["task"]["name"], r["steps"]) in tasks_here]
     return summarize(records + extra)
 
 
