@@ -7,15 +7,15 @@ smoothed training loss (1/40 of the budget, as in the report) and the final test
 """
 
 import json
-import statistics
 from pathlib import Path
+
+from yellowfin.bench import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def best_smoothed(losses: list[float]) -> float:
-    width = max(5, len(losses) // 40)
-    return min(statistics.mean(losses[max(0, i - width + 1):i + 1]) for i in range(len(losses)))
+    return metrics.best_point(metrics.smooth(losses))[0]
 
 
 def main() -> None:

@@ -25,11 +25,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from yellowfin import YellowFin
+from yellowfin.bench.report import splice
 
-from yellowfin import YellowFin  # noqa: E402
-from yellowfin.bench.report import splice  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # where the results and docs are written
 
 LAYOUTS = {"large": 4, "small": 400}  # tensors per model: a few large ones, or hundreds of small ones
 # Floats read + written per parameter per step, for the bandwidth model (docs/performance.md).

@@ -1,4 +1,4 @@
-"""The `yellowfin` command line (also `python -m yellowfin`): demo, bench, report.
+"""The `yellowfin` command line (also `python -m yellowfin`): demo, bench, ablate, report.
 
 Heavy imports happen inside the subcommands so that `yellowfin --help` answers at once."""
 
@@ -67,14 +67,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _task_options(args: argparse.Namespace) -> dict[str, dict]:
-    options: dict[str, dict] = {"fmnist_resnet": {}, "char_lstm": {}}
-    if args.data_dir:
-        options["fmnist_resnet"]["data_dir"] = args.data_dir
-    if args.text_path:
-        options["char_lstm"]["text_path"] = args.text_path
-    if args.cache_dir:
-        options["char_lstm"]["cache_dir"] = args.cache_dir
-    return options
+    """The data options given on the command line, for every task that takes them (Task.data_options)."""
+    from yellowfin.bench.tasks import TASKS
+
+    given = {"data_dir": args.data_dir, "text_path": args.text_path, "cache_dir": args.cache_dir}
+    return {name: {option: given[option] for option in getattr(factory, "data_options", ()) if given[option]}
+            for name, factory in TASKS.items()}
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -130,6 +128,62 @@ def _bench(args: argparse.Namespace) -> int:
     return EXIT_DATA_MISSING if outcome.missing_data else 0
 
 
+def _ablate(args: argparse.Namespace) -> int:
+    from yellowfin.bench import ablation
+    from yellowfin.bench import results as results_io
+    from yellowfin.bench.optimizers import OPTIMIZERS
+    from yellowfin.bench.runner import DEFAULT_SEEDS
+    from yellowfin.bench.tasks import TASKS
+    from yellowfin.bench.variants import VARIANTS
+
+    if args.list:
+        print("variants (yellowfin/bench/variants.py):")
+        for variant in VARIANTS.values():
+            print(f"  {variant.name:18s} {variant.description}")
+        return 0
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    for kind, given, known in (("task", args.tasks, TASKS), ("variant", args.variants or (), VARIANTS),
+                               ("optimizer", args.baselines or (), OPTIMIZERS)):
+        unknown = [name for name in given if name not in known]
+        if unknown:
+            print(f"yellowfin ablate: error: unknown {kind}{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                  f"choose from {', '.join(known)} (see `yellowfin ablate --list`)", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    default_dir = ablation.QUICK_ABLATION_DIR if args.quick else ablation.DEFAULT_ABLATION_DIR
+    results_dir = Path(args.results or default_dir)
+    suite_dir = results_io.QUICK_RESULTS_DIR if args.quick else results_io.DEFAULT_RESULTS_DIR
+    baseline_dirs = [Path(d) for d in args.baseline_results] if args.baseline_results is not None else [suite_dir]
+    config = ablation.AblationConfig(
+        tasks=args.tasks or list(TASKS),
+        variants=args.variants or list(ablation.DEFAULT_VARIANTS),
+        seeds=args.seeds or (ablation.QUICK_ABLATION_SEEDS if args.quick else DEFAULT_SEEDS),
+        steps=args.steps,
+        quick=args.quick,
+        results_dir=results_dir,
+        baselines=args.baselines or (),
+        task_options=_task_options(args),
+        progress=not args.no_progress,
+        command=args.command_line,
+    )
+    try:
+        outcome = ablation.run_ablation(config)
+    except KeyboardInterrupt:
+        print(f"\nInterrupted. Finished runs are kept in {results_dir}; run the same command again to resume.",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"{len(outcome.ran)} runs done, {len(outcome.skipped)} already there; results in {results_dir}")
+    for task, message in outcome.missing_data.items():
+        print(f"not run: {task}: {message}", file=sys.stderr)
+    table, path = ablation.write_table(results_dir, baseline_dirs)
+    print()
+    print(table)
+    print(f"Table written to {path}")
+    return EXIT_DATA_MISSING if outcome.missing_data else 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from yellowfin.bench import results as results_io
     from yellowfin.bench.report import write_report
@@ -176,6 +230,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench.add_argument("--list", action="store_true", help="list tasks and optimizers, then exit")
     bench.set_defaults(handler=_bench)
+
+    ablate = sub.add_parser("ablate", help="YellowFin variants x tasks x seeds, and their table (resumes)")
+    ablate.add_argument("tasks", nargs="*", metavar="TASK", help="tasks to run (default: all; see bench --list)")
+    ablate.add_argument("--variants", nargs="+", metavar="NAME",
+                        help="variants to compare (default: reference paper control; see --list)")
+    ablate.add_argument("--baselines", nargs="+", metavar="NAME",
+                        help="suite optimizers to run beside them, e.g. sgd_momentum (its learning-rate grid)")
+    ablate.add_argument("--baseline-results", nargs="*", metavar="DIR",
+                        help="where else to find tuned momentum SGD runs for the speedup column "
+                             "(default: benchmarks/results, or benchmarks/results-quick with --quick)")
+    ablate.add_argument("--seeds", nargs="+", type=_seed, help="seeds (default 0 1 2; with --quick: 0 1)")
+    ablate.add_argument("--steps", type=_positive_int, help="steps per run (default: each task's budget)")
+    ablate.add_argument("--quick", action="store_true", help="screening: each task's quick budget, two seeds")
+    ablate.add_argument("--results", help="results directory (default benchmarks/results-ablation[-quick])")
+    ablate.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files")
+    ablate.add_argument("--text-path", help="plain-text file to use instead of the King James Bible")
+    ablate.add_argument("--cache-dir", help="where to cache the Bible text (default: no cache)")
+    ablate.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    ablate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ablate.add_argument("--list", action="store_true", help="list the registered variants, then exit")
+    ablate.set_defaults(handler=_ablate)
 
     report = sub.add_parser("report", help="tables and figures from results, into docs/benchmarks.md")
     report.add_argument("--results", nargs="+", type=Path,

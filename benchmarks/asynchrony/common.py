@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 
+import numpy as np
 import torch
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-
-from yellowfin import YellowFin  # noqa: E402
-from yellowfin.asynchrony import MomentumSensor, StalenessSimulator  # noqa: E402
-from yellowfin.bench.tasks import get_task  # noqa: E402
+from yellowfin import YellowFin
+from yellowfin.asynchrony import MomentumSensor, StalenessSimulator
+from yellowfin.bench import metrics
+from yellowfin.bench.tasks import get_task
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIGURES = os.path.abspath(os.path.join(HERE, "..", "..", "docs", "figures", "asynchrony"))
@@ -84,20 +83,15 @@ def simulate(task, method: str, num_workers: int, steps: int, seed: int = 0, lr:
                             {"algorithmic": "mu_hat_0", "effective": "mu_hat_1"})}
 
 
-def smooth(values, beta: float = 0.95):
-    out, avg = [], 0.0
-    for i, v in enumerate(values, 1):
-        avg = beta * avg + (1 - beta) * v
-        out.append(avg / (1 - beta ** i))
-    return out
+def smooth(values, beta: float = 0.95) -> list[float]:
+    """The curves these experiments store: a bias-corrected exponential moving average (JSON-ready list)."""
+    return metrics.exponential_smooth(values, beta).tolist()
 
 
 def iterations_to(values, target: float, stride: int = 1):
     """First iteration (1-based, in units of ``stride``) where ``values`` reach ``target``; None if never."""
-    for i, v in enumerate(values):
-        if math.isfinite(v) and v <= target:
-            return (i + 1) * stride
-    return None
+    reached = metrics.steps_to_reach(np.asarray(values, dtype=np.float64), target)
+    return None if reached is None else reached * stride
 
 
 def save_json(obj, name: str) -> str:

@@ -30,4 +30,8 @@ def tiny_task_options(fmnist_dir, text_path):
                           "eval_examples": 20},
         "char_lstm": {"text_path": str(text_path), "hidden": 16, "seq_len": 16, "batch_size": 4,
                       "eval_chars": 256},
+        "logreg": {"data_dir": str(fmnist_dir), "batch_size": 16},
+        "autoencoder": {"data_dir": str(fmnist_dir), "batch_size": 16},
+        "fmnist_resnet8": {"data_dir": str(fmnist_dir), "width": 4, "batch_size": 16, "train_examples": 64,
+                           "eval_examples": 20},
     }

@@ -356,7 +356,8 @@ def test_bad_numbers_are_refused_with_what_is_allowed(tmp_path, monkeypatch, cap
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["bench", "mnist_cnn"], "unknown task mnist_cnn; choose from quadratic, digits_mlp, fmnist_resnet, char_lstm"),
+    (["bench", "mnist_cnn"], "unknown task mnist_cnn; choose from quadratic, digits_mlp, fmnist_resnet, char_lstm, "
+                             "logreg, autoencoder, fmnist_resnet8"),
     (["bench", "quadratic", "--optimizers", "adam", "lion", "sophia"], "unknown optimizers lion, sophia; choose from "
                                                                        "yellowfin, sgd_momentum, adam"),
 ])

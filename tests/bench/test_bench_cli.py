@@ -75,3 +75,13 @@ def test_demo_falls_back_to_digits_and_says_why(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "apt-get install dataset-fashion-mnist" in out and "digits" in out
     assert json.loads((out_dir / "demo.json").read_text())["fallback"] is True
+
+
+def test_data_dir_reaches_every_fashion_mnist_task(tmp_path, capsys, fmnist_dir):
+    results = tmp_path / "results"
+    argv = ["bench", "logreg", "autoencoder", "fmnist_resnet8", "--optimizers", "yellowfin", "--steps", "2",
+            "--seeds", "0", "--data-dir", str(fmnist_dir), "--results", str(results), "--no-progress"]
+    assert main(argv) == 0
+    for task in ("logreg", "autoencoder", "fmnist_resnet8"):
+        record = json.loads((results / task / "yellowfin_seed0_steps2.json").read_text())
+        assert record["task"]["data_dir"] == str(fmnist_dir) and record["completed_steps"] == 2

@@ -71,3 +71,14 @@ def test_best_lr_uses_validation_metric_and_skips_divergence():
     lower = {"lr": 0.1, "diverged": False, "higher_is_better": False, "task": {"metric": "perplexity"},
              "eval": {"val": {"perplexity": 5.0, "loss": 1.6}}}
     assert results_io.best_lr([lower, {**lower, "lr": 1.0, "eval": {"val": {"perplexity": 3.0, "loss": 1.1}}}]) == 1.0
+
+
+def test_exponential_smooth_is_the_bias_corrected_average_of_the_values_so_far():
+    values = [3.0, 1.0, 4.0, 1.0, 5.0]
+    beta = 0.9
+    expected = [sum(beta ** (t - i) * values[i] for i in range(t + 1)) / sum(beta ** (t - i) for i in range(t + 1))
+                for t in range(len(values))]
+    np.testing.assert_allclose(metrics.exponential_smooth(values, beta), expected, rtol=1e-12)
+    np.testing.assert_allclose(metrics.exponential_smooth([2.0] * 7), [2.0] * 7)  # no start-up bias
+    with pytest.raises(ValueError, match=r"beta must be in \[0, 1\)"):
+        metrics.exponential_smooth(values, 1.0)

@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from yellowfin.bench import results as results_io
 from yellowfin.bench import runner
@@ -142,11 +143,67 @@ def test_quick_mode_uses_quick_budgets_and_options(tmp_path, tiny_task_options):
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_every_optimizer_trains_a_few_steps(name):
+def test_every_optimizer_trains_a_few_steps(name, monkeypatch):
     spec = OPTIMIZERS[name]
     if not spec.available():
         pytest.skip(spec.missing_message())
     schedule = [0.01] * 3 if spec.kind == "control" else None
     lr = 0.01 if spec.kind == "tuned" else None
-    record = train_run(get_task("digits_mlp", hidden=8), spec, seed=0, steps=3, lr=lr, lr_schedule=schedule)
-    assert record["completed_steps"] == 3 and record["eval"]["val"]["accuracy"] >= 0
+    task = get_task("digits_mlp", hidden=8)
+    evaluated = []
+    real_evaluate = task.evaluate
+    monkeypatch.setattr(task, "evaluate", lambda model, split: evaluated.append(model) or real_evaluate(model, split))
+    record = train_run(task, spec, seed=0, steps=3, lr=lr, lr_schedule=schedule)
+    assert record["completed_steps"] == 3
+    # The recorded accuracy is the trained model's, counted again here by hand.
+    model = evaluated[0]
+    untrained = task.make_model(0)
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), untrained.parameters()))
+    inputs, labels = task.splits.val
+    with torch.no_grad():
+        correct = (model(inputs).argmax(dim=1) == labels).sum().item()
+    assert record["eval"]["val"]["accuracy"] == correct / len(labels)
+
+
+class _TwoPointSGD(torch.optim.SGD):
+    """Plain SGD with Schedule-Free's train()/eval() interface, recording the calls."""
+
+    def __init__(self, params, lr=None):
+        super().__init__(params, lr=0.01)
+        self.modes = []
+
+    def train(self):
+        self.modes.append("train")
+
+    def eval(self):
+        self.modes.append("eval")
+
+
+@pytest.mark.parametrize("switch", [True, False])
+def test_mode_switching_follows_the_spec_not_the_optimizer_methods(switch):
+    from yellowfin.bench.optimizers import UNTUNED, OptimizerSpec
+
+    built = []
+    spec = OptimizerSpec("two_point", "two-point SGD", UNTUNED, lambda p, lr=None: built.append(_TwoPointSGD(p))
+                         or built[-1], needs_mode_switch=switch)
+    train_run(get_task("digits_mlp", hidden=8), spec, seed=0, steps=2)
+    assert built[0].modes == (["train", "eval"] if switch else [])
+
+
+def test_an_optimizer_with_averaging_is_evaluated_at_its_average(monkeypatch):
+    spec = get_optimizer_spec("dog")
+    if not spec.available():
+        pytest.skip(spec.missing_message())
+    task = get_task("quadratic")
+    evaluated = []
+    real_evaluate = task.evaluate
+    monkeypatch.setattr(task, "evaluate", lambda model, split: evaluated.append(model) or real_evaluate(model, split))
+    import dog
+
+    made = []
+    real = dog.PolynomialDecayAverager
+    monkeypatch.setattr(dog, "PolynomialDecayAverager", lambda model: made.append(real(model)) or made[-1])
+    record = train_run(task, spec, seed=0, steps=20)
+    assert evaluated and all(model is made[0].averaged_model for model in evaluated)
+    assert made[0].averaged_model is not made[0].base_model
+    assert record["eval"]["test"]["excess_loss"] == pytest.approx(record["exact_loss"][-1])  # both at the average

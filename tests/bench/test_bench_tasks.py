@@ -10,7 +10,8 @@ from yellowfin.bench.tasks import TASKS, ResNet, get_task
 
 
 def test_registry_names_match_the_contract():
-    assert set(TASKS) == {"quadratic", "digits_mlp", "fmnist_resnet", "char_lstm"}
+    assert set(TASKS) == {"quadratic", "digits_mlp", "fmnist_resnet", "char_lstm", "logreg", "autoencoder",
+                          "fmnist_resnet8"}
     with pytest.raises(KeyError, match="choose from"):
         get_task("imagenet")
 
@@ -58,7 +59,8 @@ def test_task_contract(name, tiny_task_options):
 def test_a_few_sgd_steps_reduce_the_loss(name, tiny_task_options):
     task = get_task(name, **tiny_task_options[name])
     model = task.make_model(0)
-    lr = {"quadratic": 0.01, "digits_mlp": 0.5, "fmnist_resnet": 0.05, "char_lstm": 1.0}[name]
+    lr = {"quadratic": 0.01, "digits_mlp": 0.5, "fmnist_resnet": 0.05, "char_lstm": 1.0, "logreg": 0.01,
+          "autoencoder": 1.0, "fmnist_resnet8": 0.05}[name]
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.5)
     batches = task.train_batches(0)
     probe = next(task.train_batches(99))
@@ -135,3 +137,48 @@ def test_missing_fmnist_data_is_reported_when_used(tmp_path):
     task = get_task("fmnist_resnet", data_dir=str(tmp_path))  # building the task is free
     with pytest.raises(DataNotFoundError, match="dataset-fashion-mnist"):
         next(task.train_batches(0))
+
+
+def test_logistic_regression_is_one_linear_layer_on_flat_pixels(tiny_task_options):
+    task = get_task("logreg", **tiny_task_options["logreg"])
+    model = task.make_model(0)
+    assert isinstance(model, nn.Linear) and (model.in_features, model.out_features) == (28 * 28, 10)
+    inputs, labels = next(task.train_batches(0))
+    assert inputs.shape == (16, 28 * 28) and labels.shape == (16,)
+    expected = nn.functional.cross_entropy(inputs @ model.weight.T + model.bias, labels)
+    assert task.loss(model, (inputs, labels)).item() == pytest.approx(expected.item(), rel=1e-6)
+    digits = get_task("logreg", dataset="digits")  # the data set that needs no system package
+    assert digits.make_model(0).in_features == 64 and digits.splits.train[0].shape[1] == 64
+    with pytest.raises(ValueError, match="dataset must be one of fashion_mnist, digits"):
+        get_task("logreg", dataset="cifar")
+
+
+def test_autoencoder_reconstructs_pixel_intensities(tiny_task_options, fmnist_dir):
+    from yellowfin.bench.data import read_idx
+
+    task = get_task("autoencoder", **tiny_task_options["autoencoder"])
+    model = task.make_model(0)
+    linear = [m for m in model if isinstance(m, nn.Linear)]
+    assert [m.out_features for m in linear] == [256, 128, 64, 16, 64, 128, 256, 784]  # deep, 16-unit code
+    assert sum(isinstance(m, nn.Tanh) for m in model) == 6
+    # The targets are the raw intensities in [0, 1], whatever normalisation the loader applies.
+    raw = read_idx(fmnist_dir / "t10k-images-idx3-ubyte.gz").reshape(-1, 784) / 255.0
+    test_pixels = task.splits.test[0]
+    np.testing.assert_allclose(test_pixels.numpy(), raw, atol=1e-5)
+    pixels, _ = next(task.train_batches(0))
+    logits = model(pixels)
+    expected = nn.functional.binary_cross_entropy(torch.sigmoid(logits), pixels)
+    assert task.loss(model, (pixels, None)).item() == pytest.approx(expected.item(), rel=1e-4)
+    result = task.evaluate(model, "test")
+    with torch.no_grad():
+        mse = (torch.sigmoid(model(test_pixels)) - test_pixels).square().mean().item()
+    assert task.metric == "mse" and not task.higher_is_better
+    assert result["mse"] == pytest.approx(mse, rel=1e-5)
+
+
+def test_small_resnet_budget_covers_three_epochs():
+    task = get_task("fmnist_resnet8")
+    assert task.default_steps * task.batch_size >= 3 * task.train_examples
+    model = task.make_model(0)
+    assert sum(isinstance(m, nn.Conv2d) for name, m in model.named_modules() if "shortcut" not in name) == 7
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)

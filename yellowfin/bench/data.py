@@ -144,6 +144,8 @@ FASHION_MNIST_CLASSES = (
 
 
 FASHION_MNIST_IMAGE_SIZE = (28, 28)
+# Pixel mean and standard deviation (of intensities in [0, 1]) that the loaded images are normalised with.
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.286, 0.353
 
 
 def _check_fashion_mnist_part(images_path: Path, images: np.ndarray, labels_path: Path, labels: np.ndarray) -> None:
@@ -181,7 +183,7 @@ def _load_fashion_mnist_cached(directory: str) -> Splits:
     def to_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         # Scale to [0, 1] and centre with the data set's usual statistics, so BN-free layers start sensibly too.
         x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
-        return (x - 0.286) / 0.353, torch.from_numpy(labels.astype(np.int64))
+        return (x - FASHION_MNIST_MEAN) / FASHION_MNIST_STD, torch.from_numpy(labels.astype(np.int64))
 
     train_x, train_y = to_tensors(arrays["train_images"], arrays["train_labels"])
     n_val = max(1, int(round(len(train_x) * VAL_FRACTION)))

@@ -30,6 +30,20 @@ def smooth(losses: Sequence[float], window: int | None = None) -> np.ndarray:
     return (cumulative[ends] - cumulative[starts]) / (ends - starts)
 
 
+def exponential_smooth(losses: Sequence[float], beta: float = 0.95) -> np.ndarray:
+    """Bias-corrected exponential moving average (as Adam corrects its moments): step t averages the first t
+    values with weights proportional to beta^(t-i). The asynchrony experiments smooth their curves this way."""
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta must be in [0, 1), got {beta}")
+    values = np.asarray(losses, dtype=np.float64)
+    out = np.empty_like(values)
+    average = 0.0
+    for index, value in enumerate(values):
+        average = beta * average + (1.0 - beta) * value
+        out[index] = average / (1.0 - beta ** (index + 1))
+    return out
+
+
 def mean_curve(curves: Sequence[Sequence[float | None]]) -> np.ndarray:
     """Per-step mean over seeds, cut to the shortest run; a diverged step (None/NaN) makes the mean infinite."""
     if not curves:

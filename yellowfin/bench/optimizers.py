@@ -28,6 +28,21 @@ class OptimizerSpec:
     requires: str | None = None  # importable module of an optional dependency
     pip_name: str | None = None
     hyper: dict[str, Any] = field(default_factory=dict)  # fixed hyperparameters, recorded in results
+    # Schedule-Free keeps two points: the optimizer must be told (train()/eval()) which one the model holds, and
+    # the evaluated point's batch-norm statistics must be refreshed before evaluation.
+    needs_mode_switch: bool = False
+    # The optimizer tunes itself and reports what it chose through stats() (YellowFin and its variants): the
+    # runner records the trace, which the control replays and the report plots.
+    records_tuner_trace: bool = False
+    # Runs on every seed of a suite although untuned: the method under study (the peers run on the first seed).
+    every_seed: bool = False
+    # The report's method under study: drawn highlighted, and the "speedup over X" columns are its speedups.
+    highlight: bool = False
+    # CONTROL only: the name of the spec whose effective_lr trace this run replays.
+    replays: str | None = None
+    # Iterate averaging that belongs to the optimizer's recommended usage (DoG): average(model) returns an
+    # object with step() (called after every optimizer step) and averaged_model (what is evaluated).
+    averager: Callable[[torch.nn.Module], Any] | None = None
 
     def available(self) -> bool:
         return self.requires is None or importlib.util.find_spec(self.requires) is not None
@@ -50,7 +65,7 @@ def _adam(params: Iterable, lr: float | None = None) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr)
 
 
-def _plain_sgd(params: Iterable, lr: float | None = None) -> torch.optim.Optimizer:
+def plain_sgd(params: Iterable, lr: float | None = None) -> torch.optim.Optimizer:
     # The step size is overwritten before every step from YellowFin's trace (see runner.py).
     return torch.optim.SGD(params, lr=lr if lr is not None else 0.0, momentum=0.0)
 
@@ -62,44 +77,63 @@ def _from_module(module: str, cls: str) -> Callable[..., torch.optim.Optimizer]:
     return build
 
 
+def _dog_averager(model: torch.nn.Module) -> Any:
+    # The dog package's README: "DoG/L-DoG must be combined with iterate averaging", with its
+    # PolynomialDecayAverager at its default configuration; the evaluation uses the averaged model.
+    return importlib.import_module("dog").PolynomialDecayAverager(model)
+
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     spec.name: spec
     for spec in (
-        OptimizerSpec("yellowfin", "YellowFin (defaults)", UNTUNED, _yellowfin),
+        OptimizerSpec("yellowfin", "YellowFin (defaults)", UNTUNED, _yellowfin, records_tuner_trace=True,
+                      every_seed=True, highlight=True),
         OptimizerSpec("sgd_momentum", "Momentum SGD (0.9, tuned lr)", TUNED, _sgd_momentum, hyper={"momentum": 0.9}),
         OptimizerSpec("adam", "Adam (tuned lr)", TUNED, _adam, hyper={"betas": [0.9, 0.999]}),
         OptimizerSpec("schedulefree_sgd", "Schedule-Free SGD", UNTUNED,
-                      _from_module("schedulefree", "SGDScheduleFree"), "schedulefree", "schedulefree"),
+                      _from_module("schedulefree", "SGDScheduleFree"), "schedulefree", "schedulefree",
+                      needs_mode_switch=True),
         OptimizerSpec("schedulefree_adamw", "Schedule-Free AdamW", UNTUNED,
-                      _from_module("schedulefree", "AdamWScheduleFree"), "schedulefree", "schedulefree"),
+                      _from_module("schedulefree", "AdamWScheduleFree"), "schedulefree", "schedulefree",
+                      needs_mode_switch=True),
         OptimizerSpec("prodigy", "Prodigy", UNTUNED, _from_module("prodigyopt", "Prodigy"), "prodigyopt", "prodigyopt"),
         OptimizerSpec("dadapt_adam", "D-Adaptation Adam", UNTUNED, _from_module("dadaptation", "DAdaptAdam"),
                       "dadaptation", "dadaptation"),
-        OptimizerSpec("sgd_yf_step", "SGD with YF's step a/(1-mu)", CONTROL, _plain_sgd, hyper={"momentum": 0.0}),
+        # DoG at the package's defaults (reps_rel 1e-6 on every task, although its docstring suggests 1e-4 for
+        # models with batch norm: one set of defaults everywhere, like every other untuned peer), evaluated at
+        # the polynomial-decay average its README says it must be used with.
+        OptimizerSpec("dog", "DoG (+ poly. averaging)", UNTUNED, _from_module("dog", "DoG"), "dog", "dog-optimizer",
+                      hyper={"averaging": "PolynomialDecayAverager(gamma=8)"}, averager=_dog_averager),
+        OptimizerSpec("sgd_yf_step", "SGD with YF's step a/(1-mu)", CONTROL, plain_sgd, hyper={"momentum": 0.0},
+                      replays="yellowfin"),
     )
 }
 DEFAULT_OPTIMIZERS = tuple(OPTIMIZERS)
 
 
-def get_optimizer_spec(name: str) -> OptimizerSpec:
-    try:
+def find_optimizer_spec(name: str) -> OptimizerSpec | None:
+    """The spec of a suite optimizer or of an ablation variant (yellowfin/bench/variants.py), None if unknown."""
+    if name in OPTIMIZERS:
         return OPTIMIZERS[name]
-    except KeyError:
-        raise KeyError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}") from None
+    from yellowfin.bench.variants import VARIANT_SPECS  # variants build on this module: imported when needed
+
+    return VARIANT_SPECS.get(name)
+
+
+def get_optimizer_spec(name: str) -> OptimizerSpec:
+    spec = find_optimizer_spec(name)
+    if spec is None:
+        raise KeyError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    return spec
 
 
 def resolve_optimizers(names: Sequence[str]) -> list[OptimizerSpec]:
-    """Specs for the given names, in the order the suite must run them (YellowFin before its control)."""
+    """Specs for the given names, in the order the suite must run them (what a control replays before it)."""
     specs = [get_optimizer_spec(n) for n in dict.fromkeys(names)]
     return sorted(specs, key=lambda s: s.kind == CONTROL)
 
 
-def set_train_mode(optimizer: torch.optim.Optimizer, training: bool) -> None:
-    """Schedule-Free keeps two points and must be told which one the model should hold."""
-    method = getattr(optimizer, "train" if training else "eval", None)
-    if callable(method):
-        method()
-
-
-def needs_mode_switch(optimizer: torch.optim.Optimizer) -> bool:
-    return callable(getattr(optimizer, "eval", None)) and callable(getattr(optimizer, "train", None))
+def set_train_mode(spec: OptimizerSpec, optimizer: torch.optim.Optimizer, training: bool) -> None:
+    """Tell an optimizer that keeps two points (spec.needs_mode_switch) which one the model should hold."""
+    if spec.needs_mode_switch:
+        getattr(optimizer, "train" if training else "eval")()

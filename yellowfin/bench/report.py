@@ -19,7 +19,7 @@ import numpy as np
 from yellowfin.bench import metrics
 from yellowfin.bench import results as results_io
 from yellowfin.bench.errors import BadInputError, NotWritableError
-from yellowfin.bench.optimizers import CONTROL, OPTIMIZERS, TUNED
+from yellowfin.bench.optimizers import CONTROL, OPTIMIZERS, TUNED, find_optimizer_spec
 
 DEFAULT_MARKDOWN = Path("docs") / "benchmarks.md"
 DEFAULT_FIGURES = Path("docs") / "figures"
@@ -69,11 +69,18 @@ class TaskSummary:
     reference: str | None  # the best tuned baseline (lowest best smoothed training loss)
     window: int
     objective: str = "training loss"  # what the curves are: mini-batch training loss, or the exact objective
+    curve_key: str = "loss"  # the records' field the curves are made of ("loss" or "exact_loss")
+
+    @property
+    def highlighted(self) -> str | None:
+        """The method under study (its spec's highlight), when present: the first one in table order."""
+        return next((name for name in self.optimizers if _is_highlighted(name)), None)
 
     def speedup_of_yellowfin_over(self, name: str) -> float | None:
-        if "yellowfin" not in self.optimizers or name == "yellowfin":
+        studied = self.highlighted
+        if studied is None or name == studied:
             return None
-        return metrics.speedup(self.optimizers[name].curve, self.optimizers["yellowfin"].curve)
+        return metrics.speedup(self.optimizers[name].curve, self.optimizers[studied].curve)
 
     def speedup_against_reference(self, name: str) -> float | None:
         if self.reference is None:
@@ -89,6 +96,11 @@ class TaskSummary:
             return None
         reached = metrics.steps_to_reach(self.optimizers[name].curve, target[0])
         return None if reached is None else self.optimizers[name].wall_at(reached)
+
+
+def _is_highlighted(name: str) -> bool:
+    spec = find_optimizer_spec(name)
+    return spec is not None and spec.highlight
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> list[TaskSummary]:
@@ -127,7 +139,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[TaskSummary]:
         first = group[0]
         summaries.append(TaskSummary(task, steps, first["task"]["metric"], bool(first.get("higher_is_better")),
                                      optimizers, reference, window,
-                                     "exact excess loss f(x) - f(x*)" if exact else "training loss"))
+                                     "exact excess loss f(x) - f(x*)" if exact else "training loss", curve_key))
     return summaries
 
 
@@ -154,7 +166,8 @@ def plot_losses(summary: TaskSummary, path: Path) -> Path:
         label += f" ({len(opt.records)} seed{'s' if len(opt.records) > 1 else ''})"
         if opt.diverged_seeds:
             label += f", {opt.diverged_seeds} diverged"
-        style = {"lw": 2.4, "color": "gold", "zorder": 5} if name == "yellowfin" else {"lw": 1.2, "color": f"C{index}"}
+        style = ({"lw": 2.4, "color": "gold", "zorder": 5} if name == summary.highlighted
+                 else {"lw": 1.2, "color": f"C{index}"})
         if opt.kind == CONTROL:
             style["ls"] = "--"
         ax.plot(steps[finite], opt.curve[finite], label=label, **style)
@@ -178,7 +191,7 @@ def plot_losses(summary: TaskSummary, path: Path) -> Path:
 
 
 def plot_yellowfin_trace(summary: TaskSummary, path: Path) -> Path | None:
-    opt = summary.optimizers.get("yellowfin")
+    opt = summary.optimizers.get(summary.highlighted) if summary.highlighted else None
     if opt is None or not any(r.get("trace") for r in opt.records):
         return None
     plt = _pyplot()
@@ -209,7 +222,7 @@ def plot_yellowfin_trace(summary: TaskSummary, path: Path) -> Path | None:
 def plot_speedups(summaries: Sequence[TaskSummary], path: Path) -> Path | None:
     """YellowFin's speedup over every other optimizer, per task: bars from 1 (log scale), up when YellowFin is
     faster; "x" where YellowFin never reached that optimizer's best, "d" where that optimizer diverged."""
-    rows = [(s, [n for n in s.optimizers if n != "yellowfin"]) for s in summaries if "yellowfin" in s.optimizers]
+    rows = [(s, [n for n in s.optimizers if n != s.highlighted]) for s in summaries if s.highlighted]
     if not rows:
         return None
     plt = _pyplot()
@@ -273,12 +286,12 @@ def task_table(summary: TaskSummary) -> str:
         best = metrics.best_point(opt.curve)
         seeds = f"{len(opt.records)}" + (f" ({opt.diverged_seeds} diverged)" if opt.diverged_seeds else "")
         lines.append("| " + " | ".join([
-            f"**{opt.label}**" if name == "yellowfin" else opt.label,
+            f"**{opt.label}**" if name == summary.highlighted else opt.label,
             _fmt(opt.lr, "g", "-"),
             seeds,
             test_text,
             _fmt(best[0] if best else None, ".4g"),
-            "-" if name == "yellowfin" else
+            "-" if name == summary.highlighted else
             "diverged" if opt.diverged_seeds == len(opt.records) else
             _fmt(summary.speedup_of_yellowfin_over(name), ".2f", "never"),
             _fmt(summary.speedup_against_reference(name), ".2f", "never"),

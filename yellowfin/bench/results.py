@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from yellowfin.bench.errors import InvalidResultError, NotWritableError
-from yellowfin.bench.optimizers import CONTROL, TUNED, UNTUNED
+from yellowfin.bench.optimizers import CONTROL, TUNED, UNTUNED, find_optimizer_spec
 
 SCHEMA_VERSION = 1
 DEFAULT_RESULTS_DIR = Path("benchmarks") / "results"
@@ -135,7 +135,8 @@ def record_problem(record: Any) -> str | None:
                 return f"field {name} must be {expected}, found {json.dumps(record[name])[:60]}"
     if record["kind"] == TUNED and record["lr"] is None:
         return "a tuned run without its learning rate (lr is null)"
-    if record["optimizer"] == "yellowfin" and not (record.get("trace") or {}).get("effective_lr"):
+    spec = find_optimizer_spec(record["optimizer"])
+    if spec is not None and spec.records_tuner_trace and not (record.get("trace") or {}).get("effective_lr"):
         return "a YellowFin run without its trace of effective_lr (the control run replays it)"
     if len(record["loss"]) != record["completed_steps"]:
         return f"{len(record['loss'])} losses for completed_steps {record['completed_steps']}"

@@ -36,7 +36,7 @@ TUNER_ESTIMATES = ("h_min", "h_max", "grad_var", "dist")
 def environment() -> dict[str, Any]:
     """Versions and machine, stored in every results file."""
     packages = {}
-    for name in ("yellowfin-optim", "torch", "numpy", "schedulefree", "prodigyopt", "dadaptation"):
+    for name in ("yellowfin-optim", "torch", "numpy", "schedulefree", "prodigyopt", "dadaptation", "dog-optimizer"):
         try:
             packages[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -72,9 +72,12 @@ def train_run(task: Task, spec: OptimizerSpec, seed: int, steps: int, lr: float 
     model = task.make_model(seed)
     model.train()
     optimizer = spec.build(model.parameters(), lr)
-    set_train_mode(optimizer, True)
+    set_train_mode(spec, optimizer, True)
+    averager = spec.averager(model) if spec.averager is not None else None
+    # The point the optimizer hands out: the average where averaging is part of its usage, else the model.
+    evaluated = averager.averaged_model if averager is not None else model
     batches = task.train_batches(seed)
-    tracks_tuner = callable(getattr(optimizer, "stats", None))
+    tracks_tuner = spec.records_tuner_trace
     tracks_exact = task.exact_loss(model) is not None
     exact: list[float | None] = []
     losses: list[float | None] = []
@@ -94,12 +97,14 @@ def train_run(task: Task, spec: OptimizerSpec, seed: int, steps: int, lr: float 
         loss = task.loss(model, batch)
         loss.backward()
         optimizer.step()
+        if averager is not None:
+            averager.step()
         value = loss.item()
         wall.append(round(time.perf_counter() - start - bookkeeping, 4))
         losses.append(results_io.finite_or_none(value))
         recording = time.perf_counter()
         if tracks_exact:
-            exact.append(results_io.finite_or_none(task.exact_loss(model)))  # after the step, at the new point
+            exact.append(results_io.finite_or_none(task.exact_loss(evaluated)))  # after the step, at the new point
         if tracks_tuner:
             stats = optimizer.stats()
             stats = stats[0] if isinstance(stats, list) else stats
@@ -123,10 +128,10 @@ def train_run(task: Task, spec: OptimizerSpec, seed: int, steps: int, lr: float 
     evaluation: dict[str, Any] = {}
     eval_start = time.perf_counter()
     if not diverged:
-        set_train_mode(optimizer, False)
-        if spec.requires == "schedulefree":
+        set_train_mode(spec, optimizer, False)
+        if spec.needs_mode_switch:
             _refresh_batchnorm(task, model, seed)
-        evaluation = {split: task.evaluate(model, split) for split in ("val", "test")}
+        evaluation = {split: task.evaluate(evaluated, split) for split in ("val", "test")}
         if any(not math.isfinite(v) for split in evaluation.values() for v in split.values()):
             diverged = True
             evaluation = {s: {k: results_io.finite_or_none(v) for k, v in m.items()} for s, m in evaluation.items()}
@@ -245,7 +250,7 @@ def planned_run_count(config: SuiteConfig, specs: Sequence[OptimizerSpec], tasks
         for spec in specs:
             if spec.kind == TUNED:
                 count += len(task.lr_grids.get(spec.name, ())) + len(config.seeds) - 1
-            elif spec.kind == CONTROL or spec.name == "yellowfin":
+            elif spec.kind == CONTROL or spec.every_seed:
                 count += len(config.seeds)
             else:
                 count += 1
@@ -277,6 +282,11 @@ class _Suite:
         self.say = log or self.progress.write
         # Checked when the first run is about to train, so resuming a finished suite needs no write access.
         self.results_writable = False
+
+    def spec_named(self, name: str | None) -> OptimizerSpec:
+        if name is None:
+            raise ValueError("a control spec must name the spec it replays (OptimizerSpec.replays)")
+        return get_optimizer_spec(name)
 
     def run(self) -> SuiteOutcome:
         for message in self.outcome.unavailable.values():
@@ -316,7 +326,7 @@ class _Suite:
                 self.say(f"{task.name}: {spec.name} lr={chosen:g} chosen on the validation split")
                 for seed in seeds[1:]:
                     self.execute(task, steps, spec, seed, chosen)
-            elif spec.kind == CONTROL or spec.name == "yellowfin":
+            elif spec.kind == CONTROL or spec.every_seed:
                 for seed in seeds:
                     self.execute(task, steps, spec, seed)
             else:
@@ -340,10 +350,11 @@ class _Suite:
             return record
         schedule = None
         if spec.kind == CONTROL:
-            reference = self.execute(task, steps, get_optimizer_spec("yellowfin"), seed, planned=False)
+            replayed = self.spec_named(spec.replays)
+            reference = self.execute(task, steps, replayed, seed, planned=False)
             schedule = reference.get("trace", {}).get("effective_lr")
             if not schedule:
-                raise RuntimeError(f"{task.name}: the YellowFin run for seed {seed} has no trace to replay")
+                raise RuntimeError(f"{task.name}: the {replayed.name} run for seed {seed} has no trace to replay")
         if not self.results_writable:  # checked once, before the first training, for every task's directory
             results_io.check_writable(self.config.results_dir, [t.name for t in self.tasks])
             self.results_writable = True

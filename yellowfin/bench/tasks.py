@@ -38,6 +38,8 @@ class Task(abc.ABC):
     quick_options: dict[str, Any] = {}
     # Learning-rate grids (log scale, >= 5 points) for the baselines that need tuning, searched on the val split.
     lr_grids: dict[str, tuple[float, ...]] = {}
+    # Which of the command line's data options (data_dir, text_path, cache_dir) the constructor takes.
+    data_options: tuple[str, ...] = ()
 
     def __init__(self, **options: Any) -> None:
         self.options = options
@@ -205,6 +207,7 @@ class FashionMnistResNet(ClassificationTask):
     """ResNet-20-style network on Fashion-MNIST (28x28 greyscale, 10 classes), batch 128."""
 
     name = "fmnist_resnet"
+    data_options = ("data_dir",)
     # ~0.25 s a step on 2 CPU cores: 24 runs of 300 steps (0.7 epoch) are ~35 minutes of the full suite.
     default_steps = 300
     quick_steps = 30
@@ -255,6 +258,135 @@ class DigitsMLP(ClassificationTask):
         return nn.Sequential(nn.Linear(64, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 10))
 
 
+class FashionMnistResNet8(FashionMnistResNet):
+    """ResNet-8 (one basic block per stage, 8/16/32 channels) on the first 12,800 Fashion-MNIST training images,
+    so that its budget is 3 epochs: a fraction of an epoch would reward whoever has no warm-up."""
+
+    name = "fmnist_resnet8"
+    train_examples_default = 12_800
+    # 3 epochs of 100 batches of 128. ~0.13 s a step with one torch thread on the shared 2-core machine (real
+    # data, YellowFin; momentum SGD 0.12 s): a 300-step run with its evaluation is ~40 s, the suite's 25 runs ~17 min.
+    default_steps = 300
+    quick_steps = 30
+
+    def __init__(self, data_dir: str | None = None, blocks_per_stage: int = 1, width: int = 8,
+                 train_examples: int | None = train_examples_default, **options: Any) -> None:
+        super().__init__(data_dir=data_dir, blocks_per_stage=blocks_per_stage, width=width,
+                         train_examples=train_examples, **options)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flat images: multinomial logistic regression (convex) and a deep autoencoder
+
+
+FLAT_IMAGE_FEATURES = {"fashion_mnist": 28 * 28, "digits": 8 * 8}
+
+
+class FlatImageTask(ClassificationTask):
+    """In-memory images as flat feature vectors, from Fashion-MNIST (the default; skipped with an install hint
+    when its files are missing, like fmnist_resnet) or scikit-learn's digits (dataset="digits", needs nothing)."""
+
+    data_options = ("data_dir",)
+
+    def __init__(self, dataset: str = "fashion_mnist", data_dir: str | None = None, **options: Any) -> None:
+        if dataset not in FLAT_IMAGE_FEATURES:
+            raise ValueError(f"dataset must be one of {', '.join(FLAT_IMAGE_FEATURES)}, got {dataset!r}")
+        super().__init__(dataset=dataset, data_dir=data_dir, **options)
+        self.dataset, self.data_dir = dataset, data_dir
+
+    @property
+    def features(self) -> int:
+        return FLAT_IMAGE_FEATURES[self.dataset]
+
+    def load_splits(self) -> data.Splits:
+        if self.dataset == "digits":
+            return data.load_digits()
+        images = data.load_fashion_mnist(self.data_dir)
+        return data.Splits(**{split: (images[split][0].flatten(1), images[split][1])
+                              for split in ("train", "val", "test")})
+
+
+class LogisticRegression(FlatImageTask):
+    """Multinomial logistic regression (one linear layer, softmax cross entropy) on the normalised pixels: a convex
+    problem, where the optimum's loss does not depend on the optimizer and only speed separates them."""
+
+    name = "logreg"
+    # 2000 steps of 128 (4.7 epochs of Fashion-MNIST). ~0.004 s a step for YellowFin, 0.0013 s for momentum SGD,
+    # with one torch thread on the shared 2-core machine: ~8 s a run, ~3 minutes for the full suite's runs.
+    default_steps = 2000
+    quick_steps = 200
+    lr_grids = {
+        "sgd_momentum": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
+        "adam": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
+    }
+
+    def make_model(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Linear(self.features, 10)
+
+
+class DeepAutoencoder(FlatImageTask):
+    """A deep fully connected autoencoder in the style of Hinton and Salakhutdinov (2006), scaled to a CPU:
+    features-256-128-64-16 and back, tanh units, a linear 16-unit code, sigmoid outputs; the loss is the binary
+    cross entropy of the reconstructed pixel intensities in [0, 1], a mean over pixels and batch. Deep, narrow,
+    saturating nets like this one are where Adam is known to beat momentum SGD. The metric is the per-pixel
+    squared reconstruction error."""
+
+    name = "autoencoder"
+    metric = "mse"
+    higher_is_better = False
+    layers = (256, 128, 64, 16)
+    # 2000 steps of 128 (4.7 epochs of Fashion-MNIST). ~0.024 s a step for YellowFin, 0.016 s for momentum SGD,
+    # with one torch thread on the shared 2-core machine: ~45 s a run, ~20 minutes for the full suite's runs.
+    default_steps = 2000
+    quick_steps = 200
+    lr_grids = {
+        "sgd_momentum": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
+        "adam": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
+    }
+
+    def load_splits(self) -> data.Splits:
+        splits = super().load_splits()
+        if self.dataset == "fashion_mnist":  # back from normalised values to intensities, the targets of the loss
+            splits = data.Splits(**{split: ((splits[split][0] * data.FASHION_MNIST_STD + data.FASHION_MNIST_MEAN)
+                                            .clamp_(0.0, 1.0), splits[split][1]) for split in ("train", "val", "test")})
+        return splits
+
+    def make_model(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        widths = (self.features, *self.layers)
+        encoder = [layer for a, b in zip(widths[:-2], widths[1:-1]) for layer in (nn.Linear(a, b), nn.Tanh())]
+        encoder.append(nn.Linear(widths[-2], widths[-1]))  # the code is linear
+        reverse = widths[::-1]
+        decoder = [layer for a, b in zip(reverse[:-2], reverse[1:-1]) for layer in (nn.Linear(a, b), nn.Tanh())]
+        decoder.append(nn.Linear(reverse[-2], reverse[-1]))  # logits of the pixel intensities
+        return nn.Sequential(*encoder, *decoder)
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        pixels, _ = batch
+        return F.binary_cross_entropy_with_logits(model(pixels), pixels)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        _check_split(split)
+        x, _ = self.splits[split]
+        if self.eval_examples is not None:
+            x = x[: self.eval_examples]
+        was_training = model.training
+        model.eval()
+        total_loss, total_squared = 0.0, 0.0
+        try:
+            for start in range(0, len(x), self.eval_batch_size):
+                pixels = x[start : start + self.eval_batch_size]
+                logits = model(pixels)
+                total_loss += F.binary_cross_entropy_with_logits(logits, pixels, reduction="sum").item()
+                total_squared += (torch.sigmoid(logits) - pixels).square().sum().item()
+        finally:
+            model.train(was_training)
+        count = x.numel()
+        return {"loss": total_loss / count, "mse": total_squared / count}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Character-level language model on the King James Bible
 
@@ -276,6 +408,7 @@ class BibleCharLSTM(Task):
     and sequence, the metric is perplexity per character on held-out books."""
 
     name = "char_lstm"
+    data_options = ("text_path", "cache_dir")
     metric = "perplexity"
     higher_is_better = False
     # ~0.03 s a step on 2 CPU cores: 24 runs of 1500 steps are ~20 minutes of the full suite.
@@ -440,16 +573,15 @@ class NoisyQuadratic(Task):
         diff = model.x.detach().double() - self.optimum
         return float(0.5 * diff @ self.hessian @ diff)
 
-    @property
-    def condition_number(self) -> float:
-        return float(self.eigenvalues[-1] / self.eigenvalues[0])
-
 
 TASKS: dict[str, Callable[..., Task]] = {
     "quadratic": NoisyQuadratic,
     "digits_mlp": DigitsMLP,
     "fmnist_resnet": FashionMnistResNet,
     "char_lstm": BibleCharLSTM,
+    "logreg": LogisticRegression,
+    "autoencoder": DeepAutoencoder,
+    "fmnist_resnet8": FashionMnistResNet8,
 }
 
 

@@ -1,0 +1,111 @@
+import statistics
+
+import pytest
+import torch
+
+from yellowfin import YellowFin
+from yellowfin.bench import ablation, metrics
+from yellowfin.bench import results as results_io
+from yellowfin.bench.runner import SuiteConfig, run_suite
+from yellowfin.bench.variants import VARIANT_SPECS, VARIANTS, Variant, get_variant, register_variant
+from yellowfin.cli import EXIT_BAD_INPUT, main
+
+STEPS = 5
+
+
+def _ablate(results_dir, variants, seeds=(0, 1), **overrides):
+    config = ablation.AblationConfig(tasks=["quadratic"], variants=variants, seeds=seeds, steps=STEPS,
+                                     results_dir=results_dir, progress=False, **overrides)
+    return ablation.run_ablation(config, log=lambda message: None)
+
+
+def _row(table, name):
+    return next(line for line in table.splitlines() if line.startswith(f"| {name} |")).strip("|").split(" | ")
+
+
+def test_variants_by_seeds_write_results_files_resume_and_tabulate(tmp_path):
+    results_dir = tmp_path / "ablation"
+    outcome = _ablate(results_dir, ["reference", "paper"])
+    assert sorted(p.name for p in outcome.ran) == sorted(
+        f"yf_{variant}_seed{seed}_steps{STEPS}.json" for variant in ("reference", "paper") for seed in (0, 1))
+    again = _ablate(results_dir, ["reference", "paper"])
+    assert again.ran == [] and len(again.skipped) == 4
+
+    table, path = ablation.write_table(results_dir, baseline_dirs=[])
+    assert path.read_text() == table
+    window = metrics.smoothing_window(STEPS)
+    for variant in ("reference", "paper"):
+        finals = [metrics.smooth(results_io.read_result(results_dir / "quadratic" /
+                                                        f"yf_{variant}_seed{seed}_steps{STEPS}.json")["exact_loss"],
+                                 window)[-1] for seed in (0, 1)]
+        row = _row(table, variant)
+        assert row[2] == "2"
+        assert row[3] == f"{statistics.fmean(finals):.4g} ± {statistics.stdev(finals):.2g}"
+        assert row[4].strip() == "no baseline results"
+
+
+def test_speedup_against_tuned_momentum_sgd_from_another_results_directory(tmp_path):
+    suite_dir = tmp_path / "suite"
+    run_suite(SuiteConfig(tasks=["quadratic"], optimizers=["sgd_momentum"], seeds=(0, 1), steps=STEPS,
+                          results_dir=suite_dir, progress=False), log=lambda message: None)
+    results_dir = tmp_path / "ablation"
+    _ablate(results_dir, ["reference"])
+    summary = ablation.ablation_summaries(results_dir, [suite_dir])[0]
+    expected = metrics.speedup(summary.optimizers["sgd_momentum"].curve, summary.optimizers["yf_reference"].curve)
+    table, _ = ablation.write_table(results_dir, [suite_dir])
+    assert _row(table, "reference")[4].strip() == ("never" if expected is None else f"{expected:.2f}")
+    assert _row(table, "sgd_momentum")[4].strip() == "1.00"  # the baseline against itself
+    assert not list(results_dir.rglob("sgd_momentum*"))  # read from the suite's directory, not run again
+
+
+def test_the_control_replays_its_variants_effective_step(tmp_path, monkeypatch):
+    seen = []
+    original_step = torch.optim.SGD.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr("torch.optim.SGD.step", spy)
+    outcome = _ablate(tmp_path, ["control"], seeds=(0,))
+    assert sorted(p.name for p in outcome.ran) == [f"yf_control_seed0_steps{STEPS}.json",
+                                                   f"yf_reference_seed0_steps{STEPS}.json"]
+    reference = results_io.read_result(tmp_path / "quadratic" / f"yf_reference_seed0_steps{STEPS}.json")
+    assert seen == reference["trace"]["effective_lr"]
+
+
+def test_variants_build_what_they_say():
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert get_variant("reference").build(params).defaults == YellowFin(params).defaults
+    assert get_variant("paper").build(params).defaults == YellowFin.paper_variant(params).defaults
+    no_ramp = get_variant("no_slow_start").build(params).defaults
+    assert no_ramp == {**YellowFin(params).defaults, "slow_start": False}
+    spec = VARIANT_SPECS["yf_reference"]
+    assert spec.records_tuner_trace and spec.every_seed and not spec.highlight
+    assert VARIANT_SPECS["yf_control"].replays == "yf_reference"
+
+
+def test_registering_a_variant_checks_its_name_and_what_it_controls():
+    with pytest.raises(ValueError, match="registered already"):
+        register_variant(Variant("paper", "again"))
+    with pytest.raises(ValueError, match="letters, digits"):
+        register_variant(Variant("a/b", "a path"))
+    with pytest.raises(ValueError, match="controls 'nowhere', which is not registered"):
+        register_variant(Variant("control_nowhere", "?", control_of="nowhere"))
+    assert "control_nowhere" not in VARIANTS and "a/b" not in VARIANTS
+
+
+def test_ablate_command_runs_and_prints_the_table(tmp_path, capsys):
+    results_dir = tmp_path / "ablation"
+    argv = ["ablate", "quadratic", "--variants", "reference", "paper", "--steps", "3", "--seeds", "0", "1",
+            "--results", str(results_dir), "--baseline-results", "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "4 runs done, 0 already there" in out and "#### quadratic (3 steps)" in out
+    assert "| reference |" in out and "| paper |" in out
+    assert (results_dir / "ablation.md").is_file()
+    assert main(argv) == 0
+    assert "0 runs done, 4 already there" in capsys.readouterr().out
+
+    assert main(["ablate", "quadratic", "--variants", "reference", "bogus", "--no-progress"]) == EXIT_BAD_INPUT
+    assert "unknown variant bogus; choose from reference, default, paper, control" in capsys.readouterr().err

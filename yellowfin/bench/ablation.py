@@ -1,0 +1,145 @@
+"""Ablations: YellowFin variants (yellowfin/bench/variants.py) x tasks x seeds, run by the benchmark runner into
+the usual results files (so a rerun resumes), and the table that compares them.
+
+    yellowfin ablate quadratic digits_mlp --variants reference paper control --quick
+
+Per task, the table gives each variant's final smoothed training loss (the report's smoothing: a trailing moving
+average over 1/40 of the budget), mean and standard deviation over seeds, and its speedup against tuned momentum
+SGD where results of that baseline exist for the same task and budget (run with --baselines sgd_momentum, or
+found in the suite's results directory).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from yellowfin.bench import metrics
+from yellowfin.bench import results as results_io
+from yellowfin.bench.report import TaskSummary, summarize
+from yellowfin.bench.runner import DEFAULT_SEEDS, SuiteConfig, SuiteOutcome, run_suite
+from yellowfin.bench.variants import DEFAULT_VARIANTS, SPEC_PREFIX, VARIANTS, get_variant
+
+DEFAULT_ABLATION_DIR = Path("benchmarks") / "results-ablation"
+QUICK_ABLATION_DIR = Path("benchmarks") / "results-ablation-quick"
+QUICK_ABLATION_SEEDS = (0, 1)  # screening: two seeds show whether a difference is larger than the seed noise
+BASELINE = "sgd_momentum"  # the speedup column's reference: grid-tuned momentum SGD
+TABLE_FILE = "ablation.md"
+
+
+@dataclass
+class AblationConfig:
+    tasks: Sequence[str]
+    variants: Sequence[str] = DEFAULT_VARIANTS
+    seeds: Sequence[int] = DEFAULT_SEEDS
+    steps: int | None = None  # None: each task's default (or quick) budget
+    quick: bool = False
+    results_dir: Path = DEFAULT_ABLATION_DIR
+    baselines: Sequence[str] = ()  # suite optimizers run beside the variants (e.g. sgd_momentum, with its grid)
+    task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    progress: bool = True
+    command: str | None = None
+
+
+def run_ablation(config: AblationConfig, log: Callable[[str], None] | None = None) -> SuiteOutcome:
+    """Run (or resume) every variant on every task and seed; the runner skips runs whose results file exists.
+    A control variant replays its variant's trace from the same directory (running that variant first if
+    needed)."""
+    names = [get_variant(name).spec_name for name in config.variants] + list(config.baselines)
+    suite = SuiteConfig(tasks=config.tasks, optimizers=names, seeds=config.seeds, steps=config.steps,
+                        quick=config.quick, results_dir=config.results_dir, task_options=config.task_options,
+                        progress=config.progress, command=config.command)
+    return run_suite(suite, log)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The table
+
+
+@dataclass
+class VariantRow:
+    name: str  # variant name, or the baseline's optimizer name
+    description: str
+    seeds: int
+    diverged: int
+    final: tuple[float, float] | None  # mean and standard deviation over the seeds that did not diverge
+    speedup: float | None  # against tuned momentum SGD; None: never reaches its best, or no baseline
+
+
+def _final_smoothed(record: dict[str, Any], curve_key: str, window: int) -> float:
+    """The run's smoothed curve at its last step; infinite for a run that diverged."""
+    if record.get("diverged") or not record[curve_key]:
+        return math.inf
+    return float(metrics.smooth(metrics.mean_curve([record[curve_key]]), window)[-1])
+
+
+def variant_rows(summary: TaskSummary) -> list[VariantRow]:
+    """One row per variant present in the summary (registry order), then the tuned momentum SGD baseline."""
+    baseline = summary.optimizers.get(BASELINE)
+    rows = []
+    names = [name for name in VARIANTS if SPEC_PREFIX + name in summary.optimizers]
+    for name, description, opt in ([(n, VARIANTS[n].description, summary.optimizers[SPEC_PREFIX + n]) for n in names]
+                                   + ([(BASELINE, f"grid-tuned, lr {baseline.lr:g}", baseline)] if baseline else [])):
+        finals = [_final_smoothed(r, summary.curve_key, summary.window) for r in opt.records]
+        finite = [v for v in finals if math.isfinite(v)]
+        final = (statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0) if finite else None
+        speedup = metrics.speedup(baseline.curve, opt.curve) if baseline is not None else None
+        rows.append(VariantRow(name, description, len(finals), len(finals) - len(finite), final, speedup))
+    return rows
+
+
+def _baseline_records(directories: Sequence[Path], present: set[tuple[str, int]]) -> list[dict[str, Any]]:
+    """Tuned momentum SGD runs from other results directories, for (task, steps) the ablation lacks."""
+    found = []
+    for directory in directories:
+        if not Path(directory).is_dir():
+            continue
+        for record in results_io.load_results(directory):
+            key = (record["task"]["name"], record["steps"])
+            if record["optimizer"] == BASELINE and key not in present:
+                found.append(record)
+    return found
+
+
+def ablation_summaries(results_dir: Path, baseline_dirs: Sequence[Path] = ()) -> list[TaskSummary]:
+    records = results_io.load_results(results_dir)
+    own_baselines = {(r["task"]["name"], r["steps"]) for r in records if r["optimizer"] == BASELINE}
+    tasks_here = {(r["task"]["name"], r["steps"]) for r in records}
+    extra = [r for r in _baseline_records(baseline_dirs, own_baselines)
+             if (r["task"]["name"], r["steps"]) in tasks_here]
+    return summarize(records + extra)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def ablation_table(summaries: Sequence[TaskSummary]) -> str:
+    lines = []
+    for summary in summaries:
+        rows = variant_rows(summary)
+        if not rows:
+            continue
+        lines += [f"#### {summary.task} ({summary.steps} steps): final smoothed {summary.objective}", "",
+                  f"| variant | what it changes | seeds | final smoothed {summary.objective} (mean ± std) | "
+                  f"speedup vs tuned momentum SGD |", "|---|---|---|---|---|"]
+        has_baseline = BASELINE in summary.optimizers
+        for row in rows:
+            final = "diverged" if row.final is None else f"{row.final[0]:.4g} ± {row.final[1]:.2g}"
+            seeds = f"{row.seeds}" + (f" ({row.diverged} diverged)" if row.diverged else "")
+            speedup = _fmt(row.speedup, ".2f").replace("n/a", "never") if has_baseline else "no baseline results"
+            lines.append(f"| {row.name} | {row.description} | {seeds} | {final} | {speedup} |")
+        lines.append("")
+    return "\n".join(lines) if lines else "No ablation results found.\n"
+
+
+def write_table(results_dir: Path, baseline_dirs: Sequence[Path] = ()) -> tuple[str, Path]:
+    """The table for everything under results_dir, also written to results_dir/ablation.md."""
+    text = ablation_table(ablation_summaries(results_dir, baseline_dirs))
+    path = Path(results_dir) / TABLE_FILE
+    results_io.check_writable(path.parent)
+    path.write_text(text, encoding="utf-8")
+    return text, path

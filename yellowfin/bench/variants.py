@@ -1,0 +1,109 @@
+"""YellowFin variants for ablations, registered in one place.
+
+A variant is a name, one line saying what it changes, and a builder: either a set of YellowFin constructor
+overrides applied on top of the reference, or a named builder (such as YellowFin.paper_variant). Each variant
+becomes an OptimizerSpec named ``yf_<variant>`` that the benchmark runner runs like any other optimizer, so the
+ablation writes the usual results files.
+
+    from yellowfin.bench.variants import VARIANTS, register_variant
+    register_variant(Variant("beta_0.99", "curvature/variance memory of ~100 steps", overrides={"beta": 0.99}))
+
+The control is a variant too: plain SGD replaying the reference variant's effective step alpha_t / (1 - mu_t).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+from yellowfin.bench.optimizers import CONTROL, UNTUNED, OptimizerSpec, plain_sgd
+
+SPEC_PREFIX = "yf_"
+REFERENCE = "reference"
+
+
+def _reference(params: Iterable, **overrides: Any) -> torch.optim.Optimizer:
+    from yellowfin import YellowFin
+
+    # The faithful algorithm of today's defaults. Once YellowFin grows reference_variant (issue 12, item 1) and
+    # its default changes, the reference keeps meaning the authors' algorithm.
+    build = getattr(YellowFin, "reference_variant", YellowFin)
+    return build(params, **overrides)
+
+
+def _default(params: Iterable, **overrides: Any) -> torch.optim.Optimizer:
+    from yellowfin import YellowFin
+
+    return YellowFin(params, **overrides)  # whatever YellowFin() does now: equal to the reference until it changes
+
+
+def _paper(params: Iterable, **overrides: Any) -> torch.optim.Optimizer:
+    from yellowfin import YellowFin
+
+    return YellowFin.paper_variant(params, **overrides)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    description: str
+    overrides: dict[str, Any] = field(default_factory=dict)  # YellowFin options applied on top of `base`
+    base: Callable[..., torch.optim.Optimizer] = _reference  # base(params, **overrides) -> optimizer
+    control_of: str | None = None  # a control: plain SGD replaying this variant's effective step
+
+    @property
+    def spec_name(self) -> str:
+        return SPEC_PREFIX + self.name
+
+    def build(self, params: Iterable, lr: float | None = None) -> torch.optim.Optimizer:
+        return self.base(params, **self.overrides)  # never tuned: lr is ignored
+
+    def spec(self) -> OptimizerSpec:
+        if self.control_of is not None:
+            return OptimizerSpec(self.spec_name, f"SGD with {self.control_of}'s step a/(1-mu)", CONTROL, plain_sgd,
+                                 hyper={"momentum": 0.0}, replays=SPEC_PREFIX + self.control_of)
+        hyper = {"variant": self.name, **self.overrides}
+        return OptimizerSpec(self.spec_name, f"YellowFin {self.name}", UNTUNED, self.build, hyper=hyper,
+                             records_tuner_trace=True, every_seed=True)
+
+
+VARIANTS: dict[str, Variant] = {}
+VARIANT_SPECS: dict[str, OptimizerSpec] = {}
+
+
+def register_variant(variant: Variant) -> Variant:
+    if not variant.name or not all(c.isalnum() or c in "._-" for c in variant.name):
+        raise ValueError(f"variant name {variant.name!r}: use letters, digits, '.', '_' or '-' (it names files)")
+    if variant.name in VARIANTS:
+        raise ValueError(f"variant {variant.name!r} is registered already")
+    if variant.control_of is not None and variant.control_of not in VARIANTS:
+        raise ValueError(f"variant {variant.name!r} controls {variant.control_of!r}, which is not registered; "
+                         f"known variants: {', '.join(VARIANTS)}")
+    VARIANTS[variant.name] = variant
+    VARIANT_SPECS[variant.spec_name] = variant.spec()
+    return variant
+
+
+def get_variant(name: str) -> Variant:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise KeyError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}") from None
+
+
+for _variant in (
+    Variant(REFERENCE, "the authors' algorithm as the library implements it today (the faithful reference)"),
+    Variant("default", "YellowFin() with the library's current defaults", base=_default),
+    Variant("paper", "Algorithm 1 of the paper (YellowFin.paper_variant)", base=_paper),
+    Variant("control", "plain SGD replaying the reference's effective step alpha/(1-mu)", control_of=REFERENCE),
+    # Single changes of today's options, each alone on top of the reference.
+    Variant("no_slow_start", "no 200-step ramp of the step size", overrides={"slow_start": False}),
+    Variant("no_clipping", "no adaptive gradient clipping", overrides={"adaptive_clipping": False}),
+    Variant("beta_0.99", "estimator memory of ~100 steps instead of ~1000", overrides={"beta": 0.99}),
+    Variant("linear_curvature", "curvature range smoothed linearly, not in log space",
+            overrides={"curvature_smoothing": "linear"}),
+):
+    register_variant(_variant)
+DEFAULT_VARIANTS = (REFERENCE, "paper", "control")
