@@ -201,6 +201,20 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_options(parser: argparse.ArgumentParser, seeds: str, quick: str, results: str, listing: str) -> None:
+    """The options that bench and ablate share: both run tasks x optimizers x seeds through the same runner."""
+    parser.add_argument("--seeds", nargs="+", type=_seed, help=seeds)
+    parser.add_argument("--steps", type=_positive_int, help="steps per run (default: each task's budget)")
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--results", help=results)
+    parser.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files")
+    parser.add_argument("--text-path", help="plain-text file to use instead of the King James Bible")
+    parser.add_argument("--cache-dir", help="where to cache the Bible text (default: no cache)")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--list", action="store_true", help=listing)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="yellowfin", description="YellowFin: momentum and learning rate for SGD, "
                                      "tuned while training runs. Demo, benchmarks and reports.")
@@ -219,16 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run benchmark tasks (resumes: finished runs are skipped)")
     bench.add_argument("tasks", nargs="*", metavar="TASK", help="tasks to run (default: all; see --list)")
     bench.add_argument("--optimizers", nargs="+", metavar="NAME", help="optimizers to compare (default: all)")
-    bench.add_argument("--seeds", nargs="+", type=_seed, help="seeds (default 0 1 2; with --quick: 0)")
-    bench.add_argument("--steps", type=_positive_int, help="steps per run (default: each task's budget)")
-    bench.add_argument("--quick", action="store_true", help="small budgets, one seed: the whole suite in minutes")
-    bench.add_argument("--results", help="results directory (default benchmarks/results, or benchmarks/results-quick)")
-    bench.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files")
-    bench.add_argument("--text-path", help="plain-text file to use instead of the King James Bible")
-    bench.add_argument("--cache-dir", help="where to cache the Bible text (default: no cache)")
-    bench.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
-    bench.add_argument("--no-progress", action="store_true", help="no progress bars")
-    bench.add_argument("--list", action="store_true", help="list tasks and optimizers, then exit")
+    _add_run_options(bench, seeds="seeds (default 0 1 2; with --quick: 0)",
+                     quick="small budgets, one seed: the whole suite in minutes",
+                     results="results directory (default benchmarks/results, or benchmarks/results-quick)",
+                     listing="list tasks and optimizers, then exit")
     bench.set_defaults(handler=_bench)
 
     ablate = sub.add_parser("ablate", help="YellowFin variants x tasks x seeds, and their table (resumes)")
@@ -240,16 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--baseline-results", nargs="*", metavar="DIR",
                         help="where else to find tuned momentum SGD runs for the speedup column "
                              "(default: benchmarks/results, or benchmarks/results-quick with --quick)")
-    ablate.add_argument("--seeds", nargs="+", type=_seed, help="seeds (default 0 1 2; with --quick: 0 1)")
-    ablate.add_argument("--steps", type=_positive_int, help="steps per run (default: each task's budget)")
-    ablate.add_argument("--quick", action="store_true", help="screening: each task's quick budget, two seeds")
-    ablate.add_argument("--results", help="results directory (default benchmarks/results-ablation[-quick])")
-    ablate.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files")
-    ablate.add_argument("--text-path", help="plain-text file to use instead of the King James Bible")
-    ablate.add_argument("--cache-dir", help="where to cache the Bible text (default: no cache)")
-    ablate.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
-    ablate.add_argument("--no-progress", action="store_true", help="no progress bars")
-    ablate.add_argument("--list", action="store_true", help="list the registered variants, then exit")
+    _add_run_options(ablate, seeds="seeds (default 0 1 2; with --quick: 0 1)",
+                     quick="screening: each task's quick budget, two seeds",
+                     results="results directory (default benchmarks/results-ablation[-quick])",
+                     listing="list the registered variants, then exit")
     ablate.set_defaults(handler=_ablate)
 
     report = sub.add_parser("report", help="tables and figures from results, into docs/benchmarks.md")
