@@ -239,16 +239,6 @@ def test_deepcopy_continues_identically():
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model_copy.parameters()))
 
 
-def test_foreach_matches_the_per_tensor_reference():
-    params_loop, opt_loop = run_with_holes(foreach=False)
-    params_fast, opt_fast = run_with_holes(foreach=True)
-    for a, b in zip(params_loop, params_fast):
-        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
-    for a, b in zip(flat_state(opt_loop), flat_state(opt_fast)):
-        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
-    assert opt_loop.stats()["step"] == 25
-
-
 def test_tensor_and_float_multipliers_agree():
     data = make_data()
     results = []
