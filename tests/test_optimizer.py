@@ -101,6 +101,16 @@ def test_clip_norm_bounds_the_gradient():
     assert opt.stats()["h_max"] == pytest.approx(1.0 + 1e-6)
 
 
+def test_clip_norm_and_adaptive_clipping_together_clip_the_statistics_to_the_adaptive_threshold():
+    # After a first gradient of norm 0.1, h_max ~ 0.01: the statistics may see norm sqrt(100 h_max) ~ 1.
+    p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = YellowFin([p], clip_norm=10.0)
+    for value in (0.1, 1000.0):
+        p.grad = torch.full((1,), value, dtype=torch.float64)
+        opt.step()
+    assert float(opt.tuner_state().curvatures[1]) == pytest.approx(1.0, rel=1e-3)  # the clipped ||g||^2
+
+
 def test_group_with_tiny_multiplier_does_not_move():
     model = make_model(dtype=torch.float32)
     data = make_data(dtype=torch.float32)

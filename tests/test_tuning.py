@@ -151,6 +151,14 @@ def test_adaptive_clipping_bounds_the_statistics_by_ten_and_the_update_by_one_sq
     assert (float(scale), float(update_scale)) == (1.0, 1.0)
 
 
+def test_adaptive_clipping_after_clip_norm_clips_to_its_own_threshold():
+    # ||g|| = 1000, clip_norm 10, sqrt(100 h_max) = 1: the statistics see norm 1 (not 1000 / 10 = 100).
+    settings = TunerSettings(clip_norm=10.0)
+    scale, update_scale = tuning.clipping_scales(1e6, 0.01, True, settings)
+    assert float(scale) * 1000.0 == pytest.approx(1.0)
+    assert float(scale * update_scale) * 1000.0 == pytest.approx(0.1)
+
+
 def test_first_step_bound_limits_only_an_outsized_first_step():
     assert float(tuning.bound_first_step(1.0, 1e-4, 1e40, False)) == pytest.approx(1e-36)
     assert float(tuning.bound_first_step(1.0, 1e-4, 1e40, True)) == 1.0  # t >= 1: adaptive clipping's job

@@ -171,7 +171,8 @@ def clipping_scales(sq_norm, h_max, started, settings: TunerSettings) -> tuple[T
     if settings.adaptive_clipping:
         stat_threshold = torch.sqrt(100.0 * h_max)
         clipped = started & (scale * norm > stat_threshold)
-        scale = torch.where(clipped, stat_threshold / (scale * norm), scale)
+        # s g gets norm stat_threshold, whatever clip_norm made of it before (not stat_threshold / s).
+        scale = torch.where(clipped, stat_threshold / norm, scale)
         # Relative to the already scaled norm: s u ||g|| = sqrt(h_max).
         update_clipped = started & (scale**2 * sq_norm > h_max)
         update_scale = torch.where(update_clipped, torch.sqrt(h_max / (scale**2 * sq_norm)), 1.0)
