@@ -75,7 +75,7 @@ def test_extreme_gradient_scales_keep_everything_finite(scale, dtype, foreach):
         opt.step()
     assert torch.isfinite(p).all()
     assert all(torch.isfinite(t).all() for t in flat_state(opt))
-    # Every path accumulates ||g||^2 in float64 (the fused path: tests/test_fused.py), so no scale
+    # Every path accumulates ||g||^2 in float64 (the fused path: tests/test_passes.py), so no scale
     # overflows into a skip; an all-zero gradient is no step at all.
     assert opt.stats()["skipped_steps"] == 0
     assert opt.stats()["step"] == (0 if scale == 0.0 else 30)
