@@ -436,28 +436,27 @@ def _split_sparse(batch: _Batch) -> tuple[list[int], list[int]]:
 
 def _reduce(batch: _Batch, count_nonzero: bool) -> Tensor:
     """Pass 1 for one batch: its ``Sums`` vector (reads g and gbar, writes nothing)."""
-    reduce = _PASSES[batch.flavour][0]
     own, reference = _split_sparse(batch)
     rows = []
-    for indices, kernel in ((own, reduce), (reference, passes.reduce_single_tensor)):
+    for indices, reduce in ((own, _PASSES[batch.flavour][0]), (reference, passes.reduce_single_tensor)):
         if indices:
-            rows.append(kernel([batch.grads[i] for i in indices], [batch.grad_avgs[i] for i in indices],
+            rows.append(reduce([batch.grads[i] for i in indices], [batch.grad_avgs[i] for i in indices],
                                count_nonzero=count_nonzero))
-    device = rows[0].device
-    return torch.stack([row.to(device) for row in rows]).sum(dim=0)
+    return passes.add_sums(rows)
 
 
 def _update(batch: _Batch, coefficients: tuning.UpdateCoefficients) -> None:
     """Pass 2 for one batch: gbar, v and x written once."""
     group = batch.group
     decay = group["weight_decay"] if group["decoupled_weight_decay"] else 0.0
-    update = _PASSES[batch.flavour][1]
     own, reference = _split_sparse(batch)
-    for indices, kernel in ((own, update), (reference, passes.update_single_tensor)):
+    for indices, update in ((own, _PASSES[batch.flavour][1]), (reference, passes.update_single_tensor)):
         if indices:
-            kernel(*([tensors[i] for i in indices] for tensors in (batch.params, batch.grads, batch.grad_avgs,
-                                                                   batch.momenta)),
-                   coefficients, lr=group["lr"], decay=decay, nesterov=group["nesterov"])
+            def pick(tensors: list[Tensor]) -> list[Tensor]:
+                return [tensors[i] for i in indices]
+
+            update(pick(batch.params), pick(batch.grads), pick(batch.grad_avgs), pick(batch.momenta), coefficients,
+                   lr=group["lr"], decay=decay, nesterov=group["nesterov"])
 
 
 @functools.cache

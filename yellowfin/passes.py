@@ -18,7 +18,8 @@ Every flavour of a pass has the same signature:
 - ``*_compiled``: ``torch.compile``d kernels over the dense tensors of each device and dtype
   (``fused=True``).
 
-Tests hold all three to the same numbers (tests/test_passes.py). Nothing here reads a tensor value
+Each flavour is one complete function, so the three parallel each other deliberately (as
+torch/optim/adam.py's do). Tests hold all three to the same numbers (tests/test_passes.py). Nothing here reads a tensor value
 on the host; a skipped step (``finite`` False) reads its gradient as zeros, so 0 * NaN cannot leak.
 """
 
@@ -52,7 +53,7 @@ def reduce_single_tensor(grads: list[Tensor], grad_avgs: list[Tensor], *, count_
             nonzero=torch.count_nonzero(values).to(torch.float64) if count_nonzero else values.new_zeros(()),
             numel=values.new_full((), float(grad_avg.numel())),
         ).vector())
-    return _sum_rows(rows)
+    return add_sums(rows)
 
 
 def reduce_multi_tensor(grads: list[Tensor], grad_avgs: list[Tensor], *, count_nonzero: bool) -> Tensor:
@@ -80,7 +81,7 @@ def reduce_multi_tensor(grads: list[Tensor], grad_avgs: list[Tensor], *, count_n
             # (new_full fills on the device; a tensor built from a host number would be a copy)
             numel=cross.new_full((), count),
         ).vector())
-    return _sum_rows(rows)
+    return add_sums(rows)
 
 
 def reduce_compiled(grads: list[Tensor], grad_avgs: list[Tensor], *, count_nonzero: bool) -> Tensor:
@@ -96,7 +97,7 @@ def reduce_compiled(grads: list[Tensor], grad_avgs: list[Tensor], *, count_nonze
             total = row if total is None else total + row
         # The kernel leaves numel at zero (a count of a dynamic shape would be a graph input of its own).
         rows.append(Sums.from_vector(total)._replace(numel=total.new_full((), count)).vector())
-    return _sum_rows(rows)
+    return add_sums(rows)
 
 
 def _sums_kernel(grads: list[Tensor], grad_avgs: list[Tensor], count_nonzero: bool) -> Tensor:
@@ -222,7 +223,8 @@ def _by_device_and_dtype(*tensor_lists: list[Tensor]) -> Iterator[list[list[Tens
         yield lists
 
 
-def _sum_rows(rows: list[Tensor]) -> Tensor:
+def add_sums(rows: list[Tensor]) -> Tensor:
+    """The sum of ``Sums`` vectors, in list order, on the first one's device."""
     device = rows[0].device
     return torch.stack([row.to(device) for row in rows]).sum(dim=0)
 
