@@ -1,4 +1,5 @@
-"""The pure mathematics: the cubic, the robust region, SingleStep on exact inputs."""
+"""The pure tuning side: the cubic, the robust region, SingleStep on exact inputs, and the step's decisions
+(gates, clipping, the first-step bound, the applied momentum) on plain numbers."""
 
 import math
 
@@ -8,11 +9,12 @@ import torch
 from yellowfin import tuning
 from yellowfin.state import TunerSettings
 
-SPEC_VECTORS = [(1e-6, 0.990033), (1e-3, 0.903332), (0.1, 0.606997), (1.0, 0.317672), (10.0, 0.078301), (1e3, 0.000997)]
+# The root of (1 - x)^3 = p x to six digits, as listed in docs/algorithm.md §2.
+CUBIC_ROOTS = [(1e-6, 0.990033), (1e-3, 0.903332), (0.1, 0.606997), (1.0, 0.317672), (10.0, 0.078301), (1e3, 0.000997)]
 
 
-@pytest.mark.parametrize("p, expected", SPEC_VECTORS)
-def test_cubic_matches_spec_vectors(p, expected):
+@pytest.mark.parametrize("p, expected", CUBIC_ROOTS)
+def test_cubic_matches_the_documented_roots(p, expected):
     x = tuning.cubic_root(p)
     assert x.dtype == torch.float64
     assert float(x) == pytest.approx(expected, abs=5e-7)

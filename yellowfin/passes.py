@@ -19,8 +19,9 @@ Every flavour of a pass has the same signature:
   (``fused=True``).
 
 Each flavour is one complete function, so the three parallel each other deliberately (as
-torch/optim/adam.py's do). Tests hold all three to the same numbers (tests/test_passes.py). Nothing here reads a tensor value
-on the host; a skipped step (``finite`` False) reads its gradient as zeros, so 0 * NaN cannot leak.
+torch/optim/adam.py's do). Tests hold all three to the same numbers (tests/test_passes.py).
+Nothing here reads a tensor value on the host; a skipped step (``finite`` False) reads its
+gradient as zeros, so 0 * NaN cannot leak.
 """
 
 from __future__ import annotations
