@@ -1,4 +1,6 @@
-"""Small models and training loops shared by the optimizer tests."""
+"""Small models, training loops and guards shared by the optimizer tests."""
+
+import contextlib
 
 import torch
 from torch import nn
@@ -109,3 +111,21 @@ def complex_and_real_twin(steps=200, **options):
         opt.step()
         twin_opt.step()
     return (z, opt), (twin, twin_opt)
+
+
+@contextlib.contextmanager
+def host_reads_forbidden():
+    """Make every way of reading a tensor's value on the host raise."""
+
+    def forbid(*args, **kwargs):
+        raise AssertionError("host synchronisation inside step()")
+
+    names = ("item", "__float__", "__int__", "__bool__", "__index__", "tolist", "numpy")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, forbid)
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)

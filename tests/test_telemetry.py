@@ -34,7 +34,7 @@ def test_summary_writer_sink_gets_one_scalar_per_statistic_and_group():
     log_stats(opt, writer, every=2)
     train(model, opt, data, steps=4)
     tags = {tag for tag, _, _ in writer.scalars}
-    assert "yellowfin/group0/mu" in tags and "yellowfin/group1/lr" in tags
+    assert "yellowfin/group0/mu" in tags and "yellowfin/group1/lr" in tags and "yellowfin/group1/alpha" in tags
     assert {step for _, _, step in writer.scalars} == {2, 4}
 
 

@@ -1,4 +1,5 @@
-"""The pure mathematics: the cubic, the robust region, SingleStep on exact inputs."""
+"""The pure tuning side: the cubic, the robust region, SingleStep on exact inputs, and the step's decisions
+(gates, clipping, the first-step bound, the applied momentum) on plain numbers."""
 
 import math
 
@@ -8,11 +9,12 @@ import torch
 from yellowfin import tuning
 from yellowfin.state import TunerSettings
 
-SPEC_VECTORS = [(1e-6, 0.990033), (1e-3, 0.903332), (0.1, 0.606997), (1.0, 0.317672), (10.0, 0.078301), (1e3, 0.000997)]
+# The root of (1 - x)^3 = p x to six digits, as listed in docs/algorithm.md §2.
+CUBIC_ROOTS = [(1e-6, 0.990033), (1e-3, 0.903332), (0.1, 0.606997), (1.0, 0.317672), (10.0, 0.078301), (1e3, 0.000997)]
 
 
-@pytest.mark.parametrize("p, expected", SPEC_VECTORS)
-def test_cubic_matches_spec_vectors(p, expected):
+@pytest.mark.parametrize("p, expected", CUBIC_ROOTS)
+def test_cubic_matches_the_documented_roots(p, expected):
     x = tuning.cubic_root(p)
     assert x.dtype == torch.float64
     assert float(x) == pytest.approx(expected, abs=5e-7)
@@ -118,3 +120,54 @@ def test_tune_uses_initial_values_at_first_step_and_smooths_in_paper_variant():
     mu, lr = tuning.tune(estimates, 5.0, 0.2, 0.3, smooth)
     assert float(mu) == pytest.approx(0.9 * 0.2 + 0.1 * float(solved_mu))
     assert float(lr) == pytest.approx(0.9 * 0.3 + 0.1 * float(solved_lr))
+
+
+# --------------------------------------------------------------------------------- the step's decisions
+def test_gradient_gates_skip_a_non_finite_gradient_and_pass_over_an_all_zero_one():
+    def gates(sq_norm):
+        return tuple(bool(gate) for gate in tuning.gradient_gates(sq_norm))
+
+    assert gates(4.0) == (True, True)
+    assert gates(1e-300) == (True, True)
+    assert gates(0.0) == (True, False)  # a no-op, not a skip
+    assert gates(math.inf) == (False, False)
+    assert gates(math.nan) == (False, False)
+
+
+def test_clip_norm_alone_scales_the_gradient_to_the_clip_norm():
+    settings = TunerSettings(clip_norm=2.0, adaptive_clipping=False)
+    scale, update_scale = tuning.clipping_scales(100.0, 1.0, True, settings)
+    assert float(scale) * 10.0 == pytest.approx(2.0) and float(update_scale) == 1.0
+    scale, update_scale = tuning.clipping_scales(1.0, 1.0, True, settings)
+    assert (float(scale), float(update_scale)) == (1.0, 1.0)
+
+
+def test_adaptive_clipping_bounds_the_statistics_by_ten_and_the_update_by_one_sqrt_h_max():
+    settings = TunerSettings()
+    scale, update_scale = tuning.clipping_scales(1e6, 4.0, True, settings)  # ||g|| = 1000, sqrt(h_max) = 2
+    assert float(scale) * 1000.0 == pytest.approx(20.0)
+    assert float(scale * update_scale) * 1000.0 == pytest.approx(2.0)
+    scale, update_scale = tuning.clipping_scales(1.0, 4.0, True, settings)  # inside both bounds
+    assert (float(scale), float(update_scale)) == (1.0, 1.0)
+    scale, update_scale = tuning.clipping_scales(1e6, 4.0, False, settings)  # t = 0: no h_max yet
+    assert (float(scale), float(update_scale)) == (1.0, 1.0)
+
+
+def test_adaptive_clipping_after_clip_norm_clips_to_its_own_threshold():
+    # ||g|| = 1000, clip_norm 10, sqrt(100 h_max) = 1: the statistics see norm 1 (not 1000 / 10 = 100).
+    settings = TunerSettings(clip_norm=10.0)
+    scale, update_scale = tuning.clipping_scales(1e6, 0.01, True, settings)
+    assert float(scale) * 1000.0 == pytest.approx(1.0)
+    assert float(scale * update_scale) * 1000.0 == pytest.approx(0.1)
+
+
+def test_first_step_bound_limits_only_an_outsized_first_step():
+    assert float(tuning.bound_first_step(1.0, 1e-4, 1e40, False)) == pytest.approx(1e-36)
+    assert float(tuning.bound_first_step(1.0, 1e-4, 1e40, True)) == 1.0  # t >= 1: adaptive clipping's job
+    assert float(tuning.bound_first_step(0.5, 1e-4, 1.0, False)) == 0.5  # an ordinary first step
+
+
+def test_applied_momentum_adds_the_offset_and_stays_inside_the_unit_interval():
+    assert float(tuning.applied_momentum(0.5, 0.2, 1e-6)) == pytest.approx(0.7)
+    assert float(tuning.applied_momentum(0.9, 0.5, 1e-6)) == 1.0 - 1e-6
+    assert float(tuning.applied_momentum(-0.5, -0.9, 1e-6)) == -1.0 + 1e-6

@@ -1,6 +1,6 @@
 """YellowFin: momentum and learning rate for SGD, tuned automatically while training runs.
 
-    measure (measurements.py) -> tune (tuning.py) -> apply (optimizer.py)
+    measure (measurements.py) -> tune (tuning.py) -> apply (passes.py), dispatched by optimizer.py
 """
 
 from .optimizer import YellowFin

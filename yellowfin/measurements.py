@@ -1,8 +1,10 @@
-"""The estimator recursions (spec §3): curvature range, gradient variance, distance to optimum.
+"""Measure: the estimator recursions (docs/algorithm.md §3): curvature range, gradient variance,
+distance to optimum.
 
-Pure functions on 0-dim float64 tensors. The optimizer reduces each step's gradients to a
-``GradientSample`` (a handful of scalars); ``measure`` folds it into the tuner's state and
-returns the current ``Estimates``. Nothing here walks parameters.
+Pure functions on 0-dim float64 tensors. The first pass over the tensors (``passes``) reduces each
+step's gradients to ``Sums``; the tuning step (``tuning.tune_step``) turns them into a
+``GradientSample`` (a handful of scalars); ``measure`` folds it into the tuner's state and returns
+the current ``Estimates``. Nothing here walks parameters.
 """
 
 from __future__ import annotations
@@ -13,6 +15,29 @@ import torch
 from torch import Tensor
 
 from .state import TunerSettings, TunerState
+
+
+class Sums(NamedTuple):
+    """What the first pass reduces from the tensors: everything the tuner needs from them.
+
+    The field order is the layout of the float64 vector that the passes produce, that is summed over
+    tensors, scopes' batches and (with ``shard_group``) ranks, and that the tuning step reads:
+    build and read that vector only through ``vector`` and ``from_vector``.
+    """
+
+    sq_norm: Tensor  # ||g||^2
+    cross: Tensor  # <gbar, g>, with gbar before this step's update
+    grad_avg_sq_norm: Tensor  # ||gbar||^2, before this step's update
+    nonzero: Tensor  # non-zero gradient entries (only counted with the sparsity correction)
+    numel: Tensor  # gradient entries
+
+    def vector(self) -> Tensor:
+        """The sums as one float64 vector in field order (all fields 0-dim, on one device)."""
+        return torch.stack(tuple(self))
+
+    @classmethod
+    def from_vector(cls, vector: Tensor) -> "Sums":
+        return cls(*vector.unbind(-1))
 
 
 class GradientSample(NamedTuple):

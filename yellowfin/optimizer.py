@@ -1,32 +1,31 @@
-"""YellowFin as a ``torch.optim.Optimizer``: walk the parameters, reduce, measure, tune, update.
+"""YellowFin as a ``torch.optim.Optimizer``: the dispatcher (docs/algorithm.md §4).
 
-One step of one tuning scope (spec §4) makes two passes over memory:
+It owns the parameter groups, their validation, ``state_dict`` and ``stats()``, and for each step
+picks, per group, the flavour of the passes (``passes``: single-tensor, multi-tensor or compiled).
+One step of one tuning scope:
 
-1. reduce g and the gradient average gbar to ||g||^2, <gbar, g>, ||gbar||^2 (and counts) in one
-   float64 vector (all-reduced over ``shard_group`` when the parameters are sharded);
-2. on 0-dim float64 tensors: clipping factors from the previous step's h_max, ||gbar||^2 after
-   this step's update (``measurements.averaged_sq_norm``), ``measurements.measure``, ``tuning.tune``;
-3. update gbar, the momentum buffers and the parameters.
+1. ``passes.reduce_*``: g and the gradient average gbar reduced to one float64 ``measurements.Sums``
+   vector per scope (all-reduced over ``shard_group`` when the parameters are sharded);
+2. ``tuning.tune_step``: everything between the passes on 0-dim float64 tensors (gates, clipping,
+   measuring, tuning), giving the tuner's next state and the ``tuning.UpdateCoefficients``;
+3. ``passes.update_*``: gbar, the momentum buffers and the parameters written once.
 
-Nothing in a step reads a tensor value on the host. A step whose gradient holds NaN or Inf
-must change nothing, so, instead of branching, every coefficient is gated on the device:
-the buffers are scaled by 1 and the (zeroed) gradient by 0, and the tuner state is selected
-field by field. The per-parameter work exists twice, as a readable per-tensor loop (the
-reference) and as multi-tensor ``torch._foreach_*`` calls; tests hold them to the same numbers.
+Nothing in a step reads a tensor value on the host: a step whose gradient holds NaN or Inf must
+change nothing, so instead of branching every coefficient is gated on the device (§4.7).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections import defaultdict
 from typing import Callable, Iterable, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import fused, measurements, tuning
+from . import passes, tuning
+from .measurements import Sums
 from .state import TunerSettings, TunerState, check_bool, check_number
 
 try:  # (torch builds without distributed support have no DTensor)
@@ -40,59 +39,98 @@ _GROUP_OPTIONS = ("lr", "weight_decay", "decoupled_weight_decay", "nesterov", "m
 _TORCH_GROUP_KEYS = ("params", "param_names", "differentiable")
 
 
-class _Sums(NamedTuple):
-    """What the first pass reduces, in float64: everything the tuner needs from the tensors."""
-
-    sq_norm: Tensor  # ||g||^2
-    cross: Tensor  # <gbar, g>, with gbar before this step's update
-    grad_avg_sq_norm: Tensor  # ||gbar||^2, before this step's update
-    nonzero: Tensor  # non-zero gradient entries (only counted with the sparsity correction)
-    numel: Tensor  # gradient entries
-
-
-class _Coefficients(NamedTuple):
-    """Scalars of the update pass, already gated so that a skipped step changes nothing."""
-
-    finite: Tensor  # False on a skipped step: the gradient is read as zeros
-    avg_decay: Tensor  # gbar <- avg_decay gbar + avg_weight g  (1 and 0 on a skipped step)
-    avg_weight: Tensor
-    momentum: Tensor  # multiplies v (1 on a skipped step)
-    grad_scale: Tensor  # multiplies g in v <- momentum v + grad_scale g (0 on a skipped step)
-    step_size: Tensor  # alpha before the group's multiplier (0 on a skipped step)
-
-
 class YellowFin(Optimizer):
-    """Momentum SGD whose momentum and learning rate tune themselves (YellowFin).
+    r"""Momentum SGD whose momentum and learning rate tune themselves (YellowFin).
+
+    .. math::
+       \begin{aligned}
+            &\rule{110mm}{0.4pt}                                                                 \\
+            &\textbf{input}      : x_0 \text{ (params)}, \: f(x) \text{ (objective)},
+                \: \eta \text{ (lr, a multiplier)}, \: \beta, \: w \text{ (curvature window)},
+                \: \varepsilon,                                                                  \\
+            &\hspace{13mm} \alpha_0, \: \mu_0 \text{ (initial lr, momentum)}, \:
+                c \text{ (clip norm)}, \: \lambda \text{ (weight decay)}, \:
+                o \text{ (momentum offset)},                                                     \\
+            &\hspace{13mm} \textit{nesterov}, \: \textit{maximize}, \: \textit{decoupled}      \\
+            &\textbf{initialize} : v \leftarrow 0, \: \bar g \leftarrow 0 \text{ (per parameter)},
+                \: L^{\max}, L^{\min}, S, N, \bar d \leftarrow 0                                 \\[-1.ex]
+            &\rule{110mm}{0.4pt}                                                                 \\
+            &\textbf{for} \: t=0 \: \textbf{to} \: \ldots \: \textbf{do}                         \\
+            &\hspace{5mm}g_t \leftarrow \nabla_x f_t(x)                                          \\
+            &\hspace{5mm}\textbf{if} \: \textit{maximize} : \: g_t \leftarrow -g_t               \\
+            &\hspace{5mm}\textbf{if} \: \lambda \neq 0 \: \textbf{and not} \: \textit{decoupled}    \\
+            &\hspace{10mm} g_t \leftarrow g_t + \lambda x                                        \\
+            &\hspace{5mm}\textbf{if} \: \lVert g_t \rVert \text{ is not finite} :
+                \: \textbf{skip} \text{ (nothing changes; } t \text{ stays)}                     \\
+            &\hspace{5mm}\textbf{if} \: g_t = 0 : \: \textbf{continue}
+                \text{ (a no-op, not counted as skipped)}                                        \\
+            &\hspace{5mm}s \leftarrow \min(1, c / \lVert g_t \rVert)                              \\
+            &\hspace{5mm}\textbf{if} \: t \geq 1 \text{ (adaptive clipping, with the previous } h_{\max}\text{)}  \\
+            &\hspace{10mm} s \leftarrow s \min\big(1, \sqrt{100 h_{\max}} / (s \lVert g_t \rVert)\big), \:
+                u \leftarrow \min\big(1, \sqrt{h_{\max}} / (s \lVert g_t \rVert)\big)            \\
+            &\hspace{5mm}\textbf{else} \: u \leftarrow \min\big(1, 1 / (\alpha_0 s^2 \lVert g_t \rVert^2)\big)
+                \text{ (the first step's bound)}                                                 \\
+            &\hspace{5mm}\bar g \leftarrow \beta \bar g + (1-\beta) s g_t, \:
+                h_t \leftarrow s^2 \lVert g_t \rVert^2, \: b \leftarrow 1 - \beta^{t+1}          \\
+            &\hspace{5mm}L^{\max} \leftarrow \beta L^{\max} + (1-\beta)
+                \log\big(\max_{t-w < k \leq t} h_k + \varepsilon\big), \:
+                h_{\max} \leftarrow \exp(L^{\max} / b)                                           \\
+            &\hspace{5mm}L^{\min} \leftarrow \beta L^{\min} + (1-\beta)
+                \log\big(\min_{t-w < k \leq t} h_k + \varepsilon\big), \:
+                h_{\min} \leftarrow \exp(L^{\min} / b)                                           \\
+            &\hspace{5mm}S \leftarrow \beta S + (1-\beta) h_t, \:
+                C \leftarrow \max\big(\varepsilon, S / b - \lVert \bar g / b \rVert^2\big)       \\
+            &\hspace{5mm}N \leftarrow \beta N + (1-\beta) \sqrt{h_t}, \:
+                \bar d \leftarrow \beta \bar d + (1-\beta) \frac{N / b}{S / b + \varepsilon}, \:
+                D \leftarrow \bar d / b                                                          \\
+            &\hspace{5mm}\textbf{if} \: t = 0 : \: \mu_t \leftarrow \mu_0, \: \alpha_t \leftarrow \alpha_0 \\
+            &\hspace{5mm}\textbf{else}                                                           \\
+            &\hspace{10mm} p \leftarrow \frac{(D+\varepsilon)^2 (h_{\min}+\varepsilon)^2}{2 (C+\varepsilon)}, \:
+                \kappa \leftarrow \max\Big(\frac{h_{\max}+\varepsilon}{h_{\min}+\varepsilon}, 1+\varepsilon\Big) \\
+            &\hspace{10mm} \xi \leftarrow \text{the root in } (0, 1) \text{ of } (1-\xi)^3 = p \xi \\
+            &\hspace{10mm} \sqrt{\mu_t} \leftarrow \max\Big(\xi, \frac{\sqrt{\kappa}-1}{\sqrt{\kappa}+1}\Big), \:
+                \alpha_t \leftarrow \frac{(1-\sqrt{\mu_t})^2}{h_{\min}+\varepsilon}
+                \min\Big(1, \frac{t+1}{10 w}\Big)                                                \\
+            &\hspace{5mm}m \leftarrow \mathrm{clamp}(\mu_t + o, -1+\varepsilon, 1-\varepsilon)   \\
+            &\hspace{5mm}v \leftarrow m v + s u g_t                                              \\
+            &\hspace{5mm}\textbf{if} \: \textit{nesterov} : \: d \leftarrow s u g_t + m v \:
+                \textbf{else} \: d \leftarrow v                                                  \\
+            &\hspace{5mm}\textbf{if} \: \textit{decoupled} : \: x \leftarrow (1 - \eta \alpha_t \lambda) x \\
+            &\hspace{5mm}x \leftarrow x - \eta \alpha_t d                                        \\[-1.ex]
+            &\rule{110mm}{0.4pt}                                                          \\[-1.ex]
+            &\bf{return} \: x                                                             \\[-1.ex]
+            &\rule{110mm}{0.4pt}                                                          \\[-1.ex]
+       \end{aligned}
+
+    The box shows the default (reference) behaviour. All vectors are over every parameter of one tuning
+    scope (all groups, or each group with ``per_group_tuning=True``); :math:`c = \infty` unless
+    ``clip_norm`` is set. ``curvature_smoothing="linear"`` averages the extremes themselves instead of
+    their logs, ``slow_start=False`` drops the factor :math:`\min(1, (t+1)/(10w))`,
+    ``adaptive_clipping=False`` keeps :math:`s = \min(1, c / \lVert g_t \rVert)` and :math:`u = 1`,
+    ``sparsity_correction=True`` rescales :math:`h_{\min}, h_{\max}, C, D` by the gradient density,
+    ``smooth_tuned=True`` averages :math:`\mu_t` and :math:`\alpha_t` with :math:`\beta`, and
+    ``update_first=True`` updates with :math:`(\mu_{t-1}, \alpha_{t-1})` instead of
+    :math:`(\mu_t, \alpha_t)`; :meth:`paper_variant` sets the paper's choices. ``stats()`` reports
+    :math:`t, \mu_t, \alpha_t, h_{\min}, h_{\max}, C, D, o, m`. The algorithm, each step explained:
+    docs/algorithm.md §1-§6.
 
     Args:
         params: parameters or parameter groups.
-        lr: multiplier on the tuned learning rate (default 1). Stock ``lr_scheduler``s move it.
-        beta: smoothing of every running average (0.999).
-        curvature_window: number of recent curvature samples whose extremes give h_min, h_max.
-        eps: guard against division by zero in the estimators and SingleStep.
-        initial_lr, initial_momentum: alpha_0 and mu_0, used at the first step.
-        adaptive_clipping: clip gradients against the measured curvature range (spec §4.2, §4.5).
-        slow_start: ramp alpha over the first 10 windows.
-        clip_norm: optional global gradient-norm clip, applied before everything else.
-        weight_decay: L2 coefficient; coupled (it enters the gradient and so the statistics)
-            unless ``decoupled_weight_decay``, which shrinks parameters by lr * alpha * weight_decay.
-        nesterov: Nesterov's form of the momentum update.
-        maximize: maximise the objective instead of minimising it.
-        foreach: multi-tensor implementation (None picks it for dense gradients).
-        fused: the two passes as ``torch.compile``d kernels (``yellowfin.fused``), and the tuner's
-            scalar arithmetic compiled too; the first steps pay the compilation.
-        per_group_tuning: one tuner per parameter group instead of one over all groups.
-        sparsity_correction: rescale the estimates by the gradient density (sparse embeddings).
-        update_first, curvature_smoothing, smooth_tuned: the paper's variant (see ``paper_variant``).
-        shard_group: a ``torch.distributed`` process group over which the parameters are sharded
-            (ZeRO, FSDP): the tuner's sums are all-reduced over it, one all-reduce per step that
-            every rank enters, so every shard tunes on the whole gradient. Not saved in state_dict.
+        lr: :math:`\eta`, a multiplier on the tuned :math:`\alpha_t` (default 1); stock ``lr_scheduler``s
+            move it. ``initial_lr`` is :math:`\alpha_0`.
+        **options: every other option, keyword-only (``beta``, ``curvature_window``, ``eps``,
+            ``initial_lr``, ``initial_momentum``, ``adaptive_clipping``, ``slow_start``, ``clip_norm``,
+            ``weight_decay``, ``decoupled_weight_decay``, ``nesterov``, ``maximize``, ``foreach``,
+            ``fused``, ``per_group_tuning``, ``sparsity_correction``, ``update_first``,
+            ``curvature_smoothing``, ``smooth_tuned``, ``shard_group``): their defaults, ranges and
+            meaning are listed once, in docs/algorithm.md §7.1.
     """
 
     def __init__(
         self,
         params: Iterable,
         lr: float | Tensor = 1.0,
+        *,
         beta: float = 0.999,
         curvature_window: int = 20,
         eps: float = 1e-6,
@@ -192,6 +230,8 @@ class YellowFin(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Dispatch only: the passes over the tensors are in ``passes``, everything between them in
+        # ``tuning.tune_step``.
         scopes = []  # (tuner index, settings, batches of the groups it measures)
         for index, groups in enumerate(self._scopes()):
             batches = [batch for batch in map(self._collect, groups) if batch.params]
@@ -201,21 +241,22 @@ class YellowFin(Optimizer):
         if not scopes:
             return loss
 
-        # Pass 1: each tuner's g and gbar reduced to one float64 vector of ``_Sums``; with
+        # Pass 1: each tuner's g and gbar reduced to one float64 vector of ``measurements.Sums``; with
         # shard_group, all tuners' vectors summed over the shards by a single all-reduce.
         device = self._tuners[scopes[0][0]].device
-        totals = torch.zeros(len(scopes), len(_Sums._fields), dtype=torch.float64, device=device)
+        totals = torch.zeros(len(scopes), len(Sums._fields), dtype=torch.float64, device=device)
         for row, (_, settings, batches) in enumerate(scopes):
             for batch in batches:
-                totals[row] += _reduce_sums(batch, settings.sparsity_correction).to(device)
+                totals[row] += _reduce(batch, settings.sparsity_correction).to(device)
         if self.shard_group is not None:
             torch.distributed.all_reduce(totals, group=self.shard_group)
 
         for row, (index, settings, batches) in enumerate(scopes):
             state = self._tuners[index]
-            compiled = any(batch.mode == "fused" for batch in batches)
-            tune = _compiled_tune_from_sums if compiled else _tune_from_sums
-            self._tuners[index], coefficients = tune(state, totals[row].to(state.device), settings)
+            compiled = any(batch.flavour == "compiled" for batch in batches)
+            tune_step = tuning.compiled_tune_step if compiled else tuning.tune_step
+            sums = Sums.from_vector(totals[row].to(state.device))
+            self._tuners[index], coefficients = tune_step(state, sums, settings)
             # Pass 2: gbar, v and x written once.
             for batch in batches:
                 _update(batch, coefficients)
@@ -248,17 +289,28 @@ class YellowFin(Optimizer):
                 tensors = tuple(map(torch.view_as_real, tensors))
             for values, tensor in zip((params, grads, grad_avgs, momenta), tensors):
                 values.append(tensor)
-        mode = "fused" if group["fused"] else "loop" if group["foreach"] is False else "foreach"
-        return _Batch(group, params, grads, grad_avgs, momenta, mode)
+        return _Batch(group, params, grads, grad_avgs, momenta, _flavour(group))
 
     # ----------------------------------------------------------------------------- reading the tuner
-    def stats(self) -> dict | list[dict]:
-        """The tuner's current state as Python floats (one record per group with per_group_tuning).
+    def stats(self, scope: int | None = None) -> dict | list[dict]:
+        """The tuner's current state as Python floats.
 
-        Reads tensors on the host: call it for logging, not inside a hot loop on a GPU.
+        ``scope=None``: one record, or with per_group_tuning a list of one record per group.
+        ``scope=i``: the record of tuner ``i`` (a group index with per_group_tuning, else 0), always
+        a dict; callers that handle both modes write ``stats(0)`` or loop over ``range(len(...))``.
+        The tuned step is ``"alpha"``; ``"lr"`` holds the same value and is a deprecated alias,
+        kept for one release. Reads tensors on the host: call it for logging, not inside a hot loop
+        on a GPU.
         """
+        if scope is not None:
+            self._check_scope(scope)
+            return _record(self._tuners[scope], self._settings(self._scopes()[scope][0]))
         records = [_record(state, self._settings(groups[0])) for state, groups in zip(self._tuners, self._scopes())]
         return records if self.per_group_tuning else records[0]
+
+    def _check_scope(self, scope) -> None:
+        if isinstance(scope, bool) or not isinstance(scope, int) or not 0 <= scope < len(self._tuners):
+            raise ValueError(f"invalid scope={scope!r}: allowed are None or a tuner index in [0, {len(self._tuners)})")
 
     def tuner_state(self, scope: int = 0) -> TunerState:
         """The tensors behind ``stats()`` for one tuner (read without host synchronisation)."""
@@ -347,88 +399,64 @@ class YellowFin(Optimizer):
         return state
 
 
-# --------------------------------------------------------------------------------- the scalar step
-def _tune_from_sums(state: TunerState, totals: Tensor, settings: TunerSettings) -> tuple[TunerState, "_Coefficients"]:
-    """Everything between the two passes, on 0-dim float64 tensors: clipping, measure, tune.
-
-    Returns the tuner's next state and the coefficients of the update pass, both already gated
-    so that a non-finite gradient changes nothing but the skipped-step count.
-    """
-    sums = _Sums(*totals.unbind())
-    finite = torch.isfinite(sums.sq_norm)  # (float64 sums: only a non-finite g makes this inf)
-    # An all-zero gradient of the whole scope (a frozen phase, a masked loss) carries no information:
-    # like a step without gradients it is a no-op, not a skip, so it cannot age or pollute the
-    # estimates (step count, curvature window, averages, slow start). Zeros in some tensors while
-    # others have a gradient are an ordinary step.
-    applied = finite & (sums.sq_norm > 0.0)
-    sq_norm = torch.where(finite, sums.sq_norm, 0.0)
-    density = torch.ones_like(sq_norm)
-    if settings.sparsity_correction:
-        density = sums.nonzero / torch.clamp(sums.numel, min=1.0)
-
-    # Clipping factors, from the previous step's curvature range.
-    started = state.step >= 1.0
-    norm = torch.sqrt(sq_norm)
-    scale = torch.ones_like(norm)
-    if settings.clip_norm is not None:
-        scale = torch.where(norm > settings.clip_norm, settings.clip_norm / norm, 1.0)
-    update_scale = torch.ones_like(norm)
-    if settings.adaptive_clipping:
-        stat_threshold = torch.sqrt(100.0 * state.h_max)
-        clipped = started & (scale * norm > stat_threshold)
-        scale = torch.where(clipped, stat_threshold / (scale * norm), scale)
-        update_clipped = started & (scale**2 * sq_norm > state.h_max)
-        update_scale = torch.where(update_clipped, torch.sqrt(state.h_max / (scale**2 * sq_norm)), 1.0)
-    curvature_sample = scale**2 * sq_norm
-
-    # The norm of the gradient average after this step's update, before the update pass writes it.
-    avg_decay = torch.where(applied, torch.full_like(sq_norm, settings.beta), 1.0)
-    avg_weight = torch.where(applied, (1.0 - settings.beta) * scale, 0.0)
-    grad_avg_sq_norm = measurements.averaged_sq_norm(
-        sums.grad_avg_sq_norm, torch.where(finite, sums.cross, 0.0), sq_norm, avg_decay, avg_weight
-    )
-
-    sample = measurements.GradientSample(curvature_sample, grad_avg_sq_norm, density)
-    measured, estimates = measurements.measure(state, sample, settings)
-    mu, lr = tuning.tune(estimates, state.step, state.mu, state.lr, settings)
-    new_state = measured.replace(mu=mu, lr=lr, step=state.step + 1.0)
-
-    # The update uses this step's (reference) or the previous step's (paper) tuned values.
-    applied_mu, applied_lr = (state.mu, state.lr) if settings.update_first else (mu, lr)
-    if settings.adaptive_clipping:
-        # The first step has no curvature history to clip against, and alpha_0 is not tuned: a
-        # gradient of norm 1e20 would move the parameters by alpha_0 * 1e20 and training would never
-        # recover. Bound it by the tuner's own model of this one sample: the distance to the optimum
-        # is D = ||g|| / ||g||^2, the step that SingleStep tunes for it (alpha = 1 / ||g||^2, mu = 0),
-        # so alpha_0 ||g|| (scaled) may not exceed 1 / ||g||. Ordinary first steps are far below it.
-        first_reach = applied_lr * curvature_sample  # alpha_0 ||g|| / (1 / ||g||)
-        update_scale = torch.where(~started & (first_reach > 1.0), 1.0 / first_reach, update_scale)
-    coefficients = _Coefficients(
-        finite=applied,
-        avg_decay=avg_decay,
-        avg_weight=avg_weight,
-        momentum=torch.where(applied, _applied_momentum(applied_mu, state.momentum_offset, settings.eps), 1.0),
-        grad_scale=torch.where(applied, scale * update_scale, 0.0),
-        step_size=torch.where(applied, applied_lr, 0.0),
-    )
-    new_state = new_state.select(applied, state).replace(
-        skipped_steps=state.skipped_steps + (~finite).to(torch.float64)
-    )
-    return new_state, coefficients
-
-
-# One graph of a few hundred scalar operations instead of as many eager kernel launches.
-_compiled_tune_from_sums = torch.compile(_tune_from_sums)
-
-
 # --------------------------------------------------------------------------------- helpers
 class _Batch(NamedTuple):
+    """One group's parameters that have a gradient, ready for the passes (real views of complex ones)."""
+
     group: dict
     params: list[Tensor]
     grads: list[Tensor]
     grad_avgs: list[Tensor]
     momenta: list[Tensor]
-    mode: str  # "loop" (the per-tensor reference), "foreach" or "fused"
+    flavour: str  # a key of _PASSES
+
+
+# The passes of each flavour (``passes``): (reduce, update). Sparse gradients always take the
+# single-tensor one, the only flavour that handles them.
+_PASSES = {
+    "single_tensor": (passes.reduce_single_tensor, passes.update_single_tensor),
+    "multi_tensor": (passes.reduce_multi_tensor, passes.update_multi_tensor),
+    "compiled": (passes.reduce_compiled, passes.update_compiled),
+}
+
+
+def _flavour(group: dict) -> str:
+    if group["fused"]:
+        return "compiled"
+    return "single_tensor" if group["foreach"] is False else "multi_tensor"
+
+
+def _split_sparse(batch: _Batch) -> tuple[list[int], list[int]]:
+    """Indices of the tensors for the batch's flavour, and of those for the single-tensor reference."""
+    dense = [i for i, g in enumerate(batch.grads) if not g.is_sparse]
+    sparse = [i for i, g in enumerate(batch.grads) if g.is_sparse]
+    # (dense first on every flavour: the order of the float64 sums stays the same)
+    return ([], dense + sparse) if batch.flavour == "single_tensor" else (dense, sparse)
+
+
+def _reduce(batch: _Batch, count_nonzero: bool) -> Tensor:
+    """Pass 1 for one batch: its ``Sums`` vector (reads g and gbar, writes nothing)."""
+    own, reference = _split_sparse(batch)
+    rows = []
+    for indices, reduce in ((own, _PASSES[batch.flavour][0]), (reference, passes.reduce_single_tensor)):
+        if indices:
+            rows.append(reduce([batch.grads[i] for i in indices], [batch.grad_avgs[i] for i in indices],
+                               count_nonzero=count_nonzero))
+    return passes.add_sums(rows)
+
+
+def _update(batch: _Batch, coefficients: tuning.UpdateCoefficients) -> None:
+    """Pass 2 for one batch: gbar, v and x written once."""
+    group = batch.group
+    decay = group["weight_decay"] if group["decoupled_weight_decay"] else 0.0
+    own, reference = _split_sparse(batch)
+    for indices, update in ((own, _PASSES[batch.flavour][1]), (reference, passes.update_single_tensor)):
+        if indices:
+            def pick(tensors: list[Tensor]) -> list[Tensor]:
+                return [tensors[i] for i in indices]
+
+            update(pick(batch.params), pick(batch.grads), pick(batch.grad_avgs), pick(batch.momenta), coefficients,
+                   lr=group["lr"], decay=decay, nesterov=group["nesterov"])
 
 
 @functools.cache
@@ -475,145 +503,12 @@ def _device_of(groups: list[dict]) -> torch.device:
     return torch.device("cpu")
 
 
-def _applied_momentum(mu: Tensor, offset: Tensor, eps: float) -> Tensor:
-    """mu plus the external offset, kept inside (-1, 1) where heavy ball can converge."""
-    return torch.clamp(mu + offset, -1.0 + eps, 1.0 - eps)
-
-
 def _record(state: TunerState, settings: TunerSettings) -> dict:
     values = {name: float(getattr(state, name)) for name in (
-        "mu", "lr", "h_min", "h_max", "grad_var", "dist", "momentum_offset"
+        "mu", "alpha", "h_min", "h_max", "grad_var", "dist", "momentum_offset"
     )}
     values["step"] = int(state.step)
     values["skipped_steps"] = int(state.skipped_steps)
-    values["applied_momentum"] = float(_applied_momentum(state.mu, state.momentum_offset, settings.eps))
+    values["applied_momentum"] = float(tuning.applied_momentum(state.mu, state.momentum_offset, settings.eps))
+    values["lr"] = values["alpha"]  # deprecated alias of "alpha" (see YellowFin.stats)
     return values
-
-
-def _reduce_sums(batch: _Batch, count_nonzero: bool) -> Tensor:
-    """The ``_Sums`` of one batch as a float64 vector (pass 1: reads g and gbar, writes nothing)."""
-    rows = []
-    dense = [i for i, g in enumerate(batch.grads) if not g.is_sparse]
-    loop = [i for i, g in enumerate(batch.grads) if g.is_sparse]
-    if batch.mode != "loop" and dense:
-        kernel = fused.reduce_sums if batch.mode == "fused" else _reduce_sums_foreach
-        for indices in _by_device_and_dtype([batch.grads[i] for i in dense], dense).values():
-            grads = [batch.grads[i] for i in indices]
-            row = kernel(grads, [batch.grad_avgs[i] for i in indices], count_nonzero)
-            # (new_full fills on the device; a tensor built from a host number would be a copy)
-            rows.append(torch.cat([row, row.new_full((1,), float(sum(g.numel() for g in grads)))]))
-    else:
-        loop = dense + loop
-    for i in loop:  # the per-tensor reference, all in float64
-        grad, grad_avg = batch.grads[i], batch.grad_avgs[i]
-        if grad.is_sparse:
-            grad = grad.coalesce()
-            values, avg_values = grad._values(), grad_avg.sparse_mask(grad)._values()
-        else:
-            values, avg_values = grad, grad_avg
-        values, avg_values = values.to(torch.float64), avg_values.to(torch.float64)
-        rows.append(torch.stack([
-            torch.sum(values * values),
-            torch.sum(values * avg_values),
-            torch.sum(grad_avg.to(torch.float64) ** 2),
-            torch.count_nonzero(values).to(torch.float64) if count_nonzero else values.new_zeros(()),
-            values.new_full((), float(grad_avg.numel())),
-        ]))
-    device = rows[0].device
-    return torch.stack([row.to(device) for row in rows]).sum(dim=0)
-
-
-def _reduce_sums_foreach(grads: list[Tensor], grad_avgs: list[Tensor], count_nonzero: bool) -> Tensor:
-    """``_reduce_sums`` (without the element count) for dense tensors of one device and dtype,
-    with multi-tensor kernels.
-
-    The norms accumulate in float64, as on the reference and fused paths: in float32 a gradient
-    of norm above ~1.8e19 would overflow and be skipped (and one below ~1e-23 would read as zero)
-    where the other paths apply it. (On CUDA the kernel reads float32 and accumulates in float64;
-    on CPU torch converts each tensor, which costs about a quarter of a step.) The cross term stays
-    a float32 dot: where it overflows, ``measurements.averaged_sq_norm`` brings it back inside its
-    Cauchy-Schwarz bound.
-    """
-    if grads[0].dtype in (torch.float16, torch.bfloat16):
-        grads, grad_avgs = [g.float() for g in grads], [a.float() for a in grad_avgs]
-    sq_norm = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).square().sum()
-    avg_sq_norm = torch.stack(torch._foreach_norm(grad_avgs, 2, dtype=torch.float64)).square().sum()
-    cross = torch.stack([torch.dot(g.reshape(-1), a.reshape(-1)) for g, a in zip(grads, grad_avgs)])
-    cross = cross.to(torch.float64).sum()
-    nonzero = torch.zeros_like(cross)
-    if count_nonzero:
-        nonzero = torch.stack([torch.count_nonzero(g) for g in grads]).sum().to(torch.float64)
-    return torch.stack([sq_norm, cross, avg_sq_norm, nonzero])
-
-
-def _update(batch: _Batch, c: _Coefficients) -> None:
-    """Pass 2: gbar <- avg_decay gbar + avg_weight g;  v <- momentum v + grad_scale g;
-    x <- x - lr * step_size * (v, or its Nesterov form)."""
-    group = batch.group
-    step_size = c.step_size * group["lr"]
-    decay = group["weight_decay"] if group["decoupled_weight_decay"] else 0.0
-    dense = [i for i, g in enumerate(batch.grads) if not g.is_sparse]
-    loop = [i for i, g in enumerate(batch.grads) if g.is_sparse]
-    if batch.mode == "fused" and dense:
-        for indices in _by_device_and_dtype([batch.grads[i] for i in dense], dense).values():
-            device = batch.params[indices[0]].device
-            fused.update(
-                [batch.params[i] for i in indices], [batch.grads[i] for i in indices],
-                [batch.grad_avgs[i] for i in indices], [batch.momenta[i] for i in indices],
-                *(x.to(device) for x in (c.finite, c.avg_decay, c.avg_weight, c.momentum, c.grad_scale, step_size,
-                                         1.0 - step_size * decay)),
-                nesterov=group["nesterov"],
-            )
-    elif batch.mode == "foreach" and dense:
-        for indices in _by_device_and_dtype([batch.grads[i] for i in dense], dense).values():
-            device = batch.params[indices[0]].device
-            finite, avg_decay, avg_weight, momentum, grad_scale, lr = (
-                x.to(device) for x in (c.finite, c.avg_decay, c.avg_weight, c.momentum, c.grad_scale, step_size)
-            )
-            params = [batch.params[i] for i in indices]
-            momenta = [batch.momenta[i] for i in indices]
-            grad_avgs = [batch.grad_avgs[i] for i in indices]
-            # A skipped step must not let 0 * NaN through: read its gradient as zeros.
-            grads = [_finite_grad(batch.grads[i], finite) for i in indices]
-            # x += c * y as addcmul with a 0-dim c: one pass, where mul-then-add makes a temporary.
-            torch._foreach_mul_(grad_avgs, avg_decay)
-            torch._foreach_addcmul_(grad_avgs, grads, [avg_weight] * len(grads))
-            torch._foreach_mul_(momenta, momentum)
-            torch._foreach_addcmul_(momenta, grads, [grad_scale] * len(grads))
-            direction = momenta
-            if group["nesterov"]:
-                direction = torch._foreach_addcmul(torch._foreach_mul(momenta, momentum), grads,
-                                                   [grad_scale] * len(grads))
-            if decay != 0.0:
-                torch._foreach_mul_(params, 1.0 - lr * decay)
-            torch._foreach_addcmul_(params, direction, [-lr] * len(params))
-    else:
-        loop = dense + loop
-    for i in loop:  # the per-tensor reference
-        param, grad_avg, momentum_buffer = batch.params[i], batch.grad_avgs[i], batch.momenta[i]
-        grad = _finite_grad(batch.grads[i], c.finite)
-        grad_avg.mul_(c.avg_decay).add_(grad * c.avg_weight)
-        scaled = grad * c.grad_scale
-        momentum_buffer.mul_(c.momentum).add_(scaled)
-        direction = scaled + momentum_buffer * c.momentum if group["nesterov"] else momentum_buffer
-        if decay != 0.0:
-            param.mul_(1.0 - step_size * decay)
-        param.add_(direction * -step_size)
-
-
-def _finite_grad(grad: Tensor, finite: Tensor) -> Tensor:
-    """The gradient, or zeros on a skipped step (so that 0 * grad cannot make NaN)."""
-    if grad.is_sparse:
-        grad = grad.coalesce()
-        values = torch.where(finite, grad._values(), 0.0)
-        return torch.sparse_coo_tensor(grad._indices(), values, grad.shape, is_coalesced=True, check_invariants=False)
-    return torch.where(finite, grad, 0.0)
-
-
-def _by_device_and_dtype(tensors: list[Tensor], indices: list[int] | None = None) -> dict:
-    """Indices of ``tensors`` bucketed by (device, dtype), as multi-tensor kernels need."""
-    indices = list(range(len(tensors))) if indices is None else indices
-    buckets: dict = defaultdict(list)
-    for tensor, index in zip(tensors, indices):
-        buckets[(tensor.device, tensor.dtype)].append(index)
-    return buckets

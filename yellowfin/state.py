@@ -24,7 +24,7 @@ class TunerSettings:
     beta: float = 0.999
     curvature_window: int = 20
     eps: float = 1e-6
-    initial_lr: float = 1e-4
+    initial_lr: float = 1e-4  # alpha_0, the tuned step of the first step (the name is public)
     initial_momentum: float = 0.0
     adaptive_clipping: bool = True
     slow_start: bool = True
@@ -108,7 +108,7 @@ class TunerState:
     dist: Tensor
     # Tuned values: those the next (update-first) or the last (reference order) update used.
     mu: Tensor
-    lr: Tensor
+    alpha: Tensor  # the tuned step size, before a group's ``lr`` multiplier (saved as ``lr`` by version 0.1)
     # Additive correction to mu, driven from outside (the asynchronous closed loop).
     momentum_offset: Tensor
 
@@ -120,7 +120,7 @@ class TunerState:
         values = {f.name: scalar() for f in fields(cls)}
         values["curvatures"] = torch.zeros(settings.curvature_window, dtype=torch.float64, device=device)
         values["mu"] = scalar(settings.initial_momentum)
-        values["lr"] = scalar(settings.initial_lr)
+        values["alpha"] = scalar(settings.initial_lr)
         return cls(**values)
 
     def replace(self, **changes: Tensor) -> "TunerState":
@@ -136,16 +136,18 @@ class TunerState:
     def device(self) -> torch.device:
         return self.step.device
 
-    def to(self, device) -> "TunerState":
-        return TunerState(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
-
     def as_dict(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, values: dict, settings: TunerSettings, device=None) -> "TunerState":
-        """Rebuild a state from ``as_dict`` output, refusing anything that does not fit."""
+        """Rebuild a state from ``as_dict`` output, refusing anything that does not fit.
+
+        A checkpoint written before the tuned step was named ``alpha`` holds it as ``lr``; it loads.
+        """
         expected = {f.name for f in fields(cls)}
+        if isinstance(values, dict) and "lr" in values and "alpha" not in values:
+            values = {("alpha" if name == "lr" else name): value for name, value in values.items()}
         if not isinstance(values, dict) or set(values) != expected:
             got = sorted(values) if isinstance(values, dict) else type(values).__name__
             raise ValueError(f"tuner state must have exactly the fields {sorted(expected)}, got {got}")
@@ -177,5 +179,5 @@ class TunerState:
 _FIELD_RANGES = {
     name: (0.0, math.inf)
     for name in ("step", "skipped_steps", "curvatures", "grad_sq_avg", "grad_norm_avg", "dist_avg",
-                 "h_min", "h_max", "grad_var", "dist", "lr")
+                 "h_min", "h_max", "grad_var", "dist", "alpha")
 } | {"density_avg": (0.0, 1.0), "mu": (-1.0, 1.0)}

@@ -1,19 +1,29 @@
-"""The tuner's mathematics: pure functions of scalars, no parameter walking.
+"""Tune: the tuner's decisions, pure functions of scalars, no parameter walking.
+
+SingleStep and its parts (docs/algorithm.md §1-§2, §4.4), and ``tune_step``, everything one step
+does between the two passes over the tensors: the gates (§4.7), clipping (§4.2, §4.5), measuring
+(``measurements``), tuning, the applied momentum and the coefficients of the update (§4.6).
 
 Every function accepts Python floats or tensors and returns float64 tensors, built from
 elementwise torch operations only: no ``.item()``, no Python branch on a value. The
 optimizer calls them on 0-dim tensors on the parameters' device, so tuning never
 synchronises with the host; tests and notebooks call them on plain floats.
 
-Notation (spec §1-§2): heavy ball ``x+ = x - alpha * grad + mu * (x - x-)``; ``h`` a
+Notation (docs/algorithm.md §1-§2): heavy ball ``x+ = x - alpha * grad + mu * (x - x-)``; ``h`` a
 curvature, ``kappa = h_max / h_min``; ``C`` the gradient variance, ``D`` the distance to
-the optimum.
+the optimum. ``alpha`` is always the tuned step (before a group's ``lr`` multiplier).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
+
+from . import measurements
+from .measurements import Sums
+from .state import TunerSettings, TunerState
 
 # The cubic is solved for p in this range. Below it sqrt(mu) = 1 - p^(1/3) is within 1e-10
 # of 1 and float64 can no longer resolve the root next to 1; above it the root ~ 1/p is
@@ -76,7 +86,7 @@ def spectral_radius(alpha, mu, h) -> Tensor:
 
 
 def single_step(h_min, h_max, grad_var, dist, eps=0.0) -> tuple[Tensor, Tensor]:
-    """SingleStep (spec §2, with the §4.4 guards): the momentum and learning rate minimising
+    """SingleStep (docs/algorithm.md §2, with the §4.4 guards): the momentum and learning rate minimising
     mu D^2 + alpha^2 C subject to the curvature range fitting the robust region.
 
     Returns (mu, alpha). With eps = 0 this is the textbook rule; the optimizer passes its eps
@@ -98,8 +108,8 @@ def slow_start(alpha, step, window) -> Tensor:
     return _f64(alpha) * torch.clamp((_f64(step) + 1.0) / (10.0 * window), max=1.0)
 
 
-def tune(estimates, step, previous_mu, previous_lr, settings) -> tuple[Tensor, Tensor]:
-    """The tuner's choice of (mu, alpha) at step t from the current estimates (spec §4.4).
+def tune(estimates, step, previous_mu, previous_alpha, settings) -> tuple[Tensor, Tensor]:
+    """The tuner's choice of (mu, alpha) at step t from the current estimates (docs/algorithm.md §4.4).
 
     ``estimates`` is (h_min, h_max, grad_var, dist); ``settings`` a ``TunerSettings``. At
     t = 0 the initial values hold; afterwards SingleStep, then the slow-start ramp, then (paper
@@ -111,9 +121,129 @@ def tune(estimates, step, previous_mu, previous_lr, settings) -> tuple[Tensor, T
     if settings.smooth_tuned:
         beta = settings.beta
         mu = beta * previous_mu + (1.0 - beta) * mu
-        alpha = beta * previous_lr + (1.0 - beta) * alpha
+        alpha = beta * previous_alpha + (1.0 - beta) * alpha
     started = _f64(step) >= 1.0
     return (
         torch.where(started, mu, float(settings.initial_momentum)),
         torch.where(started, alpha, float(settings.initial_lr)),
     )
+
+
+# --------------------------------------------------------------------------------- one step
+class UpdateCoefficients(NamedTuple):
+    """Scalars of the update pass, already gated so that a skipped step changes nothing (§4.6, §4.7)."""
+
+    finite: Tensor  # False on a skipped step: the gradient is read as zeros
+    avg_decay: Tensor  # gbar <- avg_decay gbar + avg_weight g  (1 and 0 on a skipped step)
+    avg_weight: Tensor
+    momentum: Tensor  # multiplies v (1 on a skipped step)
+    grad_scale: Tensor  # multiplies g in v <- momentum v + grad_scale g (0 on a skipped step)
+    step_size: Tensor  # alpha before the group's multiplier (0 on a skipped step)
+
+
+def gradient_gates(sq_norm) -> tuple[Tensor, Tensor]:
+    """(finite, applied) for a scope whose ||g||^2 is ``sq_norm`` (§4.7).
+
+    A non-finite gradient (only a NaN or Inf entry makes the float64 sum non-finite) is skipped:
+    nothing changes but the skipped-step count. An all-zero gradient of the whole scope (a frozen
+    phase, a masked loss) carries no information: like a step without gradients it is a no-op,
+    not a skip, so it cannot age or pollute the estimates. Only ``applied`` steps change anything.
+    """
+    sq_norm = _f64(sq_norm)
+    finite = torch.isfinite(sq_norm)
+    return finite, finite & (sq_norm > 0.0)
+
+
+def clipping_scales(sq_norm, h_max, started, settings: TunerSettings) -> tuple[Tensor, Tensor]:
+    """(s, u): the factor on g for the statistics and the update (s), and the extra factor for the
+    update alone (u), for a gradient with ||g||^2 = ``sq_norm`` (§4.1, §4.2, §4.5).
+
+    ``h_max`` is the previous step's estimate and ``started`` whether there was one (t >= 1).
+    s g has norm at most ``clip_norm`` and, with adaptive clipping, at most sqrt(100 h_max);
+    s u g has norm at most sqrt(h_max).
+    """
+    sq_norm, h_max, started = _f64(sq_norm), _f64(h_max), torch.as_tensor(started)
+    norm = torch.sqrt(sq_norm)
+    scale = torch.ones_like(norm)
+    if settings.clip_norm is not None:
+        scale = torch.where(norm > settings.clip_norm, settings.clip_norm / norm, 1.0)
+    update_scale = torch.ones_like(norm)
+    if settings.adaptive_clipping:
+        stat_threshold = torch.sqrt(100.0 * h_max)
+        clipped = started & (scale * norm > stat_threshold)
+        # s g gets norm stat_threshold, whatever clip_norm made of it before (not stat_threshold / s).
+        scale = torch.where(clipped, stat_threshold / norm, scale)
+        # Relative to the already scaled norm: s u ||g|| = sqrt(h_max).
+        update_clipped = started & (scale**2 * sq_norm > h_max)
+        update_scale = torch.where(update_clipped, torch.sqrt(h_max / (scale**2 * sq_norm)), 1.0)
+    return scale, update_scale
+
+
+def bound_first_step(update_scale, alpha, curvature_sample, started) -> Tensor:
+    """The update factor u, bounded on the first step (t = 0) so that alpha_0 s u ||g|| <= 1 / (s ||g||).
+
+    The first step has no curvature history to clip against, and alpha_0 is not tuned: a gradient of
+    norm 1e20 would move the parameters by alpha_0 * 1e20 and training would never recover. Bound it
+    by the tuner's own model of this one sample: the distance to the optimum is D = ||g|| / ||g||^2,
+    the step that SingleStep tunes for it (alpha = 1 / ||g||^2, mu = 0), so alpha_0 ||g|| (scaled)
+    may not exceed 1 / ||g||. Ordinary first steps are far below it. (Part of adaptive clipping.)
+    """
+    update_scale, started = _f64(update_scale), torch.as_tensor(started)
+    first_reach = _f64(alpha) * _f64(curvature_sample)  # alpha_0 ||g|| / (1 / ||g||)
+    return torch.where(~started & (first_reach > 1.0), 1.0 / first_reach, update_scale)
+
+
+def applied_momentum(mu, offset, eps: float) -> Tensor:
+    """m of §4.6: mu plus the external offset, kept inside (-1, 1) where heavy ball can converge."""
+    return torch.clamp(_f64(mu) + _f64(offset), -1.0 + eps, 1.0 - eps)
+
+
+def tune_step(state: TunerState, sums: Sums, settings: TunerSettings) -> tuple[TunerState, UpdateCoefficients]:
+    """Everything between the two passes, on 0-dim float64 tensors: gate, clip, measure, tune.
+
+    Returns the tuner's next state and the coefficients of the update pass, both already gated
+    so that a non-finite gradient changes nothing but the skipped-step count (§4.7).
+    """
+    finite, applied = gradient_gates(sums.sq_norm)
+    sq_norm = torch.where(finite, sums.sq_norm, 0.0)
+    density = torch.ones_like(sq_norm)
+    if settings.sparsity_correction:
+        density = sums.nonzero / torch.clamp(sums.numel, min=1.0)
+
+    # Clipping factors, from the previous step's curvature range.
+    started = state.step >= 1.0
+    scale, update_scale = clipping_scales(sq_norm, state.h_max, started, settings)
+    curvature_sample = scale**2 * sq_norm
+
+    # The norm of the gradient average after this step's update, before the update pass writes it.
+    avg_decay = torch.where(applied, torch.full_like(sq_norm, settings.beta), 1.0)
+    avg_weight = torch.where(applied, (1.0 - settings.beta) * scale, 0.0)
+    grad_avg_sq_norm = measurements.averaged_sq_norm(
+        sums.grad_avg_sq_norm, torch.where(finite, sums.cross, 0.0), sq_norm, avg_decay, avg_weight
+    )
+
+    sample = measurements.GradientSample(curvature_sample, grad_avg_sq_norm, density)
+    measured, estimates = measurements.measure(state, sample, settings)
+    mu, alpha = tune(estimates, state.step, state.mu, state.alpha, settings)
+    new_state = measured.replace(mu=mu, alpha=alpha, step=state.step + 1.0)
+
+    # The update uses this step's (reference) or the previous step's (paper) tuned values.
+    applied_mu, applied_alpha = (state.mu, state.alpha) if settings.update_first else (mu, alpha)
+    if settings.adaptive_clipping:
+        update_scale = bound_first_step(update_scale, applied_alpha, curvature_sample, started)
+    coefficients = UpdateCoefficients(
+        finite=applied,
+        avg_decay=avg_decay,
+        avg_weight=avg_weight,
+        momentum=torch.where(applied, applied_momentum(applied_mu, state.momentum_offset, settings.eps), 1.0),
+        grad_scale=torch.where(applied, scale * update_scale, 0.0),
+        step_size=torch.where(applied, applied_alpha, 0.0),
+    )
+    new_state = new_state.select(applied, state).replace(
+        skipped_steps=state.skipped_steps + (~finite).to(torch.float64)
+    )
+    return new_state, coefficients
+
+
+# One graph of a few hundred scalar operations instead of as many eager kernel launches (``fused=True``).
+compiled_tune_step = torch.compile(tune_step)

@@ -1,0 +1,239 @@
+"""Apply: the two passes of a step over the tensors, in three flavours (docs/algorithm.md §4).
+
+Pass 1, ``reduce_*``, reads g and gbar and writes nothing: it returns their ``Sums`` as one float64
+vector (``measurements.Sums`` defines its layout). Pass 2, ``update_*``, reads g, gbar, v, x once and
+writes gbar, v, x with the ``tuning.UpdateCoefficients`` of the step:
+
+    gbar <- avg_decay gbar + avg_weight g
+    v    <- momentum v + grad_scale g
+    x    <- (1 - lr step_size decay) x - lr step_size d,    d = v, or grad_scale g + momentum v (Nesterov)
+
+with ``lr`` the group's multiplier and ``decay`` the decoupled weight decay (0 when it is coupled).
+Every flavour of a pass has the same signature:
+
+- ``*_single_tensor``: one tensor at a time, every sum in float64. The obviously correct reference
+  (``foreach=False``), and the only flavour for sparse gradients.
+- ``*_multi_tensor``: ``torch._foreach_*`` kernels over the dense tensors of each device and dtype
+  (the default for dense gradients).
+- ``*_compiled``: ``torch.compile``d kernels over the dense tensors of each device and dtype
+  (``fused=True``).
+
+Each flavour is one complete function, so the three parallel each other deliberately (as
+torch/optim/adam.py's do). Tests hold all three to the same numbers (tests/test_passes.py).
+Nothing here reads a tensor value on the host; a skipped step (``finite`` False) reads its
+gradient as zeros, so 0 * NaN cannot leak.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .measurements import Sums
+from .tuning import UpdateCoefficients
+
+
+# --------------------------------------------------------------------------------- pass 1: reduce
+def reduce_single_tensor(grads: list[Tensor], grad_avgs: list[Tensor], *, count_nonzero: bool) -> Tensor:
+    """The ``Sums`` vector of the tensors, one tensor at a time, all in float64 (dense or sparse)."""
+    rows = []
+    for grad, grad_avg in zip(grads, grad_avgs):
+        if grad.is_sparse:
+            grad = grad.coalesce()
+            values, avg_values = grad._values(), grad_avg.sparse_mask(grad)._values()
+        else:
+            values, avg_values = grad, grad_avg
+        values, avg_values = values.to(torch.float64), avg_values.to(torch.float64)
+        rows.append(Sums(
+            sq_norm=torch.sum(values * values),
+            cross=torch.sum(values * avg_values),
+            grad_avg_sq_norm=torch.sum(grad_avg.to(torch.float64) ** 2),
+            nonzero=torch.count_nonzero(values).to(torch.float64) if count_nonzero else values.new_zeros(()),
+            numel=values.new_full((), float(grad_avg.numel())),
+        ).vector())
+    return add_sums(rows)
+
+
+def reduce_multi_tensor(grads: list[Tensor], grad_avgs: list[Tensor], *, count_nonzero: bool) -> Tensor:
+    """The ``Sums`` vector of dense tensors, with multi-tensor kernels per device and dtype.
+
+    The norms accumulate in float64, as on the other flavours: in float32 a gradient of norm above
+    ~1.8e19 would overflow and be skipped (and one below ~1e-23 would read as zero) where the others
+    apply it. (On CUDA the kernel reads float32 and accumulates in float64; on CPU torch converts each
+    tensor, which costs about a quarter of a step.) The cross term stays a float32 dot: where it
+    overflows, ``measurements.averaged_sq_norm`` brings it back inside its Cauchy-Schwarz bound.
+    """
+    rows = []
+    for grads, grad_avgs in _by_device_and_dtype(grads, grad_avgs):
+        count = float(sum(g.numel() for g in grads))
+        if grads[0].dtype in (torch.float16, torch.bfloat16):
+            grads, grad_avgs = [g.float() for g in grads], [a.float() for a in grad_avgs]
+        cross = torch.stack([torch.dot(g.reshape(-1), a.reshape(-1)) for g, a in zip(grads, grad_avgs)])
+        cross = cross.to(torch.float64).sum()
+        rows.append(Sums(
+            sq_norm=torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).square().sum(),
+            cross=cross,
+            grad_avg_sq_norm=torch.stack(torch._foreach_norm(grad_avgs, 2, dtype=torch.float64)).square().sum(),
+            nonzero=(torch.stack([torch.count_nonzero(g) for g in grads]).sum().to(torch.float64)
+                     if count_nonzero else torch.zeros_like(cross)),
+            # (new_full fills on the device; a tensor built from a host number would be a copy)
+            numel=cross.new_full((), count),
+        ).vector())
+    return add_sums(rows)
+
+
+def reduce_compiled(grads: list[Tensor], grad_avgs: list[Tensor], *, count_nonzero: bool) -> Tensor:
+    """The ``Sums`` vector of dense tensors, with compiled kernels per device and dtype, accumulated in
+    float64 inside the kernel (so it costs what a float32 read costs and keeps the reference's range)."""
+    rows = []
+    for grads, grad_avgs in _by_device_and_dtype(grads, grad_avgs):
+        count = float(sum(g.numel() for g in grads))
+        grads, grad_avgs = _at_least_1d(grads), _at_least_1d(grad_avgs)
+        total = None
+        for part in _chunks(len(grads)):
+            row = _compiled_sums(grads[part], grad_avgs[part], count_nonzero)
+            total = row if total is None else total + row
+        # The kernel leaves numel at zero (a count of a dynamic shape would be a graph input of its own).
+        rows.append(Sums.from_vector(total)._replace(numel=total.new_full((), count)).vector())
+    return add_sums(rows)
+
+
+def _sums_kernel(grads: list[Tensor], grad_avgs: list[Tensor], count_nonzero: bool) -> Tensor:
+    total = None
+    for grad, grad_avg in zip(grads, grad_avgs):
+        g, a = grad.to(torch.float64), grad_avg.to(torch.float64)
+        row = Sums(
+            sq_norm=(g * g).sum(),
+            cross=(g * a).sum(),
+            grad_avg_sq_norm=(a * a).sum(),
+            nonzero=(grad != 0).sum().to(torch.float64) if count_nonzero else g.new_zeros(()),
+            numel=g.new_zeros(()),
+        ).vector()
+        total = row if total is None else total + row
+    return total
+
+
+# --------------------------------------------------------------------------------- pass 2: update
+def update_single_tensor(
+    params: list[Tensor], grads: list[Tensor], grad_avgs: list[Tensor], momenta: list[Tensor],
+    c: UpdateCoefficients, *, lr: float | Tensor, decay: float, nesterov: bool,
+) -> None:
+    """Pass 2 one tensor at a time (dense or sparse gradients): the reference."""
+    step_size = c.step_size * lr
+    for param, grad, grad_avg, momentum_buffer in zip(params, grads, grad_avgs, momenta):
+        grad = _finite_grad(grad, c.finite)
+        grad_avg.mul_(c.avg_decay).add_(grad * c.avg_weight)
+        scaled = grad * c.grad_scale
+        momentum_buffer.mul_(c.momentum).add_(scaled)
+        direction = scaled + momentum_buffer * c.momentum if nesterov else momentum_buffer
+        if decay != 0.0:
+            param.mul_(1.0 - step_size * decay)
+        param.add_(direction * -step_size)
+
+
+def update_multi_tensor(
+    params: list[Tensor], grads: list[Tensor], grad_avgs: list[Tensor], momenta: list[Tensor],
+    c: UpdateCoefficients, *, lr: float | Tensor, decay: float, nesterov: bool,
+) -> None:
+    """Pass 2 over dense tensors with multi-tensor kernels, per device and dtype."""
+    step_size = c.step_size * lr
+    for params, grads, grad_avgs, momenta in _by_device_and_dtype(params, grads, grad_avgs, momenta):
+        device = params[0].device
+        finite, avg_decay, avg_weight, momentum, grad_scale, lr_alpha = (
+            x.to(device) for x in (c.finite, c.avg_decay, c.avg_weight, c.momentum, c.grad_scale, step_size)
+        )
+        grads = [_finite_grad(g, finite) for g in grads]
+        # x += c * y as addcmul with a 0-dim c: one pass, where mul-then-add makes a temporary.
+        torch._foreach_mul_(grad_avgs, avg_decay)
+        torch._foreach_addcmul_(grad_avgs, grads, [avg_weight] * len(grads))
+        torch._foreach_mul_(momenta, momentum)
+        torch._foreach_addcmul_(momenta, grads, [grad_scale] * len(grads))
+        direction = momenta
+        if nesterov:
+            direction = torch._foreach_addcmul(torch._foreach_mul(momenta, momentum), grads,
+                                               [grad_scale] * len(grads))
+        if decay != 0.0:
+            torch._foreach_mul_(params, 1.0 - lr_alpha * decay)
+        torch._foreach_addcmul_(params, direction, [-lr_alpha] * len(params))
+
+
+def update_compiled(
+    params: list[Tensor], grads: list[Tensor], grad_avgs: list[Tensor], momenta: list[Tensor],
+    c: UpdateCoefficients, *, lr: float | Tensor, decay: float, nesterov: bool,
+) -> None:
+    """Pass 2 over dense tensors with compiled kernels, per device and dtype. Every coefficient is a
+    0-dim tensor, so the tuned values (and a scheduled ``lr``) change without recompiling."""
+    step_size = c.step_size * lr
+    for params, grads, grad_avgs, momenta in _by_device_and_dtype(params, grads, grad_avgs, momenta):
+        device = params[0].device
+        coefficients = tuple(
+            x.to(device) for x in (c.finite, c.avg_decay, c.avg_weight, c.momentum, c.grad_scale, step_size,
+                                   1.0 - step_size * decay)
+        )
+        params, grads, grad_avgs, momenta = map(_at_least_1d, (params, grads, grad_avgs, momenta))
+        for part in _chunks(len(params)):
+            _compiled_update(params[part], grads[part], grad_avgs[part], momenta[part], *coefficients, nesterov)
+
+
+def _update_kernel(
+    params: list[Tensor], grads: list[Tensor], grad_avgs: list[Tensor], momenta: list[Tensor],
+    finite: Tensor, avg_decay: Tensor, avg_weight: Tensor, momentum: Tensor, grad_scale: Tensor,
+    step_size: Tensor, shrink: Tensor, nesterov: bool,
+) -> None:
+    # (a skipped step is a where inside the kernel instead of a copy of the gradient)
+    for param, grad, grad_avg, momentum_buffer in zip(params, grads, grad_avgs, momenta):
+        g = torch.where(finite, grad, 0.0)
+        grad_avg.copy_(grad_avg * avg_decay + g * avg_weight)
+        scaled = g * grad_scale
+        v = momentum_buffer * momentum + scaled
+        momentum_buffer.copy_(v)
+        direction = scaled + v * momentum if nesterov else v
+        param.copy_(param * shrink - step_size * direction)
+
+
+# --------------------------------------------------------------------------------- helpers
+_compiled_sums = torch.compile(_sums_kernel)
+_compiled_update = torch.compile(_update_kernel)
+
+# Tensors go to the compiled kernels in chunks of at most CHUNK so that compile time stays bounded
+# for models with hundreds of parameters: after the first chunk, dynamo's automatic dynamic shapes
+# let the other chunks reuse one kernel whatever their sizes.
+CHUNK = 32
+
+
+def _chunks(count: int) -> Iterator[slice]:
+    return (slice(start, start + CHUNK) for start in range(0, count, CHUNK))
+
+
+def _at_least_1d(tensors: list[Tensor]) -> list[Tensor]:
+    # Inductor (torch 2.13, CPU) drops in-place writes to 0-dim tensor inputs; a 1-element view keeps them.
+    return [t.view(1) if t.dim() == 0 else t for t in tensors]
+
+
+def _by_device_and_dtype(*tensor_lists: list[Tensor]) -> Iterator[list[list[Tensor]]]:
+    """The lists split by the device and dtype of the first list's tensors, as multi-tensor kernels need.
+
+    torch's own grouping returns the buckets in no fixed order; they are visited in the order of their
+    first tensor, so that the sums over buckets (and so the tuner's numbers) do not depend on it.
+    """
+    buckets = Optimizer._group_tensors_by_device_and_dtype(list(tensor_lists), with_indices=True)
+    for lists, _ in sorted(buckets.values(), key=lambda bucket: bucket[1][0]):
+        yield lists
+
+
+def add_sums(rows: list[Tensor]) -> Tensor:
+    """The sum of ``Sums`` vectors, in list order, on the first one's device."""
+    device = rows[0].device
+    return torch.stack([row.to(device) for row in rows]).sum(dim=0)
+
+
+def _finite_grad(grad: Tensor, finite: Tensor) -> Tensor:
+    """The gradient, or zeros on a skipped step (so that 0 * grad cannot make NaN)."""
+    if grad.is_sparse:
+        grad = grad.coalesce()
+        values = torch.where(finite, grad._values(), 0.0)
+        return torch.sparse_coo_tensor(grad._indices(), values, grad.shape, is_coalesced=True, check_invariants=False)
+    return torch.where(finite, grad, 0.0)
