@@ -587,3 +587,21 @@ def test_state_dict_whose_groups_disagree_on_a_shared_tuner_is_refused():
     with pytest.raises(ValueError, match="shared tuner"):
         opt.load_state_dict(saved)
     assert opt.param_groups[1]["beta"] == 0.999
+
+
+def test_reference_variant_pins_the_authors_settings_and_takes_overrides():
+    p = torch.zeros(2, requires_grad=True)
+    group = YellowFin.reference_variant([p]).param_groups[0]
+    pinned = dict(beta=0.999, curvature_window=20, eps=1e-6, initial_lr=1e-4, initial_momentum=0.0,
+                  adaptive_clipping=True, slow_start=True, update_first=False, curvature_smoothing="log",
+                  smooth_tuned=False)
+    assert {name: group[name] for name in pinned} == pinned
+    overridden = YellowFin.reference_variant([p], slow_start=False, nesterov=True).param_groups[0]
+    assert overridden["slow_start"] is False and overridden["nesterov"] is True and overridden["beta"] == 0.999
+
+
+def test_reference_variant_trains():
+    model, data = make_model(), make_data()
+    before = float(loss_of(model, data))
+    train(model, YellowFin.reference_variant(model.parameters()), data, steps=300)
+    assert float(loss_of(model, data)) < 0.5 * before

@@ -29,7 +29,8 @@ def quadratic_trajectory(steps=50, **options):
     curvatures = [torch.tensor([1.0, 10.0, 0.1], dtype=torch.float64), torch.tensor(3.0, dtype=torch.float64),
                   torch.tensor([0.5, 2.0], dtype=torch.float64)]
     params = [torch.ones_like(h).requires_grad_() for h in curvatures]
-    opt = YellowFin([{"params": params[:2]}, {"params": params[2:], "lr": 0.5}], foreach=False, **options)
+    opt = YellowFin.reference_variant([{"params": params[:2]}, {"params": params[2:], "lr": 0.5}], foreach=False,
+                                      **options)
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
         for p, h in zip(params, curvatures):

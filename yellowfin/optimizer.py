@@ -35,6 +35,12 @@ except ImportError:  # pragma: no cover
 
 # Per-group options (they may differ between groups that share one tuner).
 _GROUP_OPTIONS = ("lr", "weight_decay", "decoupled_weight_decay", "nesterov", "maximize", "foreach", "fused")
+# The authors' reference algorithm (docs/algorithm.md §5-§6), spelled out rather than read from the
+# defaults, so that reference_variant keeps this meaning when the defaults change.
+_REFERENCE_OPTIONS = dict(
+    beta=0.999, curvature_window=20, eps=1e-6, initial_lr=1e-4, initial_momentum=0.0, adaptive_clipping=True,
+    slow_start=True, update_first=False, curvature_smoothing="log", smooth_tuned=False,
+)
 # Keys torch itself may put into a param group.
 _TORCH_GROUP_KEYS = ("params", "param_names", "differentiable")
 
@@ -174,6 +180,15 @@ class YellowFin(Optimizer):
         self._tuners: list[TunerState] = []
         super().__init__(params, defaults)
         self._tuners = [TunerState.initial(self._settings(groups[0]), _device_of(groups)) for groups in self._scopes()]
+
+    @classmethod
+    def reference_variant(cls, params: Iterable, **overrides) -> "YellowFin":
+        """The authors' algorithm as their reference implementation runs it, for reproduction
+        (docs/algorithm.md §5-§6): today's defaults, pinned here so that they keep this meaning
+        when the library's defaults improve on them."""
+        options = dict(_REFERENCE_OPTIONS)
+        options.update(overrides)
+        return cls(params, **options)
 
     @classmethod
     def paper_variant(cls, params: Iterable, **overrides) -> "YellowFin":

@@ -92,7 +92,7 @@ def run_demo(minutes: float = 3.0, data_dir: str | None = None, out_dir: str | P
                 if isinstance(run.optimizer, YellowFin):
                     stats = run.optimizer.stats()
                     run.mu.append(stats.get("applied_momentum", stats["mu"]))
-                    run.alpha.append(stats["lr"])
+                    run.alpha.append(stats["alpha"])
                 if bar is not None:
                     bar.update(1)
                     if step % 10 == 0:

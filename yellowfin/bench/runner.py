@@ -106,15 +106,14 @@ def train_run(task: Task, spec: OptimizerSpec, seed: int, steps: int, lr: float 
         if tracks_exact:
             exact.append(results_io.finite_or_none(task.exact_loss(evaluated)))  # after the step, at the new point
         if tracks_tuner:
-            stats = optimizer.stats()
-            stats = stats[0] if isinstance(stats, list) else stats
+            stats = optimizer.stats(0)  # the first tuner (the only one unless per_group_tuning)
             applied = stats.get("applied_momentum", stats["mu"])
             factor = optimizer.param_groups[0]["lr"]
             trace["mu"].append(stats["mu"])
-            trace["lr"].append(stats["lr"])
+            trace["lr"].append(stats["alpha"])  # (results files name the tuned alpha "lr")
             trace["applied_momentum"].append(applied)
             # The step size plain SGD needs to move as far per step as momentum does in steady state.
-            trace["effective_lr"].append(factor * stats["lr"] / max(1.0 - applied, 1e-12))
+            trace["effective_lr"].append(factor * stats["alpha"] / max(1.0 - applied, 1e-12))
             for key in TUNER_ESTIMATES:
                 trace[key].append(results_io.finite_or_none(stats.get(key, math.nan)))
         bookkeeping += time.perf_counter() - recording

@@ -27,10 +27,7 @@ REFERENCE = "reference"
 def _reference(params: Iterable, **overrides: Any) -> torch.optim.Optimizer:
     from yellowfin import YellowFin
 
-    # The faithful algorithm of today's defaults. Once YellowFin grows reference_variant (issue 12, item 1) and
-    # its default changes, the reference keeps meaning the authors' algorithm.
-    build = getattr(YellowFin, "reference_variant", YellowFin)
-    return build(params, **overrides)
+    return YellowFin.reference_variant(params, **overrides)  # the authors' algorithm, whatever the defaults
 
 
 def _default(params: Iterable, **overrides: Any) -> torch.optim.Optimizer:
