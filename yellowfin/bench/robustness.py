@@ -1,4 +1,4 @@
-"""The robustness of the momentum operator, measured (spec section 1).
+"""The robustness of the momentum operator, measured (docs/algorithm.md §1).
 
 (a) On a 1-D quadratic with curvature h, heavy ball converges at rate sqrt(mu) for every learning rate in the
     robust region [(1 - sqrt mu)^2 / h, (1 + sqrt mu)^2 / h]: the measured rate is flat there.
