@@ -61,7 +61,7 @@ def _flat(model):
 def test_bad_gradients_are_rejected_logged_and_not_applied(bad, reason, caplog):
     server = _server()  # never started: apply_gradient is the path every pushed gradient takes
     before = _flat(server.model)
-    with caplog.at_level(logging.ERROR, logger="yellowfin.asynchrony.parameter_server"):
+    with caplog.at_level(logging.ERROR, logger="yellowfin.asynchrony"):
         assert server.apply_gradient(0, 0, bad) is False
     assert reason in caplog.text
     assert torch.equal(_flat(server.model), before) and server.version == 0
@@ -86,7 +86,7 @@ def test_nan_gradients_from_a_worker_are_rejected_while_training_goes_on():
 @pytest.mark.parametrize("replace", [True, False])
 def test_sigkilled_worker_does_not_stop_training(replace, caplog):
     server = _server(num_workers=3, replace_dead_workers=replace)
-    with caplog.at_level(logging.WARNING, logger="yellowfin.asynchrony.parameter_server"):
+    with caplog.at_level(logging.WARNING, logger="yellowfin.asynchrony"):
         with server:
             server.run(30, timeout=60)
             victim = server.worker_pid(1)

@@ -25,10 +25,12 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from ..files import load_all_or_nothing, load_checkpoint_file, save_checkpoint_file
+from ..tuned import tuned_record
 from .controller import closed_loop_for
-from .parameter_server import atomic_save, gradient_problem
+from .flat import flat_gradients, flat_parameters, gradient_problem, load_gradients, split_like
 from .sensor import MomentumSensor, lr_outside_correction, random_coordinate_subset
-from .workers import StopSignal, WorkerProcesses, load_all_or_nothing, load_checkpoint_file
+from .workers import StopSignal, WorkerProcesses
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +68,6 @@ class _Shared:
         self.stop = StopSignal()
 
 
-def _flat_subset(params, subset: torch.Tensor) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in params])[subset].double()
-
-
 def _hogwild_worker(worker_id: int, model: nn.Module, loss_fn, batch_factory, seed: int,
                     shared: _Shared) -> None:
     torch.set_num_threads(1)
@@ -87,8 +85,8 @@ def _hogwild_worker(worker_id: int, model: nn.Module, loss_fn, batch_factory, se
             p.grad = None
         loss = loss_fn(model, next(batches))
         loss.backward()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat_grad = torch.cat([g.reshape(-1) for g in grads])
+        flat_grad = flat_gradients(params)
+        grads = list(split_like(flat_grad, params))
         flat_numpy = flat_grad.numpy()
         if gradient_problem(flat_numpy, flat_numpy.size, flat_numpy.dtype) is not None:
             shared.rejected[worker_id] += 1  # one NaN applied would poison the shared model for good
@@ -99,7 +97,7 @@ def _hogwild_worker(worker_id: int, model: nn.Module, loss_fn, batch_factory, se
             shared.counter[0] = new_version
         slot = new_version % ring_size
         shared.ring_version[slot] = -1  # mark the slot as being rewritten
-        shared.ring[slot] = _flat_subset(params, shared.subset)
+        shared.ring[slot] = flat_parameters(params)[shared.subset].double()
         shared.ring_alpha[slot] = alpha
         shared.ring_version[slot] = new_version
         if int(shared.mail_flag[worker_id]) == EMPTY:  # never wait for the tuner
@@ -190,11 +188,10 @@ class Hogwild(WorkerProcesses):
 
     # -- tuning ---------------------------------------------------------------------------
     def _write_tuned(self) -> None:
-        stats = self.tuner.stats()
-        stats = stats[0] if isinstance(stats, list) else stats
+        tuned = tuned_record(self.tuner)
         multiplier = float(self.tuner.param_groups[0].get("lr", 1.0))
-        self.shared.hyper[0] = float(stats.get("applied_momentum", stats["mu"]))
-        self.shared.hyper[1] = multiplier * float(stats["lr"])
+        self.shared.hyper[0] = float(tuned["applied_momentum"])
+        self.shared.hyper[1] = multiplier * float(tuned["alpha"])
 
     def _sense(self, version: int, grad: torch.Tensor) -> None:
         ring_size = self.shared.ring.shape[0]
@@ -213,11 +210,7 @@ class Hogwild(WorkerProcesses):
         version = int(self.shared.mail_version[worker_id])
         loss = float(self.shared.mail_loss[worker_id])
         self.shared.mail_flag[worker_id] = EMPTY  # (workers mail only gradients they applied: finite ones)
-        offset = 0
-        for p in self.shadow:
-            n = p.numel()
-            p.grad = grad[offset:offset + n].view_as(p).clone()
-            offset += n
+        load_gradients(self.shadow, grad)
         self.tuner.step()
         if self.sensor is not None:
             self._sense(version, grad)
@@ -225,10 +218,9 @@ class Hogwild(WorkerProcesses):
             self.controller.update()
         self._write_tuned()
         self.tuned_gradients += 1
-        stats = self.tuner.stats()
-        stats = stats[0] if isinstance(stats, list) else stats
         self.trace.append({"version": self.version, "gradient_version": version, "loss": loss,
-                           "mu_target": float(stats["mu"]), "mu_applied": float(self.shared.hyper[0]),
+                           "mu_target": float(tuned_record(self.tuner)["mu"]),
+                           "mu_applied": float(self.shared.hyper[0]),
                            "alpha": float(self.shared.hyper[1]),
                            "mu_hat": self.sensor.estimate if self.sensor is not None else None})
 
@@ -346,8 +338,7 @@ class Hogwild(WorkerProcesses):
 
     def save_checkpoint(self, path: str) -> str:
         """Atomic (write, fsync, rename) like the parameter server's."""
-        atomic_save(self.state_dict(), path)
-        return path
+        return save_checkpoint_file(self.state_dict(), path)
 
     def load_checkpoint(self, path: str) -> None:
         self.load_state_dict(load_checkpoint_file(path))

@@ -1,11 +1,10 @@
 """What the parameter server and Hogwild! share about their worker processes: the context manager,
-a fresh seed for each (re)start of a worker, the stop signal, the launch of a worker process, and a stop
-that joins and then kills."""
+a fresh seed for each (re)start of a worker (the Ray workers' too), the stop signal, the launch of a
+worker process, and a stop that joins and then kills."""
 
 from __future__ import annotations
 
 import collections
-import copy
 import logging
 import os
 import time
@@ -54,27 +53,11 @@ class StopSignal:
         return self.is_set() or os.getppid() != self.parent_pid
 
 
-def load_checkpoint_file(path: str) -> dict:
-    """``torch.load`` that can only rebuild tensors and plain containers: a checkpoint file can never run
-    code (with ``weights_only=False`` unpickling a crafted file runs whatever it names)."""
-    state = torch.load(path, weights_only=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a checkpoint (a dict)")
-    return state
-
-
-def load_all_or_nothing(loads: list[tuple[object, dict]]) -> None:
-    """``component.load_state_dict(state)`` for each pair; if any of them raises, every component gets its
-    previous state back before the error propagates, so a checkpoint that fails to load changes nothing
-    (``load_state_dict`` methods check as they go and may have applied part of the state already)."""
-    previous = [(component, copy.deepcopy(component.state_dict())) for component, _ in loads]
-    try:
-        for component, state in loads:
-            component.load_state_dict(state)
-    except BaseException:
-        for component, state in previous:
-            component.load_state_dict(state)
-        raise
+def worker_seed(seed: int, worker_id: int, incarnation: int) -> int:
+    """The seed of a worker's ``incarnation``-th start (0 for the first): distinct for every worker and
+    every restart, so a replacement does not replay its predecessor's batches. The local systems and the
+    Ray workers use it alike."""
+    return seed * 1_000_003 + worker_id * 1009 + incarnation
 
 
 def _worker_entry(target, args, error_pipe, inherited) -> None:
@@ -191,7 +174,7 @@ class WorkerProcesses:
         """A different seed at each (re)start, so a replacement does not replay its predecessor's batches."""
         generation = self._generation[worker_id]
         self._generation[worker_id] += 1
-        return self.seed * 1_000_003 + worker_id * 1009 + generation
+        return worker_seed(self.seed, worker_id, generation)
 
     def _join_workers(self) -> None:
         """Join every worker within join_timeout in all, then kill what is left."""
