@@ -1,6 +1,7 @@
 """Flat views: a model's parameters (or gradients) as one vector, in ``model.parameters()`` order, and
-back. Every asynchronous system moves models and gradients between processes in this form, and checks
-a pushed gradient with :func:`gradient_problem` before it touches a model."""
+back. Every asynchronous system moves models and gradients between processes in this form, computes a
+worker's gradient with :func:`loss_and_flat_gradient`, and checks a pushed gradient with
+:func:`gradient_problem` before it touches a model."""
 
 from __future__ import annotations
 
@@ -21,6 +22,16 @@ def flat_gradients(params: Iterable[Tensor]) -> Tensor:
     """The gradients as one new vector; a parameter without a gradient contributes zeros."""
     return torch.cat([torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if p.grad is None
                       else p.grad.detach().reshape(-1) for p in params])
+
+
+def loss_and_flat_gradient(loss_fn, model, params: list[Tensor], batch) -> tuple[Tensor, float]:
+    """Backpropagate ``loss_fn(model, batch)`` from cleared gradients; return the gradient of ``params``
+    as one new vector, and the loss as a float. What every worker, real or simulated, computes."""
+    for p in params:
+        p.grad = None
+    loss = loss_fn(model, batch)
+    loss.backward()
+    return flat_gradients(params), float(loss.detach())
 
 
 def split_like(flat: Tensor, params: Iterable[Tensor]) -> Iterator[Tensor]:

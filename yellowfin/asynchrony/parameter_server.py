@@ -31,14 +31,13 @@ from multiprocessing.connection import wait
 from typing import Callable, Iterator
 
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from .controller import ClosedLoopMomentum
-from .flat import flat_gradients, flat_parameters, load_parameters
+from .flat import flat_parameters, load_parameters, loss_and_flat_gradient
 from .sensor import MomentumSensor
 from .server_core import ServerCore
-from .workers import StopSignal, WorkerProcesses
+from .workers import StopSignal, WorkerProcesses, prepare_worker
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +76,7 @@ def read_published(shared_params: torch.Tensor, sequence: torch.Tensor, out: tor
 
 def _worker_main(worker_id: int, model: nn.Module, loss_fn, batch_factory, seed: int,
                  shared_params: torch.Tensor, sequence: torch.Tensor, conn, stop: StopSignal) -> None:
-    torch.set_num_threads(1)
-    torch.manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    batches = batch_factory(worker_id, seed)
+    params, batches = prepare_worker(model, batch_factory, worker_id, seed)
     local = torch.empty_like(shared_params)
     try:
         while not stop.should_stop():
@@ -88,12 +84,8 @@ def _worker_main(worker_id: int, model: nn.Module, loss_fn, batch_factory, seed:
             if version is None:
                 break
             load_parameters(params, local)
-            for p in params:
-                p.grad = None
-            loss = loss_fn(model, next(batches))
-            loss.backward()
-            grad = flat_gradients(params).numpy()
-            conn.send((worker_id, version, grad, float(loss.detach())))
+            grad, loss = loss_and_flat_gradient(loss_fn, model, params, next(batches))
+            conn.send((worker_id, version, grad.numpy(), loss))
             # Wait for the server to take it: at most one gradient in flight per worker. Poll, and check
             # the parent between polls: cheap insurance should a dead server's EOF not arrive.
             while not conn.poll(0.2):
@@ -137,16 +129,12 @@ class ParameterServer(ServerCore, WorkerProcesses):
                  replace_dead_workers: bool = True, start_method: str = "fork",
                  join_timeout: float = 5.0, trace_every: int = 1, max_restarts: int = 3,
                  restart_window: float = 60.0):
-        WorkerProcesses.__init__(self, int(num_workers), seed, join_timeout, max_restarts, restart_window)
+        WorkerProcesses.__init__(self, num_workers, seed, loss_fn, batch_factory, start_method, join_timeout,
+                                 replace_dead_workers, max_restarts, restart_window)
         ServerCore.__init__(self, model, optimizer, self.num_workers, seed=seed, closed_loop=closed_loop,
                             controller=controller, sensor=sensor, sensor_step=sensor_step,
                             sensor_subset=sensor_subset, gain=gain, checkpoint_path=checkpoint_path,
                             checkpoint_every=checkpoint_every, trace_every=trace_every)
-        self.loss_fn = loss_fn
-        self.batch_factory = batch_factory
-        self.replace_dead_workers = replace_dead_workers
-        self._ctx = mp.get_context(start_method)
-        self.worker_failures: list[dict] = []
         self.replacements = 0
 
         self._shared_params = torch.zeros_like(flat_parameters(self.params)).share_memory_()
@@ -195,11 +183,7 @@ class ParameterServer(ServerCore, WorkerProcesses):
         conn = self._conns.pop(worker_id, None)
         if conn is not None:
             conn.close()
-        failure = self._reap(worker_id, self.version)
-        self.worker_failures.append(failure)
-        if self.replace_dead_workers and not self._stop.is_set():
-            self._check_restart_budget(failure)
-            self._start_worker(worker_id)
+        if self._replace(self._reap(worker_id, self.version), stopping=self._stop.is_set()):
             self.replacements += 1
 
     def run(self, num_updates: int, timeout: float | None = None) -> dict:
@@ -215,9 +199,7 @@ class ParameterServer(ServerCore, WorkerProcesses):
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"parameter server reached version {self.version} of {target}")
             if not self._workers:
-                errors = [f["error"] for f in self.worker_failures if f["error"]]
-                raise RuntimeError("every worker has died and none is being replaced"
-                                   + (f"; the last error:\n{errors[-1]}" if errors else ""))
+                raise self._every_worker_gone("every worker has died and none is being replaced")
             by_handle = {}
             for worker_id, conn in self._conns.items():
                 by_handle[conn] = ("message", worker_id)

@@ -172,10 +172,8 @@ class MomentumSensor:
 
     @property
     def instant(self) -> float:
-        """EMA over arrivals of the per-observation median ratio (zero-debiased)."""
-        if self.observations == 0:
-            return float("nan")
-        return self._instant / (1 - self.instant_beta ** self.observations)
+        """EMA over arrivals of the per-observation median ratio (zero-debiased); NaN before any."""
+        return self._instant / (1 - self.instant_beta ** self.observations) if self.observations else float("nan")
 
     @property
     def averaged(self) -> float:

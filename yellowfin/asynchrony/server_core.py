@@ -94,7 +94,7 @@ class ServerCore:
         self._publish()
         self.staleness_counts[staleness] += 1
         self.applied_per_worker[worker_id] += 1
-        if self.sensor is not None:
+        if self.sensor is not None:  # the plug-in sequence StalenessSimulator.step follows too
             self.sensor.observe(pulled_version, flat_grad)
         if self.controller is not None:
             self.controller.update()

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..tuned import is_tuner, step_size_of, tuned_record
 from .controller import closed_loop_for
-from .flat import flat_gradients, flat_parameters, load_gradients, load_parameters
+from .flat import flat_parameters, load_gradients, load_parameters, loss_and_flat_gradient
 from .sensor import MomentumSensor
 
 
@@ -112,13 +112,9 @@ class StalenessSimulator:
         stale_version, stale_flat = self._history[index]
         current = self._history[-1][1]
         load_parameters(self.params, stale_flat)
-        for p in self.params:
-            p.grad = None
-        loss = loss_fn(self.model, batch)
-        loss.backward()
-        grad = flat_gradients(self.params).clone()
+        grad, loss = loss_and_flat_gradient(loss_fn, self.model, self.params, batch)
         load_parameters(self.params, current)
-        return stale_version, grad, float(loss.detach())
+        return stale_version, grad, loss
 
     # -- the loop -------------------------------------------------------------------------
     def step(self, loss_fn: Callable[[nn.Module, object], torch.Tensor], batch) -> float:
@@ -134,6 +130,8 @@ class StalenessSimulator:
             sensor.record_step(self.version, step)
         self.version += 1
         self._remember_current()
+        # From here the same plug-in sequence as ServerCore.apply_gradient, on purpose (docs/asynchrony.md,
+        # "Layout"): observe the gradient at its version, update the controller, trace.
         for sensor in self.sensors:
             sensor.observe(stale_version, grad)
         if self.controller is not None:

@@ -60,6 +60,14 @@ def worker_seed(seed: int, worker_id: int, incarnation: int) -> int:
     return seed * 1_000_003 + worker_id * 1009 + incarnation
 
 
+def prepare_worker(model, batch_factory, worker_id: int, seed: int) -> tuple[list, object]:
+    """What every worker process does first: one torch thread (the workers share the cores), the
+    worker's seed; returns the trainable parameters and the worker's batch iterator."""
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    return [p for p in model.parameters() if p.requires_grad], batch_factory(worker_id, seed)
+
+
 def _worker_entry(target, args, error_pipe, inherited) -> None:
     """Runs first in every worker. A forked child holds copies of every pipe end the parent held; close
     the parent's ends, so that when the parent dies nobody holds them and a send fails instead of
@@ -80,19 +88,24 @@ def _worker_entry(target, args, error_pipe, inherited) -> None:
 
 
 class WorkerProcesses:
-    """Base of a system of ``num_workers`` processes. Subclasses set ``_ctx`` (the multiprocessing
-    context) and define ``start`` (set up what the workers share, ``_launch`` each) and ``stop`` (tell the
-    workers, then ``_join_workers``); when a worker dies they ``_reap`` it and, before replacing it,
-    ``_check_restart_budget``."""
+    """Base of a system of ``num_workers`` processes that run ``loss_fn`` on ``batch_factory``'s batches.
+    Subclasses define ``start`` (set up what the workers share, ``_launch`` each through
+    ``_start_worker``) and ``stop`` (tell the workers, then ``_join_workers``); when a worker dies they
+    ``_reap`` it and call ``_replace``."""
 
-    def __init__(self, num_workers: int, seed: int, join_timeout: float, max_restarts: int = 3,
+    def __init__(self, num_workers: int, seed: int, loss_fn, batch_factory, start_method: str,
+                 join_timeout: float, replace_dead_workers: bool, max_restarts: int = 3,
                  restart_window: float = 60.0):
         if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
             raise ValueError(f"max_restarts must be an int >= 0, got {max_restarts!r}")
         if not restart_window > 0:
             raise ValueError(f"restart_window must be a number of seconds > 0, got {restart_window!r}")
-        self.num_workers = num_workers
+        self.num_workers = int(num_workers)
         self.seed = int(seed)
+        self.loss_fn = loss_fn
+        self.batch_factory = batch_factory
+        self.replace_dead_workers = replace_dead_workers
+        self._ctx = mp.get_context(start_method)
         self.join_timeout = float(join_timeout)
         self.max_restarts = max_restarts
         self.restart_window = float(restart_window)
@@ -100,6 +113,7 @@ class WorkerProcesses:
         self._error_pipes: dict[int, object] = {}
         self._restart_times: dict[int, collections.deque] = collections.defaultdict(collections.deque)
         self._generation: collections.Counter[int] = collections.Counter()
+        self.worker_failures: list[dict] = []
 
     def __enter__(self):
         self.start()
@@ -135,7 +149,8 @@ class WorkerProcesses:
         return process
 
     def _reap(self, worker_id: int, version: int) -> dict:
-        """Join a worker that has exited; return (and log) what is known of its death."""
+        """Join a worker that has exited; record in ``worker_failures``, log and return what is known of
+        its death."""
         process = self._workers.pop(worker_id)
         process.join(self.join_timeout)
         error = None
@@ -151,7 +166,22 @@ class WorkerProcesses:
                    "version": version, "error": error}
         logger.warning("worker %d (pid %s) died with exit code %s at version %d%s", worker_id, process.pid,
                        process.exitcode, version, f":\n{error}" if error else "")
+        self.worker_failures.append(failure)
         return failure
+
+    def _replace(self, failure: dict, stopping: bool) -> bool:
+        """Start a replacement for the worker that ``failure`` reports, if replacing is on and the
+        system is not stopping, within the restart budget (past it this raises WorkerFailed)."""
+        if not self.replace_dead_workers or stopping:
+            return False
+        self._check_restart_budget(failure)
+        self._start_worker(failure["worker"])
+        return True
+
+    def _every_worker_gone(self, message: str) -> RuntimeError:
+        """The error for a run whose workers are all dead, with the last worker error when there is one."""
+        errors = [f["error"] for f in self.worker_failures if f["error"]]
+        return RuntimeError(message + (f"; the last error:\n{errors[-1]}" if errors else ""))
 
     def _check_restart_budget(self, failure: dict) -> None:
         """Allow at most ``max_restarts`` restarts of one worker within ``restart_window`` seconds;

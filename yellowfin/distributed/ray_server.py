@@ -31,9 +31,9 @@ import ray
 import torch
 from torch import nn
 
-from ..asynchrony.flat import flat_gradients, flat_parameters, load_parameters
+from ..asynchrony.flat import flat_parameters, load_parameters, loss_and_flat_gradient
 from ..asynchrony.server_core import ServerCore
-from ..asynchrony.workers import worker_seed
+from ..asynchrony.workers import prepare_worker, worker_seed
 from ..optimizer import YellowFin
 
 logger = logging.getLogger(__name__)
@@ -113,17 +113,14 @@ class GradientWorker:
     """Computes gradients on the model the server last sent, forever (until the server says stop)."""
 
     def __init__(self, worker_id: int, server, model: nn.Module, loss_fn, batch_factory, seed: int):
-        torch.set_num_threads(1)
         self.worker_id = worker_id
         self.server = server
         self.model = model
         self.loss_fn = loss_fn
-        self.params = [p for p in model.parameters() if p.requires_grad]
         incarnation = ray.get(server.register.remote(worker_id, os.getpid(), ray.util.get_node_ip_address()))
         # A restarted worker draws fresh batches rather than repeating its predecessor's.
-        seed = worker_seed(seed, worker_id, incarnation)
-        torch.manual_seed(seed)
-        self.batches = batch_factory(worker_id, seed)
+        self.params, self.batches = prepare_worker(model, batch_factory, worker_id,
+                                                   worker_seed(seed, worker_id, incarnation))
 
     def pid(self) -> int:
         return os.getpid()
@@ -135,12 +132,8 @@ class GradientWorker:
         while reply is not None:
             version, flat = reply
             load_parameters(self.params, torch.from_numpy(flat))
-            for p in self.params:
-                p.grad = None
-            loss = self.loss_fn(self.model, next(self.batches))
-            loss.backward()
-            grad = flat_gradients(self.params).numpy()
-            reply = ray.get(self.server.push.remote(self.worker_id, version, grad, float(loss.detach())))
+            grad, loss = loss_and_flat_gradient(self.loss_fn, self.model, self.params, next(self.batches))
+            reply = ray.get(self.server.push.remote(self.worker_id, version, grad.numpy(), loss))
             pushed += 1
         return pushed
 
