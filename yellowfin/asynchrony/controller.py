@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from ..tuned import tuned_record
+from ..tuned import is_tuner, tuned_record
 
 
 def closed_loop_offset(offset: float, mu_target: float, mu_sensed: float, gain: float,
@@ -33,6 +33,15 @@ def closed_loop_offset(offset: float, mu_target: float, mu_sensed: float, gain: 
 def yellowfin_target(optimizer) -> float:
     """YellowFin's tuned momentum mu* (global tuning, or the first group's under per-group tuning)."""
     return float(tuned_record(optimizer)["mu"])
+
+
+def momentum_trace(optimizer) -> dict:
+    """The trace fields every asynchronous system records: the tuned target ``mu_target`` and the
+    momentum applied (target plus offset) ``mu_applied``; empty for an optimizer without a tuner."""
+    if not is_tuner(optimizer):
+        return {}
+    tuned = tuned_record(optimizer)
+    return {"mu_target": float(tuned["mu"]), "mu_applied": float(tuned["applied_momentum"])}
 
 
 def set_yellowfin_offset(optimizer, offset: float) -> None:

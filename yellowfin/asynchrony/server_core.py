@@ -17,7 +17,7 @@ from torch import nn
 
 from ..files import load_all_or_nothing, load_checkpoint_file, save_checkpoint_file
 from ..tuned import is_tuner, step_size_of, tuned_record
-from .controller import ClosedLoopMomentum, closed_loop_for
+from .controller import ClosedLoopMomentum, closed_loop_for, momentum_trace
 from .flat import flat_parameters, gradient_problem, load_gradients
 from .sensor import MomentumSensor
 
@@ -109,11 +109,9 @@ class ServerCore:
                   "time": time.time()}
         if self.sensor is not None:
             record["mu_hat"] = self.sensor.estimate
+        record.update(momentum_trace(self.optimizer))
         if is_tuner(self.optimizer):
-            tuned = tuned_record(self.optimizer)
-            record["mu_target"] = float(tuned["mu"])
-            record["mu_applied"] = float(tuned["applied_momentum"])
-            record["lr"] = float(tuned["alpha"])
+            record["lr"] = float(tuned_record(self.optimizer)["alpha"])
         return record
 
     def report(self) -> dict:

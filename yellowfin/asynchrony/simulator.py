@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..tuned import is_tuner, step_size_of, tuned_record
-from .controller import closed_loop_for
+from ..tuned import step_size_of
+from .controller import closed_loop_for, momentum_trace
 from .flat import flat_parameters, load_gradients, load_parameters, loss_and_flat_gradient
 from .sensor import MomentumSensor
 
@@ -144,10 +144,7 @@ class StalenessSimulator:
         record = {"version": self.version, "loss": loss, "staleness": tau, "step": step}
         for i, sensor in enumerate(self.sensors):
             record[f"mu_hat_{i}"] = sensor.estimate
-        if is_tuner(self.optimizer):
-            tuned = tuned_record(self.optimizer)
-            record["mu_target"] = float(tuned["mu"])
-            record["mu_applied"] = float(tuned["applied_momentum"])
+        record.update(momentum_trace(self.optimizer))
         return record
 
     def run(self, loss_fn, batches, num_steps: int, callback: Callable | None = None) -> list[float]:
