@@ -6,6 +6,8 @@ from typing import Callable, Union
 
 from torch.optim import Optimizer
 
+from .tuned import tuned_records
+
 Sink = Union[Callable[[dict, int], None], "SummaryWriter"]  # noqa: F821
 
 
@@ -27,8 +29,7 @@ def log_stats(optimizer: Optimizer, sink: Sink, every: int = 10, prefix: str = "
         calls += 1
         if calls % every:
             return
-        stats = opt.stats()
-        records = stats if isinstance(stats, list) else [stats]
+        records = tuned_records(opt)
         for index, record in enumerate(records):
             if hasattr(sink, "add_scalar"):
                 tag = prefix if len(records) == 1 else f"{prefix}/group{index}"

@@ -1,4 +1,4 @@
-"""Experiment 1: asynchrony begets momentum (asynchrony.md §1-2).
+"""Experiment 1: asynchrony begets momentum (docs/asynchrony.md §1-§2).
 
 For M = 1, 2, 4, 8, 16 workers under simulated geometric staleness, momentum SGD with a fixed learning rate
 is run over a grid of explicit momenta; we record iterations to a target loss (best explicit momentum vs M,

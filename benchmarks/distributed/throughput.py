@@ -125,12 +125,7 @@ def run_local_ps(workers: int) -> dict:
     server = ParameterServer(model, YellowFin(model.parameters()), loss_fn, batches, num_workers=workers,
                              closed_loop=True)
     with server:
-        server.run(ASYNC_WARMUP, timeout=120)
-        start = time.perf_counter()
-        report = server.run(ASYNC_UPDATES, timeout=300)
-        seconds = time.perf_counter() - start
-    return {"mode": "local_ps", "workers": workers, "updates": ASYNC_UPDATES, "seconds": seconds,
-            "mean_staleness": report["mean_staleness"]}
+        return timed_async_run(server, "local_ps", workers)
 
 
 def run_ray_ps(workers: int, cpus: int) -> dict:
@@ -139,11 +134,16 @@ def run_ray_ps(workers: int, cpus: int) -> dict:
     # Fractional CPUs let more workers than cores be scheduled (on one machine they then share cores).
     with RayAsyncTrainer(make_model(0), loss_fn, batches, num_workers=workers, closed_loop=True,
                          worker_num_cpus=min(1.0, cpus / workers)) as trainer:
-        trainer.run(ASYNC_WARMUP, timeout=120)
-        start = time.perf_counter()
-        report = trainer.run(ASYNC_UPDATES, timeout=300)
-        seconds = time.perf_counter() - start
-    return {"mode": "ray_ps", "workers": workers, "updates": ASYNC_UPDATES, "seconds": seconds,
+        return timed_async_run(trainer, "ray_ps", workers)
+
+
+def timed_async_run(system, mode: str, workers: int) -> dict:
+    """Warm ``system`` (a ParameterServer or RayAsyncTrainer) up, then time ASYNC_UPDATES updates."""
+    system.run(ASYNC_WARMUP, timeout=120)
+    start = time.perf_counter()
+    report = system.run(ASYNC_UPDATES, timeout=300)
+    seconds = time.perf_counter() - start
+    return {"mode": mode, "workers": workers, "updates": ASYNC_UPDATES, "seconds": seconds,
             "mean_staleness": report["mean_staleness"]}
 
 
@@ -208,10 +208,9 @@ def main() -> None:
                           "load_average_before": load_before, "load_average_after": os.getloadavg()},
               "model": "MLP 784-256-256-10 (269,322 parameters, float32), batch 64 per worker",
               "results": results}
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, args.out)
+    from yellowfin.files import atomic_write
+
+    atomic_write(args.out, lambda f: json.dump(record, f, indent=1), text=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 from torch import nn
 
@@ -86,3 +89,14 @@ def wide_batches(worker_id: int, seed: int):
 def failing_loss(model: nn.Module, batch) -> torch.Tensor:
     """A loss function with a bug: it raises every time."""
     raise ValueError("the loss exploded on purpose")
+
+
+def assert_all_gone(pids) -> None:
+    """Every process in ``pids`` has exited and been reaped (a zombie would still answer signal 0, and the
+    systems join their children, so any answer is a leak)."""
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        pytest.fail(f"worker process {pid} is still alive")

@@ -119,6 +119,7 @@ def test_a_failing_server_load_changes_nothing(how, tmp_path):
     _assert_same(server.state_dict(), saved)
 
 
+# Parallel to the server's test above on purpose: the same promise, kept by the other system.
 @pytest.mark.parametrize("how", ["optimizer_state_shape", "model_key", "momentum_buffer_shape"])
 def test_a_failing_hogwild_load_changes_nothing(how, tmp_path):
     path = str(tmp_path / "hogwild.pt")

@@ -133,6 +133,7 @@ def test_parameter_server_survives_random_kills_and_its_checkpoint_continues(tmp
         assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+# Parallel to the parameter server's test above on purpose: the same faults, the other system.
 def test_hogwild_survives_random_kills_and_its_checkpoint_continues(tmp_path):
     for round_, delay in enumerate(_delays(seed=4202)):
         path = str(tmp_path / f"hogwild{round_}.pt")

@@ -6,8 +6,8 @@ import time
 import pytest
 import torch
 
-from asynchrony_problems import (failing_loss, make_regression_model, poisoned_batches, regression_batches, regression_eval_loss,
-                                 regression_loss)
+from asynchrony_problems import (assert_all_gone, failing_loss, make_regression_model, poisoned_batches,
+                                 regression_batches, regression_eval_loss, regression_loss)
 from yellowfin.asynchrony import Hogwild, WorkerFailed
 from yellowfin.asynchrony.hogwild import heavy_ball_in_place
 
@@ -26,15 +26,6 @@ def test_heavy_ball_in_place_matches_torch_sgd():
     assert torch.allclose(p1, p2)
 
 
-def _gone(pids):
-    for pid in pids:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            continue
-        pytest.fail(f"worker {pid} still alive")
-
-
 def test_fixed_hyperparameters_train_the_shared_model():
     model = make_regression_model(0)
     before = regression_eval_loss(model)
@@ -43,7 +34,7 @@ def test_fixed_hyperparameters_train_the_shared_model():
     with hogwild:
         pids = [hogwild.worker_pid(i) for i in range(2)]
         report = hogwild.run(400, timeout=60)
-    _gone(pids)
+    assert_all_gone(pids)
     assert report["version"] >= 400
     assert report["mu"] == 0.5 and report["alpha"] == 0.05
     assert regression_eval_loss(model) < 0.05 * before  # the caller's model is the trained one
@@ -92,7 +83,7 @@ def test_checkpoint_carries_buffers_tuner_and_controller_and_a_resumed_run_conti
     with resumed:
         pids = [resumed.worker_pid(i) for i in range(2)]
         report = resumed.run(100, timeout=60)
-    _gone(pids)
+    assert_all_gone(pids)
     assert report["version"] >= saved["version"] + 100
 
 

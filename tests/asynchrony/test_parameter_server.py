@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from asynchrony_problems import (failing_loss, make_regression_model, poisoned_batches, regression_batches,
-                                 regression_eval_loss, regression_loss)
+from asynchrony_problems import (assert_all_gone, failing_loss, make_regression_model, poisoned_batches,
+                                 regression_batches, regression_eval_loss, regression_loss)
 from yellowfin import YellowFin
 from yellowfin.asynchrony import ParameterServer, WorkerFailed
 
@@ -23,23 +23,13 @@ def _server(num_workers=3, optimizer_fn=None, batches=regression_batches, loss=r
     return ParameterServer(model, optimizer, loss, batches, num_workers=num_workers, **options)
 
 
-def _assert_all_gone(pids):
-    for pid in pids:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            continue
-        # A zombie would still answer; the server joins its children, so any answer is a leak.
-        pytest.fail(f"worker process {pid} is still alive")
-
-
 def test_trains_records_staleness_and_cleans_up():
     server = _server(num_workers=3)
     before = regression_eval_loss(server.model)
     with server:
         pids = [server.worker_pid(i) for i in range(3)]
         report = server.run(300, timeout=60)
-    _assert_all_gone(pids)
+    assert_all_gone(pids)
     assert report["version"] == 300
     assert sum(report["staleness_counts"].values()) == 300
     assert len(report["applied_per_worker"]) == 3
@@ -61,7 +51,7 @@ def _flat(model):
 def test_bad_gradients_are_rejected_logged_and_not_applied(bad, reason, caplog):
     server = _server()  # never started: apply_gradient is the path every pushed gradient takes
     before = _flat(server.model)
-    with caplog.at_level(logging.ERROR, logger="yellowfin.asynchrony.parameter_server"):
+    with caplog.at_level(logging.ERROR, logger="yellowfin.asynchrony"):
         assert server.apply_gradient(0, 0, bad) is False
     assert reason in caplog.text
     assert torch.equal(_flat(server.model), before) and server.version == 0
@@ -86,14 +76,14 @@ def test_nan_gradients_from_a_worker_are_rejected_while_training_goes_on():
 @pytest.mark.parametrize("replace", [True, False])
 def test_sigkilled_worker_does_not_stop_training(replace, caplog):
     server = _server(num_workers=3, replace_dead_workers=replace)
-    with caplog.at_level(logging.WARNING, logger="yellowfin.asynchrony.parameter_server"):
+    with caplog.at_level(logging.WARNING, logger="yellowfin.asynchrony"):
         with server:
             server.run(30, timeout=60)
             victim = server.worker_pid(1)
             os.kill(victim, signal.SIGKILL)
             report = server.run(150, timeout=60)
             pids = [server.worker_pid(i) for i in server.alive_workers]
-        _assert_all_gone(pids + [victim])
+        assert_all_gone(pids + [victim])
     assert report["version"] == 180
     assert [f["worker"] for f in report["worker_failures"]] == [1]
     assert report["worker_failures"][0]["exitcode"] == -signal.SIGKILL

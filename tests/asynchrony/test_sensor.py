@@ -74,7 +74,7 @@ def test_time_averaging_handles_noisy_gradients():
 
 @pytest.mark.parametrize("num_workers", [2, 4, 8])
 def test_effective_step_sensor_finds_one_minus_one_over_m_under_geometric_staleness(num_workers):
-    """asynchrony.md §1-2: noise-free, slow dynamics, explicit momentum 0, sensing with alpha / M."""
+    """docs/asynchrony.md §1-§2: noise-free, slow dynamics, explicit momentum 0, sensing with alpha / M."""
     effective = MomentumSensor(DIM, 48, step_scale=1.0 / num_workers)
     algorithmic = MomentumSensor(DIM, 48)
     _run(lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.0), num_workers, "geometric", 2500, 0.0,
@@ -86,7 +86,8 @@ def test_effective_step_sensor_finds_one_minus_one_over_m_under_geometric_stalen
 
 def test_stale_applied_gradient_hides_asynchrony():
     """Fed the gradient *applied* at step s (stale), the residual is exactly the algorithmic mu; fed the
-    gradient evaluated at x_s, as the spec requires, the sensor sees the extra momentum of staleness."""
+    gradient evaluated at x_s, as docs/asynchrony.md §2 requires, the sensor sees the extra momentum of
+    staleness."""
     h = torch.logspace(-2, 0, DIM, dtype=torch.float64)
     mu, alpha, tau = 0.3, 0.1, 3
     x = [torch.linspace(-1, 1, DIM, dtype=torch.float64)]

@@ -2,6 +2,7 @@
 timeouts and pytest-timeout); the trainers kill their actors and the fixtures shut Ray down, which ends
 every process Ray started. Skipped, with the reason, only when Ray is not installed."""
 
+import math
 import os
 import signal
 import subprocess
@@ -91,7 +92,7 @@ def test_closed_loop_yellowfin_trains_at_the_server(local_ray):
     # The controller drives YellowFin's momentum offset from the sensed total momentum.
     assert report["optimizer"]["momentum_offset"] == pytest.approx(report["momentum_offset"])
     assert report["optimizer"]["step"] == 400
-    assert report["mu_hat"] == report["mu_hat"]  # sensed (not NaN)
+    assert math.isfinite(report["mu_hat"])  # sensed
     assert ray_problems.eval_loss(model) < 0.05 * initial
 
 

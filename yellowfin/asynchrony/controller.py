@@ -1,4 +1,4 @@
-"""Closed-loop momentum control (spec: asynchrony.md §3).
+"""Closed-loop momentum control (docs/asynchrony.md §3).
 
 The target is YellowFin's tuned momentum mu* (what SingleStep wants the system's momentum to be). The
 plant is the running system, whose total momentum mu_T is higher than the momentum the optimizer applies
@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+from ..tuned import is_tuner, tuned_record
+
 
 def closed_loop_offset(offset: float, mu_target: float, mu_sensed: float, gain: float,
                        mu_min: float, mu_max: float) -> float:
@@ -30,10 +32,16 @@ def closed_loop_offset(offset: float, mu_target: float, mu_sensed: float, gain: 
 
 def yellowfin_target(optimizer) -> float:
     """YellowFin's tuned momentum mu* (global tuning, or the first group's under per-group tuning)."""
-    stats = optimizer.stats()
-    if isinstance(stats, list):
-        stats = stats[0]
-    return float(stats["mu"])
+    return float(tuned_record(optimizer)["mu"])
+
+
+def momentum_trace(optimizer) -> dict:
+    """The trace fields every asynchronous system records: the tuned target ``mu_target`` and the
+    momentum applied (target plus offset) ``mu_applied``; empty for an optimizer without a tuner."""
+    if not is_tuner(optimizer):
+        return {}
+    tuned = tuned_record(optimizer)
+    return {"mu_target": float(tuned["mu"]), "mu_applied": float(tuned["applied_momentum"])}
 
 
 def set_yellowfin_offset(optimizer, offset: float) -> None:
@@ -118,7 +126,7 @@ def closed_loop_for(optimizer, num_coordinates: int, num_workers: int, sensor_st
     """A sensor plus controller for a YellowFin optimizer running with ``num_workers`` workers.
 
     ``sensor_step`` "algorithmic" credits each gradient with the tuned alpha (what the optimizer
-    applies); "effective" with alpha / M, the step of the asynchrony model (asynchrony.md §1-2).
+    applies); "effective" with alpha / M, the step of the asynchrony model (docs/asynchrony.md §1-§2).
     """
     from .sensor import MomentumSensor
 

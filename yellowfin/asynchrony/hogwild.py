@@ -22,13 +22,14 @@ import logging
 import time
 
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
+from ..files import load_all_or_nothing, load_checkpoint_file, save_checkpoint_file
+from ..tuned import tuned_record
 from .controller import closed_loop_for
-from .parameter_server import atomic_save, gradient_problem
+from .flat import flat_parameters, gradient_problem, load_gradients, loss_and_flat_gradient, split_like
 from .sensor import MomentumSensor, lr_outside_correction, random_coordinate_subset
-from .workers import StopSignal, WorkerProcesses, load_all_or_nothing, load_checkpoint_file
+from .workers import StopSignal, WorkerProcesses, prepare_worker
 
 logger = logging.getLogger(__name__)
 
@@ -66,16 +67,9 @@ class _Shared:
         self.stop = StopSignal()
 
 
-def _flat_subset(params, subset: torch.Tensor) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in params])[subset].double()
-
-
 def _hogwild_worker(worker_id: int, model: nn.Module, loss_fn, batch_factory, seed: int,
                     shared: _Shared) -> None:
-    torch.set_num_threads(1)
-    torch.manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    batches = batch_factory(worker_id, seed)
+    params, batches = prepare_worker(model, batch_factory, worker_id, seed)
     ring_size = shared.ring.shape[0]
     while not shared.stop.should_stop():  # also exits if the tuner process is gone
         if int(shared.counter[0]) >= int(shared.limit[0]):
@@ -83,12 +77,8 @@ def _hogwild_worker(worker_id: int, model: nn.Module, loss_fn, batch_factory, se
             continue
         version = int(shared.counter[0])
         mu, alpha = float(shared.hyper[0]), float(shared.hyper[1])
-        for p in params:
-            p.grad = None
-        loss = loss_fn(model, next(batches))
-        loss.backward()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat_grad = torch.cat([g.reshape(-1) for g in grads])
+        flat_grad, loss = loss_and_flat_gradient(loss_fn, model, params, next(batches))
+        grads = list(split_like(flat_grad, params))
         flat_numpy = flat_grad.numpy()
         if gradient_problem(flat_numpy, flat_numpy.size, flat_numpy.dtype) is not None:
             shared.rejected[worker_id] += 1  # one NaN applied would poison the shared model for good
@@ -99,13 +89,13 @@ def _hogwild_worker(worker_id: int, model: nn.Module, loss_fn, batch_factory, se
             shared.counter[0] = new_version
         slot = new_version % ring_size
         shared.ring_version[slot] = -1  # mark the slot as being rewritten
-        shared.ring[slot] = _flat_subset(params, shared.subset)
+        shared.ring[slot] = flat_parameters(params)[shared.subset].double()
         shared.ring_alpha[slot] = alpha
         shared.ring_version[slot] = new_version
         if int(shared.mail_flag[worker_id]) == EMPTY:  # never wait for the tuner
             shared.mail_grad[worker_id] = flat_grad
             shared.mail_version[worker_id] = version
-            shared.mail_loss[worker_id] = float(loss.detach())
+            shared.mail_loss[worker_id] = loss
             shared.mail_flag[worker_id] = FULL
 
 
@@ -129,12 +119,9 @@ class Hogwild(WorkerProcesses):
                  seed: int = 0, ring_size: int = 512, start_method: str = "fork",
                  join_timeout: float = 5.0, replace_dead_workers: bool = True, max_restarts: int = 3,
                  restart_window: float = 60.0):
-        super().__init__(int(num_workers), seed, join_timeout, max_restarts, restart_window)
+        super().__init__(num_workers, seed, loss_fn, batch_factory, start_method, join_timeout,
+                         replace_dead_workers, max_restarts, restart_window)
         self.model = model
-        self.loss_fn = loss_fn
-        self.batch_factory = batch_factory
-        self.replace_dead_workers = replace_dead_workers
-        self._ctx = mp.get_context(start_method)
         model.share_memory()
         self.params = [p for p in model.parameters() if p.requires_grad]
         numel = sum(p.numel() for p in self.params)
@@ -163,7 +150,6 @@ class Hogwild(WorkerProcesses):
 
         self.tuned_gradients = 0
         self._rejected_reported = 0
-        self.worker_failures: list[dict] = []
         self.trace: list[dict] = []
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -190,11 +176,10 @@ class Hogwild(WorkerProcesses):
 
     # -- tuning ---------------------------------------------------------------------------
     def _write_tuned(self) -> None:
-        stats = self.tuner.stats()
-        stats = stats[0] if isinstance(stats, list) else stats
+        tuned = tuned_record(self.tuner)
         multiplier = float(self.tuner.param_groups[0].get("lr", 1.0))
-        self.shared.hyper[0] = float(stats.get("applied_momentum", stats["mu"]))
-        self.shared.hyper[1] = multiplier * float(stats["lr"])
+        self.shared.hyper[0] = float(tuned["applied_momentum"])
+        self.shared.hyper[1] = multiplier * float(tuned["alpha"])
 
     def _sense(self, version: int, grad: torch.Tensor) -> None:
         ring_size = self.shared.ring.shape[0]
@@ -213,11 +198,7 @@ class Hogwild(WorkerProcesses):
         version = int(self.shared.mail_version[worker_id])
         loss = float(self.shared.mail_loss[worker_id])
         self.shared.mail_flag[worker_id] = EMPTY  # (workers mail only gradients they applied: finite ones)
-        offset = 0
-        for p in self.shadow:
-            n = p.numel()
-            p.grad = grad[offset:offset + n].view_as(p).clone()
-            offset += n
+        load_gradients(self.shadow, grad)
         self.tuner.step()
         if self.sensor is not None:
             self._sense(version, grad)
@@ -225,10 +206,9 @@ class Hogwild(WorkerProcesses):
             self.controller.update()
         self._write_tuned()
         self.tuned_gradients += 1
-        stats = self.tuner.stats()
-        stats = stats[0] if isinstance(stats, list) else stats
         self.trace.append({"version": self.version, "gradient_version": version, "loss": loss,
-                           "mu_target": float(stats["mu"]), "mu_applied": float(self.shared.hyper[0]),
+                           "mu_target": float(tuned_record(self.tuner)["mu"]),
+                           "mu_applied": float(self.shared.hyper[0]),
                            "alpha": float(self.shared.hyper[1]),
                            "mu_hat": self.sensor.estimate if self.sensor is not None else None})
 
@@ -268,15 +248,10 @@ class Hogwild(WorkerProcesses):
             if process.is_alive():
                 continue
             failure = self._reap(worker_id, self.version)
-            self.worker_failures.append(failure)
             self._free_lock_of_dead_worker()
-            if self.replace_dead_workers and not self.shared.stop.is_set():
-                self._check_restart_budget(failure)
-                self._start_worker(worker_id)
+            self._replace(failure, stopping=self.shared.stop.is_set())
         if not self._workers:
-            errors = [f["error"] for f in self.worker_failures if f["error"]]
-            raise RuntimeError("every hogwild worker has died"
-                               + (f"; the last error:\n{errors[-1]}" if errors else ""))
+            raise self._every_worker_gone("every hogwild worker has died")
 
     def _free_lock_of_dead_worker(self) -> None:
         """A worker killed while it held the version lock would leave it held for ever and stall every
@@ -346,8 +321,7 @@ class Hogwild(WorkerProcesses):
 
     def save_checkpoint(self, path: str) -> str:
         """Atomic (write, fsync, rename) like the parameter server's."""
-        atomic_save(self.state_dict(), path)
-        return path
+        return save_checkpoint_file(self.state_dict(), path)
 
     def load_checkpoint(self, path: str) -> None:
         self.load_state_dict(load_checkpoint_file(path))

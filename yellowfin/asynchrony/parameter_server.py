@@ -24,23 +24,20 @@ Plumbing, chosen so a worker killed at any moment cannot hurt the others:
 
 from __future__ import annotations
 
-import collections
 import copy
 import logging
-import os
 import time
 from multiprocessing.connection import wait
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
-from .controller import ClosedLoopMomentum, closed_loop_for
-from .sensor import MomentumSensor, flat_gradients, flat_parameters
-from .workers import StopSignal, WorkerProcesses, load_all_or_nothing, load_checkpoint_file
-from .simulator import step_size_of
+from .controller import ClosedLoopMomentum
+from .flat import flat_parameters, load_parameters, loss_and_flat_gradient
+from .sensor import MomentumSensor
+from .server_core import ServerCore
+from .workers import StopSignal, WorkerProcesses, prepare_worker
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +45,7 @@ BatchFactory = Callable[[int, int], Iterator]  # (worker_id, seed) -> endless it
 
 
 # ----------------------------------------------------------------------------------------------
-# Shared model (sequence lock) and gradient validation: small and pure
+# Shared model (sequence lock): small and pure
 # ----------------------------------------------------------------------------------------------
 
 def publish(shared_params: torch.Tensor, sequence: torch.Tensor, flat: torch.Tensor,
@@ -73,58 +70,22 @@ def read_published(shared_params: torch.Tensor, sequence: torch.Tensor, out: tor
     return None
 
 
-def gradient_problem(grad, numel: int, dtype: np.dtype) -> str | None:
-    """Why a pushed gradient must be rejected, or None if it is fine."""
-    if not isinstance(grad, np.ndarray):
-        return f"gradient is a {type(grad).__name__}, expected a numpy array"
-    if grad.dtype != dtype:
-        return f"gradient dtype {grad.dtype} != model dtype {dtype}"
-    if grad.shape != (numel,):
-        return f"gradient shape {grad.shape} != ({numel},)"
-    if not np.isfinite(grad).all():
-        return "gradient contains NaN or Inf"
-    return None
-
-
-def atomic_save(state: dict, path: str) -> None:
-    """Write to a temporary file in the same directory, flush it to disk, then rename over ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------
 # Worker process
 # ----------------------------------------------------------------------------------------------
 
 def _worker_main(worker_id: int, model: nn.Module, loss_fn, batch_factory, seed: int,
                  shared_params: torch.Tensor, sequence: torch.Tensor, conn, stop: StopSignal) -> None:
-    torch.set_num_threads(1)
-    torch.manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    batches = batch_factory(worker_id, seed)
+    params, batches = prepare_worker(model, batch_factory, worker_id, seed)
     local = torch.empty_like(shared_params)
     try:
         while not stop.should_stop():
             version = read_published(shared_params, sequence, local, stop)
             if version is None:
                 break
-            offset = 0
-            with torch.no_grad():
-                for p in params:
-                    n = p.numel()
-                    p.copy_(local[offset:offset + n].view_as(p))
-                    offset += n
-                    p.grad = None
-            loss = loss_fn(model, next(batches))
-            loss.backward()
-            grad = flat_gradients(params).numpy()
-            conn.send((worker_id, version, grad, float(loss.detach())))
+            load_parameters(params, local)
+            grad, loss = loss_and_flat_gradient(loss_fn, model, params, next(batches))
+            conn.send((worker_id, version, grad.numpy(), loss))
             # Wait for the server to take it: at most one gradient in flight per worker. Poll, and check
             # the parent between polls: cheap insurance should a dead server's EOF not arrive.
             while not conn.poll(0.2):
@@ -141,8 +102,11 @@ def _worker_main(worker_id: int, model: nn.Module, loss_fn, batch_factory, seed:
 # Server
 # ----------------------------------------------------------------------------------------------
 
-class ParameterServer(WorkerProcesses):
+class ParameterServer(ServerCore, WorkerProcesses):
     """Applies workers' gradients in arrival order; records staleness; survives worker faults.
+
+    The update path (validation, the optimizer step, staleness, sensor, controller, trace, checkpoints) is
+    :class:`~yellowfin.asynchrony.server_core.ServerCore`'s; this class adds the local worker processes.
 
     Arguments:
         model, optimizer: the server's model and any torch optimizer over its parameters.
@@ -165,37 +129,15 @@ class ParameterServer(WorkerProcesses):
                  replace_dead_workers: bool = True, start_method: str = "fork",
                  join_timeout: float = 5.0, trace_every: int = 1, max_restarts: int = 3,
                  restart_window: float = 60.0):
-        super().__init__(int(num_workers), seed, join_timeout, max_restarts, restart_window)
-        self.model = model
-        self.optimizer = optimizer
-        self.loss_fn = loss_fn
-        self.batch_factory = batch_factory
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        flat = flat_parameters(self.params)
-        self.numel = flat.numel()
-        self.dtype = flat.numpy().dtype
-        if closed_loop and controller is None:
-            controller = closed_loop_for(optimizer, self.numel, self.num_workers, sensor_step, gain,
-                                         sensor_subset, seed=seed, history=16 * self.num_workers + 8)
-        if controller is not None and sensor is None:
-            sensor = controller.sensor
-        self.sensor = sensor
-        self.controller = controller
-        self.checkpoint_path = checkpoint_path
-        self.checkpoint_every = int(checkpoint_every)
-        self.replace_dead_workers = replace_dead_workers
-        self.trace_every = max(1, int(trace_every))
-        self._ctx = mp.get_context(start_method)
-
-        self.version = 0
-        self.staleness_counts: collections.Counter[int] = collections.Counter()
-        self.rejected: list[tuple[int, str]] = []
-        self.worker_failures: list[dict] = []
+        WorkerProcesses.__init__(self, num_workers, seed, loss_fn, batch_factory, start_method, join_timeout,
+                                 replace_dead_workers, max_restarts, restart_window)
+        ServerCore.__init__(self, model, optimizer, self.num_workers, seed=seed, closed_loop=closed_loop,
+                            controller=controller, sensor=sensor, sensor_step=sensor_step,
+                            sensor_subset=sensor_subset, gain=gain, checkpoint_path=checkpoint_path,
+                            checkpoint_every=checkpoint_every, trace_every=trace_every)
         self.replacements = 0
-        self.trace: list[dict] = []
-        self.applied_per_worker: collections.Counter[int] = collections.Counter()
 
-        self._shared_params = torch.zeros(self.numel, dtype=flat.dtype).share_memory_()
+        self._shared_params = torch.zeros_like(flat_parameters(self.params)).share_memory_()
         self._sequence = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._stop = None
         self._conns: dict[int, object] = {}
@@ -234,67 +176,14 @@ class ParameterServer(WorkerProcesses):
         """Fault injection: SIGKILL one worker (the server finds out on its own)."""
         self._workers[worker_id].kill()
 
-    # -- the update path ------------------------------------------------------------------
-    def _publish(self) -> None:
-        publish(self._shared_params, self._sequence, flat_parameters(self.params), self.version)
-        if self.sensor is not None:
-            self.sensor.record_iterate(self.version, self._shared_params)
-
-    def apply_gradient(self, worker_id: int, pulled_version: int, grad, loss: float = float("nan")) -> bool:
-        """Validate and apply one pushed gradient. Returns False (and logs) if rejected."""
-        problem = gradient_problem(grad, self.numel, self.dtype)
-        if problem is None and not (isinstance(pulled_version, int) and 0 <= pulled_version <= self.version):
-            problem = f"pulled version {pulled_version!r} is not a known version"
-        if problem is not None:
-            logger.error("rejected gradient from worker %s: %s", worker_id, problem)
-            self.rejected.append((worker_id, problem))
-            return False
-        flat_grad = torch.from_numpy(grad)
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            p.grad = flat_grad[offset:offset + n].view_as(p).clone()
-            offset += n
-        staleness = self.version - pulled_version
-        self.optimizer.step()
-        if self.sensor is not None:
-            self.sensor.record_step(self.version, step_size_of(self.optimizer))
-        self.version += 1
-        self._publish()
-        self.staleness_counts[staleness] += 1
-        self.applied_per_worker[worker_id] += 1
-        if self.sensor is not None:
-            self.sensor.observe(pulled_version, flat_grad)
-        if self.controller is not None:
-            self.controller.update()
-        if self.version % self.trace_every == 0:
-            self.trace.append(self._trace_record(worker_id, staleness, loss))
-        if self.checkpoint_path and self.checkpoint_every and self.version % self.checkpoint_every == 0:
-            self.save_checkpoint(self.checkpoint_path)
-        return True
-
-    def _trace_record(self, worker_id: int, staleness: int, loss: float) -> dict:
-        record = {"version": self.version, "worker": worker_id, "staleness": staleness, "loss": loss,
-                  "time": time.time()}
-        if self.sensor is not None:
-            record["mu_hat"] = self.sensor.estimate
-        if hasattr(self.optimizer, "stats") and hasattr(self.optimizer, "set_momentum_offset"):
-            stats = self.optimizer.stats()
-            stats = stats[0] if isinstance(stats, list) else stats
-            record["mu_target"] = float(stats["mu"])
-            record["mu_applied"] = float(stats.get("applied_momentum", stats["mu"]))
-            record["lr"] = float(stats["lr"])
-        return record
+    def _share(self, flat: torch.Tensor) -> None:
+        publish(self._shared_params, self._sequence, flat, self.version)
 
     def _worker_died(self, worker_id: int) -> None:
         conn = self._conns.pop(worker_id, None)
         if conn is not None:
             conn.close()
-        failure = self._reap(worker_id, self.version)
-        self.worker_failures.append(failure)
-        if self.replace_dead_workers and not self._stop.is_set():
-            self._check_restart_budget(failure)
-            self._start_worker(worker_id)
+        if self._replace(self._reap(worker_id, self.version), stopping=self._stop.is_set()):
             self.replacements += 1
 
     def run(self, num_updates: int, timeout: float | None = None) -> dict:
@@ -310,9 +199,7 @@ class ParameterServer(WorkerProcesses):
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"parameter server reached version {self.version} of {target}")
             if not self._workers:
-                errors = [f["error"] for f in self.worker_failures if f["error"]]
-                raise RuntimeError("every worker has died and none is being replaced"
-                                   + (f"; the last error:\n{errors[-1]}" if errors else ""))
+                raise self._every_worker_gone("every worker has died and none is being replaced")
             by_handle = {}
             for worker_id, conn in self._conns.items():
                 by_handle[conn] = ("message", worker_id)
@@ -373,47 +260,5 @@ class ParameterServer(WorkerProcesses):
         self.apply_gradient(worker_id, version, grad, loss)
 
     def report(self) -> dict:
-        counts = dict(sorted(self.staleness_counts.items()))
-        total = sum(counts.values())
-        mean = sum(k * v for k, v in counts.items()) / total if total else float("nan")
-        return {"version": self.version, "staleness_counts": counts, "mean_staleness": mean,
-                "rejected": len(self.rejected), "worker_failures": list(self.worker_failures),
-                "replacements": self.replacements, "applied_per_worker": dict(self.applied_per_worker),
-                "mu_hat": self.sensor.estimate if self.sensor is not None else None,
-                "momentum_offset": self.controller.offset if self.controller is not None else None}
-
-    # -- checkpoints ----------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"version": self.version, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "controller": self.controller.state_dict() if self.controller is not None else None,
-                "sensor": self.sensor.state_dict() if self.sensor is not None else None,
-                "staleness_counts": dict(self.staleness_counts)}
-
-    def save_checkpoint(self, path: str | None = None) -> str:
-        path = path or self.checkpoint_path
-        atomic_save(self.state_dict(), path)
-        return path
-
-    def load_checkpoint(self, path: str | None = None) -> None:
-        """Restore a checkpoint (before or between runs); the workers then pull the restored model.
-
-        All or nothing: if any part does not fit this server, it raises and nothing has changed."""
-        path = path or self.checkpoint_path
-        state = load_checkpoint_file(path)
-        try:
-            version = int(state["version"])
-            staleness_counts = collections.Counter({int(k): int(v) for k, v in state["staleness_counts"].items()})
-            loads = [(self.model, state["model"]), (self.optimizer, state["optimizer"])]
-            if self.controller is not None and state["controller"] is not None:
-                loads.append((self.controller, state["controller"]))
-            if self.sensor is not None and state["sensor"] is not None:
-                loads.append((self.sensor, state["sensor"]))
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise ValueError(f"{path} is not a parameter server checkpoint: {error!r}") from error
-        if version < 0:
-            raise ValueError(f"{path}: version {version} is negative")
-        load_all_or_nothing(loads)
-        self.version = version
-        self.staleness_counts = staleness_counts
-        self._publish()
+        return {**super().report(), "worker_failures": list(self.worker_failures),
+                "replacements": self.replacements}

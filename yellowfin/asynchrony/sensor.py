@@ -1,4 +1,4 @@
-"""Sensing the total momentum of a running system (spec: asynchrony.md §2).
+"""Sensing the total momentum of a running system (docs/asynchrony.md §2).
 
 Model the run as heavy ball with a total momentum mu_T, evaluated at the current iterate:
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Iterable
 
 import torch
 from torch import Tensor
@@ -68,18 +67,6 @@ def median_ratio(numerator: Tensor, denominator: Tensor, min_abs_denominator: fl
 # Coordinate subset and iterate history
 # ----------------------------------------------------------------------------------------------
 
-def flat_parameters(params: Iterable[Tensor]) -> Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in params])
-
-
-def flat_gradients(params: Iterable[Tensor]) -> Tensor:
-    chunks = []
-    for p in params:
-        g = p.grad
-        chunks.append(torch.zeros(p.numel(), dtype=p.dtype) if g is None else g.detach().reshape(-1))
-    return torch.cat(chunks)
-
-
 def random_coordinate_subset(num_coordinates: int, subset_size: int, seed: int) -> Tensor:
     """A fixed random subset of coordinate indices (sorted), the same for a given seed."""
     generator = torch.Generator().manual_seed(seed)
@@ -96,7 +83,7 @@ class MomentumSensor:
     ``observe(s, grad)``; it needs versions s-1, s and s+1 to be in the history.
 
     ``step_scale`` selects which step the gradient is credited with: 1 for the algorithmic step,
-    1/M for the effective step alpha/M of the asynchrony model (spec §2).
+    1/M for the effective step alpha/M of the asynchrony model (docs/asynchrony.md §2).
 
     Two estimates are kept:
     - ``instant``: the median ratio of the latest observation, smoothed over arrivals by an EMA
@@ -185,10 +172,8 @@ class MomentumSensor:
 
     @property
     def instant(self) -> float:
-        """EMA over arrivals of the per-observation median ratio (zero-debiased)."""
-        if self.observations == 0:
-            return float("nan")
-        return self._instant / (1 - self.instant_beta ** self.observations)
+        """EMA over arrivals of the per-observation median ratio (zero-debiased); NaN before any."""
+        return self._instant / (1 - self.instant_beta ** self.observations) if self.observations else float("nan")
 
     @property
     def averaged(self) -> float:

@@ -1,6 +1,6 @@
 """Simulated asynchrony: every gradient is computed on the model as it was tau updates ago.
 
-This is exactly the queue model of asynchrony.md §1, cheap and deterministic given a seed, and it wraps
+This is exactly the queue model of docs/asynchrony.md §1, cheap and deterministic given a seed, and it wraps
 any torch optimizer, so Adam, momentum SGD and YellowFin run under the same staleness sequence.
 
     sim = StalenessSimulator(model, optimizer, num_workers=16, staleness="geometric", seed=0)
@@ -17,23 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .controller import closed_loop_for
-from .sensor import MomentumSensor, flat_gradients, flat_parameters
-
-
-def step_size_of(optimizer) -> float:
-    """The step size alpha the optimizer applies in the lr-outside form x <- x - alpha v.
-
-    YellowFin: group lr multiplier times the tuned alpha. Other optimizers: the first group's lr (for
-    Adam this is only nominal; the sensor is then a diagnostic).
-    """
-    multiplier = float(optimizer.param_groups[0].get("lr", 1.0))
-    if hasattr(optimizer, "stats") and hasattr(optimizer, "set_momentum_offset"):
-        stats = optimizer.stats()
-        if isinstance(stats, list):
-            stats = stats[0]
-        return multiplier * float(stats["lr"])
-    return multiplier
+from ..tuned import step_size_of
+from .controller import closed_loop_for, momentum_trace
+from .flat import flat_parameters, load_gradients, load_parameters, loss_and_flat_gradient
+from .sensor import MomentumSensor
 
 
 class StalenessSchedule:
@@ -119,38 +106,15 @@ class StalenessSimulator:
         for sensor in self.sensors:
             sensor.record_iterate(self.version, flat)
 
-    def _load(self, flat: torch.Tensor) -> None:
-        offset = 0
-        with torch.no_grad():
-            for p in self.params:
-                n = p.numel()
-                p.copy_(flat[offset:offset + n].view_as(p))
-                offset += n
-
-    def _set_grads(self, flat_grad: torch.Tensor) -> None:
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            g = flat_grad[offset:offset + n].view_as(p).to(p.dtype)
-            if p.grad is None:
-                p.grad = g.clone()
-            else:
-                p.grad.copy_(g)
-            offset += n
-
     def stale_gradient(self, loss_fn: Callable, batch, tau: int) -> tuple[int, torch.Tensor, float]:
         """Gradient (flat) and loss at the version ``tau`` updates ago (or the oldest kept)."""
         index = max(0, len(self._history) - 1 - tau)
         stale_version, stale_flat = self._history[index]
         current = self._history[-1][1]
-        self._load(stale_flat)
-        for p in self.params:
-            p.grad = None
-        loss = loss_fn(self.model, batch)
-        loss.backward()
-        grad = flat_gradients(self.params).clone()
-        self._load(current)
-        return stale_version, grad, float(loss.detach())
+        load_parameters(self.params, stale_flat)
+        grad, loss = loss_and_flat_gradient(loss_fn, self.model, self.params, batch)
+        load_parameters(self.params, current)
+        return stale_version, grad, loss
 
     # -- the loop -------------------------------------------------------------------------
     def step(self, loss_fn: Callable[[nn.Module, object], torch.Tensor], batch) -> float:
@@ -159,13 +123,15 @@ class StalenessSimulator:
         stale_version, grad, loss = self.stale_gradient(loss_fn, batch, tau)
         actual_tau = self.version - stale_version
         self.staleness_counts[actual_tau] += 1
-        self._set_grads(grad)
+        load_gradients(self.params, grad)
         self.optimizer.step()
         step = self.step_size_fn(self.optimizer)
         for sensor in self.sensors:
             sensor.record_step(self.version, step)
         self.version += 1
         self._remember_current()
+        # From here the same plug-in sequence as ServerCore.apply_gradient, on purpose (docs/asynchrony.md,
+        # "Layout"): observe the gradient at its version, update the controller, trace.
         for sensor in self.sensors:
             sensor.observe(stale_version, grad)
         if self.controller is not None:
@@ -178,11 +144,7 @@ class StalenessSimulator:
         record = {"version": self.version, "loss": loss, "staleness": tau, "step": step}
         for i, sensor in enumerate(self.sensors):
             record[f"mu_hat_{i}"] = sensor.estimate
-        if hasattr(self.optimizer, "stats") and hasattr(self.optimizer, "set_momentum_offset"):
-            stats = self.optimizer.stats()
-            stats = stats[0] if isinstance(stats, list) else stats
-            record["mu_target"] = float(stats["mu"])
-            record["mu_applied"] = float(stats.get("applied_momentum", stats["mu"]))
+        record.update(momentum_trace(self.optimizer))
         return record
 
     def run(self, loss_fn, batches, num_steps: int, callback: Callable | None = None) -> list[float]:

@@ -1,11 +1,10 @@
 """What the parameter server and Hogwild! share about their worker processes: the context manager,
-a fresh seed for each (re)start of a worker, the stop signal, the launch of a worker process, and a stop
-that joins and then kills."""
+a fresh seed for each (re)start of a worker (the Ray workers' too), the stop signal, the launch of a
+worker process, and a stop that joins and then kills."""
 
 from __future__ import annotations
 
 import collections
-import copy
 import logging
 import os
 import time
@@ -54,27 +53,19 @@ class StopSignal:
         return self.is_set() or os.getppid() != self.parent_pid
 
 
-def load_checkpoint_file(path: str) -> dict:
-    """``torch.load`` that can only rebuild tensors and plain containers: a checkpoint file can never run
-    code (with ``weights_only=False`` unpickling a crafted file runs whatever it names)."""
-    state = torch.load(path, weights_only=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a checkpoint (a dict)")
-    return state
+def worker_seed(seed: int, worker_id: int, incarnation: int) -> int:
+    """The seed of a worker's ``incarnation``-th start (0 for the first): distinct for every worker and
+    every restart, so a replacement does not replay its predecessor's batches. The local systems and the
+    Ray workers use it alike."""
+    return seed * 1_000_003 + worker_id * 1009 + incarnation
 
 
-def load_all_or_nothing(loads: list[tuple[object, dict]]) -> None:
-    """``component.load_state_dict(state)`` for each pair; if any of them raises, every component gets its
-    previous state back before the error propagates, so a checkpoint that fails to load changes nothing
-    (``load_state_dict`` methods check as they go and may have applied part of the state already)."""
-    previous = [(component, copy.deepcopy(component.state_dict())) for component, _ in loads]
-    try:
-        for component, state in loads:
-            component.load_state_dict(state)
-    except BaseException:
-        for component, state in previous:
-            component.load_state_dict(state)
-        raise
+def prepare_worker(model, batch_factory, worker_id: int, seed: int) -> tuple[list, object]:
+    """What every worker process does first: one torch thread (the workers share the cores), the
+    worker's seed; returns the trainable parameters and the worker's batch iterator."""
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    return [p for p in model.parameters() if p.requires_grad], batch_factory(worker_id, seed)
 
 
 def _worker_entry(target, args, error_pipe, inherited) -> None:
@@ -97,19 +88,24 @@ def _worker_entry(target, args, error_pipe, inherited) -> None:
 
 
 class WorkerProcesses:
-    """Base of a system of ``num_workers`` processes. Subclasses set ``_ctx`` (the multiprocessing
-    context) and define ``start`` (set up what the workers share, ``_launch`` each) and ``stop`` (tell the
-    workers, then ``_join_workers``); when a worker dies they ``_reap`` it and, before replacing it,
-    ``_check_restart_budget``."""
+    """Base of a system of ``num_workers`` processes that run ``loss_fn`` on ``batch_factory``'s batches.
+    Subclasses define ``start`` (set up what the workers share, ``_launch`` each through
+    ``_start_worker``) and ``stop`` (tell the workers, then ``_join_workers``); when a worker dies they
+    ``_reap`` it and call ``_replace``."""
 
-    def __init__(self, num_workers: int, seed: int, join_timeout: float, max_restarts: int = 3,
+    def __init__(self, num_workers: int, seed: int, loss_fn, batch_factory, start_method: str,
+                 join_timeout: float, replace_dead_workers: bool, max_restarts: int = 3,
                  restart_window: float = 60.0):
         if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
             raise ValueError(f"max_restarts must be an int >= 0, got {max_restarts!r}")
         if not restart_window > 0:
             raise ValueError(f"restart_window must be a number of seconds > 0, got {restart_window!r}")
-        self.num_workers = num_workers
+        self.num_workers = int(num_workers)
         self.seed = int(seed)
+        self.loss_fn = loss_fn
+        self.batch_factory = batch_factory
+        self.replace_dead_workers = replace_dead_workers
+        self._ctx = mp.get_context(start_method)
         self.join_timeout = float(join_timeout)
         self.max_restarts = max_restarts
         self.restart_window = float(restart_window)
@@ -117,6 +113,7 @@ class WorkerProcesses:
         self._error_pipes: dict[int, object] = {}
         self._restart_times: dict[int, collections.deque] = collections.defaultdict(collections.deque)
         self._generation: collections.Counter[int] = collections.Counter()
+        self.worker_failures: list[dict] = []
 
     def __enter__(self):
         self.start()
@@ -152,7 +149,8 @@ class WorkerProcesses:
         return process
 
     def _reap(self, worker_id: int, version: int) -> dict:
-        """Join a worker that has exited; return (and log) what is known of its death."""
+        """Join a worker that has exited; record in ``worker_failures``, log and return what is known of
+        its death."""
         process = self._workers.pop(worker_id)
         process.join(self.join_timeout)
         error = None
@@ -168,7 +166,22 @@ class WorkerProcesses:
                    "version": version, "error": error}
         logger.warning("worker %d (pid %s) died with exit code %s at version %d%s", worker_id, process.pid,
                        process.exitcode, version, f":\n{error}" if error else "")
+        self.worker_failures.append(failure)
         return failure
+
+    def _replace(self, failure: dict, stopping: bool) -> bool:
+        """Start a replacement for the worker that ``failure`` reports, if replacing is on and the
+        system is not stopping, within the restart budget (past it this raises WorkerFailed)."""
+        if not self.replace_dead_workers or stopping:
+            return False
+        self._check_restart_budget(failure)
+        self._start_worker(failure["worker"])
+        return True
+
+    def _every_worker_gone(self, message: str) -> RuntimeError:
+        """The error for a run whose workers are all dead, with the last worker error when there is one."""
+        errors = [f["error"] for f in self.worker_failures if f["error"]]
+        return RuntimeError(message + (f"; the last error:\n{errors[-1]}" if errors else ""))
 
     def _check_restart_budget(self, failure: dict) -> None:
         """Allow at most ``max_restarts`` restarts of one worker within ``restart_window`` seconds;
@@ -191,7 +204,7 @@ class WorkerProcesses:
         """A different seed at each (re)start, so a replacement does not replay its predecessor's batches."""
         generation = self._generation[worker_id]
         self._generation[worker_id] += 1
-        return self.seed * 1_000_003 + worker_id * 1009 + generation
+        return worker_seed(self.seed, worker_id, generation)
 
     def _join_workers(self) -> None:
         """Join every worker within join_timeout in all, then kill what is left."""

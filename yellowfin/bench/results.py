@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable
 
 from yellowfin.bench.errors import InvalidResultError, NotWritableError
 from yellowfin.bench.optimizers import CONTROL, TUNED, UNTUNED, find_optimizer_spec
+from yellowfin.files import atomic_write
 
 SCHEMA_VERSION = 1
 DEFAULT_RESULTS_DIR = Path("benchmarks") / "results"
@@ -56,19 +57,8 @@ def check_writable(directory: str | os.PathLike, subdirectories: Iterable[str] =
 
 def write_result(path: str | os.PathLike, record: dict[str, Any]) -> Path:
     """Write atomically: a Ctrl-C mid-write leaves either the old file or no file, never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"schema": SCHEMA_VERSION, **record}, f, separators=(",", ":"), allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: json.dump({"schema": SCHEMA_VERSION, **record}, f, separators=(",", ":"),
+                                                  allow_nan=False), text=True)
 
 
 def _is_number(value: Any) -> bool:

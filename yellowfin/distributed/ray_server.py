@@ -1,8 +1,8 @@
 """Asynchronous training across machines on Ray: the parameter server and its workers as Ray actors.
 
-The server actor wraps :class:`yellowfin.asynchrony.ParameterServer`'s update path (validation, the
-optimizer step, the momentum sensor, the closed-loop controller, atomic checkpoints), so closed-loop
-YellowFin behaves here exactly as on one machine. Ray runs one call at a time on an actor, so gradients
+The server actor holds a :class:`yellowfin.asynchrony.ServerCore`, the update path the local
+``ParameterServer`` uses too (validation, the optimizer step, the momentum sensor, the closed-loop
+controller, atomic checkpoints), so closed-loop YellowFin behaves here exactly as on one machine. Ray runs one call at a time on an actor, so gradients
 are applied in arrival order. Each worker actor loops: push its gradient, get the new model back in the
 reply (one round trip per update), compute the next gradient on it. Workers run with ``max_restarts``
 and ``max_task_retries``: one that dies is restarted by Ray and picks up the loop, while the server goes
@@ -31,20 +31,12 @@ import ray
 import torch
 from torch import nn
 
-from ..asynchrony.parameter_server import ParameterServer
-from ..asynchrony.sensor import flat_gradients, flat_parameters
+from ..asynchrony.flat import flat_parameters, load_parameters, loss_and_flat_gradient
+from ..asynchrony.server_core import ServerCore
+from ..asynchrony.workers import prepare_worker, worker_seed
 from ..optimizer import YellowFin
 
 logger = logging.getLogger(__name__)
-
-
-def _load_flat(params: list[torch.Tensor], flat: np.ndarray) -> None:
-    offset = 0
-    with torch.no_grad():
-        for p in params:
-            n = p.numel()
-            p.copy_(torch.from_numpy(flat[offset:offset + n]).view_as(p))
-            offset += n
 
 
 class ParameterServerActor:
@@ -56,11 +48,9 @@ class ParameterServerActor:
                  checkpoint_every: int, resume: bool):
         torch.set_num_threads(1)
         optimizer = optimizer_fn([p for p in model.parameters() if p.requires_grad])
-        # The local server's update path; its own worker processes are never started here.
-        self.core = ParameterServer(model, optimizer, loss_fn=None, batch_factory=None,
-                                    num_workers=num_workers, seed=seed, closed_loop=closed_loop,
-                                    sensor_step=sensor_step, gain=gain, checkpoint_path=checkpoint_path,
-                                    checkpoint_every=checkpoint_every, replace_dead_workers=False)
+        self.core = ServerCore(model, optimizer, num_workers, seed=seed, closed_loop=closed_loop,
+                               sensor_step=sensor_step, gain=gain, checkpoint_path=checkpoint_path,
+                               checkpoint_every=checkpoint_every)
         self.resumed_from = None
         if resume and checkpoint_path and os.path.exists(checkpoint_path):
             self.core.load_checkpoint(checkpoint_path)
@@ -123,17 +113,14 @@ class GradientWorker:
     """Computes gradients on the model the server last sent, forever (until the server says stop)."""
 
     def __init__(self, worker_id: int, server, model: nn.Module, loss_fn, batch_factory, seed: int):
-        torch.set_num_threads(1)
         self.worker_id = worker_id
         self.server = server
         self.model = model
         self.loss_fn = loss_fn
-        self.params = [p for p in model.parameters() if p.requires_grad]
         incarnation = ray.get(server.register.remote(worker_id, os.getpid(), ray.util.get_node_ip_address()))
         # A restarted worker draws fresh batches rather than repeating its predecessor's.
-        worker_seed = seed * 1_000_003 + worker_id * 1009 + incarnation
-        torch.manual_seed(worker_seed)
-        self.batches = batch_factory(worker_id, worker_seed)
+        self.params, self.batches = prepare_worker(model, batch_factory, worker_id,
+                                                   worker_seed(seed, worker_id, incarnation))
 
     def pid(self) -> int:
         return os.getpid()
@@ -144,13 +131,9 @@ class GradientWorker:
         reply = ray.get(self.server.pull.remote())
         while reply is not None:
             version, flat = reply
-            _load_flat(self.params, flat)
-            for p in self.params:
-                p.grad = None
-            loss = self.loss_fn(self.model, next(self.batches))
-            loss.backward()
-            grad = flat_gradients(self.params).numpy()
-            reply = ray.get(self.server.push.remote(self.worker_id, version, grad, float(loss.detach())))
+            load_parameters(self.params, torch.from_numpy(flat))
+            grad, loss = loss_and_flat_gradient(self.loss_fn, self.model, self.params, next(self.batches))
+            reply = ray.get(self.server.push.remote(self.worker_id, version, grad.numpy(), loss))
             pushed += 1
         return pushed
 
