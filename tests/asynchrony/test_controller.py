@@ -20,7 +20,7 @@ class FakeOptimizer:
         self.mu = 0.6
         self.offset = 0.0
 
-    def stats(self):
+    def stats(self, scope=None):
         return {"mu": self.mu}
 
     def set_momentum_offset(self, value):

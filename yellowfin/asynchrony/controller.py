@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from ..tuned import is_tuner, tuned_record
+from ..tuned import is_tuner
 
 
 def closed_loop_offset(offset: float, mu_target: float, mu_sensed: float, gain: float,
@@ -32,7 +32,7 @@ def closed_loop_offset(offset: float, mu_target: float, mu_sensed: float, gain: 
 
 def yellowfin_target(optimizer) -> float:
     """YellowFin's tuned momentum mu* (global tuning, or the first group's under per-group tuning)."""
-    return float(tuned_record(optimizer)["mu"])
+    return float(optimizer.stats(0)["mu"])
 
 
 def momentum_trace(optimizer) -> dict:
@@ -40,7 +40,7 @@ def momentum_trace(optimizer) -> dict:
     momentum applied (target plus offset) ``mu_applied``; empty for an optimizer without a tuner."""
     if not is_tuner(optimizer):
         return {}
-    tuned = tuned_record(optimizer)
+    tuned = optimizer.stats(0)
     return {"mu_target": float(tuned["mu"]), "mu_applied": float(tuned["applied_momentum"])}
 
 

@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from ..files import load_all_or_nothing, load_checkpoint_file, save_checkpoint_file
-from ..tuned import tuned_record
 from .controller import closed_loop_for
 from .flat import flat_parameters, gradient_problem, load_gradients, loss_and_flat_gradient, split_like
 from .sensor import MomentumSensor, lr_outside_correction, random_coordinate_subset
@@ -176,7 +175,7 @@ class Hogwild(WorkerProcesses):
 
     # -- tuning ---------------------------------------------------------------------------
     def _write_tuned(self) -> None:
-        tuned = tuned_record(self.tuner)
+        tuned = self.tuner.stats(0)
         multiplier = float(self.tuner.param_groups[0].get("lr", 1.0))
         self.shared.hyper[0] = float(tuned["applied_momentum"])
         self.shared.hyper[1] = multiplier * float(tuned["alpha"])
@@ -207,7 +206,7 @@ class Hogwild(WorkerProcesses):
         self._write_tuned()
         self.tuned_gradients += 1
         self.trace.append({"version": self.version, "gradient_version": version, "loss": loss,
-                           "mu_target": float(tuned_record(self.tuner)["mu"]),
+                           "mu_target": float(self.tuner.stats(0)["mu"]),
                            "mu_applied": float(self.shared.hyper[0]),
                            "alpha": float(self.shared.hyper[1]),
                            "mu_hat": self.sensor.estimate if self.sensor is not None else None})

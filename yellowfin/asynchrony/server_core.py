@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..files import load_all_or_nothing, load_checkpoint_file, save_checkpoint_file
-from ..tuned import is_tuner, step_size_of, tuned_record
+from ..tuned import is_tuner, step_size_of
 from .controller import ClosedLoopMomentum, closed_loop_for, momentum_trace
 from .flat import flat_parameters, gradient_problem, load_gradients
 from .sensor import MomentumSensor
@@ -111,7 +111,7 @@ class ServerCore:
             record["mu_hat"] = self.sensor.estimate
         record.update(momentum_trace(self.optimizer))
         if is_tuner(self.optimizer):
-            record["lr"] = float(tuned_record(self.optimizer)["alpha"])
+            record["lr"] = float(self.optimizer.stats(0)["alpha"])
         return record
 
     def report(self) -> dict:
