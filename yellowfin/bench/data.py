@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from yellowfin.bench.errors import DataInvalidError, NotWritableError
+from yellowfin.files import atomic_write
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MNIST_ENV = "YELLOWFIN_FASHION_MNIST_DIR"
@@ -240,10 +241,7 @@ def read_bible_text(text_path: str | os.PathLike | None = None, cache_dir: str |
     text = clean_bible_text(result.stdout)
     if cached is not None:
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(".tmp")
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(cached)
+            atomic_write(cached, lambda f: f.write(text), text=True)
         except OSError as exc:
             raise NotWritableError(f"cannot cache the text in {cached.parent}: {exc.strerror or exc}") from None
     return text

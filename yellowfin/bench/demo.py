@@ -156,11 +156,9 @@ def _summary(task: Task, runs: list[DemoRun], fallback: bool) -> dict[str, Any]:
 
 
 def plot_demo(task: Task, runs: list[DemoRun], path: Path, fallback: bool) -> Path:
-    import matplotlib
+    from yellowfin.bench.report import pyplot, save_figure  # (matplotlib only when a figure is drawn)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax_loss, ax_mu, ax_alpha) = plt.subplots(1, 3, figsize=(13, 3.8))
     for run, color in zip(runs, ("goldenrod", "C0")):
         if run.losses:
@@ -185,8 +183,4 @@ def plot_demo(task: Task, runs: list[DemoRun], path: Path, fallback: bool) -> Pa
         ax.set_xlabel("iteration")
     name = "scikit-learn digits, MLP (fallback)" if fallback else "Fashion-MNIST, ResNet-8"
     fig.suptitle(f"yellowfin demo: {name}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

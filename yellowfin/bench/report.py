@@ -147,7 +147,8 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[TaskSummary]:
 # Figures
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend, imported only when a figure is drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,8 +157,17 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write (creating the folder) and close a figure; every figure of the reports goes through here."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
+
+
 def plot_losses(summary: TaskSummary, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for index, (name, opt) in enumerate(summary.optimizers.items()):
         steps = np.arange(1, len(opt.curve) + 1)
@@ -183,18 +193,14 @@ def plot_losses(summary: TaskSummary, path: Path) -> Path:
     ax.set_ylabel(f"{summary.objective}\n(mean over seeds, {summary.window}-step moving average)")
     ax.set_title(f"{summary.task}: {summary.objective}, {summary.steps} steps")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_yellowfin_trace(summary: TaskSummary, path: Path) -> Path | None:
     opt = summary.optimizers.get(summary.highlighted) if summary.highlighted else None
     if opt is None or not any(r.get("trace") for r in opt.records):
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for record in opt.records:
         trace = record.get("trace") or {}
@@ -212,11 +218,7 @@ def plot_yellowfin_trace(summary: TaskSummary, path: Path) -> Path | None:
         ax.set_yscale("log")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{summary.task}: YellowFin's tuned values")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_speedups(summaries: Sequence[TaskSummary], path: Path) -> Path | None:
@@ -225,7 +227,7 @@ def plot_speedups(summaries: Sequence[TaskSummary], path: Path) -> Path | None:
     rows = [(s, [n for n in s.optimizers if n != s.highlighted]) for s in summaries if s.highlighted]
     if not rows:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import LogLocator, ScalarFormatter
 
     names = list(dict.fromkeys(n for _, ns in rows for n in ns))
@@ -256,11 +258,7 @@ def plot_speedups(summaries: Sequence[TaskSummary], path: Path) -> Path | None:
     ax.set_title("Speedup of YellowFin over X: iterations for X to reach its best\nsmoothed loss / iterations for "
                  "YellowFin to reach it (x: never; d: X diverged)", fontsize=10)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
