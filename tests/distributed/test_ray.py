@@ -16,24 +16,28 @@ import torch
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -c constraints.txt -e '.[ray]'")
 
 import ray_problems  # noqa: E402
+import wide_problem  # noqa: E402
 from yellowfin.distributed.ray_server import RayAsyncTrainer  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 RUN_TIMEOUT_S = 90
 LOCAL_RAY = dict(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
                  configure_logging=False)
+TEST_PROBLEMS = (ray_problems, wide_problem)  # (ray_problems re-exports the wide model from wide_problem)
 
 
 @pytest.fixture(scope="module")
 def ray_module():
     """Ship the test problems to the workers by value (they cannot import the tests); shut down at the end."""
-    ray.cloudpickle.register_pickle_by_value(ray_problems)
+    for problems in TEST_PROBLEMS:
+        ray.cloudpickle.register_pickle_by_value(problems)
     try:
         yield
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        ray.cloudpickle.unregister_pickle_by_value(ray_problems)
+        for problems in TEST_PROBLEMS:
+            ray.cloudpickle.unregister_pickle_by_value(problems)
 
 
 @pytest.fixture
@@ -158,9 +162,10 @@ def test_an_error_in_a_worker_stops_the_run_and_reaches_the_caller(local_ray):
 
 DRIVER_SCRIPT = """
 import sys, torch
-import ray, ray_problems
+import ray, ray_problems, wide_problem
 from yellowfin.distributed.ray_server import RayAsyncTrainer
 ray.cloudpickle.register_pickle_by_value(ray_problems)
+ray.cloudpickle.register_pickle_by_value(wide_problem)
 trainer = RayAsyncTrainer(ray_problems.make_wide_model(0), ray_problems.loss_fn, ray_problems.wide_batches,
                           num_workers=2, closed_loop=False, optimizer_fn=lambda p: torch.optim.SGD(p, lr=1e-3),
                           init_options=dict(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
@@ -177,8 +182,9 @@ def test_nothing_outlives_a_killed_driver_while_workers_push_large_gradients():
     them). Ray's own head processes that the driver started took about a minute more to exit when this was
     written; the test does not wait for them but kills its whole process group at the end."""
     here = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(os.path.dirname(here))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, root, os.environ.get("PYTHONPATH", "")]),
+    tests = os.path.dirname(here)
+    root = os.path.dirname(tests)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, tests, root, os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     driver = subprocess.Popen([sys.executable, "-c", DRIVER_SCRIPT], stdout=subprocess.PIPE, env=env, text=True,
                               start_new_session=True)
