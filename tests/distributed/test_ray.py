@@ -2,8 +2,10 @@
 timeouts and pytest-timeout); the trainers kill their actors and the fixtures shut Ray down, which ends
 every process Ray started. Skipped, with the reason, only when Ray is not installed."""
 
+import contextlib
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -158,6 +160,96 @@ def test_an_error_in_a_worker_stops_the_run_and_reaches_the_caller(local_ray):
             trainer.run(10**7, timeout=RUN_TIMEOUT_S)
         status = trainer.status()
         assert status["target"] == status["version"] < 10**7  # stopped, not left running
+
+
+def _process_of(actor) -> int:
+    """The pid of an actor's process, asked of the actor itself."""
+    return ray.get(actor.__ray_call__.remote(lambda instance: os.getpid()), timeout=RUN_TIMEOUT_S)
+
+
+def _registered_pid(trainer) -> tuple[int, int]:
+    """(worker, pid) of the first worker to register: it is still in its constructor, or just out of it."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not (registered := trainer.worker_pids()):
+        if time.monotonic() > deadline:
+            raise AssertionError("no worker registered")
+        time.sleep(0.005)
+    return min(registered.items())
+
+
+def test_random_kills_lose_no_update_and_a_killed_server_leaves_no_worker_running(local_ray, tmp_path):
+    """Fault injection, as tests/asynchrony/test_fault_injection.py does for the local systems, in this
+    module's Ray. Worker actors are killed at seeded random moments (two while they start, before the run),
+    yet the run applies exactly its target number of updates, and a checkpoint taken mid-run loads into a
+    new server and continues. That server is then SIGKILLed at a seeded moment of a run: the run ends with
+    an error, and no worker process of either trainer is left running once the trainers are shut down."""
+    chaos = random.Random(2024)
+    target, checkpoint = 300, tmp_path / "mid_run.pt"
+    kill_at = sorted(chaos.sample(range(10, target // 3), 2))  # versions at which a running worker dies
+    checkpoint_at = chaos.randrange(target // 3, 2 * target // 3)
+    victims, pids, outcome = [], set(), {}
+    with _trainer(closed_loop=True, max_restarts=-1) as trainer:
+        ray.kill(trainer.workers[chaos.randrange(2)], no_restart=False)  # Ray restarts it, as after a crash
+        worker, pid = _registered_pid(trainer)
+        os.kill(pid, signal.SIGKILL)
+        victims.append((worker, pid))
+        runner = threading.Thread(target=lambda: outcome.update(trainer.run(target, timeout=RUN_TIMEOUT_S)))
+        runner.start()
+        try:
+            for version in kill_at:
+                _wait_for(lambda: trainer.status()["version"] >= version, f"version {version}")
+                worker, pid = chaos.choice(sorted(trainer.worker_pids().items()))
+                with contextlib.suppress(ProcessLookupError):  # (that incarnation is dead already)
+                    os.kill(pid, signal.SIGKILL)
+                    victims.append((worker, pid))
+            _wait_for(lambda: trainer.status()["version"] >= checkpoint_at, f"version {checkpoint_at}")
+            trainer.save_checkpoint(str(checkpoint))
+        except BaseException:
+            trainer.stop()  # end the run at once, so that the failure shows
+            raise
+        finally:
+            runner.join(RUN_TIMEOUT_S)
+        assert not runner.is_alive(), "the run did not end"
+        pids.add(_process_of(trainer.server))
+    # Nothing lost: every update the server counted was applied by the optimizer, exactly once.
+    assert outcome["version"] == target == sum(outcome["applied_per_worker"].values())
+    assert outcome["optimizer"]["step"] == target == sum(outcome["staleness_counts"].values())
+    assert outcome["rejected"] == 0 and outcome["lost_workers"] == []
+    registrations = outcome["registrations"]
+    pids.update(r["pid"] for r in registrations)
+    for worker, pid in victims:  # each killed worker came back as a new process
+        killed = next(r for r in registrations if r["pid"] == pid)
+        assert any(r["worker"] == worker and r["incarnation"] > killed["incarnation"] for r in registrations)
+
+    saved = torch.load(checkpoint, weights_only=True)
+    assert checkpoint_at <= saved["version"] < target
+    assert saved["optimizer"]["tuners"][0]["step"] == saved["version"] == sum(saved["staleness_counts"].values())
+    server_kill_delay = chaos.uniform(0.0, 1.0)
+    failure = {}
+
+    def run_until_the_server_dies():
+        try:
+            resumed.run(10**7, timeout=RUN_TIMEOUT_S)
+        except Exception as error:  # noqa: BLE001 (the test inspects it)
+            failure["error"] = error
+
+    with _trainer(closed_loop=True, max_restarts=-1, checkpoint_path=str(checkpoint), resume=True) as resumed:
+        assert resumed.report()["resumed_from"] == saved["version"]
+        report = resumed.run(20, timeout=RUN_TIMEOUT_S)
+        assert report["version"] == saved["version"] + 20 == report["optimizer"]["step"]
+        assert sum(report["staleness_counts"].values()) == report["version"]
+        server_pid = _process_of(resumed.server)
+        pids.update([server_pid, *resumed.worker_pids().values()])
+        runner = threading.Thread(target=run_until_the_server_dies)
+        runner.start()
+        try:
+            time.sleep(server_kill_delay)
+            os.kill(server_pid, signal.SIGKILL)
+        finally:
+            runner.join(RUN_TIMEOUT_S)
+        assert not runner.is_alive(), "the run did not end when its server died"
+        assert isinstance(failure.get("error"), ray.exceptions.RayActorError), failure
+    _wait_until_gone(pids, "worker and server processes of shut-down trainers")
 
 
 DRIVER_SCRIPT = """
