@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from wide_problem import make_wide_model, wide_batches  # noqa: F401 (re-exported: one copy for both suites)
+
 DIM = 64
 CURVATURES = torch.logspace(-2, 0, DIM)
 
@@ -69,21 +71,6 @@ def regression_eval_loss(model: nn.Module) -> float:
     with torch.no_grad():
         batch = next(regression_batches(0, 999))
         return float(regression_loss(model, batch))
-
-
-WIDE = 1024  # a Linear(1024, 1024) gradient (4 MB) is far larger than a pipe's buffer
-
-
-def make_wide_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Linear(WIDE, WIDE)
-
-
-def wide_batches(worker_id: int, seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        x = torch.randn(4, WIDE, generator=generator)
-        yield x, x.flip(1)
 
 
 def failing_loss(model: nn.Module, batch) -> torch.Tensor:

@@ -57,7 +57,8 @@ def _running(pid):
 @pytest.mark.parametrize("scenario", ["delayed_start", "large_gradient"])
 @pytest.mark.parametrize("system", ["server", "hogwild"])
 def test_workers_exit_when_their_parent_is_killed(system, scenario):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, ROOT, os.environ.get("PYTHONPATH", "")]),
+    tests = os.path.dirname(HERE)  # (the wide model lives there)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, tests, ROOT, os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     parent = subprocess.Popen([sys.executable, "-c", SCRIPT, system, scenario], stdout=subprocess.PIPE, env=env,
                               text=True)

@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from wide_problem import make_wide_model, wide_batches  # noqa: F401 (re-exported: one copy for both suites)
+
 TRUE_WEIGHTS = torch.arange(1.0, 7.0).unsqueeze(1) / 6.0
 
 
@@ -35,18 +37,3 @@ def failing_batches(worker_id: int, seed: int):
         if worker_id == 1 and index == 5:
             raise ValueError("corrupt shard")
         yield batch
-
-
-WIDE = 1024  # a Linear(1024, 1024) gradient (4 MB) is far larger than a pipe's or socket's buffer
-
-
-def make_wide_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Linear(WIDE, WIDE)
-
-
-def wide_batches(worker_id: int, seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        x = torch.randn(4, WIDE, generator=generator)
-        yield x, x.flip(1)

@@ -2,8 +2,10 @@
 timeouts and pytest-timeout); the trainers kill their actors and the fixtures shut Ray down, which ends
 every process Ray started. Skipped, with the reason, only when Ray is not installed."""
 
+import contextlib
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -16,24 +18,32 @@ import torch
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -c constraints.txt -e '.[ray]'")
 
 import ray_problems  # noqa: E402
+import wide_problem  # noqa: E402
+from yellowfin import YellowFin  # noqa: E402
+from yellowfin.asynchrony.flat import loss_and_flat_gradient  # noqa: E402
+from yellowfin.asynchrony.server_core import ServerCore  # noqa: E402
+from yellowfin.asynchrony.workers import prepare_worker  # noqa: E402
 from yellowfin.distributed.ray_server import RayAsyncTrainer  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 RUN_TIMEOUT_S = 90
 LOCAL_RAY = dict(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
                  configure_logging=False)
+TEST_PROBLEMS = (ray_problems, wide_problem)  # (ray_problems re-exports the wide model from wide_problem)
 
 
 @pytest.fixture(scope="module")
 def ray_module():
     """Ship the test problems to the workers by value (they cannot import the tests); shut down at the end."""
-    ray.cloudpickle.register_pickle_by_value(ray_problems)
+    for problems in TEST_PROBLEMS:
+        ray.cloudpickle.register_pickle_by_value(problems)
     try:
         yield
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        ray.cloudpickle.unregister_pickle_by_value(ray_problems)
+        for problems in TEST_PROBLEMS:
+            ray.cloudpickle.unregister_pickle_by_value(problems)
 
 
 @pytest.fixture
@@ -156,11 +166,93 @@ def test_an_error_in_a_worker_stops_the_run_and_reaches_the_caller(local_ray):
         assert status["target"] == status["version"] < 10**7  # stopped, not left running
 
 
+def _process_of(actor) -> int:
+    """The pid of an actor's process, asked of the actor itself."""
+    return ray.get(actor.__ray_call__.remote(lambda instance: os.getpid()), timeout=RUN_TIMEOUT_S)
+
+
+def test_random_kills_lose_no_update_and_a_killed_server_leaves_no_worker_running(local_ray, tmp_path):
+    """Fault injection, as tests/asynchrony/test_fault_injection.py does for the local systems, in this
+    module's Ray. Worker actors are killed at seeded random moments (the first while it starts, before the
+    run), yet the run applies exactly its target number of updates, and a checkpoint taken mid-run loads and
+    training continues from it. The server is then SIGKILLed at a seeded moment of a second run: that run
+    ends with an error, and no process of the trainer is left running once it is shut down. Every actor
+    (re)start costs seconds here, so the kills are few and the continuation runs at a local ServerCore,
+    the update path the Ray server runs too (resuming on Ray has its own test above)."""
+    chaos = random.Random(2024)
+    target, checkpoint = 300, tmp_path / "mid_run.pt"
+    kill_at = sorted(chaos.sample(range(10, target // 3), 2))  # versions at which a running worker dies
+    checkpoint_at = chaos.randrange(target // 3, 2 * target // 3)
+    server_kill_delay = chaos.uniform(0.0, 1.0)
+    victims, outcome, failure = [], {}, {}
+
+    def run_until_the_server_dies():
+        try:
+            trainer.run(10**7, timeout=RUN_TIMEOUT_S)
+        except Exception as error:  # noqa: BLE001 (the test inspects it)
+            failure["error"] = error
+
+    with _trainer(closed_loop=True, max_restarts=-1) as trainer:
+        ray.kill(trainer.workers[chaos.randrange(2)], no_restart=False)  # while it starts: Ray restarts it
+        runner = threading.Thread(target=lambda: outcome.update(trainer.run(target, timeout=RUN_TIMEOUT_S)))
+        runner.start()
+        try:
+            for version in kill_at:
+                _wait_for(lambda: trainer.status()["version"] >= version, f"version {version}")
+                worker, pid = chaos.choice(sorted(trainer.worker_pids().items()))
+                with contextlib.suppress(ProcessLookupError):  # (that incarnation is dead already)
+                    os.kill(pid, signal.SIGKILL)
+                    victims.append((worker, pid))
+            _wait_for(lambda: trainer.status()["version"] >= checkpoint_at, f"version {checkpoint_at}")
+            trainer.save_checkpoint(str(checkpoint))
+        except BaseException:
+            trainer.stop()  # end the run at once, so that the failure shows
+            raise
+        finally:
+            runner.join(RUN_TIMEOUT_S)
+        assert not runner.is_alive(), "the run did not end"
+        # Nothing lost: every update the server counted was applied by the optimizer, exactly once.
+        assert outcome["version"] == target == sum(outcome["applied_per_worker"].values())
+        assert outcome["optimizer"]["step"] == target == sum(outcome["staleness_counts"].values())
+        assert outcome["rejected"] == 0 and outcome["lost_workers"] == []
+        registrations = outcome["registrations"]
+        for worker, pid in victims:  # each killed worker came back as a new process
+            killed = next(r for r in registrations if r["pid"] == pid)
+            assert any(r["worker"] == worker and r["incarnation"] > killed["incarnation"] for r in registrations)
+
+        server_pid = _process_of(trainer.server)
+        pids = {server_pid, *(r["pid"] for r in trainer.report()["registrations"])}
+        runner = threading.Thread(target=run_until_the_server_dies)
+        runner.start()
+        try:
+            time.sleep(server_kill_delay)
+            os.kill(server_pid, signal.SIGKILL)
+        finally:
+            runner.join(RUN_TIMEOUT_S)
+        assert not runner.is_alive(), "the run did not end when its server died"
+        assert isinstance(failure.get("error"), ray.exceptions.RayActorError), failure
+    _wait_until_gone(pids, "processes of a trainer whose server was killed")
+
+    model = ray_problems.make_model(5)
+    core = ServerCore(model, YellowFin(model.parameters()), num_workers=2, closed_loop=True)
+    core.load_checkpoint(str(checkpoint))
+    saved = core.version
+    assert checkpoint_at <= saved < target
+    assert core.optimizer.stats()["step"] == saved == sum(core.staleness_counts.values()) == core.controller.calls
+    params, batches = prepare_worker(model, ray_problems.batches, 0, seed=7)
+    for _ in range(20):
+        gradient, loss = loss_and_flat_gradient(ray_problems.loss_fn, model, params, next(batches))
+        assert core.apply_gradient(0, core.version, gradient.numpy(), loss)  # (as a Ray worker sends it)
+    assert core.version == saved + 20 == core.optimizer.stats()["step"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 DRIVER_SCRIPT = """
 import sys, torch
-import ray, ray_problems
+import ray, ray_problems, wide_problem
 from yellowfin.distributed.ray_server import RayAsyncTrainer
 ray.cloudpickle.register_pickle_by_value(ray_problems)
+ray.cloudpickle.register_pickle_by_value(wide_problem)
 trainer = RayAsyncTrainer(ray_problems.make_wide_model(0), ray_problems.loss_fn, ray_problems.wide_batches,
                           num_workers=2, closed_loop=False, optimizer_fn=lambda p: torch.optim.SGD(p, lr=1e-3),
                           init_options=dict(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
@@ -177,8 +269,9 @@ def test_nothing_outlives_a_killed_driver_while_workers_push_large_gradients():
     them). Ray's own head processes that the driver started took about a minute more to exit when this was
     written; the test does not wait for them but kills its whole process group at the end."""
     here = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(os.path.dirname(here))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, root, os.environ.get("PYTHONPATH", "")]),
+    tests = os.path.dirname(here)
+    root = os.path.dirname(tests)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, tests, root, os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     driver = subprocess.Popen([sys.executable, "-c", DRIVER_SCRIPT], stdout=subprocess.PIPE, env=env, text=True,
                               start_new_session=True)
