@@ -1,0 +1,246 @@
+"""Screening of candidate tuner changes (issue 12): each change alone and all together, on real tasks.
+
+A research harness, not the library's optimizer: ``FlatTuner`` walks one flat float64 copy of the parameters
+(slow, obviously correct) and runs the library's own tuning step (``yellowfin.tuning.tune_step``), so with no
+change switched on it is the reference algorithm. Each switch replaces one decision of the reference by a
+unit-consistent one (docs/tuner.md explains why):
+
+- ``alpha_units="distance"``: alpha in parameter units. The reference's curvature proxy h = ||g||^2 scales as
+  c^2 when the loss is multiplied by c, so alpha = (1 - sqrt mu)^2 / h_min scales as 1/c^2. For a quadratic,
+  ||g|| = h d with d the distance to the optimum, so h = sqrt(h_proxy) / d; d is estimated as DoG's
+  max_t ||x_t - x_0|| (started at 1e-6 (1 + ||x_0||)), which replaces both alpha_0 and the slow start.
+- ``momentum_rule="snr"``: SingleStep's p = D^2 h_min^2 / (2 C) rewritten with unit-consistent estimates. With
+  h = ||grad f|| / d and D = d, p = ||grad f||^2 / (2 C): the gradient's signal-to-noise ratio, measured as the
+  debiased ||gbar||^2 over the variance estimate C.
+- ``kappa="norm"``: the condition number as the ratio of gradient norms in the window (for a quadratic,
+  ||g|| ranges over [h_min d, h_max d]), not of squared norms, which gives kappa^2.
+
+    python benchmarks/tuner_screen.py                 # every variant, every task below, seeds 0 1
+    python benchmarks/tuner_screen.py --tasks quadratic --seeds 0 1 2
+
+Writes benchmarks/results-tuner-screen/<task>/<variant>_seed<k>.json (resumable: finished runs are skipped)
+and benchmarks/results-tuner-screen/screen.md. A screen on short budgets and two seeds: a lead, not a claim.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from yellowfin import YellowFin, tuning
+from yellowfin.bench import metrics
+from yellowfin.bench.results import finite_or_none, write_result
+from yellowfin.bench.tasks import get_task
+from yellowfin.measurements import Sums
+from yellowfin.state import TunerSettings, TunerState
+
+OUT = Path(__file__).resolve().parent / "results-tuner-screen"
+
+VARIANTS: dict[str, dict] = {
+    "flat_reference": {},
+    "alpha_distance": dict(alpha_units="distance"),
+    "snr": dict(momentum_rule="snr"),
+    "kappa_norm": dict(kappa="norm"),
+    "all_three": dict(alpha_units="distance", momentum_rule="snr", kappa="norm"),
+}
+TASK_STEPS = {"quadratic": 3000, "digits_mlp": 600, "logreg": 2000, "char_lstm": 1500, "autoencoder": 2000}  # cheap first
+LOSS_SCALES = (1e-4, 1.0, 1e4)
+
+
+class FlatTuner(torch.optim.Optimizer):
+    """The reference tuner on a flat float64 copy of the parameters, with one decision switchable at a time."""
+
+    def __init__(self, params, alpha_units: str = "gradient", momentum_rule: str = "reference",
+                 kappa: str = "squared", start_distance: float = 1e-6):
+        super().__init__(params, {})
+        if alpha_units not in ("gradient", "distance") or momentum_rule not in ("reference", "snr") \
+                or kappa not in ("squared", "norm"):
+            raise ValueError(f"unknown switch in {alpha_units!r}, {momentum_rule!r}, {kappa!r}")
+        self.alpha_units, self.momentum_rule, self.kappa = alpha_units, momentum_rule, kappa
+        # The distance variant grows its own step from r_eps, so it needs no ramp (DoG's warm-up).
+        self.settings = TunerSettings(slow_start=alpha_units == "gradient")
+        self.tuner = TunerState.initial(self.settings)
+        self.params = [p for group in self.param_groups for p in group["params"]]
+        self.x0 = self._flat(p.detach() for p in self.params).clone()
+        self.grad_avg = torch.zeros_like(self.x0)
+        self.velocity = torch.zeros_like(self.x0)
+        self.distance = start_distance * (1.0 + float(self.x0.norm()))
+        self.trace: dict[str, list[float]] = {"mu": [], "alpha": [], "effective_lr": []}
+
+    @staticmethod
+    def _flat(tensors) -> torch.Tensor:
+        return torch.cat([t.reshape(-1) for t in tensors]).double()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        g = self._flat(p.grad for p in self.params)
+        x = self._flat(p.detach() for p in self.params)
+        one = torch.ones((), dtype=torch.float64)
+        sums = Sums(g.dot(g), self.grad_avg.dot(g), self.grad_avg.dot(self.grad_avg), 0.0 * one, g.numel() * one)
+        started = self.tuner.step >= 1.0
+        state, c = tuning.tune_step(self.tuner, sums, self.settings)
+        mu, alpha = c.momentum, c.step_size
+        self.grad_avg.mul_(c.avg_decay).add_(c.avg_weight * g)
+        if (self.alpha_units, self.momentum_rule, self.kappa) != ("gradient", "reference", "squared"):
+            mu, alpha = self._retune(state, g, bool(started))
+            state = state.replace(mu=mu, alpha=alpha)
+        self.velocity.mul_(mu).add_(c.grad_scale * g)
+        x = x - alpha * self.velocity
+        offset = 0
+        for p in self.params:
+            p.copy_(x[offset: offset + p.numel()].view_as(p))
+            offset += p.numel()
+        self.tuner = state
+        mu, alpha = float(mu), float(alpha)
+        for key, value in (("mu", mu), ("alpha", alpha), ("effective_lr", alpha / max(1.0 - mu, 1e-12))):
+            self.trace[key].append(value)
+
+    def _retune(self, state: TunerState, g: torch.Tensor, started: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        ratio = state.h_max / state.h_min
+        root_kappa = torch.sqrt(ratio) if self.kappa == "squared" else ratio ** 0.25
+        if self.momentum_rule == "reference":
+            p = state.dist**2 * state.h_min**2 / (2.0 * state.grad_var)
+        else:
+            debias = 1.0 - self.settings.beta ** state.step
+            p = self.grad_avg.dot(self.grad_avg) / debias**2 / (2.0 * state.grad_var)
+        sqrt_mu = torch.maximum(tuning.cubic_root(p), (root_kappa - 1.0) / (root_kappa + 1.0))
+        mu = sqrt_mu**2
+        if self.alpha_units == "gradient":
+            alpha = tuning.slow_start((1.0 - sqrt_mu) ** 2 / state.h_min, state.step - 1.0,
+                                      self.settings.curvature_window)
+            if not started:
+                return torch.tensor(self.settings.initial_momentum), torch.tensor(self.settings.initial_lr)
+            return mu, alpha
+        x = self._flat(p.detach() for p in self.params)
+        self.distance = max(self.distance, float((x - self.x0).norm()))
+        if not started:  # DoG's first step: move r_eps
+            return torch.zeros((), dtype=torch.float64), torch.tensor(self.distance / float(g.norm()))
+        return mu, (1.0 - sqrt_mu) ** 2 * self.distance / torch.sqrt(state.h_min)
+
+
+def builder(variant: str) -> Callable:
+    if variant == "reference":
+        return lambda params: YellowFin.reference_variant(params)
+    return lambda params: FlatTuner(params, **VARIANTS[variant])
+
+
+def run_task(task_name: str, variant: str, seed: int, steps: int) -> dict:
+    task = get_task(task_name)
+    model = task.make_model(seed)
+    optimizer = builder(variant)(model.parameters())
+    batches, losses = task.train_batches(seed), []
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = task.loss(model, next(batches))
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    best = metrics.best_point(metrics.smooth(losses))
+    return {"task": task_name, "variant": variant, "seed": seed, "steps": steps,
+            "losses": [finite_or_none(v) for v in losses], "best_smoothed_loss": finite_or_none(best[0] if best else math.nan),
+            "eval": {k: finite_or_none(v) for k, v in task.evaluate(model, "val").items()},
+            "trace": getattr(optimizer, "trace", None)}
+
+
+def run_loss_scale(variant: str, seed: int) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import loss_scale  # the 20-64-1 tanh MLP of benchmarks/loss_scale.py
+
+    data = loss_scale.regression_data()
+    finals = {str(c): finite_or_none(loss_scale.train(builder(variant), c, loss_scale.BATCH, seed, data))
+              for c in LOSS_SCALES}
+    return {"task": "loss_scale", "variant": variant, "seed": seed, "final_mse": finals}
+
+
+def tuned_sgd_best(task_name: str) -> float | None:
+    """Best smoothed loss of the suite's tuned momentum SGD (its chosen lr, mean over seeds), if it was run."""
+    files = sorted((Path(__file__).resolve().parent / "results" / task_name).glob("sgd_momentum_lr*_seed*.json"))
+    by_lr: dict[str, list[float]] = {}
+    for path in files:
+        record = json.loads(path.read_text())
+        best = metrics.best_point(metrics.smooth(record["loss"]))
+        by_lr.setdefault(path.name.split("_seed")[0], []).append(best[0] if best else math.inf)
+    multi_seed = [values for values in by_lr.values() if len(values) >= 2]  # the chosen lr ran on every seed
+    return statistics.mean(multi_seed[0]) if len(multi_seed) == 1 else None
+
+
+def table(results: list[dict]) -> str:
+    lines = ["Best smoothed training loss (mean ± std over seeds); quadratic: also the final exact excess loss.", ""]
+    variants = ["reference", *VARIANTS]
+    tasks = [t for t in TASK_STEPS if any(r["task"] == t for r in results)]
+    lines += ["| task | tuned momentum SGD | " + " | ".join(variants) + " |", "|---" * (len(variants) + 2) + "|"]
+    for task_name in tasks:
+        cells = []
+        for variant in variants:
+            runs = [r for r in results if r["task"] == task_name and r["variant"] == variant]
+            values = [r["best_smoothed_loss"] for r in runs]
+            cell = _mean_std(values)
+            if task_name == "quadratic" and runs:
+                cell += f" ({_mean_std([r['eval']['excess_loss'] for r in runs])})"
+            cells.append(cell)
+        baseline = tuned_sgd_best(task_name)
+        lines.append(f"| {task_name} | {'-' if baseline is None else f'{baseline:.4g}'} | " + " | ".join(cells) + " |")
+    scale_runs = [r for r in results if r["task"] == "loss_scale"]
+    if scale_runs:
+        lines += ["", "Loss multiplied by c (20-64-1 tanh MLP, 300 steps, batch 32): final full-batch MSE.", "",
+                  "| variant | " + " | ".join(f"c = {c:g}" for c in LOSS_SCALES) + " |",
+                  "|---" * (len(LOSS_SCALES) + 1) + "|"]
+        for variant in variants:
+            runs = [r for r in scale_runs if r["variant"] == variant]
+            if runs:
+                lines.append(f"| {variant} | " + " | ".join(
+                    _mean_std([r["final_mse"][str(c)] for r in runs]) for c in LOSS_SCALES) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if any(v is None or not math.isfinite(v) for v in values):
+        return "diverged"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4g} ± {spread:.2g}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=["loss_scale", *TASK_STEPS])
+    parser.add_argument("--variants", nargs="+", default=["reference", *VARIANTS])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    results = []
+    for task_name in args.tasks:
+        for variant in args.variants:
+            for seed in args.seeds:
+                path = OUT / task_name / f"{variant}_seed{seed}.json"
+                if path.exists():
+                    results.append(json.loads(path.read_text()))
+                    continue
+                start = time.monotonic()
+                if task_name == "loss_scale":
+                    record = run_loss_scale(variant, seed)
+                else:
+                    record = run_task(task_name, variant, seed, TASK_STEPS[task_name])
+                record["seconds"] = time.monotonic() - start
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_result(path, record)
+                results.append(record)
+                print(f"{task_name} {variant} seed {seed}: {time.monotonic() - start:.0f} s", flush=True)
+    text = table(results)
+    (OUT / "screen.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
