@@ -9,7 +9,7 @@ import math
 import shlex
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from yellowfin.bench.errors import BadInputError
 
@@ -19,34 +19,30 @@ EXIT_INTERRUPTED = 130
 SEED_LIMIT = 2**32  # seeds must fit every generator the benchmarks seed (torch, numpy)
 
 
-def _positive_int(text: str) -> int:
+def _parsed(text: str, convert: Callable[[str], Any], allowed: Callable[[Any], bool], unparsable: str,
+            out_of_range: str) -> Any:
+    """An argparse type: ``convert(text)`` if it converts and is ``allowed``, else the matching error."""
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"{unparsable}, got {text!r}") from None
+    if not allowed(value):
+        raise argparse.ArgumentTypeError(f"{out_of_range}, got {text}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _parsed(text, int, lambda value: value >= 1, "expected a positive integer", "expected a positive integer")
 
 
 def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"a seed must be an integer from 0 to {SEED_LIMIT - 1}, got {text}")
-    return value
+    return _parsed(text, int, lambda value: 0 <= value < SEED_LIMIT, "expected an integer seed",
+                   f"a seed must be an integer from 0 to {SEED_LIMIT - 1}")
 
 
 def _positive_minutes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of minutes, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"minutes must be a positive finite number, got {text}")
-    return value
+    return _parsed(text, float, lambda value: math.isfinite(value) and value > 0, "expected a number of minutes",
+                   "minutes must be a positive finite number")
 
 
 def _demo(args: argparse.Namespace) -> int:

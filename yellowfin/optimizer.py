@@ -245,6 +245,7 @@ class YellowFin(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._before_passes()
         # Dispatch only: the passes over the tensors are in ``passes``, everything between them in
         # ``tuning.tune_step``.
         scopes = []  # (tuner index, settings, batches of the groups it measures)
@@ -276,6 +277,10 @@ class YellowFin(Optimizer):
             for batch in batches:
                 _update(batch, coefficients)
         return loss
+
+    def _before_passes(self) -> None:
+        """Called by ``step`` once the gradients exist, before the passes read them (a hook for
+        optimizers whose parameters are views of other tensors, such as FullyShardedYellowFin)."""
 
     def _collect(self, group: dict) -> "_Batch":
         """The group's parameters that have a gradient, their gradients (after maximize and

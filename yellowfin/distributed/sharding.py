@@ -103,7 +103,7 @@ class FullyShardedYellowFin(YellowFin):
             local_groups.append(dict(group, params=local_params))
         super().__init__(local_groups, shard_group=mesh.get_group(), **options)
 
-    def _refresh_local_views(self) -> None:
+    def _before_passes(self) -> None:
         """Point each local view at the current shard and hand it the shard of the gradient.
 
         FSDP2 may re-create a parameter's local tensor (lazy init, ``to_empty``, loading); rebinding
@@ -114,16 +114,6 @@ class FullyShardedYellowFin(YellowFin):
                 if shard.data_ptr() != local.data_ptr() or shard.shape != local.shape:
                     local.data = shard
                 local.grad = None if p.grad is None else p.grad.to_local()
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._refresh_local_views()
-        super().step()
-        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         # FSDP2 accumulates into the DTensor's .grad, so that is the one to clear.
