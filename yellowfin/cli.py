@@ -109,19 +109,27 @@ def _bench(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         command=args.command_line,
     )
+    outcome = _run_resumable(run_suite, config, results_dir)
+    if outcome is None:
+        return EXIT_INTERRUPTED
+    for name, message in outcome.unavailable.items():
+        print(f"not run: {name}: {message}")
+    print(f"Next: yellowfin report --results {results_dir}")
+    return EXIT_DATA_MISSING if outcome.missing_data else 0
+
+
+def _run_resumable(run: Callable, config, results_dir) -> Any:
+    """``run(config)`` (the suite or an ablation) and its summary; None, after saying how to resume, on Ctrl-C."""
     try:
-        outcome = run_suite(config)
+        outcome = run(config)
     except KeyboardInterrupt:
         print(f"\nInterrupted. Finished runs are kept in {results_dir}; run the same command again to resume.",
               file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return None
     print(f"{len(outcome.ran)} runs done, {len(outcome.skipped)} already there; results in {results_dir}")
-    for name, message in outcome.unavailable.items():
-        print(f"not run: {name}: {message}")
     for task, message in outcome.missing_data.items():
         print(f"not run: {task}: {message}", file=sys.stderr)
-    print(f"Next: yellowfin report --results {results_dir}")
-    return EXIT_DATA_MISSING if outcome.missing_data else 0
+    return outcome
 
 
 def _ablate(args: argparse.Namespace) -> int:
@@ -164,15 +172,9 @@ def _ablate(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         command=args.command_line,
     )
-    try:
-        outcome = ablation.run_ablation(config)
-    except KeyboardInterrupt:
-        print(f"\nInterrupted. Finished runs are kept in {results_dir}; run the same command again to resume.",
-              file=sys.stderr)
+    outcome = _run_resumable(ablation.run_ablation, config, results_dir)
+    if outcome is None:
         return EXIT_INTERRUPTED
-    print(f"{len(outcome.ran)} runs done, {len(outcome.skipped)} already there; results in {results_dir}")
-    for task, message in outcome.missing_data.items():
-        print(f"not run: {task}: {message}", file=sys.stderr)
     table, path = ablation.write_table(results_dir, baseline_dirs)
     print()
     print(table)
