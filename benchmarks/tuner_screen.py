@@ -51,6 +51,22 @@ VARIANTS: dict[str, dict] = {
     "snr": dict(momentum_rule="snr"),
     "kappa_norm": dict(kappa="norm"),
     "all_three": dict(alpha_units="distance", momentum_rule="snr", kappa="norm"),
+    "secant": dict(alpha_units="secant"),
+    "secant_snr": dict(alpha_units="secant", momentum_rule="snr"),
+    "secant_snr_kappa": dict(alpha_units="secant", momentum_rule="snr", kappa="norm"),
+    "step_secant_snr": dict(alpha_units="secant", momentum_rule="snr", anchor="previous"),
+    "step_secant_snr_fast": dict(alpha_units="secant", momentum_rule="snr", anchor="previous", curvature_memory=0.9),
+    "step_secant_fast": dict(alpha_units="secant", anchor="previous", curvature_memory=0.9),
+    "step_secant": dict(alpha_units="secant", anchor="previous"),
+    "distance_secant": dict(alpha_units="distance_secant", momentum_rule="snr", kappa="norm", anchor="previous",
+                            secant_is="max"),
+    "step_secant_max": dict(alpha_units="secant", anchor="previous", secant_is="max"),
+    "step_secant_max_kappa": dict(alpha_units="secant", anchor="previous", secant_is="max", kappa="norm"),
+    "step_secant_max_snr": dict(alpha_units="secant", anchor="previous", secant_is="max", momentum_rule="snr"),
+    "step_secant_max_snr_kappa": dict(alpha_units="secant", anchor="previous", secant_is="max", momentum_rule="snr", kappa="norm"),
+    "step_secant_kappa": dict(alpha_units="secant", anchor="previous", kappa="norm"),
+    "secant_fast": dict(alpha_units="secant", memory=0.99),
+    "secant_snr_fast": dict(alpha_units="secant", momentum_rule="snr", memory=0.99),
 }
 TASK_STEPS = {"quadratic": 3000, "digits_mlp": 600, "logreg": 2000, "char_lstm": 1500, "autoencoder": 2000}  # cheap first
 LOSS_SCALES = (1e-4, 1.0, 1e4)
@@ -60,14 +76,21 @@ class FlatTuner(torch.optim.Optimizer):
     """The reference tuner on a flat float64 copy of the parameters, with one decision switchable at a time."""
 
     def __init__(self, params, alpha_units: str = "gradient", momentum_rule: str = "reference",
-                 kappa: str = "squared", start_distance: float = 1e-6):
+                 kappa: str = "squared", start_distance: float = 1e-6, memory: float = 0.999,
+                 max_growth: float = 2.0, anchor: str = "average", curvature_memory: float | None = None,
+                 secant_is: str = "min"):
         super().__init__(params, {})
-        if alpha_units not in ("gradient", "distance") or momentum_rule not in ("reference", "snr") \
+        if alpha_units not in ("gradient", "distance", "secant", "distance_secant") or momentum_rule not in ("reference", "snr") \
                 or kappa not in ("squared", "norm"):
             raise ValueError(f"unknown switch in {alpha_units!r}, {momentum_rule!r}, {kappa!r}")
         self.alpha_units, self.momentum_rule, self.kappa = alpha_units, momentum_rule, kappa
         # The distance variant grows its own step from r_eps, so it needs no ramp (DoG's warm-up).
-        self.settings = TunerSettings(slow_start=alpha_units == "gradient")
+        # The secant variant keeps every guard relative (eps far below any measured scale), so that only
+        # the measurements, not the guards, decide: the loss-scale screen then tests the estimator itself.
+        self.settings = (TunerSettings(slow_start=alpha_units == "gradient", beta=memory) if alpha_units not in ("secant", "distance_secant")
+                         else TunerSettings(slow_start=False, beta=memory, eps=1e-30, adaptive_clipping=False))
+        self.max_growth, self.anchor, self.curvature_memory = max_growth, anchor, curvature_memory
+        self.secant_is = secant_is
         self.tuner = TunerState.initial(self.settings)
         self.params = [p for group in self.param_groups for p in group["params"]]
         self.x0 = self._flat(p.detach() for p in self.params).clone()
@@ -75,6 +98,14 @@ class FlatTuner(torch.optim.Optimizer):
         self.velocity = torch.zeros_like(self.x0)
         self.distance = start_distance * (1.0 + float(self.x0.norm()))
         self.trace: dict[str, list[float]] = {"mu": [], "alpha": [], "effective_lr": []}
+        if alpha_units in ("secant", "distance_secant"):
+            # x_avg: the iterate's running average, the anchor of the secant; s_avg / q_avg the running averages
+            # of <g - gbar, x - xbar> and ||x - xbar||^2, whose ratio is the curvature along x - xbar.
+            self.x_avg = self.x0.clone()
+            self.g_prev = None
+            self.s_avg = self.q_avg = 0.0
+            self.alpha_prev = 0.0
+            self.trace["h_secant"] = []
 
     @staticmethod
     def _flat(tensors) -> torch.Tensor:
@@ -121,10 +152,62 @@ class FlatTuner(torch.optim.Optimizer):
                 return torch.tensor(self.settings.initial_momentum), torch.tensor(self.settings.initial_lr)
             return mu, alpha
         x = self._flat(p.detach() for p in self.params)
+        if self.alpha_units == "distance_secant":  # the smaller of the two steps: each bounds the other's failure
+            kappa = float(ratio if self.kappa == "squared" else torch.sqrt(ratio))
+            self.distance = max(self.distance, float((x - self.x0).norm()))
+            mu_s, alpha_s = self._secant(state, g, x, mu, sqrt_mu, started, kappa)
+            if not started:
+                return mu_s, alpha_s
+            alpha_d = (1.0 - sqrt_mu) ** 2 * self.distance / torch.sqrt(state.h_min)
+            self.alpha_prev = min(float(alpha_s), float(alpha_d))  # alpha_s already holds the growth cap
+            return mu, torch.tensor(self.alpha_prev, dtype=torch.float64)
+        if self.alpha_units == "secant":
+            kappa = ratio if self.kappa == "squared" else torch.sqrt(ratio)
+            return self._secant(state, g, x, mu, sqrt_mu, started, float(kappa))
         self.distance = max(self.distance, float((x - self.x0).norm()))
         if not started:  # DoG's first step: move r_eps
             return torch.zeros((), dtype=torch.float64), torch.tensor(self.distance / float(g.norm()))
         return mu, (1.0 - sqrt_mu) ** 2 * self.distance / torch.sqrt(state.h_min)
+
+
+    def _secant(self, state, g, x, mu, sqrt_mu, started, kappa):
+        """alpha = (1 - sqrt mu)^2 / h with h the secant curvature between the iterate and its running average.
+
+        For a quadratic the gradient is linear, so the running average of the gradients is the gradient at the
+        running average of the iterates, and <g - gbar, x - xbar> / ||x - xbar||^2 is a Rayleigh quotient of the
+        Hessian, in loss / parameter^2 units. The step grows at most by ``max_growth`` per step (the safe start:
+        from DoG's r_eps move, as fast as the estimates allow).
+        """
+        beta = self.settings.beta
+        weight = (1.0 - beta) / (1.0 - beta ** float(state.step))  # bias-corrected: a plain mean at first
+        if self.anchor == "average":
+            self.x_avg.mul_(1.0 - weight).add_(weight * x)
+            debias = 1.0 - beta ** float(state.step)
+            gbar = self.grad_avg / debias
+            dx = x - self.x_avg
+            s, q = float((g - gbar).dot(dx)), float(dx.dot(dx))
+        else:  # the last step: x - x_prev = -alpha v; E<xi_prev, dx> = -alpha C is removed from the numerator
+            dx = x - self.x_avg
+            s = float((g - self.g_prev).dot(dx)) - self.alpha_prev * float(state.grad_var) if self.g_prev is not None else 0.0
+            q = float(dx.dot(dx))
+            self.x_avg, self.g_prev = x.clone(), g.clone()
+        if self.curvature_memory is not None:
+            cbeta = self.curvature_memory
+            weight = (1.0 - cbeta) / (1.0 - cbeta ** float(state.step))
+        self.s_avg = (1.0 - weight) * self.s_avg + weight * s
+        self.q_avg = (1.0 - weight) * self.q_avg + weight * q
+        h = self.s_avg / self.q_avg if self.q_avg > 0.0 and self.s_avg > 0.0 else math.inf
+        if self.secant_is == "max":  # the secant along the last step sees the stiffest directions: h_max
+            h = h / kappa
+        self.trace["h_secant"].append(h if math.isfinite(h) else float("nan"))
+        if not started:  # the first step moves r_eps (DoG's start)
+            self.alpha_prev = self.distance / float(g.norm())
+            return torch.zeros((), dtype=torch.float64), torch.tensor(self.alpha_prev)
+        # No positive curvature measured yet (or only noise): hold the step rather than grow it blindly.
+        unmeasured = math.inf if self.alpha_units == "distance_secant" else self.alpha_prev
+        tuned = float((1.0 - sqrt_mu) ** 2) / h if math.isfinite(h) else unmeasured
+        self.alpha_prev = min(tuned, self.max_growth * self.alpha_prev)
+        return mu, torch.tensor(self.alpha_prev, dtype=torch.float64)
 
 
 def builder(variant: str) -> Callable:
@@ -148,7 +231,8 @@ def run_task(task_name: str, variant: str, seed: int, steps: int) -> dict:
     return {"task": task_name, "variant": variant, "seed": seed, "steps": steps,
             "losses": [finite_or_none(v) for v in losses], "best_smoothed_loss": finite_or_none(best[0] if best else math.nan),
             "eval": {k: finite_or_none(v) for k, v in task.evaluate(model, "val").items()},
-            "trace": getattr(optimizer, "trace", None)}
+            "trace": {key: [finite_or_none(v) for v in values]
+                      for key, values in getattr(optimizer, "trace", {}).items()} or None}
 
 
 def run_loss_scale(variant: str, seed: int) -> dict:
