@@ -19,7 +19,7 @@ unit-consistent one (docs/tuner.md explains why):
     python benchmarks/tuner_screen.py --tasks quadratic --seeds 0 1 2
 
 Writes benchmarks/results-tuner-screen/<task>/<variant>_seed<k>.json (resumable: finished runs are skipped)
-and benchmarks/results-tuner-screen/screen.md. A screen on short budgets and two seeds: a lead, not a claim.
+and, with ``--table``, benchmarks/results-tuner-screen/screen.md from every results file present. A screen on short budgets and two seeds: a lead, not a claim.
 """
 
 from __future__ import annotations
@@ -60,6 +60,15 @@ VARIANTS: dict[str, dict] = {
     "step_secant": dict(alpha_units="secant", anchor="previous"),
     "distance_secant": dict(alpha_units="distance_secant", momentum_rule="snr", kappa="norm", anchor="previous",
                             secant_is="max"),
+    # distance_secant with one of its parts taken back, each alone:
+    "ds_no_noise_correction": dict(alpha_units="distance_secant", momentum_rule="snr", kappa="norm",
+                                   anchor="previous", secant_is="max", noise_correction=False),
+    "ds_reference_momentum": dict(alpha_units="distance_secant", kappa="norm", anchor="previous", secant_is="max"),
+    "ds_squared_kappa": dict(alpha_units="distance_secant", momentum_rule="snr", anchor="previous", secant_is="max"),
+    "ds_memory_0.99": dict(alpha_units="distance_secant", momentum_rule="snr", kappa="norm", anchor="previous",
+                           secant_is="max", memory=0.99),
+    "ds_growth_10": dict(alpha_units="distance_secant", momentum_rule="snr", kappa="norm", anchor="previous",
+                         secant_is="max", max_growth=10.0),
     "step_secant_max": dict(alpha_units="secant", anchor="previous", secant_is="max"),
     "step_secant_max_kappa": dict(alpha_units="secant", anchor="previous", secant_is="max", kappa="norm"),
     "step_secant_max_snr": dict(alpha_units="secant", anchor="previous", secant_is="max", momentum_rule="snr"),
@@ -68,7 +77,8 @@ VARIANTS: dict[str, dict] = {
     "secant_fast": dict(alpha_units="secant", memory=0.99),
     "secant_snr_fast": dict(alpha_units="secant", momentum_rule="snr", memory=0.99),
 }
-TASK_STEPS = {"quadratic": 3000, "digits_mlp": 600, "logreg": 2000, "char_lstm": 1500, "autoencoder": 2000}  # cheap first
+TASK_STEPS = {"quadratic": 3000, "digits_mlp": 600, "logreg": 2000, "char_lstm": 1500, "autoencoder": 2000,
+              "fmnist_resnet8": 300, "fmnist_resnet": 300}  # cheap first
 LOSS_SCALES = (1e-4, 1.0, 1e4)
 
 
@@ -78,7 +88,7 @@ class FlatTuner(torch.optim.Optimizer):
     def __init__(self, params, alpha_units: str = "gradient", momentum_rule: str = "reference",
                  kappa: str = "squared", start_distance: float = 1e-6, memory: float = 0.999,
                  max_growth: float = 2.0, anchor: str = "average", curvature_memory: float | None = None,
-                 secant_is: str = "min"):
+                 secant_is: str = "min", noise_correction: bool = True):
         super().__init__(params, {})
         if alpha_units not in ("gradient", "distance", "secant", "distance_secant") or momentum_rule not in ("reference", "snr") \
                 or kappa not in ("squared", "norm"):
@@ -90,7 +100,7 @@ class FlatTuner(torch.optim.Optimizer):
         self.settings = (TunerSettings(slow_start=alpha_units == "gradient", beta=memory) if alpha_units not in ("secant", "distance_secant")
                          else TunerSettings(slow_start=False, beta=memory, eps=1e-30, adaptive_clipping=False))
         self.max_growth, self.anchor, self.curvature_memory = max_growth, anchor, curvature_memory
-        self.secant_is = secant_is
+        self.secant_is, self.noise_correction = secant_is, noise_correction
         self.tuner = TunerState.initial(self.settings)
         self.params = [p for group in self.param_groups for p in group["params"]]
         self.x0 = self._flat(p.detach() for p in self.params).clone()
@@ -188,7 +198,8 @@ class FlatTuner(torch.optim.Optimizer):
             s, q = float((g - gbar).dot(dx)), float(dx.dot(dx))
         else:  # the last step: x - x_prev = -alpha v; E<xi_prev, dx> = -alpha C is removed from the numerator
             dx = x - self.x_avg
-            s = float((g - self.g_prev).dot(dx)) - self.alpha_prev * float(state.grad_var) if self.g_prev is not None else 0.0
+            noise = self.alpha_prev * float(state.grad_var) if self.noise_correction else 0.0
+            s = float((g - self.g_prev).dot(dx)) - noise if self.g_prev is not None else 0.0
             q = float(dx.dot(dx))
             self.x_avg, self.g_prev = x.clone(), g.clone()
         if self.curvature_memory is not None:
@@ -258,21 +269,22 @@ def tuned_sgd_best(task_name: str) -> float | None:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["Best smoothed training loss (mean ± std over seeds); quadratic: also the final exact excess loss.", ""]
-    variants = ["reference", *VARIANTS]
+    lines = ["Best smoothed training loss (mean ± std over seeds; quadratic: also the final exact excess loss), "
+             "one row per variant.", ""]
+    variants = [v for v in ["reference", *VARIANTS] if any(r["variant"] == v for r in results)]
     tasks = [t for t in TASK_STEPS if any(r["task"] == t for r in results)]
-    lines += ["| task | tuned momentum SGD | " + " | ".join(variants) + " |", "|---" * (len(variants) + 2) + "|"]
-    for task_name in tasks:
+    lines += ["| variant | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    baselines = [tuned_sgd_best(task_name) for task_name in tasks]
+    lines.append("| tuned momentum SGD | " + " | ".join("-" if b is None else f"{b:.4g}" for b in baselines) + " |")
+    for variant in variants:
         cells = []
-        for variant in variants:
+        for task_name in tasks:
             runs = [r for r in results if r["task"] == task_name and r["variant"] == variant]
-            values = [r["best_smoothed_loss"] for r in runs]
-            cell = _mean_std(values)
+            cell = _mean_std([r["best_smoothed_loss"] for r in runs])
             if task_name == "quadratic" and runs:
                 cell += f" ({_mean_std([r['eval']['excess_loss'] for r in runs])})"
             cells.append(cell)
-        baseline = tuned_sgd_best(task_name)
-        lines.append(f"| {task_name} | {'-' if baseline is None else f'{baseline:.4g}'} | " + " | ".join(cells) + " |")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     scale_runs = [r for r in results if r["task"] == "loss_scale"]
     if scale_runs:
         lines += ["", "Loss multiplied by c (20-64-1 tanh MLP, 300 steps, batch 32): final full-batch MSE.", "",
@@ -300,7 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=["loss_scale", *TASK_STEPS])
     parser.add_argument("--variants", nargs="+", default=["reference", *VARIANTS])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--table", action="store_true",
+                        help="run nothing: rewrite screen.md from every results file present")
     args = parser.parse_args(argv)
+    if args.table:
+        text = table([json.loads(path.read_text()) for path in sorted(OUT.glob("*/*_seed*.json"))])
+        (OUT / "screen.md").write_text(text)
+        print(text)
+        return 0
     torch.set_num_threads(1)
     results = []
     for task_name in args.tasks:
@@ -320,9 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                 write_result(path, record)
                 results.append(record)
                 print(f"{task_name} {variant} seed {seed}: {time.monotonic() - start:.0f} s", flush=True)
-    text = table(results)
-    (OUT / "screen.md").write_text(text)
-    print(text)
+    print(table(results))
     return 0
 
 
