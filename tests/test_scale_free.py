@@ -64,7 +64,11 @@ def test_the_trajectory_does_not_depend_on_the_loss_scale(flavour):
         return YellowFin(params, tuner="scale_free", **FLAVOURS[flavour])
 
     secant_steps = []
-    unscaled, _, opt = train(scale_free, after_step=lambda opt: secant_steps.append(opt.stats()["secant_curvature"] > 0))
+
+    def record(opt):
+        secant_steps.append(opt.stats()["secant_curvature"] > 0.0)
+
+    unscaled, _, opt = train(scale_free, after_step=record)
     # Both steps were in play: the secant measured (steps ~15-70 here), then only the distance step.
     assert opt.stats()["step"] == 300 and 10 < sum(secant_steps) < 290
     for loss_scale in (1e-4, 1e-2, 1e2, 1e4):
@@ -187,9 +191,11 @@ def test_a_non_finite_gradient_changes_nothing():
         opt.zero_grad()
         ((model(x) - y) ** 2).mean().backward()
         opt.step()
+
     def everything_but_the_skip_count():
         tuner = opt.tuner_state().replace(skipped_steps=torch.zeros((), dtype=torch.float64))
-        return [t.clone() for t in (*tuner.as_dict().values(), *(t for p in model.parameters() for t in opt.state[p].values()))]
+        tensors = (*tuner.as_dict().values(), *(t for p in model.parameters() for t in opt.state[p].values()))
+        return [t.clone() for t in tensors]
 
     before_state, before_params = everything_but_the_skip_count(), flat(model)
     opt.zero_grad()

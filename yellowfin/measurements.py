@@ -4,7 +4,8 @@ distance to optimum.
 Pure functions on 0-dim float64 tensors. The first pass over the tensors (``passes``) reduces each
 step's gradients to ``Sums``; the tuning step (``tuning.tune_step``) turns them into a
 ``GradientSample`` (a handful of scalars); ``measure`` folds it into the tuner's state and returns
-the current ``Estimates``. Nothing here walks parameters.
+the current ``Estimates``. The scale-free tuner's own measurements (§8), the distance travelled and the
+secant curvature along the last step, are read from the same sums. Nothing here walks parameters.
 """
 
 from __future__ import annotations

@@ -118,7 +118,8 @@ class YellowFin(Optimizer):
     ``update_first=True`` updates with :math:`(\mu_{t-1}, \alpha_{t-1})` instead of
     :math:`(\mu_t, \alpha_t)`; :meth:`paper_variant` sets the paper's choices. ``stats()`` reports
     :math:`t, \mu_t, \alpha_t, h_{\min}, h_{\max}, C, D, o, m`. The algorithm, each step explained:
-    docs/algorithm.md §1-§6.
+    docs/algorithm.md §1-§6. ``tuner="scale_free"`` replaces the tuning by one whose every estimate is in
+    loss and parameter units, so that the trajectory does not depend on the loss scale (§8).
 
     Args:
         params: parameters or parameter groups.

@@ -2,7 +2,8 @@
 
 SingleStep and its parts (docs/algorithm.md §1-§2, §4.4), and ``tune_step``, everything one step
 does between the two passes over the tensors: the gates (§4.7), clipping (§4.2, §4.5), measuring
-(``measurements``), tuning, the applied momentum and the coefficients of the update (§4.6).
+(``measurements``), tuning, the applied momentum and the coefficients of the update (§4.6); and the
+scale-free tuner's choice of (mu, alpha) (§8, ``tune_scale_free``), which replaces SingleStep's there.
 
 Every function accepts Python floats or tensors and returns float64 tensors, built from
 elementwise torch operations only: no ``.item()``, no Python branch on a value. The
