@@ -126,7 +126,8 @@ class FlatTuner(torch.optim.Optimizer):
         g = self._flat(p.grad for p in self.params)
         x = self._flat(p.detach() for p in self.params)
         one = torch.ones((), dtype=torch.float64)
-        sums = Sums(g.dot(g), self.grad_avg.dot(g), self.grad_avg.dot(self.grad_avg), 0.0 * one, g.numel() * one)
+        sums = Sums(g.dot(g), self.grad_avg.dot(g), self.grad_avg.dot(self.grad_avg), 0.0 * one, g.numel() * one,
+                    *(0.0 * one,) * 5)  # (the scale-free tuner's sums, unread by the reference it runs)
         started = self.tuner.step >= 1.0
         state, c = tuning.tune_step(self.tuner, sums, self.settings)
         mu, alpha = c.momentum, c.step_size

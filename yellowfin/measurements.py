@@ -4,7 +4,8 @@ distance to optimum.
 Pure functions on 0-dim float64 tensors. The first pass over the tensors (``passes``) reduces each
 step's gradients to ``Sums``; the tuning step (``tuning.tune_step``) turns them into a
 ``GradientSample`` (a handful of scalars); ``measure`` folds it into the tuner's state and returns
-the current ``Estimates``. Nothing here walks parameters.
+the current ``Estimates``. The scale-free tuner's own measurements (§8), the distance travelled and the
+secant curvature along the last step, are read from the same sums. Nothing here walks parameters.
 """
 
 from __future__ import annotations
@@ -30,6 +31,22 @@ class Sums(NamedTuple):
     grad_avg_sq_norm: Tensor  # ||gbar||^2, before this step's update
     nonzero: Tensor  # non-zero gradient entries (only counted with the sparsity correction)
     numel: Tensor  # gradient entries
+    # Read by the scale-free tuner only (zeros for the reference), with x, x_0 and v before this step's update
+    # and lr each tensor's group multiplier (the passes sum them unweighted; ``weighted_by_lr`` weights them):
+    grad_dot_step: Tensor  # sum lr <g, v>
+    step_sq_norm: Tensor  # sum lr^2 ||v||^2
+    grad_sq_norm_lr: Tensor  # sum lr ||g||^2
+    displacement_sq: Tensor  # ||x - x_0||^2
+    initial_param_sq_norm: Tensor  # ||x_0||^2
+
+    def weighted_by_lr(self, lr) -> "Sums":
+        """These sums of one group's tensors, with the lr-weighted fields weighted by the group's ``lr``."""
+        if isinstance(lr, Tensor):  # (a one-element tensor of any shape and dtype, possibly on another device)
+            lr = lr.detach().reshape(()).to(self.grad_dot_step)
+        return self._replace(
+            grad_dot_step=lr * self.grad_dot_step, step_sq_norm=lr * lr * self.step_sq_norm,
+            grad_sq_norm_lr=lr * self.grad_sq_norm_lr,
+        )
 
     def vector(self) -> Tensor:
         """The sums as one float64 vector in field order (all fields 0-dim, on one device)."""
@@ -93,7 +110,7 @@ def measure(state: TunerState, sample: GradientSample, settings: TunerSettings) 
     ``state.step`` is t, the index of this sample; the returned state keeps it (the optimizer
     advances it once the update is applied).
     """
-    beta, eps, t = settings.beta, settings.eps, state.step
+    beta, eps, t = settings.beta, settings.measurement_eps, state.step
     debias = debias_factor(t, beta)
 
     # Curvature range: extremes over a sliding window, smoothed in log (or linear) space.
@@ -109,10 +126,11 @@ def measure(state: TunerState, sample: GradientSample, settings: TunerSettings) 
         h_min_avg = ema(state.h_min_avg, window_min, beta)
         h_max, h_min = h_max_avg / debias, h_min_avg / debias
 
-    # Variance: E||g||^2 - ||E g||^2, floored at eps.
+    # Variance: E||g||^2 - ||E g||^2, floored at eps (relative to E||g||^2 for the scale-free tuner).
     grad_sq_avg = ema(state.grad_sq_avg, sample.sq_norm, beta)
     grad_sq = grad_sq_avg / debias
-    grad_var = torch.clamp(grad_sq - sample.grad_avg_sq_norm / debias**2, min=eps)
+    grad_var = grad_sq - sample.grad_avg_sq_norm / debias**2
+    grad_var = torch.maximum(grad_var, eps * grad_sq) if settings.scale_free else torch.clamp(grad_var, min=eps)
 
     # Distance to the optimum: E||g|| / E||g||^2, i.e. ||g|| / h for a quadratic.
     grad_norm_avg = ema(state.grad_norm_avg, torch.sqrt(sample.sq_norm), beta)
@@ -132,3 +150,38 @@ def measure(state: TunerState, sample: GradientSample, settings: TunerSettings) 
         h_min=h_min, h_max=h_max, grad_var=grad_var, dist=dist,
     )
     return new_state, Estimates(h_min, h_max, grad_var, dist)
+
+
+# --------------------------------------------------------------------------------- scale-free tuner
+# The distance from x_0 starts at this fraction of (1 + ||x_0||): DoG's r_eps, the first step's length.
+INITIAL_DISTANCE = 1e-6
+
+
+def distance_travelled(state: TunerState, sums: Sums) -> Tensor:
+    """d = max(d_prev, ||x - x_0||), from 1e-6 (1 + ||x_0||) at t = 0 (DoG): a parameter-unit length."""
+    initial = INITIAL_DISTANCE * (1.0 + torch.sqrt(sums.initial_param_sq_norm))
+    previous = torch.where(state.step >= 1.0, state.distance, initial)
+    return torch.maximum(previous, torch.sqrt(sums.displacement_sq))
+
+
+def measure_secant(state: TunerState, sums: Sums, grad_var: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(s_avg, q_avg, h): the running averages of the secant along the last step, and their ratio h.
+
+    The last update moved x by -alpha_prev lr v (v the momentum buffer now), so with P = <g_prev, lr v>
+    (remembered from the previous step) the secant <g - g_prev, x - x_prev> is alpha_prev (P - <g, lr v>),
+    from scalars alone. g_prev's own noise is in the step: E<g - g_prev, x - x_prev> is the curvature
+    term plus alpha_prev lr s_prev C, which is removed. q = ||x - x_prev||^2 = alpha_prev^2 ||lr v||^2.
+    Both in loss units (s) and parameter^2 (q): h = s_avg / q_avg is a curvature in loss / parameter^2,
+    whatever the loss scale. h = 0 while unmeasured (t = 0, or no positive curvature seen yet).
+    """
+    started = state.step >= 1.0
+    alpha_prev = state.alpha
+    secant = alpha_prev * (state.prev_grad_dot_next_step - sums.grad_dot_step) - state.prev_step_noise_weight * grad_var
+    step_sq = alpha_prev**2 * sums.step_sq_norm
+    secant, step_sq = torch.where(started, secant, 0.0), torch.where(started, step_sq, 0.0)
+    weight = (1.0 - beta) / debias_factor(state.step, beta)  # bias-corrected: a plain mean at first
+    secant_avg = (1.0 - weight) * state.secant_num_avg + weight * secant
+    step_sq_avg = (1.0 - weight) * state.secant_den_avg + weight * step_sq
+    measured = (secant_avg > 0.0) & (step_sq_avg > 0.0)
+    curvature = torch.where(measured, secant_avg / torch.where(measured, step_sq_avg, 1.0), 0.0)
+    return secant_avg, step_sq_avg, curvature

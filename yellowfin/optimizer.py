@@ -39,7 +39,7 @@ _GROUP_OPTIONS = ("lr", "weight_decay", "decoupled_weight_decay", "nesterov", "m
 # defaults, so that reference_variant keeps this meaning when the defaults change.
 _REFERENCE_OPTIONS = dict(
     beta=0.999, curvature_window=20, eps=1e-6, initial_lr=1e-4, initial_momentum=0.0, adaptive_clipping=True,
-    slow_start=True, update_first=False, curvature_smoothing="log", smooth_tuned=False,
+    slow_start=True, update_first=False, curvature_smoothing="log", smooth_tuned=False, tuner="reference",
 )
 # Keys torch itself may put into a param group.
 _TORCH_GROUP_KEYS = ("params", "param_names", "differentiable")
@@ -118,7 +118,8 @@ class YellowFin(Optimizer):
     ``update_first=True`` updates with :math:`(\mu_{t-1}, \alpha_{t-1})` instead of
     :math:`(\mu_t, \alpha_t)`; :meth:`paper_variant` sets the paper's choices. ``stats()`` reports
     :math:`t, \mu_t, \alpha_t, h_{\min}, h_{\max}, C, D, o, m`. The algorithm, each step explained:
-    docs/algorithm.md §1-§6.
+    docs/algorithm.md §1-§6. ``tuner="scale_free"`` replaces the tuning by one whose every estimate is in
+    loss and parameter units, so that the trajectory does not depend on the loss scale (§8).
 
     Args:
         params: parameters or parameter groups.
@@ -128,7 +129,7 @@ class YellowFin(Optimizer):
             ``initial_lr``, ``initial_momentum``, ``adaptive_clipping``, ``slow_start``, ``clip_norm``,
             ``weight_decay``, ``decoupled_weight_decay``, ``nesterov``, ``maximize``, ``foreach``,
             ``fused``, ``per_group_tuning``, ``sparsity_correction``, ``update_first``,
-            ``curvature_smoothing``, ``smooth_tuned``, ``shard_group``): their defaults, ranges and
+            ``curvature_smoothing``, ``smooth_tuned``, ``tuner``, ``shard_group``): their defaults, ranges and
             meaning are listed once, in docs/algorithm.md §7.1.
     """
 
@@ -156,6 +157,7 @@ class YellowFin(Optimizer):
         update_first: bool = False,
         curvature_smoothing: str = "log",
         smooth_tuned: bool = False,
+        tuner: str = "reference",
         shard_group=None,
         **unknown,
     ):
@@ -168,7 +170,7 @@ class YellowFin(Optimizer):
             beta=beta, curvature_window=curvature_window, eps=eps, initial_lr=initial_lr,
             initial_momentum=initial_momentum, adaptive_clipping=adaptive_clipping, slow_start=slow_start,
             clip_norm=clip_norm, sparsity_correction=sparsity_correction, update_first=update_first,
-            curvature_smoothing=curvature_smoothing, smooth_tuned=smooth_tuned,
+            curvature_smoothing=curvature_smoothing, smooth_tuned=smooth_tuned, tuner=tuner,
         )
         defaults = dict(
             vars(settings), lr=lr, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
@@ -263,7 +265,7 @@ class YellowFin(Optimizer):
         totals = torch.zeros(len(scopes), len(Sums._fields), dtype=torch.float64, device=device)
         for row, (_, settings, batches) in enumerate(scopes):
             for batch in batches:
-                totals[row] += _reduce(batch, settings.sparsity_correction).to(device)
+                totals[row] += _reduce(batch, settings).to(device)
         if self.shard_group is not None:
             torch.distributed.all_reduce(totals, group=self.shard_group)
 
@@ -285,7 +287,8 @@ class YellowFin(Optimizer):
     def _collect(self, group: dict) -> "_Batch":
         """The group's parameters that have a gradient, their gradients (after maximize and
         coupled weight decay), and their two buffers, created on first use."""
-        params, grads, grad_avgs, momenta = [], [], [], []
+        params, grads, grad_avgs, momenta, initial_params = [], [], [], [], []
+        scale_free = group["tuner"] == "scale_free"
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -299,7 +302,12 @@ class YellowFin(Optimizer):
             if not state:
                 state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if scale_free and "initial_param" not in state:
+                # x_0, where the distance travelled is measured from (only this tuner pays its memory).
+                state["initial_param"] = p.detach().clone(memory_format=torch.preserve_format)
             tensors = (p, grad, state["grad_avg"], state["momentum_buffer"])
+            if scale_free:
+                tensors += (state["initial_param"],)
             if p.is_complex():
                 # A complex entry is two real coordinates: every path works on the real views, so
                 # ||g||^2 = sum |g|^2 and <gbar, g> = Re sum conj(gbar) g, exactly as for the real twin.
@@ -307,9 +315,9 @@ class YellowFin(Optimizer):
                     raise ValueError("complex parameters with sparse gradients are not supported; "
                                      "allowed are dense gradients for complex parameters")
                 tensors = tuple(map(torch.view_as_real, tensors))
-            for values, tensor in zip((params, grads, grad_avgs, momenta), tensors):
+            for values, tensor in zip((params, grads, grad_avgs, momenta, initial_params), tensors):
                 values.append(tensor)
-        return _Batch(group, params, grads, grad_avgs, momenta, _flavour(group))
+        return _Batch(group, params, grads, grad_avgs, momenta, _flavour(group), initial_params)
 
     # ----------------------------------------------------------------------------- reading the tuner
     def stats(self, scope: int | None = None) -> dict | list[dict]:
@@ -429,6 +437,13 @@ class _Batch(NamedTuple):
     grad_avgs: list[Tensor]
     momenta: list[Tensor]
     flavour: str  # a key of _PASSES
+    initial_params: list[Tensor]  # x_0, for the scale-free tuner only (else empty)
+
+    def trajectory(self, indices: list[int]) -> passes.Trajectory | None:
+        """What the scale-free tuner's sums read of the tensors at ``indices`` (None for the reference)."""
+        if not self.initial_params:
+            return None
+        return passes.Trajectory(self.params, self.initial_params, self.momenta).pick(indices)
 
 
 # The passes of each flavour (``passes``): (reduce, update). Sparse gradients always take the
@@ -454,15 +469,19 @@ def _split_sparse(batch: _Batch) -> tuple[list[int], list[int]]:
     return ([], dense + sparse) if batch.flavour == "single_tensor" else (dense, sparse)
 
 
-def _reduce(batch: _Batch, count_nonzero: bool) -> Tensor:
-    """Pass 1 for one batch: its ``Sums`` vector (reads g and gbar, writes nothing)."""
+def _reduce(batch: _Batch, settings: TunerSettings) -> Tensor:
+    """Pass 1 for one batch: its ``Sums`` vector (reads g and gbar, and x, x_0, v for the scale-free
+    tuner; writes nothing)."""
     own, reference = _split_sparse(batch)
     rows = []
     for indices, reduce in ((own, _PASSES[batch.flavour][0]), (reference, passes.reduce_single_tensor)):
         if indices:
             rows.append(reduce([batch.grads[i] for i in indices], [batch.grad_avgs[i] for i in indices],
-                               count_nonzero=count_nonzero))
-    return passes.add_sums(rows)
+                               count_nonzero=settings.sparsity_correction, trajectory=batch.trajectory(indices)))
+    sums = passes.add_sums(rows)
+    if settings.scale_free:
+        sums = Sums.from_vector(sums).weighted_by_lr(batch.group["lr"]).vector()
+    return sums
 
 
 def _update(batch: _Batch, coefficients: tuning.UpdateCoefficients) -> None:
@@ -508,6 +527,9 @@ def _check_group(group: dict) -> TunerSettings:
             check_bool(name, group[name])
     if group["foreach"] and group["fused"]:
         raise ValueError("foreach=True and fused=True are two implementations of the same step: choose one")
+    if settings.scale_free and group["nesterov"]:
+        raise ValueError("nesterov=True is not supported with tuner='scale_free': its secant curvature is measured "
+                         "along heavy-ball steps; use nesterov=False")
     return settings
 
 
@@ -531,4 +553,7 @@ def _record(state: TunerState, settings: TunerSettings) -> dict:
     values["skipped_steps"] = int(state.skipped_steps)
     values["applied_momentum"] = float(tuning.applied_momentum(state.mu, state.momentum_offset, settings.eps))
     values["lr"] = values["alpha"]  # deprecated alias of "alpha" (see YellowFin.stats)
+    if settings.scale_free:
+        values["distance"] = float(state.distance)
+        values["secant_curvature"] = float(state.secant_curvature)
     return values

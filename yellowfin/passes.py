@@ -1,7 +1,7 @@
 """Apply: the two passes of a step over the tensors, in three flavours (docs/algorithm.md §4).
 
-Pass 1, ``reduce_*``, reads g and gbar and writes nothing: it returns their ``Sums`` as one float64
-vector (``measurements.Sums`` defines its layout). Pass 2, ``update_*``, reads g, gbar, v, x once and
+Pass 1, ``reduce_*``, reads g and gbar (and for the scale-free tuner x, x_0 and v, a ``Trajectory``) and
+writes nothing: it returns their ``Sums`` as one float64 vector (``measurements.Sums`` defines its layout). Pass 2, ``update_*``, reads g, gbar, v, x once and
 writes gbar, v, x with the ``tuning.UpdateCoefficients`` of the step:
 
     gbar <- avg_decay gbar + avg_weight g
@@ -26,7 +26,7 @@ gradient as zeros, so 0 * NaN cannot leak.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import Tensor
@@ -37,27 +37,60 @@ from .tuning import UpdateCoefficients
 
 
 # --------------------------------------------------------------------------------- pass 1: reduce
-def reduce_single_tensor(grads: list[Tensor], grad_avgs: list[Tensor], *, count_nonzero: bool) -> Tensor:
+class Trajectory(NamedTuple):
+    """What the scale-free tuner's sums read besides g and gbar (``Sums.grad_dot_step`` and after), one entry
+    per gradient: where each parameter is, where it started, and the momentum buffer it moves along."""
+
+    params: list[Tensor]
+    initial_params: list[Tensor]
+    momenta: list[Tensor]
+
+    def pick(self, indices) -> "Trajectory":
+        return Trajectory(*([tensors[i] for i in indices] for tensors in self))
+
+
+def reduce_single_tensor(
+    grads: list[Tensor], grad_avgs: list[Tensor], *, count_nonzero: bool, trajectory: Trajectory | None = None
+) -> Tensor:
     """The ``Sums`` vector of the tensors, one tensor at a time, all in float64 (dense or sparse)."""
     rows = []
-    for grad, grad_avg in zip(grads, grad_avgs):
+    for index, (grad, grad_avg) in enumerate(zip(grads, grad_avgs)):
+        momentum_buffer = trajectory.momenta[index] if trajectory is not None else None
         if grad.is_sparse:
             grad = grad.coalesce()
             values, avg_values = grad._values(), grad_avg.sparse_mask(grad)._values()
+            if momentum_buffer is not None:
+                momentum_values = momentum_buffer.sparse_mask(grad)._values()
         else:
-            values, avg_values = grad, grad_avg
+            values, avg_values, momentum_values = grad, grad_avg, momentum_buffer
         values, avg_values = values.to(torch.float64), avg_values.to(torch.float64)
-        rows.append(Sums(
+        zero = values.new_zeros(())
+        row = Sums(
             sq_norm=torch.sum(values * values),
             cross=torch.sum(values * avg_values),
             grad_avg_sq_norm=torch.sum(grad_avg.to(torch.float64) ** 2),
             nonzero=torch.count_nonzero(values).to(torch.float64) if count_nonzero else values.new_zeros(()),
             numel=values.new_full((), float(grad_avg.numel())),
-        ).vector())
+            grad_dot_step=zero, step_sq_norm=zero, grad_sq_norm_lr=zero, displacement_sq=zero,
+            initial_param_sq_norm=zero,
+        )
+        if trajectory is not None:
+            v = momentum_buffer.to(torch.float64)
+            x, x0 = trajectory.params[index].to(torch.float64), trajectory.initial_params[index].to(torch.float64)
+            row = row._replace(
+                grad_dot_step=torch.sum(values * momentum_values.to(torch.float64)),
+                step_sq_norm=torch.sum(v * v),
+                grad_sq_norm_lr=row.sq_norm,
+                displacement_sq=torch.sum((x - x0) ** 2),
+                initial_param_sq_norm=torch.sum(x0 * x0),
+            )
+        rows.append(row.vector())
     return add_sums(rows)
 
 
-def reduce_multi_tensor(grads: list[Tensor], grad_avgs: list[Tensor], *, count_nonzero: bool) -> Tensor:
+def reduce_multi_tensor(
+    grads: list[Tensor], grad_avgs: list[Tensor], *, count_nonzero: bool, trajectory: Trajectory | None = None
+) -> Tensor:
     """The ``Sums`` vector of dense tensors, with multi-tensor kernels per device and dtype.
 
     The norms accumulate in float64, as on the other flavours: in float32 a gradient of norm above
@@ -67,51 +100,86 @@ def reduce_multi_tensor(grads: list[Tensor], grad_avgs: list[Tensor], *, count_n
     overflows, ``measurements.averaged_sq_norm`` brings it back inside its Cauchy-Schwarz bound.
     """
     rows = []
-    for grads, grad_avgs in _by_device_and_dtype(grads, grad_avgs):
+    extra = () if trajectory is None else tuple(trajectory)
+    for grads, grad_avgs, *extra in _by_device_and_dtype(grads, grad_avgs, *extra):
         count = float(sum(g.numel() for g in grads))
         if grads[0].dtype in (torch.float16, torch.bfloat16):
             grads, grad_avgs = [g.float() for g in grads], [a.float() for a in grad_avgs]
         cross = torch.stack([torch.dot(g.reshape(-1), a.reshape(-1)) for g, a in zip(grads, grad_avgs)])
         cross = cross.to(torch.float64).sum()
-        rows.append(Sums(
-            sq_norm=torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).square().sum(),
+        zero = torch.zeros_like(cross)
+        row = Sums(
+            sq_norm=_sq_norm(grads),
             cross=cross,
-            grad_avg_sq_norm=torch.stack(torch._foreach_norm(grad_avgs, 2, dtype=torch.float64)).square().sum(),
+            grad_avg_sq_norm=_sq_norm(grad_avgs),
             nonzero=(torch.stack([torch.count_nonzero(g) for g in grads]).sum().to(torch.float64)
                      if count_nonzero else torch.zeros_like(cross)),
             # (new_full fills on the device; a tensor built from a host number would be a copy)
             numel=cross.new_full((), count),
-        ).vector())
+            grad_dot_step=zero, step_sq_norm=zero, grad_sq_norm_lr=zero, displacement_sq=zero,
+            initial_param_sq_norm=zero,
+        )
+        if trajectory is not None:
+            params, initial_params, momenta = extra
+            # The secant is a difference of two such dots: products in the tensors' dtype, sums in float64.
+            grad_dot_step = torch.stack([torch.sum(g * v, dtype=torch.float64) for g, v in zip(grads, momenta)])
+            row = row._replace(
+                grad_dot_step=grad_dot_step.sum(),
+                step_sq_norm=_sq_norm(momenta),
+                grad_sq_norm_lr=row.sq_norm,
+                displacement_sq=_sq_norm(torch._foreach_sub(params, initial_params)),
+                initial_param_sq_norm=_sq_norm(initial_params),
+            )
+        rows.append(row.vector())
     return add_sums(rows)
 
 
-def reduce_compiled(grads: list[Tensor], grad_avgs: list[Tensor], *, count_nonzero: bool) -> Tensor:
+def _sq_norm(tensors: list[Tensor]) -> Tensor:
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square().sum()
+
+
+def reduce_compiled(
+    grads: list[Tensor], grad_avgs: list[Tensor], *, count_nonzero: bool, trajectory: Trajectory | None = None
+) -> Tensor:
     """The ``Sums`` vector of dense tensors, with compiled kernels per device and dtype, accumulated in
     float64 inside the kernel (so it costs what a float32 read costs and keeps the reference's range)."""
     rows = []
-    for grads, grad_avgs in _by_device_and_dtype(grads, grad_avgs):
+    extra = () if trajectory is None else tuple(trajectory)
+    for grads, grad_avgs, *extra in _by_device_and_dtype(grads, grad_avgs, *extra):
         count = float(sum(g.numel() for g in grads))
         grads, grad_avgs = _at_least_1d(grads), _at_least_1d(grad_avgs)
+        extra = [_at_least_1d(tensors) for tensors in extra]
         total = None
         for part in _chunks(len(grads)):
-            row = _compiled_sums(grads[part], grad_avgs[part], count_nonzero)
+            part_trajectory = Trajectory(*(tensors[part] for tensors in extra)) if extra else None
+            row = _compiled_sums(grads[part], grad_avgs[part], count_nonzero, part_trajectory)
             total = row if total is None else total + row
         # The kernel leaves numel at zero (a count of a dynamic shape would be a graph input of its own).
         rows.append(Sums.from_vector(total)._replace(numel=total.new_full((), count)).vector())
     return add_sums(rows)
 
 
-def _sums_kernel(grads: list[Tensor], grad_avgs: list[Tensor], count_nonzero: bool) -> Tensor:
+def _sums_kernel(
+    grads: list[Tensor], grad_avgs: list[Tensor], count_nonzero: bool, trajectory: Trajectory | None
+) -> Tensor:
     total = None
-    for grad, grad_avg in zip(grads, grad_avgs):
+    for index, (grad, grad_avg) in enumerate(zip(grads, grad_avgs)):
         g, a = grad.to(torch.float64), grad_avg.to(torch.float64)
+        zero = g.new_zeros(())
         row = Sums(
             sq_norm=(g * g).sum(),
             cross=(g * a).sum(),
             grad_avg_sq_norm=(a * a).sum(),
             nonzero=(grad != 0).sum().to(torch.float64) if count_nonzero else g.new_zeros(()),
             numel=g.new_zeros(()),
-        ).vector()
+            grad_dot_step=zero, step_sq_norm=zero, grad_sq_norm_lr=zero, displacement_sq=zero,
+            initial_param_sq_norm=zero,
+        )
+        if trajectory is not None:
+            x, x0, v = (tensors[index].to(torch.float64) for tensors in trajectory)
+            row = row._replace(grad_dot_step=(g * v).sum(), step_sq_norm=(v * v).sum(), grad_sq_norm_lr=row.sq_norm,
+                               displacement_sq=((x - x0) ** 2).sum(), initial_param_sq_norm=(x0 * x0).sum())
+        row = row.vector()
         total = row if total is None else total + row
     return total
 

@@ -34,6 +34,10 @@ class TunerSettings:
     update_first: bool = False
     curvature_smoothing: str = "log"
     smooth_tuned: bool = False
+    # "reference": the authors' tuner. "scale_free": every estimate in loss and parameter units, so that
+    # the trajectory does not depend on the loss scale (docs/algorithm.md §8); it has no slow start, no
+    # adaptive clipping, no alpha_0 and no mu_0, and its guards are relative.
+    tuner: str = "reference"
 
     def __post_init__(self):
         for name, allowed in (("beta", "[0, 1)"), ("eps", "(0, 1)"), ("initial_lr", "[0, inf)"),
@@ -60,6 +64,24 @@ class TunerSettings:
         )
         for name in ("adaptive_clipping", "slow_start", "sparsity_correction", "update_first", "smooth_tuned"):
             check_bool(name, getattr(self, name))
+        _check(self.tuner in TUNERS, "tuner", self.tuner, " or ".join(map(repr, TUNERS)))
+        if self.scale_free:
+            # These name variants of the reference's own decisions, which the scale-free tuner does not make.
+            for name, reference_only in (("update_first", True), ("smooth_tuned", True),
+                                         ("curvature_smoothing", "linear")):
+                if getattr(self, name) == reference_only:
+                    raise ValueError(f"{name}={reference_only!r} is an option of tuner='reference'; "
+                                     f"tuner='scale_free' does not take it")
+
+    @property
+    def scale_free(self) -> bool:
+        return self.tuner == "scale_free"
+
+    @property
+    def measurement_eps(self) -> float:
+        """The guard inside the estimators: ``eps`` for the reference; for the scale-free tuner one far
+        below any measured scale (an absolute eps would be a loss scale of its own)."""
+        return SCALE_FREE_EPS if self.scale_free else self.eps
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -70,6 +92,8 @@ class TunerSettings:
 # 10**6 samples (8 MB, a window longer than most training runs) is far beyond any useful window
 # (the default is 20), while 10**9 would allocate 8 GB and scan it at every step.
 MAX_CURVATURE_WINDOW = 10**6
+TUNERS = ("reference", "scale_free")
+SCALE_FREE_EPS = 1e-30
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
@@ -111,6 +135,13 @@ class TunerState:
     alpha: Tensor  # the tuned step size, before a group's ``lr`` multiplier (saved as ``lr`` by version 0.1)
     # Additive correction to mu, driven from outside (the asynchronous closed loop).
     momentum_offset: Tensor
+    # The scale-free tuner's own memory (zeros, unused, for the reference; docs/algorithm.md §8):
+    distance: Tensor  # d = max_t ||x_t - x_0||, from 1e-6 (1 + ||x_0||) (DoG)
+    secant_num_avg: Tensor  # average of s = <g - g_prev, x - x_prev> + the noise correction
+    secant_den_avg: Tensor  # average of q = ||x - x_prev||^2
+    secant_curvature: Tensor  # s_avg / q_avg, the curvature along the steps (0 until measured)
+    prev_grad_dot_next_step: Tensor  # <g_prev, lr v>, the last gradient along the step it led to
+    prev_step_noise_weight: Tensor  # alpha_prev lr grad_scale_prev: -E<noise_prev, x - x_prev> / C
 
     @classmethod
     def initial(cls, settings: TunerSettings, device: torch.device | str | None = None) -> "TunerState":
@@ -143,11 +174,15 @@ class TunerState:
     def from_dict(cls, values: dict, settings: TunerSettings, device=None) -> "TunerState":
         """Rebuild a state from ``as_dict`` output, refusing anything that does not fit.
 
-        A checkpoint written before the tuned step was named ``alpha`` holds it as ``lr``; it loads.
+        A checkpoint written before the tuned step was named ``alpha`` holds it as ``lr``, and one written
+        before the scale-free tuner lacks its fields (a reference tuner's, which never reads them): both load.
         """
         expected = {f.name for f in fields(cls)}
         if isinstance(values, dict) and "lr" in values and "alpha" not in values:
             values = {("alpha" if name == "lr" else name): value for name, value in values.items()}
+        if isinstance(values, dict) and not set(SCALE_FREE_FIELDS) & set(values):
+            initial = cls.initial(settings)
+            values = {**values, **{name: getattr(initial, name) for name in SCALE_FREE_FIELDS}}
         if not isinstance(values, dict) or set(values) != expected:
             got = sorted(values) if isinstance(values, dict) else type(values).__name__
             raise ValueError(f"tuner state must have exactly the fields {sorted(expected)}, got {got}")
@@ -174,10 +209,15 @@ class TunerState:
         })
 
 
+# The fields added with the scale-free tuner (absent from older checkpoints).
+SCALE_FREE_FIELDS = ("distance", "secant_num_avg", "secant_den_avg", "secant_curvature", "prev_grad_dot_next_step",
+                     "prev_step_noise_weight")
+
 # What a saved tuner field may hold (finite in every case); fields not listed may take any finite value
 # (the log-smoothed curvature averages are negative below 1; the momentum offset is clamped when used).
 _FIELD_RANGES = {
     name: (0.0, math.inf)
     for name in ("step", "skipped_steps", "curvatures", "grad_sq_avg", "grad_norm_avg", "dist_avg",
-                 "h_min", "h_max", "grad_var", "dist", "alpha")
+                 "h_min", "h_max", "grad_var", "dist", "alpha", "distance", "secant_den_avg", "secant_curvature",
+                 "prev_step_noise_weight")
 } | {"density_avg": (0.0, 1.0), "mu": (-1.0, 1.0)}

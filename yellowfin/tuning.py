@@ -2,7 +2,8 @@
 
 SingleStep and its parts (docs/algorithm.md §1-§2, §4.4), and ``tune_step``, everything one step
 does between the two passes over the tensors: the gates (§4.7), clipping (§4.2, §4.5), measuring
-(``measurements``), tuning, the applied momentum and the coefficients of the update (§4.6).
+(``measurements``), tuning, the applied momentum and the coefficients of the update (§4.6); and the
+scale-free tuner's choice of (mu, alpha) (§8, ``tune_scale_free``), which replaces SingleStep's there.
 
 Every function accepts Python floats or tensors and returns float64 tensors, built from
 elementwise torch operations only: no ``.item()``, no Python branch on a value. The
@@ -129,6 +130,61 @@ def tune(estimates, step, previous_mu, previous_alpha, settings) -> tuple[Tensor
     )
 
 
+# --------------------------------------------------------------------------------- the scale-free tuner
+# The step may grow by at most this factor per step (from DoG's first move, as fast as the estimates allow).
+MAX_STEP_GROWTH = 2.0
+
+
+def tune_scale_free(
+    state: TunerState, measured: TunerState, sums: Sums, sample: measurements.GradientSample, settings: TunerSettings
+) -> TunerState:
+    """The scale-free tuner's (mu, alpha) at step t (docs/algorithm.md §8), in ``measured``, the state after
+    ``measurements.measure`` (``state`` is the one before it).
+
+    Every quantity is in loss and parameter units, so multiplying the loss by c leaves mu and the
+    parameters' trajectory unchanged and scales alpha by 1/c: the condition number is the ratio of
+    gradient norms (||g|| ranges over [h_min d, h_max d] on a quadratic), the momentum rule reads the
+    gradient's signal-to-noise ratio ||E g||^2 / (2 C), and alpha is the smaller of the secant step
+    (the curvature along the last steps, ``measurements.measure_secant``) and DoG's distance step.
+    """
+    started = state.step >= 1.0
+    kappa = torch.sqrt(measured.h_max / measured.h_min)
+    root_kappa = torch.sqrt(kappa)
+    debias = measurements.debias_factor(state.step, settings.beta)
+    signal_to_noise = (sample.grad_avg_sq_norm / debias**2) / (2.0 * measured.grad_var)
+    sqrt_mu = torch.maximum(cubic_root(signal_to_noise), (root_kappa - 1.0) / (root_kappa + 1.0))
+    contraction = (1.0 - sqrt_mu) ** 2
+
+    distance = measurements.distance_travelled(state, sums)
+    secant_avg, step_sq_avg, secant_curvature = measurements.measure_secant(
+        state, sums, measured.grad_var, settings.beta
+    )
+    # The secant along the last step sees the stiffest directions: it is h_max, and h_min = h_max / kappa.
+    measured_secant = secant_curvature > 0.0
+    alpha_secant = torch.where(
+        measured_secant, contraction * kappa / torch.where(measured_secant, secant_curvature, 1.0), float("inf")
+    )
+    # For a quadratic ||g|| = h d: h_min ~ sqrt(h_min proxy) / d.
+    alpha_distance = contraction * distance / torch.sqrt(measured.h_min)
+    alpha = torch.minimum(torch.minimum(alpha_secant, MAX_STEP_GROWTH * state.alpha), alpha_distance)
+    first_step = distance / torch.sqrt(sample.sq_norm)  # DoG's start: move exactly d, without momentum
+    return measured.replace(
+        mu=torch.where(started, sqrt_mu**2, 0.0), alpha=torch.where(started, alpha, first_step),
+        distance=distance, secant_num_avg=secant_avg, secant_den_avg=step_sq_avg, secant_curvature=secant_curvature,
+    )
+
+
+def remember_step(state: TunerState, sums: Sums, momentum: Tensor, grad_scale: Tensor) -> TunerState:
+    """What the next step's secant needs of this one (``measurements.measure_secant``): P = <g, lr v+> with
+    v+ = momentum v + grad_scale g, and the weight of g's noise in the step, alpha lr grad_scale (lr as
+    weighted by ||g||^2: the group's lr when all tensors share one)."""
+    grad_dot_next_step = momentum * sums.grad_dot_step + grad_scale * sums.grad_sq_norm_lr
+    mean_lr = sums.grad_sq_norm_lr / torch.where(sums.sq_norm > 0.0, sums.sq_norm, 1.0)
+    return state.replace(
+        prev_grad_dot_next_step=grad_dot_next_step, prev_step_noise_weight=state.alpha * grad_scale * mean_lr
+    )
+
+
 # --------------------------------------------------------------------------------- one step
 class UpdateCoefficients(NamedTuple):
     """Scalars of the update pass, already gated so that a skipped step changes nothing (§4.6, §4.7)."""
@@ -168,7 +224,8 @@ def clipping_scales(sq_norm, h_max, started, settings: TunerSettings) -> tuple[T
     if settings.clip_norm is not None:
         scale = torch.where(norm > settings.clip_norm, settings.clip_norm / norm, 1.0)
     update_scale = torch.ones_like(norm)
-    if settings.adaptive_clipping:
+    # (not for the scale-free tuner: its thresholds h_max are the reference's squared-gradient proxies)
+    if settings.adaptive_clipping and not settings.scale_free:
         stat_threshold = torch.sqrt(100.0 * h_max)
         clipped = started & (scale * norm > stat_threshold)
         # s g gets norm stat_threshold, whatever clip_norm made of it before (not stat_threshold / s).
@@ -224,12 +281,17 @@ def tune_step(state: TunerState, sums: Sums, settings: TunerSettings) -> tuple[T
 
     sample = measurements.GradientSample(curvature_sample, grad_avg_sq_norm, density)
     measured, estimates = measurements.measure(state, sample, settings)
-    mu, alpha = tune(estimates, state.step, state.mu, state.alpha, settings)
-    new_state = measured.replace(mu=mu, alpha=alpha, step=state.step + 1.0)
+    if settings.scale_free:
+        new_state = tune_scale_free(state, measured, sums, sample, settings)
+        mu, alpha = new_state.mu, new_state.alpha
+    else:
+        mu, alpha = tune(estimates, state.step, state.mu, state.alpha, settings)
+        new_state = measured.replace(mu=mu, alpha=alpha)
+    new_state = new_state.replace(step=state.step + 1.0)
 
     # The update uses this step's (reference) or the previous step's (paper) tuned values.
     applied_mu, applied_alpha = (state.mu, state.alpha) if settings.update_first else (mu, alpha)
-    if settings.adaptive_clipping:
+    if settings.adaptive_clipping and not settings.scale_free:
         update_scale = bound_first_step(update_scale, applied_alpha, curvature_sample, started)
     coefficients = UpdateCoefficients(
         finite=applied,
@@ -239,6 +301,8 @@ def tune_step(state: TunerState, sums: Sums, settings: TunerSettings) -> tuple[T
         grad_scale=torch.where(applied, scale * update_scale, 0.0),
         step_size=torch.where(applied, applied_alpha, 0.0),
     )
+    if settings.scale_free:
+        new_state = remember_step(new_state, sums, coefficients.momentum, coefficients.grad_scale)
     new_state = new_state.select(applied, state).replace(
         skipped_steps=state.skipped_steps + (~finite).to(torch.float64)
     )

@@ -87,6 +87,9 @@ SETUPS = {
     "zero_idle_shard": (WithUnusedParameter, regression_batch, {}),
     "fsdp": (make_mlp, regression_batch, {}),
     "zero_per_group": (make_mlp, regression_batch, {"per_group_tuning": True}),
+    # The scale-free tuner's extra sums (x, x_0, v) are sums over shards like the others.
+    "zero_scale_free": (make_mlp, regression_batch, {"tuner": "scale_free"}),
+    "fsdp_scale_free": (make_mlp, regression_batch, {"tuner": "scale_free"}),
 }
 
 
@@ -167,7 +170,7 @@ def run_scenario(scenario: str, rank: int) -> dict:
         ddp = DistributedDataParallel(model)
         optimizer = YellowFin(ddp.parameters(), **options)
         calls = _train(ddp, optimizer, batch_fn, rank, local_half=True)
-    elif scenario in ("zero", "zero_per_group"):
+    elif scenario in ("zero", "zero_per_group", "zero_scale_free"):
         ddp = DistributedDataParallel(model)
         optimizer = zero_redundancy_yellowfin(param_groups(ddp.parameters(), scenario), **options)
         calls = _train(ddp, optimizer, batch_fn, rank, local_half=True)
@@ -183,7 +186,7 @@ def run_scenario(scenario: str, rank: int) -> dict:
         calls = _train(model, optimizer, batch_fn, rank, local_half=False)
         extra["local_params_with_grad"] = sum(
             p.grad is not None for g in optimizer.optim.param_groups for p in g["params"])
-    elif scenario == "fsdp":
+    elif scenario in ("fsdp", "fsdp_scale_free"):
         from torch.distributed.fsdp import fully_shard
 
         for layer in model:
