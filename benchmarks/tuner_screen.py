@@ -67,6 +67,12 @@ VARIANTS: dict[str, dict] = {
     "ds_squared_kappa": dict(alpha_units="distance_secant", momentum_rule="snr", anchor="previous", secant_is="max"),
     "ds_memory_0.99": dict(alpha_units="distance_secant", momentum_rule="snr", kappa="norm", anchor="previous",
                            secant_is="max", memory=0.99),
+    "dsm": dict(alpha_units="distance_secant", momentum_rule="along_momentum", kappa="norm", anchor="previous",
+                secant_is="max"),
+    "dsm_memory_0.99": dict(alpha_units="distance_secant", momentum_rule="along_momentum", kappa="norm",
+                            anchor="previous", secant_is="max", memory=0.99),
+    "dsu_memory_0.99": dict(alpha_units="distance_secant", momentum_rule="snr", kappa="norm", anchor="previous",
+                            secant_is="upper", memory=0.99),
     "ds_growth_10": dict(alpha_units="distance_secant", momentum_rule="snr", kappa="norm", anchor="previous",
                          secant_is="max", max_growth=10.0),
     "step_secant_max": dict(alpha_units="secant", anchor="previous", secant_is="max"),
@@ -90,10 +96,14 @@ class FlatTuner(torch.optim.Optimizer):
                  max_growth: float = 2.0, anchor: str = "average", curvature_memory: float | None = None,
                  secant_is: str = "min", noise_correction: bool = True):
         super().__init__(params, {})
-        if alpha_units not in ("gradient", "distance", "secant", "distance_secant") or momentum_rule not in ("reference", "snr") \
+        if alpha_units not in ("gradient", "distance", "secant", "distance_secant") or momentum_rule not in ("reference", "snr", "along_momentum") \
                 or kappa not in ("squared", "norm"):
             raise ValueError(f"unknown switch in {alpha_units!r}, {momentum_rule!r}, {kappa!r}")
         self.alpha_units, self.momentum_rule, self.kappa = alpha_units, momentum_rule, kappa
+        # along_momentum: signal and noise as running averages of scalars. <g, v> / W (W the sum of the
+        # weights of the past gradients in v) estimates ||grad f||^2 without averaging vectors over the memory,
+        # which a rotating gradient would cancel; E||g||^2 minus it is the noise C without the drift.
+        self.weight_sum, self.signal_avg, self.sq_avg, self.noise_var = 0.0, 0.0, 0.0, None
         # The distance variant grows its own step from r_eps, so it needs no ramp (DoG's warm-up).
         # The secant variant keeps every guard relative (eps far below any measured scale), so that only
         # the measurements, not the guards, decide: the loss-scale screen then tests the estimator itself.
@@ -136,6 +146,7 @@ class FlatTuner(torch.optim.Optimizer):
             mu, alpha = self._retune(state, g, bool(started))
             state = state.replace(mu=mu, alpha=alpha)
         self.velocity.mul_(mu).add_(c.grad_scale * g)
+        self.weight_sum = float(mu) * self.weight_sum + float(c.grad_scale)
         x = x - alpha * self.velocity
         offset = 0
         for p in self.params:
@@ -151,9 +162,19 @@ class FlatTuner(torch.optim.Optimizer):
         root_kappa = torch.sqrt(ratio) if self.kappa == "squared" else ratio ** 0.25
         if self.momentum_rule == "reference":
             p = state.dist**2 * state.h_min**2 / (2.0 * state.grad_var)
-        else:
+        elif self.momentum_rule == "snr":
             debias = 1.0 - self.settings.beta ** state.step
             p = self.grad_avg.dot(self.grad_avg) / debias**2 / (2.0 * state.grad_var)
+        else:
+            beta = self.settings.beta
+            weight = (1.0 - beta) / (1.0 - beta ** float(state.step))
+            self.sq_avg = (1.0 - weight) * self.sq_avg + weight * float(g.dot(g))
+            if self.weight_sum > 0.0:  # (v is empty before the first update)
+                signal = float(g.dot(self.velocity)) / self.weight_sum
+                self.signal_avg = signal if self.noise_var is None else (1.0 - weight) * self.signal_avg + weight * signal
+                self.noise_var = max(self.sq_avg - self.signal_avg, 1e-30 * self.sq_avg)
+            p = torch.tensor(max(self.signal_avg, 0.0) / (2.0 * self.noise_var) if self.noise_var else 1.0,
+                             dtype=torch.float64)
         sqrt_mu = torch.maximum(tuning.cubic_root(p), (root_kappa - 1.0) / (root_kappa + 1.0))
         mu = sqrt_mu**2
         if self.alpha_units == "gradient":
@@ -199,7 +220,8 @@ class FlatTuner(torch.optim.Optimizer):
             s, q = float((g - gbar).dot(dx)), float(dx.dot(dx))
         else:  # the last step: x - x_prev = -alpha v; E<xi_prev, dx> = -alpha C is removed from the numerator
             dx = x - self.x_avg
-            noise = self.alpha_prev * float(state.grad_var) if self.noise_correction else 0.0
+            variance = self.noise_var if self.noise_var is not None else float(state.grad_var)
+            noise = self.alpha_prev * variance if self.noise_correction else 0.0
             s = float((g - self.g_prev).dot(dx)) - noise if self.g_prev is not None else 0.0
             q = float(dx.dot(dx))
             self.x_avg, self.g_prev = x.clone(), g.clone()
@@ -211,6 +233,8 @@ class FlatTuner(torch.optim.Optimizer):
         h = self.s_avg / self.q_avg if self.q_avg > 0.0 and self.s_avg > 0.0 else math.inf
         if self.secant_is == "max":  # the secant along the last step sees the stiffest directions: h_max
             h = h / kappa
+        elif self.secant_is == "upper":  # alpha at the robust region's upper end, (1 + sqrt mu)^2 / h_max
+            h = h * float((1.0 - sqrt_mu) ** 2 / (1.0 + sqrt_mu) ** 2)
         self.trace["h_secant"].append(h if math.isfinite(h) else float("nan"))
         if not started:  # the first step moves r_eps (DoG's start)
             self.alpha_prev = self.distance / float(g.norm())
