@@ -44,6 +44,17 @@ def test_variants_by_seeds_write_results_files_resume_and_tabulate(tmp_path):
         assert row[4].strip() == "no baseline results"
 
 
+def test_the_overview_puts_every_variant_on_every_task_in_one_row(tmp_path):
+    results_dir = tmp_path / "ablation"
+    _ablate(results_dir, ["reference", "paper"])
+    table, _ = ablation.write_table(results_dir, baseline_dirs=[])
+    per_task, overview = table.split("#### Overview")
+    assert "| variant | quadratic |" in overview
+    for variant in ("reference", "paper"):
+        mean = _row(per_task, variant)[3].split(" ± ")[0]
+        assert f"| {variant} | {mean} |" in overview  # the same mean; no speedup without a baseline
+
+
 def test_speedup_against_tuned_momentum_sgd_from_another_results_directory(tmp_path):
     suite_dir = tmp_path / "suite"
     run_suite(SuiteConfig(tasks=["quadratic"], optimizers=["sgd_momentum"], seeds=(0, 1), steps=STEPS,

@@ -136,9 +136,40 @@ def ablation_table(summaries: Sequence[TaskSummary]) -> str:
     return "\n".join(lines) if lines else "No ablation results found.\n"
 
 
+def overview_table(summaries: Sequence[TaskSummary]) -> str:
+    """Every variant on every task in one table: final smoothed loss (mean over seeds) and, in brackets, the
+    speedup against tuned momentum SGD. The per-task tables hold the spread and the seed counts."""
+    rows_by_task = {summary.task: {row.name: row for row in variant_rows(summary)} for summary in summaries}
+    tasks = [task for task, rows in rows_by_task.items() if rows]
+    if not tasks:
+        return ""
+    names = [name for name in [*VARIANTS, BASELINE] if any(name in rows_by_task[task] for task in tasks)]
+    lines = ["#### Overview: final smoothed training loss (quadratic: exact excess loss), mean over seeds "
+             "(speedup vs tuned momentum SGD)", "",
+             "| variant | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for name in names:
+        cells = []
+        for task in tasks:
+            row = rows_by_task[task].get(name)
+            if row is None:
+                cells.append("-")
+            elif row.final is None:
+                cells.append("diverged")
+            else:
+                speedup = _fmt(row.speedup, ".2f").replace("n/a", "never")
+                cells.append(f"{row.final[0]:.4g} ({speedup})" if BASELINE in rows_by_task[task] else
+                             f"{row.final[0]:.4g}")
+        lines.append(f"| {'tuned momentum SGD' if name == BASELINE else name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_table(results_dir: Path, baseline_dirs: Sequence[Path] = ()) -> tuple[str, Path]:
-    """The table for everything under results_dir, also written to results_dir/ablation.md."""
-    text = ablation_table(ablation_summaries(results_dir, baseline_dirs))
+    """The per-task tables for everything under results_dir, then the overview, also written to
+    results_dir/ablation.md."""
+    summaries = ablation_summaries(results_dir, baseline_dirs)
+    text = ablation_table(summaries)
+    overview = overview_table(summaries)
+    text = text + ("\n" + overview if overview else "")
     path = Path(results_dir) / TABLE_FILE
     results_io.check_writable(path.parent)
     path.write_text(text, encoding="utf-8")
