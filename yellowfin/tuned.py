@@ -13,6 +13,20 @@ def is_tuner(optimizer) -> bool:
     return hasattr(optimizer, "stats") and hasattr(optimizer, "set_momentum_offset")
 
 
+def refuse_under_asynchrony(optimizer, num_workers: int) -> None:
+    """Refuse a tuner that cannot run on stale gradients (with more than one worker).
+
+    The scale-free tuner's secant pairs each gradient with the last step, x_t - x_{t-1}; a gradient computed on
+    the model of tau versions ago breaks that pairing. Under simulated staleness (4 or more workers) it diverged
+    where the reference did not (docs/tuner.md §6), so it is refused here until its secant accounts for staleness.
+    """
+    if num_workers > 1 and is_tuner(optimizer) and any(
+            group.get("tuner") == "scale_free" for group in optimizer.param_groups):
+        raise ValueError(
+            "tuner='scale_free' cannot run under asynchrony yet: its secant curvature pairs each gradient with the "
+            "last step, which stale gradients break (docs/tuner.md §6); use the default tuner here")
+
+
 def tuned_records(optimizer) -> list[dict]:
     """Every tuner's record, one per tuner (a single one under global tuning)."""
     stats = optimizer.stats()

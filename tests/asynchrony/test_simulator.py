@@ -151,3 +151,22 @@ def test_checkpoint_of_an_open_loop_run_does_not_load_into_a_closed_loop_one():
                                closed_loop=True)
     with pytest.raises(ValueError):
         other.load_state_dict(sim.state_dict())
+
+
+def test_asynchronous_systems_refuse_the_scale_free_tuner_with_several_workers():
+    # Its secant pairs each gradient with the last step, which stale gradients break: it diverged under
+    # simulated staleness with 4 and 8 workers (docs/tuner.md §6). One worker has no staleness, and runs.
+    from asynchrony_problems import make_regression_model, regression_batches, regression_loss
+    from yellowfin.asynchrony import Hogwild
+    from yellowfin.asynchrony.server_core import ServerCore
+
+    scale_free = lambda params: YellowFin(params, tuner="scale_free")  # noqa: E731
+    with pytest.raises(ValueError, match="scale_free.*asynchrony"):
+        _simulate(scale_free, num_workers=4)
+    with pytest.raises(ValueError, match="scale_free.*asynchrony"):
+        model = make_regression_model(0)
+        ServerCore(model, scale_free(model.parameters()), num_workers=3)
+    with pytest.raises(ValueError, match="scale_free.*asynchrony"):
+        Hogwild(make_regression_model(0), regression_loss, regression_batches, num_workers=2, tuner=scale_free)
+    _, _, losses = _simulate(scale_free, num_workers=1, steps=30)
+    assert all(math.isfinite(loss) for loss in losses)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..files import load_all_or_nothing, load_checkpoint_file, save_checkpoint_file
+from ..tuned import refuse_under_asynchrony
 from .controller import closed_loop_for
 from .flat import flat_parameters, gradient_problem, load_gradients, loss_and_flat_gradient, split_like
 from .sensor import MomentumSensor, lr_outside_correction, random_coordinate_subset
@@ -131,6 +132,7 @@ class Hogwild(WorkerProcesses):
         # The tuner steps a private copy of the parameters: it is only there to measure and tune.
         self.shadow = [p.detach().clone().requires_grad_(True) for p in self.params]
         self.tuner = tuner(self.shadow) if tuner is not None else None
+        refuse_under_asynchrony(self.tuner, num_workers)
         self.controller = None
         self.sensor: MomentumSensor | None = None
         if closed_loop:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..files import load_all_or_nothing, load_checkpoint_file, save_checkpoint_file
-from ..tuned import is_tuner, step_size_of
+from ..tuned import is_tuner, refuse_under_asynchrony, step_size_of
 from .controller import ClosedLoopMomentum, closed_loop_for, momentum_trace
 from .flat import flat_parameters, gradient_problem, load_gradients
 from .sensor import MomentumSensor
@@ -40,6 +40,7 @@ class ServerCore:
                  controller: ClosedLoopMomentum | None = None, sensor: MomentumSensor | None = None,
                  sensor_step: str = "algorithmic", sensor_subset: int = 512, gain: float = 0.01,
                  checkpoint_path: str | None = None, checkpoint_every: int = 0, trace_every: int = 1):
+        refuse_under_asynchrony(optimizer, num_workers)
         self.model = model
         self.optimizer = optimizer
         self.params = [p for p in model.parameters() if p.requires_grad]
