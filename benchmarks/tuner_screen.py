@@ -246,9 +246,97 @@ class FlatTuner(torch.optim.Optimizer):
         return mu, torch.tensor(self.alpha_prev, dtype=torch.float64)
 
 
+class AdamMetricTuner(torch.optim.Optimizer):
+    """The scale-free rule (``distance_secant`` at memory ``beta``) in Adam's metric (issue 13's first screen).
+
+    With D = sqrt(P) + eps (P the bias-corrected running average of g^2, per coordinate; eps relative to D's
+    mean, so the loss scale still cancels), the coordinates y = D^(1/2) x turn Adam's update x -= a g / D into
+    plain gradient descent on y: g_y = g / D^(1/2). The tuner measures there, with the metric of this step:
+    ||g_y||^2 = sum g^2 / D; the secant <g_t - g_(t-1), x_t - x_(t-1)> / sum D (x_t - x_(t-1))^2 (the numerator
+    does not depend on the metric); the distance ||D^(1/2) (x - x0)||; and updates v <- mu v + g_y,
+    x <- x - alpha v / D^(1/2). Units: y is in [x]^(1/2) [f]^(1/2), so alpha (in [y]^2 / [f]) is in [x]: it does
+    not depend on the loss scale, and neither does the update alpha v / D^(1/2).
+    """
+
+    def __init__(self, params, beta: float = 0.99, second_moment_beta: float = 0.999, relative_eps: float = 1e-8,
+                 max_growth: float = 2.0, start_distance: float = 1e-6):
+        super().__init__(params, {})
+        self.params = [p for group in self.param_groups for p in group["params"]]
+        self.settings = TunerSettings(slow_start=False, beta=beta, eps=1e-30, adaptive_clipping=False)
+        self.tuner = TunerState.initial(self.settings)
+        self.second_moment_beta, self.relative_eps, self.max_growth = second_moment_beta, relative_eps, max_growth
+        self.x0 = FlatTuner._flat(p.detach() for p in self.params).clone()
+        self.x_prev, self.g_prev = self.x0.clone(), None
+        self.second_moment = torch.zeros_like(self.x0)
+        self.grad_avg = torch.zeros_like(self.x0)  # in x coordinates; its y norm is taken with this step's metric
+        self.velocity = torch.zeros_like(self.x0)  # in y coordinates
+        self.distance_start = start_distance
+        self.distance = 0.0
+        self.s_avg = self.q_avg = 0.0
+        self.alpha_prev, self.steps = 0.0, 0
+        self.trace: dict[str, list[float]] = {"mu": [], "alpha": [], "effective_lr": [], "h_secant": []}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        g = FlatTuner._flat(p.grad for p in self.params)
+        x = FlatTuner._flat(p.detach() for p in self.params)
+        self.steps += 1
+        b2 = self.second_moment_beta
+        self.second_moment.mul_(b2).add_((1.0 - b2) * g * g)
+        root = torch.sqrt(self.second_moment / (1.0 - b2**self.steps))
+        metric = root + self.relative_eps * root.mean().clamp(min=1e-300)
+        one = torch.ones((), dtype=torch.float64)
+        sums = Sums((g * g / metric).sum(), (self.grad_avg * g / metric).sum(),
+                    (self.grad_avg * self.grad_avg / metric).sum(), 0.0 * one, g.numel() * one, *(0.0 * one,) * 5)
+        state, c = tuning.tune_step(self.tuner, sums, self.settings)
+        self.grad_avg.mul_(c.avg_decay).add_(c.avg_weight * g)
+        beta = self.settings.beta
+        debias = 1.0 - beta**self.steps
+        ratio = float(state.h_max / state.h_min)
+        kappa = math.sqrt(ratio)
+        root_kappa = math.sqrt(kappa)
+        snr = float((self.grad_avg * self.grad_avg / metric).sum()) / debias**2 / (2.0 * float(state.grad_var))
+        sqrt_mu = max(float(tuning.cubic_root(snr)), (root_kappa - 1.0) / (root_kappa + 1.0))
+        contraction = (1.0 - sqrt_mu) ** 2
+        if self.steps == 1:
+            self.distance = self.distance_start * (1.0 + float(torch.sqrt((metric * self.x0 * self.x0).sum())))
+        self.distance = max(self.distance, float(torch.sqrt((metric * (x - self.x0) ** 2).sum())))
+        weight = (1.0 - beta) / (1.0 - beta**self.steps)
+        dx = x - self.x_prev
+        s = 0.0
+        if self.g_prev is not None:  # minus the previous gradient's own noise, which the last step carries
+            s = float((g - self.g_prev).dot(dx)) - self.alpha_prev * float(state.grad_var)
+        q = float((metric * dx * dx).sum())
+        self.s_avg = (1.0 - weight) * self.s_avg + weight * s
+        self.q_avg = (1.0 - weight) * self.q_avg + weight * q
+        h = self.s_avg / self.q_avg if self.q_avg > 0.0 and self.s_avg > 0.0 else math.inf
+        if self.steps == 1:  # DoG's first move, without momentum
+            mu, alpha = 0.0, self.distance / math.sqrt(float(sums.sq_norm))
+        else:
+            mu = sqrt_mu**2
+            alpha_secant = contraction * kappa / h if math.isfinite(h) else math.inf
+            alpha_distance = contraction * self.distance / math.sqrt(float(state.h_min))
+            alpha = min(alpha_secant, self.max_growth * self.alpha_prev, alpha_distance)
+        self.x_prev, self.g_prev, self.alpha_prev, self.tuner = x.clone(), g.clone(), alpha, state
+        self.velocity.mul_(mu).add_(g / torch.sqrt(metric))
+        x = x - alpha * self.velocity / torch.sqrt(metric)
+        offset = 0
+        for p in self.params:
+            p.copy_(x[offset: offset + p.numel()].view_as(p))
+            offset += p.numel()
+        for key, value in (("mu", mu), ("alpha", alpha), ("effective_lr", alpha / max(1.0 - mu, 1e-12)),
+                           ("h_secant", h if math.isfinite(h) else float("nan"))):
+            self.trace[key].append(value)
+
+
+ADAM_METRIC_VARIANTS = {"adam_metric_ds": {}, "adam_metric_ds_memory_0.999": dict(beta=0.999)}
+
+
 def builder(variant: str) -> Callable:
     if variant == "reference":
         return lambda params: YellowFin.reference_variant(params)
+    if variant in ADAM_METRIC_VARIANTS:
+        return lambda params: AdamMetricTuner(params, **ADAM_METRIC_VARIANTS[variant])
     return lambda params: FlatTuner(params, **VARIANTS[variant])
 
 
@@ -281,9 +369,9 @@ def run_loss_scale(variant: str, seed: int) -> dict:
     return {"task": "loss_scale", "variant": variant, "seed": seed, "final_mse": finals}
 
 
-def tuned_sgd_best(task_name: str) -> float | None:
-    """Best smoothed loss of the suite's tuned momentum SGD (its chosen lr, mean over seeds), if it was run."""
-    files = sorted((Path(__file__).resolve().parent / "results" / task_name).glob("sgd_momentum_lr*_seed*.json"))
+def tuned_best(task_name: str, optimizer: str = "sgd_momentum") -> float | None:
+    """Best smoothed loss of the suite's grid-tuned ``optimizer`` (its chosen lr, mean over seeds), if it was run."""
+    files = sorted((Path(__file__).resolve().parent / "results" / task_name).glob(f"{optimizer}_lr*_seed*.json"))
     by_lr: dict[str, list[float]] = {}
     for path in files:
         record = json.loads(path.read_text())
@@ -296,11 +384,12 @@ def tuned_sgd_best(task_name: str) -> float | None:
 def table(results: list[dict]) -> str:
     lines = ["Best smoothed training loss (mean ± std over seeds; quadratic: also the final exact excess loss), "
              "one row per variant.", ""]
-    variants = [v for v in ["reference", *VARIANTS] if any(r["variant"] == v for r in results)]
+    variants = [v for v in ["reference", *VARIANTS, *ADAM_METRIC_VARIANTS] if any(r["variant"] == v for r in results)]
     tasks = [t for t in TASK_STEPS if any(r["task"] == t for r in results)]
     lines += ["| variant | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
-    baselines = [tuned_sgd_best(task_name) for task_name in tasks]
-    lines.append("| tuned momentum SGD | " + " | ".join("-" if b is None else f"{b:.4g}" for b in baselines) + " |")
+    for label, optimizer in (("tuned momentum SGD", "sgd_momentum"), ("tuned Adam", "adam")):
+        baselines = [tuned_best(task_name, optimizer) for task_name in tasks]
+        lines.append(f"| {label} | " + " | ".join("-" if b is None else f"{b:.4g}" for b in baselines) + " |")
     for variant in variants:
         cells = []
         for task_name in tasks:
@@ -335,7 +424,7 @@ def _mean_std(values: list[float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=["loss_scale", *TASK_STEPS])
-    parser.add_argument("--variants", nargs="+", default=["reference", *VARIANTS])
+    parser.add_argument("--variants", nargs="+", default=["reference", *VARIANTS, *ADAM_METRIC_VARIANTS])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--table", action="store_true",
                         help="run nothing: rewrite screen.md from every results file present")
