@@ -69,6 +69,19 @@ def test_speedup_against_tuned_momentum_sgd_from_another_results_directory(tmp_p
     assert not list(results_dir.rglob("sgd_momentum*"))  # read from the suite's directory, not run again
 
 
+def test_tuned_adam_and_dog_are_shown_beside_the_variants_when_their_runs_exist(tmp_path):
+    suite_dir = tmp_path / "suite"
+    run_suite(SuiteConfig(tasks=["quadratic"], optimizers=["sgd_momentum", "dog"], seeds=(0,), steps=STEPS,
+                          results_dir=suite_dir, progress=False), log=lambda message: None)
+    results_dir = tmp_path / "ablation"
+    _ablate(results_dir, ["reference"], seeds=(0,))
+    table, _ = ablation.write_table(results_dir, [suite_dir])
+    assert _row(table, "dog")[1] == "its defaults"
+    overview = table.split("#### Overview")[1]
+    assert "| DoG (1 seed) |" in overview and "| tuned momentum SGD |" in overview
+    assert "| tuned Adam |" not in overview  # not run: no row
+
+
 def test_the_control_replays_its_variants_effective_step(tmp_path, monkeypatch):
     seen = []
     original_step = torch.optim.SGD.step

@@ -27,6 +27,8 @@ DEFAULT_ABLATION_DIR = Path("benchmarks") / "results-ablation"
 QUICK_ABLATION_DIR = Path("benchmarks") / "results-ablation-quick"
 QUICK_ABLATION_SEEDS = (0, 1)  # screening: two seeds show whether a difference is larger than the seed noise
 BASELINE = "sgd_momentum"  # the speedup column's reference: grid-tuned momentum SGD
+# Also shown beside the variants when their runs exist (the issue's other yardsticks): tuned Adam and DoG.
+PEERS = (BASELINE, "adam", "dog")
 TABLE_FILE = "ablation.md"
 
 
@@ -77,12 +79,14 @@ def _final_smoothed(record: dict[str, Any], curve_key: str, window: int) -> floa
 
 
 def variant_rows(summary: TaskSummary) -> list[VariantRow]:
-    """One row per variant present in the summary (registry order), then the tuned momentum SGD baseline."""
+    """One row per variant present in the summary (registry order), then tuned momentum SGD, tuned Adam, DoG."""
     baseline = summary.optimizers.get(BASELINE)
     rows = []
     names = [name for name in VARIANTS if SPEC_PREFIX + name in summary.optimizers]
+    peers = [(name, f"grid-tuned, lr {opt.lr:g}" if opt.lr is not None else "its defaults", opt)
+             for name in PEERS if (opt := summary.optimizers.get(name)) is not None]
     for name, description, opt in ([(n, VARIANTS[n].description, summary.optimizers[SPEC_PREFIX + n]) for n in names]
-                                   + ([(BASELINE, f"grid-tuned, lr {baseline.lr:g}", baseline)] if baseline else [])):
+                                   + peers):
         finals = [_final_smoothed(r, summary.curve_key, summary.window) for r in opt.records]
         finite = [v for v in finals if math.isfinite(v)]
         final = (statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0) if finite else None
@@ -99,14 +103,14 @@ def _baseline_records(directories: Sequence[Path], present: set[tuple[str, int]]
             continue
         for record in results_io.load_results(directory):
             key = (record["task"]["name"], record["steps"])
-            if record["optimizer"] == BASELINE and key not in present:
+            if record["optimizer"] in PEERS and key not in present:
                 found.append(record)
     return found
 
 
 def ablation_summaries(results_dir: Path, baseline_dirs: Sequence[Path] = ()) -> list[TaskSummary]:
     records = results_io.load_results(results_dir)
-    own_baselines = {(r["task"]["name"], r["steps"]) for r in records if r["optimizer"] == BASELINE}
+    own_baselines = {(r["task"]["name"], r["steps"]) for r in records if r["optimizer"] in PEERS}
     tasks_here = {(r["task"]["name"], r["steps"]) for r in records}
     extra = [r for r in _baseline_records(baseline_dirs, own_baselines)
              if (r["task"]["name"], r["steps"]) in tasks_here]
@@ -143,7 +147,7 @@ def overview_table(summaries: Sequence[TaskSummary]) -> str:
     tasks = [task for task, rows in rows_by_task.items() if rows]
     if not tasks:
         return ""
-    names = [name for name in [*VARIANTS, BASELINE] if any(name in rows_by_task[task] for task in tasks)]
+    names = [name for name in [*VARIANTS, *PEERS] if any(name in rows_by_task[task] for task in tasks)]
     lines = ["#### Overview: final smoothed training loss (quadratic: exact excess loss), mean over seeds "
              "(speedup vs tuned momentum SGD)", "",
              "| variant | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
@@ -159,7 +163,8 @@ def overview_table(summaries: Sequence[TaskSummary]) -> str:
                 speedup = _fmt(row.speedup, ".2f").replace("n/a", "never")
                 cells.append(f"{row.final[0]:.4g} ({speedup})" if BASELINE in rows_by_task[task] else
                              f"{row.final[0]:.4g}")
-        lines.append(f"| {'tuned momentum SGD' if name == BASELINE else name} | " + " | ".join(cells) + " |")
+        label = {BASELINE: "tuned momentum SGD", "adam": "tuned Adam", "dog": "DoG (1 seed)"}.get(name, name)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
