@@ -298,8 +298,9 @@ class AdamMetricTuner(torch.optim.Optimizer):
         snr = float((self.grad_avg * self.grad_avg / metric).sum()) / debias**2 / (2.0 * float(state.grad_var))
         sqrt_mu = max(float(tuning.cubic_root(snr)), (root_kappa - 1.0) / (root_kappa + 1.0))
         contraction = (1.0 - sqrt_mu) ** 2
-        if self.steps == 1:
-            self.distance = self.distance_start * (1.0 + float(torch.sqrt((metric * self.x0 * self.x0).sum())))
+        if self.steps == 1:  # DoG's r_eps, 1e-6 (1 + ||x0||) in [x], carried into y by the metric's mean scale
+            self.distance = (self.distance_start * (1.0 + float(self.x0.norm()))
+                             * float(torch.sqrt(metric.mean())))
         self.distance = max(self.distance, float(torch.sqrt((metric * (x - self.x0) ** 2).sum())))
         weight = (1.0 - beta) / (1.0 - beta**self.steps)
         dx = x - self.x_prev

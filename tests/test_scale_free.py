@@ -108,6 +108,18 @@ def test_matches_the_flat_prototype():
     assert opt.stats()["mu"] == pytest.approx(flat_tuner.trace["mu"][-1], rel=1e-6)
 
 
+def test_the_adam_metric_prototype_does_not_depend_on_the_loss_scale_either():
+    # Issue 13's first screen (docs/tuner.md §7): the same rule in Adam's metric keeps every estimate in
+    # units that cancel, including Adam's epsilon (relative to the metric's mean) and DoG's start.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from tuner_screen import AdamMetricTuner
+
+    unscaled, _, _ = train(AdamMetricTuner)
+    for loss_scale in (1e-4, 1e-2, 1e2, 1e4):
+        scaled, _, _ = train(AdamMetricTuner, loss_scale=loss_scale)
+        assert relative_difference(scaled, unscaled) < 1e-6, loss_scale
+
+
 def test_the_first_step_moves_dogs_initial_distance_without_momentum():
     model, x, y = mlp_problem()
     before = flat(model)
