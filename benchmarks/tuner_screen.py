@@ -14,12 +14,24 @@ unit-consistent one (docs/tuner.md explains why):
   debiased ||gbar||^2 over the variance estimate C.
 - ``kappa="norm"``: the condition number as the ratio of gradient norms in the window (for a quadratic,
   ||g|| ranges over [h_min d, h_max d]), not of squared norms, which gives kappa^2.
+- ``alpha_units="secant"``: alpha from a secant curvature, <g - g_ref, x - x_ref> / ||x - x_ref||^2, anchored at
+  the iterates' running average (``anchor="average"``) or at the previous step (``anchor="previous"``, with
+  the previous gradient's own noise alpha C removed unless ``noise_correction=False``); read as h_min
+  (``secant_is="min"``), as h_max with h_min = h_max / kappa (``"max"``), or at the robust region's upper end
+  (``"upper"``). The step grows at most ``max_growth`` times per step.
+- ``alpha_units="distance_secant"``: the smaller of the distance step and the secant step (the library's
+  ``tuner="scale_free"`` is the variant ``distance_secant``).
+- ``momentum_rule="along_momentum"``: signal and noise as running averages of scalars along the momentum,
+  ||grad f||^2 ~ <g, v> / W (W the total weight of the past gradients in v), instead of a vector average.
+- ``memory``: the estimators' beta.
 
-    python benchmarks/tuner_screen.py                 # every variant, every task below, seeds 0 1
-    python benchmarks/tuner_screen.py --tasks quadratic --seeds 0 1 2
+``AdamMetricTuner`` runs the ``distance_secant`` rule in Adam's metric (issue 13's first screen; docs/tuner.md §7).
 
-Writes benchmarks/results-tuner-screen/<task>/<variant>_seed<k>.json (resumable: finished runs are skipped)
-and, with ``--table``, benchmarks/results-tuner-screen/screen.md from every results file present. A screen on short budgets and two seeds: a lead, not a claim.
+    python benchmarks/tuner_screen.py --tasks quadratic --variants distance_secant --seeds 0 1 2
+    python benchmarks/tuner_screen.py --table       # rewrite screen.md from every results file present
+
+Writes benchmarks/results-tuner-screen/<task>/<variant>_seed<k>.json (resumable: finished runs are skipped).
+A screen on short budgets and two seeds: a lead, not a claim.
 """
 
 from __future__ import annotations
@@ -78,7 +90,8 @@ VARIANTS: dict[str, dict] = {
     "step_secant_max": dict(alpha_units="secant", anchor="previous", secant_is="max"),
     "step_secant_max_kappa": dict(alpha_units="secant", anchor="previous", secant_is="max", kappa="norm"),
     "step_secant_max_snr": dict(alpha_units="secant", anchor="previous", secant_is="max", momentum_rule="snr"),
-    "step_secant_max_snr_kappa": dict(alpha_units="secant", anchor="previous", secant_is="max", momentum_rule="snr", kappa="norm"),
+    "step_secant_max_snr_kappa": dict(alpha_units="secant", anchor="previous", secant_is="max",
+                                      momentum_rule="snr", kappa="norm"),
     "step_secant_kappa": dict(alpha_units="secant", anchor="previous", kappa="norm"),
     "secant_fast": dict(alpha_units="secant", memory=0.99),
     "secant_snr_fast": dict(alpha_units="secant", momentum_rule="snr", memory=0.99),
@@ -96,8 +109,8 @@ class FlatTuner(torch.optim.Optimizer):
                  max_growth: float = 2.0, anchor: str = "average", curvature_memory: float | None = None,
                  secant_is: str = "min", noise_correction: bool = True):
         super().__init__(params, {})
-        if alpha_units not in ("gradient", "distance", "secant", "distance_secant") or momentum_rule not in ("reference", "snr", "along_momentum") \
-                or kappa not in ("squared", "norm"):
+        if (alpha_units not in ("gradient", "distance", "secant", "distance_secant")
+                or momentum_rule not in ("reference", "snr", "along_momentum") or kappa not in ("squared", "norm")):
             raise ValueError(f"unknown switch in {alpha_units!r}, {momentum_rule!r}, {kappa!r}")
         self.alpha_units, self.momentum_rule, self.kappa = alpha_units, momentum_rule, kappa
         # along_momentum: signal and noise as running averages of scalars. <g, v> / W (W the sum of the
@@ -107,8 +120,9 @@ class FlatTuner(torch.optim.Optimizer):
         # The distance variant grows its own step from r_eps, so it needs no ramp (DoG's warm-up).
         # The secant variant keeps every guard relative (eps far below any measured scale), so that only
         # the measurements, not the guards, decide: the loss-scale screen then tests the estimator itself.
-        self.settings = (TunerSettings(slow_start=alpha_units == "gradient", beta=memory) if alpha_units not in ("secant", "distance_secant")
-                         else TunerSettings(slow_start=False, beta=memory, eps=1e-30, adaptive_clipping=False))
+        secant = alpha_units in ("secant", "distance_secant")
+        self.settings = (TunerSettings(slow_start=False, beta=memory, eps=1e-30, adaptive_clipping=False) if secant
+                         else TunerSettings(slow_start=alpha_units == "gradient", beta=memory))
         self.max_growth, self.anchor, self.curvature_memory = max_growth, anchor, curvature_memory
         self.secant_is, self.noise_correction = secant_is, noise_correction
         self.tuner = TunerState.initial(self.settings)
@@ -171,7 +185,8 @@ class FlatTuner(torch.optim.Optimizer):
             self.sq_avg = (1.0 - weight) * self.sq_avg + weight * float(g.dot(g))
             if self.weight_sum > 0.0:  # (v is empty before the first update)
                 signal = float(g.dot(self.velocity)) / self.weight_sum
-                self.signal_avg = signal if self.noise_var is None else (1.0 - weight) * self.signal_avg + weight * signal
+                self.signal_avg = (signal if self.noise_var is None
+                                   else (1.0 - weight) * self.signal_avg + weight * signal)
                 self.noise_var = max(self.sq_avg - self.signal_avg, 1e-30 * self.sq_avg)
             p = torch.tensor(max(self.signal_avg, 0.0) / (2.0 * self.noise_var) if self.noise_var else 1.0,
                              dtype=torch.float64)
@@ -354,7 +369,8 @@ def run_task(task_name: str, variant: str, seed: int, steps: int) -> dict:
         losses.append(float(loss.detach()))
     best = metrics.best_point(metrics.smooth(losses))
     return {"task": task_name, "variant": variant, "seed": seed, "steps": steps,
-            "losses": [finite_or_none(v) for v in losses], "best_smoothed_loss": finite_or_none(best[0] if best else math.nan),
+            "losses": [finite_or_none(v) for v in losses],
+            "best_smoothed_loss": finite_or_none(best[0] if best else math.nan),
             "eval": {k: finite_or_none(v) for k, v in task.evaluate(model, "val").items()},
             "trace": {key: [finite_or_none(v) for v in values]
                       for key, values in getattr(optimizer, "trace", {}).items()} or None}

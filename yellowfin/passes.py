@@ -1,8 +1,9 @@
 """Apply: the two passes of a step over the tensors, in three flavours (docs/algorithm.md §4).
 
 Pass 1, ``reduce_*``, reads g and gbar (and for the scale-free tuner x, x_0 and v, a ``Trajectory``) and
-writes nothing: it returns their ``Sums`` as one float64 vector (``measurements.Sums`` defines its layout). Pass 2, ``update_*``, reads g, gbar, v, x once and
-writes gbar, v, x with the ``tuning.UpdateCoefficients`` of the step:
+writes nothing: it returns their ``Sums`` as one float64 vector (``measurements.Sums`` defines its layout).
+Pass 2, ``update_*``, reads g, gbar, v, x once and writes gbar, v, x with the ``tuning.UpdateCoefficients``
+of the step:
 
     gbar <- avg_decay gbar + avg_weight g
     v    <- momentum v + grad_scale g
