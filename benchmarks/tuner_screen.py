@@ -85,6 +85,8 @@ VARIANTS: dict[str, dict] = {
                             anchor="previous", secant_is="max", memory=0.99),
     "dsu_memory_0.99": dict(alpha_units="distance_secant", momentum_rule="snr", kappa="norm", anchor="previous",
                             secant_is="upper", memory=0.99),
+    "ds_secant_range": dict(alpha_units="distance_secant", momentum_rule="snr", kappa="norm", anchor="previous",
+                            secant_is="range", memory=0.99),
     "ds_growth_10": dict(alpha_units="distance_secant", momentum_rule="snr", kappa="norm", anchor="previous",
                          secant_is="max", max_growth=10.0),
     "step_secant_max": dict(alpha_units="secant", anchor="previous", secant_is="max"),
@@ -125,6 +127,9 @@ class FlatTuner(torch.optim.Optimizer):
                          else TunerSettings(slow_start=alpha_units == "gradient", beta=memory))
         self.max_growth, self.anchor, self.curvature_memory = max_growth, anchor, curvature_memory
         self.secant_is, self.noise_correction = secant_is, noise_correction
+        self.secant_window: list[float] = []
+        self.log_min_avg = self.log_max_avg = 0.0
+        self.range_steps = 0
         self.tuner = TunerState.initial(self.settings)
         self.params = [p for group in self.param_groups for p in group["params"]]
         self.x0 = self._flat(p.detach() for p in self.params).clone()
@@ -250,6 +255,23 @@ class FlatTuner(torch.optim.Optimizer):
             h = h / kappa
         elif self.secant_is == "upper":  # alpha at the robust region's upper end, (1 + sqrt mu)^2 / h_max
             h = h * float((1.0 - sqrt_mu) ** 2 / (1.0 + sqrt_mu) ** 2)
+        elif self.secant_is == "range" and q > 0.0 and s > 0.0:
+            # The curvature range from the spread of the per-step secants over a window (log-smoothed
+            # extremes, as the reference smooths its proxies): h_min from the secant itself, and kappa with it.
+            self.secant_window = (self.secant_window + [s / q])[-self.settings.curvature_window:]
+            self.log_min_avg = beta * self.log_min_avg + (1.0 - beta) * math.log(min(self.secant_window))
+            self.log_max_avg = beta * self.log_max_avg + (1.0 - beta) * math.log(max(self.secant_window))
+            self.range_steps += 1
+            debias_range = 1.0 - beta**self.range_steps
+            h_low = math.exp(self.log_min_avg / debias_range)
+            h_high = math.exp(self.log_max_avg / debias_range)
+            root_kappa = math.sqrt(math.sqrt(h_high / h_low))
+            sqrt_mu = torch.maximum(torch.as_tensor(sqrt_mu, dtype=torch.float64),
+                                    torch.tensor((root_kappa - 1.0) / (root_kappa + 1.0), dtype=torch.float64))
+            mu = sqrt_mu**2
+            h = h_low
+        elif self.secant_is == "range":
+            h = math.inf if self.range_steps == 0 else math.exp(self.log_min_avg / (1.0 - beta**self.range_steps))
         self.trace["h_secant"].append(h if math.isfinite(h) else float("nan"))
         if not started:  # the first step moves r_eps (DoG's start)
             self.alpha_prev = self.distance / float(g.norm())
