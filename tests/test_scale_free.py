@@ -1,6 +1,6 @@
 """The scale-free tuner (``tuner="scale_free"``, docs/algorithm.md §8): its trajectory does not depend on the
 loss scale, its three flavours agree, it reproduces the research prototype (benchmarks/tuner_screen.py's
-FlatTuner, variant "distance_secant"), and it saves, loads and skips like the reference."""
+FlatTuner, variant "ds_memory_0.99"), and it saves, loads and skips like the reference."""
 
 import io
 import sys
@@ -100,7 +100,8 @@ def test_matches_the_flat_prototype():
     from tuner_screen import VARIANTS, FlatTuner
 
     library, _, opt = train(lambda params: YellowFin(params, tuner="scale_free", foreach=False))
-    prototype, _, flat_tuner = train(lambda params: FlatTuner(params, **VARIANTS["distance_secant"]))
+    # (the library's default memory for this tuner is 0.99: the prototype's distance_secant at that memory)
+    prototype, _, flat_tuner = train(lambda params: FlatTuner(params, **VARIANTS["ds_memory_0.99"]))
     # The same algorithm; the library computes the secant from scalars (P - <g, lr v>) where the prototype
     # differences vectors, so rounding differs in the last digits and grows a little along the trajectory.
     assert relative_difference(library, prototype) < 1e-7
@@ -265,6 +266,16 @@ def test_an_unknown_tuner_is_refused():
     model, _, _ = mlp_problem()
     with pytest.raises(ValueError, match="tuner"):
         YellowFin(model.parameters(), tuner="scale-free")
+
+
+def test_each_tuner_has_its_own_memory_unless_beta_is_given():
+    p, q = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    assert YellowFin._settings(YellowFin([p]).param_groups[0]).beta == 0.999
+    assert YellowFin._settings(YellowFin([p], tuner="scale_free").param_groups[0]).beta == 0.99
+    assert YellowFin._settings(YellowFin([p], tuner="scale_free", beta=0.9).param_groups[0]).beta == 0.9
+    opt = YellowFin([p], per_group_tuning=True)
+    opt.add_param_group({"params": [q], "tuner": "scale_free"})  # a group that picks the other tuner later
+    assert [YellowFin._settings(group).beta for group in opt.param_groups] == [0.999, 0.99]
 
 
 def test_reference_variant_pins_the_reference_tuner():

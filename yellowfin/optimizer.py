@@ -138,7 +138,7 @@ class YellowFin(Optimizer):
         params: Iterable,
         lr: float | Tensor = 1.0,
         *,
-        beta: float = 0.999,
+        beta: float | None = None,
         curvature_window: int = 20,
         eps: float = 1e-6,
         initial_lr: float = 1e-4,
@@ -172,9 +172,11 @@ class YellowFin(Optimizer):
             clip_norm=clip_norm, sparsity_correction=sparsity_correction, update_first=update_first,
             curvature_smoothing=curvature_smoothing, smooth_tuned=smooth_tuned, tuner=tuner,
         )
+        # (beta as given: None stays None, so that each group's tuner picks its own memory)
         defaults = dict(
-            vars(settings), lr=lr, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-            nesterov=nesterov, maximize=maximize, foreach=foreach, fused=fused,
+            vars(settings), beta=beta, lr=lr, weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay, nesterov=nesterov, maximize=maximize, foreach=foreach,
+            fused=fused,
         )
         check_bool("per_group_tuning", per_group_tuning)
         self.per_group_tuning = per_group_tuning
