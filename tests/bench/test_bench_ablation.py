@@ -1,3 +1,4 @@
+import dataclasses
 import statistics
 
 import pytest
@@ -100,10 +101,16 @@ def test_the_control_replays_its_variants_effective_step(tmp_path, monkeypatch):
 
 def test_variants_build_what_they_say():
     params = [torch.nn.Parameter(torch.zeros(3))]
-    assert get_variant("reference").build(params).defaults == YellowFin(params).defaults
+
+    def settings(optimizer):  # what the tuner runs with (beta=None reads as the tuner's own memory)
+        return YellowFin._settings(optimizer.param_groups[0])
+
+    assert settings(get_variant("reference").build(params)) == settings(YellowFin(params))  # today's defaults
     assert get_variant("paper").build(params).defaults == YellowFin.paper_variant(params).defaults
-    no_ramp = get_variant("no_slow_start").build(params).defaults
-    assert no_ramp == {**YellowFin(params).defaults, "slow_start": False}
+    no_ramp = settings(get_variant("no_slow_start").build(params))
+    assert no_ramp == dataclasses.replace(settings(YellowFin(params)), slow_start=False)
+    assert settings(get_variant("scale_free").build(params)).beta == 0.999  # the variant pins its memory
+    assert settings(get_variant("scale_free_beta_0.99").build(params)) == settings(YellowFin(params, tuner="scale_free"))
     spec = VARIANT_SPECS["yf_reference"]
     assert spec.records_tuner_trace and spec.every_seed and not spec.highlight
     assert VARIANT_SPECS["yf_control"].replays == "yf_reference"
