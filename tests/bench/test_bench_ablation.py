@@ -110,7 +110,8 @@ def test_variants_build_what_they_say():
     no_ramp = settings(get_variant("no_slow_start").build(params))
     assert no_ramp == dataclasses.replace(settings(YellowFin(params)), slow_start=False)
     assert settings(get_variant("scale_free").build(params)).beta == 0.999  # the variant pins its memory
-    assert settings(get_variant("scale_free_beta_0.99").build(params)) == settings(YellowFin(params, tuner="scale_free"))
+    scale_free_default = settings(YellowFin(params, tuner="scale_free"))
+    assert settings(get_variant("scale_free_beta_0.99").build(params)) == scale_free_default
     spec = VARIANT_SPECS["yf_reference"]
     assert spec.records_tuner_trace and spec.every_seed and not spec.highlight
     assert VARIANT_SPECS["yf_control"].replays == "yf_reference"
