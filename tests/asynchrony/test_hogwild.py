@@ -145,3 +145,29 @@ def test_a_worker_killed_while_holding_the_version_lock_does_not_stall_the_run()
         os.kill(hogwild.worker_pid(0), signal.SIGKILL)
         report = hogwild.run(50, timeout=60)
     assert report["version"] >= 70 and len(report["worker_failures"]) == 1
+
+
+def test_workers_waiting_on_an_abandoned_version_lock_still_stop():
+    """A worker killed inside the version lock leaves it held until the tuner frees it; if the tuner is gone
+    (or stops) first, the workers waiting on that lock must still see the stop signal and exit, not wait for
+    ever (a leak the fault-injection test found when the server was killed inside that window)."""
+    hogwild = Hogwild(make_regression_model(0), regression_loss, regression_batches, num_workers=2, tuner=None)
+    with hogwild:
+        hogwild.run(5, timeout=60)
+        holder = multiprocessing.get_context("fork").Process(target=_hold_forever,
+                                                             args=(hogwild.shared.counter_lock,), daemon=True)
+        holder.start()
+        while hogwild.shared.counter_lock.acquire(timeout=0.01):  # until the holder has it
+            hogwild.shared.counter_lock.release()
+        holder.kill()
+        holder.join(10)
+        stuck_at = hogwild.version
+        hogwild.shared.limit[0] = stuck_at + 10 ** 6  # the workers compute, update, then wait on the lock
+        time.sleep(0.5)
+        assert hogwild.version == stuck_at  # nobody got past the abandoned lock
+        hogwild.shared.stop.set()  # as a dead tuner reads to them: should_stop() is true
+        workers = list(hogwild._workers.values())
+        for process in workers:
+            process.join(30)  # a bound for the wait, not a timing assertion
+        assert not any(process.is_alive() for process in workers), "a worker kept waiting on the lock"
+        assert all(process.exitcode == 0 for process in workers)  # they returned, nobody killed them

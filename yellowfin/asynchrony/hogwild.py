@@ -84,9 +84,9 @@ def _hogwild_worker(worker_id: int, model: nn.Module, loss_fn, batch_factory, se
             shared.rejected[worker_id] += 1  # one NaN applied would poison the shared model for good
             continue
         heavy_ball_in_place(params, shared.buffers, grads, mu, alpha)
-        with shared.counter_lock:  # only to hand out unique version numbers
-            new_version = int(shared.counter[0]) + 1
-            shared.counter[0] = new_version
+        new_version = _take_version(shared)
+        if new_version is None:
+            return
         slot = new_version % ring_size
         shared.ring_version[slot] = -1  # mark the slot as being rewritten
         shared.ring[slot] = flat_parameters(params)[shared.subset].double()
@@ -97,6 +97,23 @@ def _hogwild_worker(worker_id: int, model: nn.Module, loss_fn, batch_factory, se
             shared.mail_version[worker_id] = version
             shared.mail_loss[worker_id] = loss
             shared.mail_flag[worker_id] = FULL
+
+
+def _take_version(shared: _Shared) -> int | None:
+    """The next version number, unique among the workers; None if the worker is to stop meanwhile.
+
+    The lock is taken with a timeout and the stop signal checked between tries: a worker killed while it held
+    the lock leaves it held until the server frees it on its behalf, and if the server dies first, a worker
+    blocked for good would never see that its parent is gone and would outlive it."""
+    while not shared.counter_lock.acquire(timeout=0.05):
+        if shared.stop.should_stop():
+            return None
+    try:
+        new_version = int(shared.counter[0]) + 1
+        shared.counter[0] = new_version
+        return new_version
+    finally:
+        shared.counter_lock.release()
 
 
 class Hogwild(WorkerProcesses):
