@@ -128,21 +128,24 @@ def _hold_forever(lock):
         time.sleep(1)
 
 
+def _abandon_version_lock(hogwild) -> None:
+    """Stand in for a worker that dies inside the version lock: a process takes the lock, then is killed."""
+    holder = multiprocessing.get_context("fork").Process(target=_hold_forever,
+                                                         args=(hogwild.shared.counter_lock,), daemon=True)
+    holder.start()
+    while hogwild.shared.counter_lock.acquire(timeout=0.01):  # until the holder has it
+        hogwild.shared.counter_lock.release()
+    holder.kill()
+    holder.join(10)
+
+
 def test_a_worker_killed_while_holding_the_version_lock_does_not_stall_the_run():
     """The version lock is the only lock workers take; one killed inside it must not block the others."""
     hogwild = Hogwild(make_regression_model(0), regression_loss, regression_batches, num_workers=2, tuner=None)
     with hogwild:
         hogwild.run(20, timeout=60)
-        # Stand in for a worker that dies inside the lock: a process takes the lock, then is killed, as is
-        # a worker (whose death the tuner notices).
-        holder = multiprocessing.get_context("fork").Process(target=_hold_forever,
-                                                             args=(hogwild.shared.counter_lock,), daemon=True)
-        holder.start()
-        while hogwild.shared.counter_lock.acquire(timeout=0.01):  # until the holder has it
-            hogwild.shared.counter_lock.release()
-        holder.kill()
-        holder.join(10)
-        os.kill(hogwild.worker_pid(0), signal.SIGKILL)
+        _abandon_version_lock(hogwild)
+        os.kill(hogwild.worker_pid(0), signal.SIGKILL)  # and a worker dies, whose death the tuner notices
         report = hogwild.run(50, timeout=60)
     assert report["version"] >= 70 and len(report["worker_failures"]) == 1
 
@@ -154,13 +157,7 @@ def test_workers_waiting_on_an_abandoned_version_lock_still_stop():
     hogwild = Hogwild(make_regression_model(0), regression_loss, regression_batches, num_workers=2, tuner=None)
     with hogwild:
         hogwild.run(5, timeout=60)
-        holder = multiprocessing.get_context("fork").Process(target=_hold_forever,
-                                                             args=(hogwild.shared.counter_lock,), daemon=True)
-        holder.start()
-        while hogwild.shared.counter_lock.acquire(timeout=0.01):  # until the holder has it
-            hogwild.shared.counter_lock.release()
-        holder.kill()
-        holder.join(10)
+        _abandon_version_lock(hogwild)
         stuck_at = hogwild.version
         hogwild.shared.limit[0] = stuck_at + 10 ** 6  # the workers compute, update, then wait on the lock
         time.sleep(0.5)
