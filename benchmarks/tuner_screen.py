@@ -296,7 +296,7 @@ class AdamMetricTuner(torch.optim.Optimizer):
     """
 
     def __init__(self, params, beta: float = 0.99, second_moment_beta: float = 0.999, relative_eps: float = 1e-8,
-                 max_growth: float = 2.0, start_distance: float = 1e-6):
+                 max_growth: float = 2.0, start_distance: float = 1e-6, signal: str = "average"):
         super().__init__(params, {})
         self.params = [p for group in self.param_groups for p in group["params"]]
         self.settings = TunerSettings(slow_start=False, beta=beta, eps=1e-30, adaptive_clipping=False)
@@ -311,6 +311,13 @@ class AdamMetricTuner(torch.optim.Optimizer):
         self.distance = 0.0
         self.s_avg = self.q_avg = 0.0
         self.alpha_prev, self.steps = 0.0, 0
+        # signal="along_momentum": no gradient average (three buffers: v, P, x0): the signal is the running
+        # average of <g_y, v> / W (W the weight of the past gradients in v) and the noise E||g_y||^2 minus it,
+        # both averages of scalars (FlatTuner's momentum_rule="along_momentum", §5's dsm).
+        if signal not in ("average", "along_momentum"):
+            raise ValueError(f"unknown signal {signal!r}")
+        self.signal = signal
+        self.weight_sum, self.signal_avg, self.sq_avg, self.noise_var = 0.0, 0.0, 0.0, None
         self.trace: dict[str, list[float]] = {"mu": [], "alpha": [], "effective_lr": [], "h_secant": []}
 
     @torch.no_grad()
@@ -332,7 +339,19 @@ class AdamMetricTuner(torch.optim.Optimizer):
         ratio = float(state.h_max / state.h_min)
         kappa = math.sqrt(ratio)
         root_kappa = math.sqrt(kappa)
-        snr = float((self.grad_avg * self.grad_avg / metric).sum()) / debias**2 / (2.0 * float(state.grad_var))
+        if self.signal == "average":
+            variance = float(state.grad_var)
+            snr = float((self.grad_avg * self.grad_avg / metric).sum()) / debias**2 / (2.0 * variance)
+        else:
+            weight = (1.0 - beta) / (1.0 - beta**self.steps)
+            self.sq_avg = (1.0 - weight) * self.sq_avg + weight * float(sums.sq_norm)
+            if self.weight_sum > 0.0:
+                sample = float((g / torch.sqrt(metric)).dot(self.velocity)) / self.weight_sum
+                self.signal_avg = (sample if self.noise_var is None
+                                   else (1.0 - weight) * self.signal_avg + weight * sample)
+                self.noise_var = max(self.sq_avg - self.signal_avg, 1e-30 * self.sq_avg)
+            variance = self.noise_var if self.noise_var is not None else float(sums.sq_norm)
+            snr = max(self.signal_avg, 0.0) / (2.0 * variance) if self.noise_var is not None else 1.0
         sqrt_mu = max(float(tuning.cubic_root(snr)), (root_kappa - 1.0) / (root_kappa + 1.0))
         contraction = (1.0 - sqrt_mu) ** 2
         if self.steps == 1:  # DoG's r_eps, 1e-6 (1 + ||x0||) in [x], carried into y by the metric's mean scale
@@ -343,7 +362,7 @@ class AdamMetricTuner(torch.optim.Optimizer):
         dx = x - self.x_prev
         s = 0.0
         if self.g_prev is not None:  # minus the previous gradient's own noise, which the last step carries
-            s = float((g - self.g_prev).dot(dx)) - self.alpha_prev * float(state.grad_var)
+            s = float((g - self.g_prev).dot(dx)) - self.alpha_prev * variance
         q = float((metric * dx * dx).sum())
         self.s_avg = (1.0 - weight) * self.s_avg + weight * s
         self.q_avg = (1.0 - weight) * self.q_avg + weight * q
@@ -357,6 +376,7 @@ class AdamMetricTuner(torch.optim.Optimizer):
             alpha = min(alpha_secant, self.max_growth * self.alpha_prev, alpha_distance)
         self.x_prev, self.g_prev, self.alpha_prev, self.tuner = x.clone(), g.clone(), alpha, state
         self.velocity.mul_(mu).add_(g / torch.sqrt(metric))
+        self.weight_sum = mu * self.weight_sum + 1.0
         x = x - alpha * self.velocity / torch.sqrt(metric)
         offset = 0
         for p in self.params:
@@ -367,7 +387,8 @@ class AdamMetricTuner(torch.optim.Optimizer):
             self.trace[key].append(value)
 
 
-ADAM_METRIC_VARIANTS = {"adam_metric_ds": {}, "adam_metric_ds_memory_0.999": dict(beta=0.999)}
+ADAM_METRIC_VARIANTS = {"adam_metric_ds": {}, "adam_metric_ds_memory_0.999": dict(beta=0.999),
+                        "adam_metric_dsm": dict(signal="along_momentum")}
 
 
 def builder(variant: str) -> Callable:
