@@ -105,10 +105,15 @@ def test_variants_build_what_they_say():
     def settings(optimizer):  # what the tuner runs with (beta=None reads as the tuner's own memory)
         return YellowFin._settings(optimizer.param_groups[0])
 
+    def options(optimizer):  # every group option but beta, which the reference pins and the default leaves None
+        return {name: value for name, value in optimizer.defaults.items() if name != "beta"}
+
     assert settings(get_variant("reference").build(params)) == settings(YellowFin(params))  # today's defaults
+    assert options(get_variant("reference").build(params)) == options(YellowFin(params))
     assert get_variant("paper").build(params).defaults == YellowFin.paper_variant(params).defaults
     no_ramp = settings(get_variant("no_slow_start").build(params))
     assert no_ramp == dataclasses.replace(settings(YellowFin(params)), slow_start=False)
+    assert options(get_variant("no_slow_start").build(params)) == {**options(YellowFin(params)), "slow_start": False}
     assert settings(get_variant("scale_free").build(params)).beta == 0.999  # the variant pins its memory
     scale_free_default = settings(YellowFin(params, tuner="scale_free"))
     assert settings(get_variant("scale_free_beta_0.99").build(params)) == scale_free_default
