@@ -16,7 +16,11 @@ unit-consistent one (docs/tuner.md explains why):
   ||g|| ranges over [h_min d, h_max d]), not of squared norms, which gives kappa^2.
 - ``alpha_units="secant"``: alpha from a secant curvature, <g - g_ref, x - x_ref> / ||x - x_ref||^2, anchored at
   the iterates' running average (``anchor="average"``) or at the previous step (``anchor="previous"``, with
-  the previous gradient's own noise alpha C removed unless ``noise_correction=False``); read as h_min
+  the previous gradient's own noise alpha C removed unless ``noise_correction=False``; with
+  ``noise_correction="relative"`` the noise is the measured noise fraction C / E||g||^2 times the previous
+  gradient's own ||g_prev||^2, so that it shrinks with the gradients it accompanies), or along the step before
+  (``anchor="lagged"``: <g_t - g_(t-1), x_(t-1) - x_(t-2)> / <x_t - x_(t-1), x_(t-1) - x_(t-2)>, whose numerator
+  holds no noise of g_(t-1) or g_t, so no correction is needed); read as h_min
   (``secant_is="min"``), as h_max with h_min = h_max / kappa (``"max"``), or at the robust region's upper end
   (``"upper"``). The step grows at most ``max_growth`` times per step.
 - ``alpha_units="distance_secant"``: the smaller of the distance step and the secant step (the library's
@@ -87,6 +91,12 @@ VARIANTS: dict[str, dict] = {
                             secant_is="upper", memory=0.99),
     "ds_secant_range": dict(alpha_units="distance_secant", momentum_rule="snr", kappa="norm", anchor="previous",
                             secant_is="range", memory=0.99),
+    "ds_relative_noise": dict(alpha_units="distance_secant", momentum_rule="snr", kappa="norm", anchor="previous",
+                              secant_is="max", memory=0.99, noise_correction="relative"),
+    "ds_lagged_secant": dict(alpha_units="distance_secant", momentum_rule="snr", kappa="norm", anchor="lagged",
+                             secant_is="max", memory=0.99),
+    "ds_edge_guard": dict(alpha_units="distance_secant", momentum_rule="snr", kappa="norm", anchor="previous",
+                          secant_is="max", memory=0.99, edge_guard=True),
     "ds_growth_10": dict(alpha_units="distance_secant", momentum_rule="snr", kappa="norm", anchor="previous",
                          secant_is="max", max_growth=10.0),
     "step_secant_max": dict(alpha_units="secant", anchor="previous", secant_is="max"),
@@ -109,7 +119,7 @@ class FlatTuner(torch.optim.Optimizer):
     def __init__(self, params, alpha_units: str = "gradient", momentum_rule: str = "reference",
                  kappa: str = "squared", start_distance: float = 1e-6, memory: float = 0.999,
                  max_growth: float = 2.0, anchor: str = "average", curvature_memory: float | None = None,
-                 secant_is: str = "min", noise_correction: bool = True):
+                 secant_is: str = "min", noise_correction: bool | str = True, edge_guard: bool = False):
         super().__init__(params, {})
         if (alpha_units not in ("gradient", "distance", "secant", "distance_secant")
                 or momentum_rule not in ("reference", "snr", "along_momentum") or kappa not in ("squared", "norm")):
@@ -126,7 +136,12 @@ class FlatTuner(torch.optim.Optimizer):
         self.settings = (TunerSettings(slow_start=False, beta=memory, eps=1e-30, adaptive_clipping=False) if secant
                          else TunerSettings(slow_start=alpha_units == "gradient", beta=memory))
         self.max_growth, self.anchor, self.curvature_memory = max_growth, anchor, curvature_memory
+        if noise_correction not in (True, False, "relative"):
+            raise ValueError(f"unknown noise_correction {noise_correction!r}")
         self.secant_is, self.noise_correction = secant_is, noise_correction
+        self.prev_noise = 0.0  # noise_correction="relative": the previous gradient's estimated ||noise||^2
+        # edge_guard: alpha <= (1 + sqrt mu)^2 / h_t with h_t the last step's own uncorrected secant (not averaged)
+        self.edge_guard, self.raw_secant = edge_guard, 0.0
         self.secant_window: list[float] = []
         self.log_min_avg = self.log_max_avg = 0.0
         self.range_steps = 0
@@ -141,7 +156,7 @@ class FlatTuner(torch.optim.Optimizer):
             # x_avg: the iterate's running average, the anchor of the secant; s_avg / q_avg the running averages
             # of <g - gbar, x - xbar> and ||x - xbar||^2, whose ratio is the curvature along x - xbar.
             self.x_avg = self.x0.clone()
-            self.g_prev = None
+            self.g_prev = self.x_prev2 = None
             self.s_avg = self.q_avg = 0.0
             self.alpha_prev = 0.0
             self.trace["h_secant"] = []
@@ -238,12 +253,30 @@ class FlatTuner(torch.optim.Optimizer):
             gbar = self.grad_avg / debias
             dx = x - self.x_avg
             s, q = float((g - gbar).dot(dx)), float(dx.dot(dx))
+        elif self.anchor == "lagged":
+            # The gradient change of the last step along the step before it: <g_t - g_(t-1), x_(t-1) - x_(t-2)>
+            # over <x_t - x_(t-1), x_(t-1) - x_(t-2)>. x_(t-1) - x_(t-2) was decided before g_(t-1) and g_t
+            # were drawn, so their noise averages out of the numerator: no noise correction is needed, for a
+            # quadratic each eigen-direction contributes its curvature to both sums with the same sign.
+            s = q = 0.0
+            if self.g_prev is not None and self.x_prev2 is not None:
+                dx, dx_lag = x - self.x_avg, self.x_avg - self.x_prev2
+                s, q = float((g - self.g_prev).dot(dx_lag)), float(dx.dot(dx_lag))
+            self.x_prev2, self.x_avg, self.g_prev = self.x_avg.clone(), x.clone(), g.clone()
         else:  # the last step: x - x_prev = -alpha v; E<xi_prev, dx> = -alpha C is removed from the numerator
             dx = x - self.x_avg
             variance = self.noise_var if self.noise_var is not None else float(state.grad_var)
             noise = self.alpha_prev * variance if self.noise_correction else 0.0
+            if self.noise_correction == "relative":
+                # The noise fraction C / E||g||^2 is a ratio that the averages follow well; the noise of g_prev
+                # is that fraction of g_prev's own squared norm, not the average C, which lags when the
+                # gradients shrink (at an interpolating solution: a stale C drove the secant to 0, alpha up).
+                noise = self.alpha_prev * self.prev_noise
+                grad_sq = float(state.grad_sq_avg) / (1.0 - beta ** float(state.step))
+                self.prev_noise = min(variance / grad_sq, 1.0) * float(g.dot(g)) if grad_sq > 0.0 else 0.0
             s = float((g - self.g_prev).dot(dx)) - noise if self.g_prev is not None else 0.0
             q = float(dx.dot(dx))
+            self.raw_secant = (s + noise) / q if q > 0.0 and s + noise > 0.0 else 0.0
             self.x_avg, self.g_prev = x.clone(), g.clone()
         if self.curvature_memory is not None:
             cbeta = self.curvature_memory
@@ -280,6 +313,10 @@ class FlatTuner(torch.optim.Optimizer):
         unmeasured = math.inf if self.alpha_units == "distance_secant" else self.alpha_prev
         tuned = float((1.0 - sqrt_mu) ** 2) / h if math.isfinite(h) else unmeasured
         self.alpha_prev = min(tuned, self.max_growth * self.alpha_prev)
+        if self.edge_guard and self.raw_secant > 0.0:
+            # The last step's own curvature, uncorrected (noise only makes it larger: a safe side), bounds the step
+            # at the robust region's upper end, below heavy ball's edge of stability 2 (1 + mu) / h.
+            self.alpha_prev = min(self.alpha_prev, float((1.0 + sqrt_mu) ** 2) / self.raw_secant)
         return mu, torch.tensor(self.alpha_prev, dtype=torch.float64)
 
 
@@ -486,11 +523,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=["loss_scale", *TASK_STEPS])
     parser.add_argument("--variants", nargs="+", default=["reference", *VARIANTS, *ADAM_METRIC_VARIANTS])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--steps", type=int, default=None,
+                        help="a budget other than the task's (results go to <task>-<steps>steps/, outside the table)")
     parser.add_argument("--table", action="store_true",
                         help="run nothing: rewrite screen.md from every results file present")
     args = parser.parse_args(argv)
     if args.table:
-        text = table([json.loads(path.read_text()) for path in sorted(OUT.glob("*/*_seed*.json"))])
+        text = table([json.loads(path.read_text()) for path in sorted(OUT.glob("*/*_seed*.json"))
+                      if path.parent.name in TASK_STEPS or path.parent.name == "loss_scale"])
         (OUT / "screen.md").write_text(text)
         print(text)
         return 0
@@ -499,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     for task_name in args.tasks:
         for variant in args.variants:
             for seed in args.seeds:
-                path = OUT / task_name / f"{variant}_seed{seed}.json"
+                folder = task_name if args.steps is None else f"{task_name}-{args.steps}steps"
+                path = OUT / folder / f"{variant}_seed{seed}.json"
                 if path.exists():
                     results.append(json.loads(path.read_text()))
                     continue
@@ -507,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
                 if task_name == "loss_scale":
                     record = run_loss_scale(variant, seed)
                 else:
-                    record = run_task(task_name, variant, seed, TASK_STEPS[task_name])
+                    record = run_task(task_name, variant, seed, args.steps or TASK_STEPS[task_name])
                 record["seconds"] = time.monotonic() - start
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_result(path, record)
