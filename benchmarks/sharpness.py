@@ -13,7 +13,7 @@ when the measured curvature rises chases the sharpness down. The fractions below
 
     python benchmarks/sharpness.py digits_mlp logreg autoencoder --steps 2000 --every 100
     python benchmarks/sharpness.py char_lstm --steps 1500 --every 250
-    python benchmarks/sharpness.py --plot        # docs/figures/sharpness.png from every results file present
+    python benchmarks/sharpness.py --plot        # docs/figures/sharpness.png and the summary table, from the results
 Writes benchmarks/results-sharpness/<task>/<optimizer>_seed<k>.json and prints one line per measurement.
 """
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -116,6 +117,25 @@ def _step_and_momentum(optimizer: torch.optim.Optimizer) -> tuple[float, float]:
     return float(group["lr"]), float(group.get("momentum", 0.0))
 
 
+def summary(records: list[dict]) -> str:
+    """Medians over the measurements after the first quarter of each run (markdown)."""
+    lines = ["| task | optimizer | top eigenvalue | a | mu | a / (1 - mu) | a lambda / (2 (1 + mu)) (max) "
+             "| secant along the step, raw | the tuner's secant |", "|---" * 9 + "|"]
+    for record in sorted(records, key=lambda r: (r["task"], r["optimizer"])):
+        late = [m for m in record["measurements"]
+                if m["step"] >= record["steps"] // 4 and m["sharpness"] is not None and m["lr"] is not None]
+
+        def median(key: str) -> str:
+            values = [m[key] for m in late if m.get(key) is not None]
+            return f"{statistics.median(values):.3g}" if values else "-"
+
+        worst = max((m["stability_fraction"] for m in late if m["stability_fraction"] is not None), default=math.nan)
+        lines.append(f"| {record['task']} | {record['optimizer']} | {median('sharpness')} | {median('lr')} | "
+                     f"{median('mu')} | {median('effective_lr')} | {median('stability_fraction')} ({worst:.3g}) | "
+                     f"{median('secant')} | {median('secant_curvature')} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(records: list[dict], path: Path) -> Path:
     """Per task: the sharpness lambda and each optimizer's edge of stability 2 (1 + mu) / a, on one log axis."""
     plt = pyplot()
@@ -154,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         if not records:
             parser.error(f"no results in {OUT}: run some tasks first")
         print(plot(records, FIGURE))
+        print(summary(records))
         return 0
     if not args.tasks:
         parser.error("name at least one task, or --plot")
