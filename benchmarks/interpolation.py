@@ -6,9 +6,10 @@ the gradients become rare spikes from the few examples still misclassified. Grid
 tuner handle that; the scale-free tuner of docs/algorithm.md §8 did not (docs/tuner.md §8), which this script
 shows in one command.
 
-    python benchmarks/interpolation.py [--seeds 0 1 2] [--steps 3000]
-Writes benchmarks/results-interpolation/results.json: per optimizer and seed, the final full-batch loss, the
-largest batch loss after the first 200 steps, and the step at which a batch loss first exceeded 10 (or None).
+    python benchmarks/interpolation.py [--seeds 0 1 2] [--steps 3000] [--optimizers NAME ...]
+Optimizers: the names below, or screen:VARIANT for a research variant of benchmarks/tuner_screen.py.
+Writes benchmarks/results-interpolation/<optimizer>.json: per seed, the final full-batch loss, the largest batch
+loss after the first 200 steps, and the step at which a batch loss first exceeded 10 (or None).
 """
 
 from __future__ import annotations
@@ -33,13 +34,24 @@ OPTIMIZERS = {
 }
 
 
+def build(name: str):
+    if name.startswith("screen:"):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from tuner_screen import builder  # (benchmarks/ is not a package)
+
+        return builder(name.removeprefix("screen:"))
+    if name not in OPTIMIZERS:
+        raise SystemExit(f"unknown optimizer {name!r}: {', '.join(OPTIMIZERS)} or screen:VARIANT")
+    return OPTIMIZERS[name]
+
+
 def run(name: str, seed: int, steps: int, examples: int = 256, batch: int = 32) -> dict:
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn(examples, 20, generator=generator)
     labels = (inputs @ torch.randn(20, 4, generator=generator)).argmax(1)
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
-    optimizer = OPTIMIZERS[name](model.parameters())
+    optimizer = build(name)(model.parameters())
     worst, blew_up_at = 0.0, None
     for step in range(steps):
         index = torch.randint(0, examples, (batch,), generator=generator)
@@ -64,18 +76,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    results = []
-    for name in OPTIMIZERS:
+    OUT.mkdir(parents=True, exist_ok=True)
+    for name in args.optimizers:
+        build(name)  # (an unknown name fails before any run)
+    for name in args.optimizers:
+        results = []
         for seed in args.seeds:
             record = run(name, seed, args.steps)
             results.append(record)
             print(f"{name} seed {seed}: final loss {record['final_loss']}, worst batch loss after 200 steps "
                   f"{record['worst_batch_loss_after_200']}, first batch loss above 10 at step "
                   f"{record['first_loss_above_10']}", flush=True)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "results.json").write_text(json.dumps({"steps": args.steps, "results": results}, indent=1) + "\n")
+        path = OUT / f"{name.replace(':', '_')}.json"
+        path.write_text(json.dumps({"steps": args.steps, "results": results}, indent=1) + "\n")
     return 0
 
 

@@ -97,6 +97,9 @@ VARIANTS: dict[str, dict] = {
                              secant_is="max", memory=0.99),
     "ds_edge_guard": dict(alpha_units="distance_secant", momentum_rule="snr", kappa="norm", anchor="previous",
                           secant_is="max", memory=0.99, edge_guard=True),
+    "ds_dog_cap": dict(alpha_units="distance_secant", momentum_rule="snr", kappa="norm", anchor="previous",
+                       secant_is="max", memory=0.99, dog_cap=True),
+    "snr_dog": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99),
     "ds_growth_10": dict(alpha_units="distance_secant", momentum_rule="snr", kappa="norm", anchor="previous",
                          secant_is="max", max_growth=10.0),
     "step_secant_max": dict(alpha_units="secant", anchor="previous", secant_is="max"),
@@ -119,9 +122,10 @@ class FlatTuner(torch.optim.Optimizer):
     def __init__(self, params, alpha_units: str = "gradient", momentum_rule: str = "reference",
                  kappa: str = "squared", start_distance: float = 1e-6, memory: float = 0.999,
                  max_growth: float = 2.0, anchor: str = "average", curvature_memory: float | None = None,
-                 secant_is: str = "min", noise_correction: bool | str = True, edge_guard: bool = False):
+                 secant_is: str = "min", noise_correction: bool | str = True, edge_guard: bool = False,
+                 dog_cap: bool = False):
         super().__init__(params, {})
-        if (alpha_units not in ("gradient", "distance", "secant", "distance_secant")
+        if (alpha_units not in ("gradient", "distance", "secant", "distance_secant", "dog")
                 or momentum_rule not in ("reference", "snr", "along_momentum") or kappa not in ("squared", "norm")):
             raise ValueError(f"unknown switch in {alpha_units!r}, {momentum_rule!r}, {kappa!r}")
         self.alpha_units, self.momentum_rule, self.kappa = alpha_units, momentum_rule, kappa
@@ -132,7 +136,7 @@ class FlatTuner(torch.optim.Optimizer):
         # The distance variant grows its own step from r_eps, so it needs no ramp (DoG's warm-up).
         # The secant variant keeps every guard relative (eps far below any measured scale), so that only
         # the measurements, not the guards, decide: the loss-scale screen then tests the estimator itself.
-        secant = alpha_units in ("secant", "distance_secant")
+        secant = alpha_units in ("secant", "distance_secant", "dog")
         self.settings = (TunerSettings(slow_start=False, beta=memory, eps=1e-30, adaptive_clipping=False) if secant
                          else TunerSettings(slow_start=alpha_units == "gradient", beta=memory))
         self.max_growth, self.anchor, self.curvature_memory = max_growth, anchor, curvature_memory
@@ -142,6 +146,9 @@ class FlatTuner(torch.optim.Optimizer):
         self.prev_noise = 0.0  # noise_correction="relative": the previous gradient's estimated ||noise||^2
         # edge_guard: alpha <= (1 + sqrt mu)^2 / h_t with h_t the last step's own uncorrected secant (not averaged)
         self.edge_guard, self.raw_secant = edge_guard, 0.0
+        # DoG's step d / sqrt(sum_s ||g_s||^2) as the effective step alpha / (1 - mu): alpha_units="dog" sets alpha
+        # from it (mu from the momentum rule), dog_cap=True bounds the secant-distance step by it.
+        self.dog_cap, self.grad_sq_sum = dog_cap, 0.0
         self.secant_window: list[float] = []
         self.log_min_avg = self.log_max_avg = 0.0
         self.range_steps = 0
@@ -219,6 +226,12 @@ class FlatTuner(torch.optim.Optimizer):
                 return torch.tensor(self.settings.initial_momentum), torch.tensor(self.settings.initial_lr)
             return mu, alpha
         x = self._flat(p.detach() for p in self.params)
+        self.grad_sq_sum += float(g.dot(g))
+        if self.alpha_units == "dog":
+            self.distance = max(self.distance, float((x - self.x0).norm()))
+            if not started:  # DoG's first step: move r_eps
+                return torch.zeros((), dtype=torch.float64), torch.tensor(self.distance / float(g.norm()))
+            return mu, (1.0 - mu) * self.distance / math.sqrt(self.grad_sq_sum)
         if self.alpha_units == "distance_secant":  # the smaller of the two steps: each bounds the other's failure
             kappa = float(ratio if self.kappa == "squared" else torch.sqrt(ratio))
             self.distance = max(self.distance, float((x - self.x0).norm()))
@@ -227,6 +240,8 @@ class FlatTuner(torch.optim.Optimizer):
                 return mu_s, alpha_s
             alpha_d = (1.0 - sqrt_mu) ** 2 * self.distance / torch.sqrt(state.h_min)
             self.alpha_prev = min(float(alpha_s), float(alpha_d))  # alpha_s already holds the growth cap
+            if self.dog_cap:
+                self.alpha_prev = min(self.alpha_prev, float(1.0 - mu) * self.distance / math.sqrt(self.grad_sq_sum))
             return mu, torch.tensor(self.alpha_prev, dtype=torch.float64)
         if self.alpha_units == "secant":
             kappa = ratio if self.kappa == "squared" else torch.sqrt(ratio)
