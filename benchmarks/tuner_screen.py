@@ -513,6 +513,14 @@ def tuned_best(task_name: str, optimizer: str = "sgd_momentum") -> float | None:
     return statistics.mean(multi_seed[0]) if len(multi_seed) == 1 else None
 
 
+def final_smoothed_loss(record: dict) -> float:
+    """The run's smoothed training loss at its last step (the quadratic: its final exact excess loss)."""
+    if record["task"] == "quadratic":
+        return record["eval"]["excess_loss"]
+    losses = [math.inf if v is None else v for v in record["losses"]]
+    return float(metrics.smooth(losses)[-1])
+
+
 def table(results: list[dict]) -> str:
     lines = ["Best smoothed training loss (mean ± std over seeds; quadratic: also the final exact excess loss), "
              "one row per variant.", ""]
@@ -541,6 +549,14 @@ def table(results: list[dict]) -> str:
             if runs:
                 lines.append(f"| {variant} | " + " | ".join(
                     _mean_std([r["final_mse"][str(c)] for r in runs]) for c in LOSS_SCALES) + " |")
+    lines += ["", "Final smoothed training loss (quadratic: final exact excess loss), mean ± std over seeds, for the "
+              "variants run on three seeds (the measure of `yellowfin ablate`'s overview).", "",
+              "| variant | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for variant in variants:
+        by_task = [[r for r in results if r["task"] == t and r["variant"] == variant] for t in tasks]
+        if any(len(runs) >= 3 for runs in by_task):
+            lines.append(f"| {variant} | " + " | ".join(
+                _mean_std([final_smoothed_loss(r) for r in runs]) for runs in by_task) + " |")
     return "\n".join(lines) + "\n"
 
 
