@@ -24,12 +24,16 @@ unit-consistent one (docs/tuner.md explains why):
   (``secant_is="min"``), as h_max with h_min = h_max / kappa (``"max"``), or at the robust region's upper end
   (``"upper"``). The step grows at most ``max_growth`` times per step.
 - ``alpha_units="distance_secant"``: the smaller of the distance step and the secant step (the library's
-  ``tuner="scale_free"`` is the variant ``distance_secant``).
+  ``tuner="scale_free"`` is the variant ``distance_secant`` at memory 0.99, ``ds_memory_0.99``).
 - ``momentum_rule="along_momentum"``: signal and noise as running averages of scalars along the momentum,
   ||grad f||^2 ~ <g, v> / W (W the total weight of the past gradients in v), instead of a vector average.
+- ``alpha_units="dog"``: the effective step alpha / (1 - mu) is DoG's d / sqrt(sum_t ||g_t||^2) (d the largest
+  distance from x_0), mu from the momentum rule (``without_momentum=True``: mu = 0, the control, plain SGD on
+  that step); ``dog_cap=True`` bounds the ``distance_secant`` step by it.
 - ``memory``: the estimators' beta.
 
-``AdamMetricTuner`` runs the ``distance_secant`` rule in Adam's metric (issue 13's first screen; docs/tuner.md §7).
+``AdamMetricTuner`` runs the ``distance_secant`` rule in Adam's metric (issue 13's first screen; docs/tuner.md §7),
+or with ``step="dog"`` the ``snr_dog`` rule there.
 
     python benchmarks/tuner_screen.py --tasks quadratic --variants distance_secant --seeds 0 1 2
     python benchmarks/tuner_screen.py --table       # rewrite screen.md from every results file present
@@ -100,6 +104,8 @@ VARIANTS: dict[str, dict] = {
     "ds_dog_cap": dict(alpha_units="distance_secant", momentum_rule="snr", kappa="norm", anchor="previous",
                        secant_is="max", memory=0.99, dog_cap=True),
     "snr_dog": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99),
+    # its control: plain SGD on snr_dog's effective step, which is DoG's step (without DoG's iterate average)
+    "control_snr_dog": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99, without_momentum=True),
     "ds_growth_10": dict(alpha_units="distance_secant", momentum_rule="snr", kappa="norm", anchor="previous",
                          secant_is="max", max_growth=10.0),
     "step_secant_max": dict(alpha_units="secant", anchor="previous", secant_is="max"),
@@ -123,7 +129,7 @@ class FlatTuner(torch.optim.Optimizer):
                  kappa: str = "squared", start_distance: float = 1e-6, memory: float = 0.999,
                  max_growth: float = 2.0, anchor: str = "average", curvature_memory: float | None = None,
                  secant_is: str = "min", noise_correction: bool | str = True, edge_guard: bool = False,
-                 dog_cap: bool = False):
+                 dog_cap: bool = False, without_momentum: bool = False):
         super().__init__(params, {})
         if (alpha_units not in ("gradient", "distance", "secant", "distance_secant", "dog")
                 or momentum_rule not in ("reference", "snr", "along_momentum") or kappa not in ("squared", "norm")):
@@ -149,6 +155,7 @@ class FlatTuner(torch.optim.Optimizer):
         # DoG's step d / sqrt(sum_s ||g_s||^2) as the effective step alpha / (1 - mu): alpha_units="dog" sets alpha
         # from it (mu from the momentum rule), dog_cap=True bounds the secant-distance step by it.
         self.dog_cap, self.grad_sq_sum = dog_cap, 0.0
+        self.without_momentum = without_momentum  # the control: plain SGD on the effective step alpha / (1 - mu)
         self.secant_window: list[float] = []
         self.log_min_avg = self.log_max_avg = 0.0
         self.range_steps = 0
@@ -231,7 +238,10 @@ class FlatTuner(torch.optim.Optimizer):
             self.distance = max(self.distance, float((x - self.x0).norm()))
             if not started:  # DoG's first step: move r_eps
                 return torch.zeros((), dtype=torch.float64), torch.tensor(self.distance / float(g.norm()))
-            return mu, (1.0 - mu) * self.distance / math.sqrt(self.grad_sq_sum)
+            effective_step = self.distance / math.sqrt(self.grad_sq_sum)
+            if self.without_momentum:
+                return torch.zeros((), dtype=torch.float64), torch.tensor(effective_step, dtype=torch.float64)
+            return mu, (1.0 - mu) * effective_step
         if self.alpha_units == "distance_secant":  # the smaller of the two steps: each bounds the other's failure
             kappa = float(ratio if self.kappa == "squared" else torch.sqrt(ratio))
             self.distance = max(self.distance, float((x - self.x0).norm()))
@@ -348,7 +358,8 @@ class AdamMetricTuner(torch.optim.Optimizer):
     """
 
     def __init__(self, params, beta: float = 0.99, second_moment_beta: float = 0.999, relative_eps: float = 1e-8,
-                 max_growth: float = 2.0, start_distance: float = 1e-6, signal: str = "average"):
+                 max_growth: float = 2.0, start_distance: float = 1e-6, signal: str = "average",
+                 step: str = "distance_secant"):
         super().__init__(params, {})
         self.params = [p for group in self.param_groups for p in group["params"]]
         self.settings = TunerSettings(slow_start=False, beta=beta, eps=1e-30, adaptive_clipping=False)
@@ -369,6 +380,11 @@ class AdamMetricTuner(torch.optim.Optimizer):
         if signal not in ("average", "along_momentum"):
             raise ValueError(f"unknown signal {signal!r}")
         self.signal = signal
+        # step="dog": the effective step alpha / (1 - mu) is DoG's d / sqrt(sum_t ||g_y||^2) in y coordinates
+        # (FlatTuner's snr_dog in Adam's metric); "distance_secant": the secant and distance steps, as above.
+        if step not in ("distance_secant", "dog"):
+            raise ValueError(f"unknown step {step!r}")
+        self.step_rule, self.grad_sq_sum = step, 0.0
         self.weight_sum, self.signal_avg, self.sq_avg, self.noise_var = 0.0, 0.0, 0.0, None
         self.trace: dict[str, list[float]] = {"mu": [], "alpha": [], "effective_lr": [], "h_secant": []}
 
@@ -419,8 +435,12 @@ class AdamMetricTuner(torch.optim.Optimizer):
         self.s_avg = (1.0 - weight) * self.s_avg + weight * s
         self.q_avg = (1.0 - weight) * self.q_avg + weight * q
         h = self.s_avg / self.q_avg if self.q_avg > 0.0 and self.s_avg > 0.0 else math.inf
+        self.grad_sq_sum += float(sums.sq_norm)
         if self.steps == 1:  # DoG's first move, without momentum
             mu, alpha = 0.0, self.distance / math.sqrt(float(sums.sq_norm))
+        elif self.step_rule == "dog":
+            mu = sqrt_mu**2
+            alpha = (1.0 - mu) * self.distance / math.sqrt(self.grad_sq_sum)
         else:
             mu = sqrt_mu**2
             alpha_secant = contraction * kappa / h if math.isfinite(h) else math.inf
@@ -440,7 +460,7 @@ class AdamMetricTuner(torch.optim.Optimizer):
 
 
 ADAM_METRIC_VARIANTS = {"adam_metric_ds": {}, "adam_metric_ds_memory_0.999": dict(beta=0.999),
-                        "adam_metric_dsm": dict(signal="along_momentum")}
+                        "adam_metric_dsm": dict(signal="along_momentum"), "adam_metric_dog": dict(step="dog")}
 
 
 def builder(variant: str) -> Callable:
