@@ -40,6 +40,7 @@ _GROUP_OPTIONS = ("lr", "weight_decay", "decoupled_weight_decay", "nesterov", "m
 _REFERENCE_OPTIONS = dict(
     beta=0.999, curvature_window=20, eps=1e-6, initial_lr=1e-4, initial_momentum=0.0, adaptive_clipping=True,
     slow_start=True, update_first=False, curvature_smoothing="log", smooth_tuned=False, tuner="reference",
+    step_rule=None,
 )
 # Keys torch itself may put into a param group.
 _TORCH_GROUP_KEYS = ("params", "param_names", "differentiable")
@@ -119,7 +120,8 @@ class YellowFin(Optimizer):
     :math:`(\mu_t, \alpha_t)`; :meth:`paper_variant` sets the paper's choices. ``stats()`` reports
     :math:`t, \mu_t, \alpha_t, h_{\min}, h_{\max}, C, D, o, m`. The algorithm, each step explained:
     docs/algorithm.md §1-§6. ``tuner="scale_free"`` replaces the tuning by one whose every estimate is in
-    loss and parameter units, so that the trajectory does not depend on the loss scale (§8).
+    loss and parameter units, so that the trajectory does not depend on the loss scale (§8); its
+    ``step_rule`` takes the step from DoG's (``"dog"``, the default) or from a secant curvature (``"secant"``).
 
     Args:
         params: parameters or parameter groups.
@@ -129,8 +131,8 @@ class YellowFin(Optimizer):
             ``initial_lr``, ``initial_momentum``, ``adaptive_clipping``, ``slow_start``, ``clip_norm``,
             ``weight_decay``, ``decoupled_weight_decay``, ``nesterov``, ``maximize``, ``foreach``,
             ``fused``, ``per_group_tuning``, ``sparsity_correction``, ``update_first``,
-            ``curvature_smoothing``, ``smooth_tuned``, ``tuner``, ``shard_group``): their defaults, ranges and
-            meaning are listed once, in docs/algorithm.md §7.1.
+            ``curvature_smoothing``, ``smooth_tuned``, ``tuner``, ``step_rule``, ``shard_group``): their
+            defaults, ranges and meaning are listed once, in docs/algorithm.md §7.1.
     """
 
     def __init__(
@@ -158,6 +160,7 @@ class YellowFin(Optimizer):
         curvature_smoothing: str = "log",
         smooth_tuned: bool = False,
         tuner: str = "reference",
+        step_rule: str | None = None,
         shard_group=None,
         **unknown,
     ):
@@ -170,11 +173,11 @@ class YellowFin(Optimizer):
             beta=beta, curvature_window=curvature_window, eps=eps, initial_lr=initial_lr,
             initial_momentum=initial_momentum, adaptive_clipping=adaptive_clipping, slow_start=slow_start,
             clip_norm=clip_norm, sparsity_correction=sparsity_correction, update_first=update_first,
-            curvature_smoothing=curvature_smoothing, smooth_tuned=smooth_tuned, tuner=tuner,
+            curvature_smoothing=curvature_smoothing, smooth_tuned=smooth_tuned, tuner=tuner, step_rule=step_rule,
         )
-        # (beta as given: None stays None, so that each group's tuner picks its own memory)
+        # (beta and step_rule as given: None stays None, so that each group's tuner picks its own)
         defaults = dict(
-            vars(settings), beta=beta, lr=lr, weight_decay=weight_decay,
+            vars(settings), beta=beta, step_rule=step_rule, lr=lr, weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay, nesterov=nesterov, maximize=maximize, foreach=foreach,
             fused=fused,
         )
@@ -385,8 +388,9 @@ class YellowFin(Optimizer):
             raise ValueError(
                 f"state dict has {len(saved_groups)} parameter groups, this optimizer {len(self.param_groups)}"
             )
-        # A group saved before an option existed ran with that option's default, as torch's optimizers assume.
-        saved_groups = [{**_option_defaults(), **saved} for saved in saved_groups]
+        # A group saved before an option existed ran with that option's default, as torch's optimizers assume;
+        # a scale-free group saved before step_rule existed ran the secant rule, whatever the default is now.
+        saved_groups = [{**_option_defaults(), **_step_rule_of_old_groups(saved), **saved} for saved in saved_groups]
         state_dict["param_groups"] = saved_groups
         for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if len(saved["params"]) != len(group["params"]):
@@ -498,6 +502,11 @@ def _update(batch: _Batch, coefficients: tuning.UpdateCoefficients) -> None:
 
             update(pick(batch.params), pick(batch.grads), pick(batch.grad_avgs), pick(batch.momenta), coefficients,
                    lr=group["lr"], decay=decay, nesterov=group["nesterov"])
+
+
+def _step_rule_of_old_groups(saved: dict) -> dict:
+    """{"step_rule": "secant"} for a scale-free group saved before step_rule existed (the rule it ran), else {}."""
+    return {"step_rule": "secant"} if saved.get("tuner") == "scale_free" and "step_rule" not in saved else {}
 
 
 @functools.cache

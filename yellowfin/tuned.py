@@ -16,15 +16,16 @@ def is_tuner(optimizer) -> bool:
 def refuse_under_asynchrony(optimizer, num_workers: int) -> None:
     """Refuse a tuner that cannot run on stale gradients (with more than one worker).
 
-    The scale-free tuner's secant pairs each gradient with the last step, x_t - x_{t-1}; a gradient computed on
-    the model of tau versions ago breaks that pairing. Under simulated staleness (4 or more workers) it diverged
-    where the reference did not (docs/tuner.md §6), so it is refused here until its secant accounts for staleness.
+    Under simulated staleness (4 or more workers) the scale-free tuner diverged where the reference did not, with
+    either step rule (docs/tuner.md §6, §8): its secant pairs each gradient with the last step, which a gradient
+    computed on the model of tau versions ago breaks, and DoG's step, set for fresh gradients, meets the extra
+    momentum that asynchrony adds. So it is refused here until its rules account for staleness.
     """
     if num_workers > 1 and is_tuner(optimizer) and any(
             group.get("tuner") == "scale_free" for group in optimizer.param_groups):
         raise ValueError(
-            "tuner='scale_free' cannot run under asynchrony yet: its secant curvature pairs each gradient with the "
-            "last step, which stale gradients break (docs/tuner.md §6); use the default tuner here")
+            "tuner='scale_free' cannot run under asynchrony yet: with stale gradients it diverged under simulated "
+            "staleness, with either step rule (docs/tuner.md §8); use the default tuner here")
 
 
 def tuned_records(optimizer) -> list[dict]:

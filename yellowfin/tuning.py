@@ -144,8 +144,9 @@ def tune_scale_free(
     Every quantity is in loss and parameter units, so multiplying the loss by c leaves mu and the
     parameters' trajectory unchanged and scales alpha by 1/c: the condition number is the ratio of
     gradient norms (||g|| ranges over [h_min d, h_max d] on a quadratic), the momentum rule reads the
-    gradient's signal-to-noise ratio ||E g||^2 / (2 C), and alpha is the smaller of the secant step
-    (the curvature along the last steps, ``measurements.measure_secant``) and DoG's distance step.
+    gradient's signal-to-noise ratio ||E g||^2 / (2 C). With ``step_rule="dog"`` the effective step
+    alpha / (1 - mu) is DoG's d / sqrt(sum_t ||g_t||^2); with "secant", alpha is the smaller of the secant step
+    (the curvature along the last steps, ``measurements.measure_secant``) and the distance step.
     """
     started = state.step >= 1.0
     kappa = torch.sqrt(measured.h_max / measured.h_min)
@@ -166,11 +167,19 @@ def tune_scale_free(
     )
     # For a quadratic ||g|| = h d: h_min ~ sqrt(h_min proxy) / d.
     alpha_distance = contraction * distance / torch.sqrt(measured.h_min)
-    alpha = torch.minimum(torch.minimum(alpha_secant, MAX_STEP_GROWTH * state.alpha), alpha_distance)
+    # DoG's step as the effective step: the momentum spreads it as alpha = (1 - mu) d / sqrt(sum ||g||^2). An
+    # absolute curvature is what SingleStep's alpha = (1 - sqrt mu)^2 / h_min needs and what gradients measure worst
+    # (the secant is mostly the last gradient's own noise), so the scale comes from the distance travelled instead.
+    grad_sq_sum = state.grad_sq_sum + sample.sq_norm
+    if settings.step_rule == "dog":
+        alpha = (1.0 - sqrt_mu**2) * distance / torch.sqrt(grad_sq_sum)
+    else:
+        alpha = torch.minimum(torch.minimum(alpha_secant, MAX_STEP_GROWTH * state.alpha), alpha_distance)
     first_step = distance / torch.sqrt(sample.sq_norm)  # DoG's start: move exactly d, without momentum
     return measured.replace(
         mu=torch.where(started, sqrt_mu**2, 0.0), alpha=torch.where(started, alpha, first_step),
         distance=distance, secant_num_avg=secant_avg, secant_den_avg=step_sq_avg, secant_curvature=secant_curvature,
+        grad_sq_sum=grad_sq_sum,
     )
 
 

@@ -101,13 +101,18 @@ for _variant in (
     Variant("beta_0.99", "estimator memory of ~100 steps instead of ~1000", overrides={"beta": 0.99}),
     Variant("linear_curvature", "curvature range smoothed linearly, not in log space",
             overrides={"curvature_smoothing": "linear"}),
-    # The scale-free tuner (docs/algorithm.md §8; docs/tuner.md), at its two screened memories, and its control.
+    # The scale-free tuner (docs/algorithm.md §8; docs/tuner.md): its secant rule at its two screened memories,
+    # its DoG rule (the default since), and their controls.
     Variant("scale_free", "the scale-free tuner: DoG distance and secant step, SNR momentum (memory ~1000 steps)",
-            overrides={"tuner": "scale_free"}),
+            overrides={"tuner": "scale_free", "step_rule": "secant"}),
     Variant("scale_free_beta_0.99", "the scale-free tuner with an estimator memory of ~100 steps",
-            overrides={"tuner": "scale_free", "beta": 0.99}),
+            overrides={"tuner": "scale_free", "step_rule": "secant", "beta": 0.99}),
     Variant("control_scale_free_beta_0.99", "plain SGD replaying scale_free_beta_0.99's effective step alpha/(1-mu)",
             control_of="scale_free_beta_0.99"),
+    Variant("scale_free_dog", "the scale-free tuner's DoG rule: effective step d / sqrt(sum ||g||^2), SNR momentum",
+            overrides={"tuner": "scale_free", "step_rule": "dog", "beta": 0.99}),
+    Variant("control_scale_free_dog", "plain SGD replaying scale_free_dog's effective step alpha/(1-mu)",
+            control_of="scale_free_dog"),
 ):
     register_variant(_variant)
 DEFAULT_VARIANTS = (REFERENCE, "paper", "control")
