@@ -33,7 +33,7 @@ unit-consistent one (docs/tuner.md explains why):
 - ``memory``: the estimators' beta.
 
 ``AdamMetricTuner`` runs the ``distance_secant`` rule in Adam's metric (issue 13's first screen; docs/tuner.md §7),
-or with ``step="dog"`` the ``snr_dog`` rule there.
+or with ``step="dog"`` the ``snr_dog`` rule there (``without_momentum=True``: its control).
 
     python benchmarks/tuner_screen.py --tasks quadratic --variants distance_secant --seeds 0 1 2
     python benchmarks/tuner_screen.py --table       # rewrite screen.md from every results file present
@@ -359,7 +359,7 @@ class AdamMetricTuner(torch.optim.Optimizer):
 
     def __init__(self, params, beta: float = 0.99, second_moment_beta: float = 0.999, relative_eps: float = 1e-8,
                  max_growth: float = 2.0, start_distance: float = 1e-6, signal: str = "average",
-                 step: str = "distance_secant"):
+                 step: str = "distance_secant", without_momentum: bool = False):
         super().__init__(params, {})
         self.params = [p for group in self.param_groups for p in group["params"]]
         self.settings = TunerSettings(slow_start=False, beta=beta, eps=1e-30, adaptive_clipping=False)
@@ -385,6 +385,7 @@ class AdamMetricTuner(torch.optim.Optimizer):
         if step not in ("distance_secant", "dog"):
             raise ValueError(f"unknown step {step!r}")
         self.step_rule, self.grad_sq_sum = step, 0.0
+        self.without_momentum = without_momentum  # the control: plain preconditioned SGD on the effective step
         self.weight_sum, self.signal_avg, self.sq_avg, self.noise_var = 0.0, 0.0, 0.0, None
         self.trace: dict[str, list[float]] = {"mu": [], "alpha": [], "effective_lr": [], "h_secant": []}
 
@@ -439,7 +440,7 @@ class AdamMetricTuner(torch.optim.Optimizer):
         if self.steps == 1:  # DoG's first move, without momentum
             mu, alpha = 0.0, self.distance / math.sqrt(float(sums.sq_norm))
         elif self.step_rule == "dog":
-            mu = sqrt_mu**2
+            mu = 0.0 if self.without_momentum else sqrt_mu**2
             alpha = (1.0 - mu) * self.distance / math.sqrt(self.grad_sq_sum)
         else:
             mu = sqrt_mu**2
@@ -460,7 +461,9 @@ class AdamMetricTuner(torch.optim.Optimizer):
 
 
 ADAM_METRIC_VARIANTS = {"adam_metric_ds": {}, "adam_metric_ds_memory_0.999": dict(beta=0.999),
-                        "adam_metric_dsm": dict(signal="along_momentum"), "adam_metric_dog": dict(step="dog")}
+                        "adam_metric_dsm": dict(signal="along_momentum"), "adam_metric_dog": dict(step="dog"),
+                        # its control: the same effective step in Adam's metric, without momentum
+                        "control_adam_metric_dog": dict(step="dog", without_momentum=True)}
 
 
 def builder(variant: str) -> Callable:
