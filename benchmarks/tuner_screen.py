@@ -462,6 +462,8 @@ class AdamMetricTuner(torch.optim.Optimizer):
 
 ADAM_METRIC_VARIANTS = {"adam_metric_ds": {}, "adam_metric_ds_memory_0.999": dict(beta=0.999),
                         "adam_metric_dsm": dict(signal="along_momentum"), "adam_metric_dog": dict(step="dog"),
+                        # three buffers (P, v, x0): the signal along the momentum, no gradient average
+                        "adam_metric_dog_signal_along_momentum": dict(step="dog", signal="along_momentum"),
                         # its control: the same effective step in Adam's metric, without momentum
                         "control_adam_metric_dog": dict(step="dog", without_momentum=True)}
 
