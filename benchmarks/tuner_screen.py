@@ -377,8 +377,12 @@ class AdamMetricTuner(torch.optim.Optimizer):
         # signal="along_momentum": no gradient average (three buffers: v, P, x0): the signal is the running
         # average of <g_y, v> / W (W the weight of the past gradients in v) and the noise E||g_y||^2 minus it,
         # both averages of scalars (FlatTuner's momentum_rule="along_momentum", §5's dsm).
-        if signal not in ("average", "along_momentum"):
+        # signal="lag_one": three buffers too, the signal a running average of <g_t, g_(t-1)>, read from the momentum
+        # as <g_t, v_(t-1)> - mu_(t-1) <g_(t-1), v_(t-2)> (v_(t-1) = mu_(t-1) v_(t-2) + g_(t-1); the second product
+        # stands for <g_t, v_(t-2)>): at the tuner's own memory, whatever the momentum's.
+        if signal not in ("average", "along_momentum", "lag_one"):
             raise ValueError(f"unknown signal {signal!r}")
+        self.prev_dot_momentum, self.prev_mu = 0.0, 0.0
         self.signal = signal
         # step="dog": the effective step alpha / (1 - mu) is DoG's d / sqrt(sum_t ||g_y||^2) in y coordinates
         # (FlatTuner's snr_dog in Adam's metric); "distance_secant": the secant and distance steps, as above.
@@ -411,6 +415,18 @@ class AdamMetricTuner(torch.optim.Optimizer):
         if self.signal == "average":
             variance = float(state.grad_var)
             snr = float((self.grad_avg * self.grad_avg / metric).sum()) / debias**2 / (2.0 * variance)
+        elif self.signal == "lag_one":
+            weight = (1.0 - beta) / (1.0 - beta**self.steps)
+            self.sq_avg = (1.0 - weight) * self.sq_avg + weight * float(sums.sq_norm)
+            dot = float((g / torch.sqrt(metric)).dot(self.velocity))
+            if self.steps >= 2:
+                sample = dot - self.prev_mu * self.prev_dot_momentum
+                self.signal_avg = (sample if self.noise_var is None
+                                   else (1.0 - weight) * self.signal_avg + weight * sample)
+                self.noise_var = max(self.sq_avg - self.signal_avg, 1e-30 * self.sq_avg)
+            self.prev_dot_momentum = dot
+            variance = self.noise_var if self.noise_var is not None else float(sums.sq_norm)
+            snr = max(self.signal_avg, 0.0) / (2.0 * variance) if self.noise_var is not None else 1.0
         else:
             weight = (1.0 - beta) / (1.0 - beta**self.steps)
             self.sq_avg = (1.0 - weight) * self.sq_avg + weight * float(sums.sq_norm)
@@ -450,6 +466,7 @@ class AdamMetricTuner(torch.optim.Optimizer):
         self.x_prev, self.g_prev, self.alpha_prev, self.tuner = x.clone(), g.clone(), alpha, state
         self.velocity.mul_(mu).add_(g / torch.sqrt(metric))
         self.weight_sum = mu * self.weight_sum + 1.0
+        self.prev_mu = mu
         x = x - alpha * self.velocity / torch.sqrt(metric)
         offset = 0
         for p in self.params:
@@ -464,6 +481,7 @@ ADAM_METRIC_VARIANTS = {"adam_metric_ds": {}, "adam_metric_ds_memory_0.999": dic
                         "adam_metric_dsm": dict(signal="along_momentum"), "adam_metric_dog": dict(step="dog"),
                         # three buffers (P, v, x0): the signal along the momentum, no gradient average
                         "adam_metric_dog_signal_along_momentum": dict(step="dog", signal="along_momentum"),
+                        "adam_metric_dog_signal_lag_one": dict(step="dog", signal="lag_one"),
                         # its control: the same effective step in Adam's metric, without momentum
                         "control_adam_metric_dog": dict(step="dog", without_momentum=True)}
 
