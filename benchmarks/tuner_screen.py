@@ -380,7 +380,10 @@ class AdamMetricTuner(torch.optim.Optimizer):
         # signal="lag_one": three buffers too, the signal a running average of <g_t, g_(t-1)>, read from the momentum
         # as <g_t, v_(t-1)> - mu_(t-1) <g_(t-1), v_(t-2)> (v_(t-1) = mu_(t-1) v_(t-2) + g_(t-1); the second product
         # stands for <g_t, v_(t-2)>): at the tuner's own memory, whatever the momentum's.
-        if signal not in ("average", "along_momentum", "lag_one"):
+        # signal="lag_one_resolved": lag_one's estimate read at the resolution of the tuner's memory: an average of n
+        # gradients at memory beta keeps a fraction r_n = sum_k w_k^2 of the noise, which "average" counts as signal;
+        # here signal + r_n C, variance (1 - r_n) C, so that both estimate the same thing.
+        if signal not in ("average", "along_momentum", "lag_one", "lag_one_resolved"):
             raise ValueError(f"unknown signal {signal!r}")
         self.prev_dot_momentum, self.prev_mu = 0.0, 0.0
         self.signal = signal
@@ -415,7 +418,7 @@ class AdamMetricTuner(torch.optim.Optimizer):
         if self.signal == "average":
             variance = float(state.grad_var)
             snr = float((self.grad_avg * self.grad_avg / metric).sum()) / debias**2 / (2.0 * variance)
-        elif self.signal == "lag_one":
+        elif self.signal in ("lag_one", "lag_one_resolved"):
             weight = (1.0 - beta) / (1.0 - beta**self.steps)
             self.sq_avg = (1.0 - weight) * self.sq_avg + weight * float(sums.sq_norm)
             dot = float((g / torch.sqrt(metric)).dot(self.velocity))
@@ -427,6 +430,12 @@ class AdamMetricTuner(torch.optim.Optimizer):
             self.prev_dot_momentum = dot
             variance = self.noise_var if self.noise_var is not None else float(sums.sq_norm)
             snr = max(self.signal_avg, 0.0) / (2.0 * variance) if self.noise_var is not None else 1.0
+            if self.signal == "lag_one_resolved" and self.noise_var is not None:
+                n = self.steps
+                resolution = (1.0 - beta) * (1.0 - beta ** (2 * n)) / ((1.0 + beta) * (1.0 - beta**n) ** 2)
+                signal = max(self.signal_avg, 0.0)
+                noise = max(self.sq_avg - signal, 1e-30 * self.sq_avg)
+                snr = (signal + resolution * noise) / (2.0 * max((1.0 - resolution) * noise, 1e-30 * self.sq_avg))
         else:
             weight = (1.0 - beta) / (1.0 - beta**self.steps)
             self.sq_avg = (1.0 - weight) * self.sq_avg + weight * float(sums.sq_norm)
@@ -482,6 +491,7 @@ ADAM_METRIC_VARIANTS = {"adam_metric_ds": {}, "adam_metric_ds_memory_0.999": dic
                         # three buffers (P, v, x0): the signal along the momentum, no gradient average
                         "adam_metric_dog_signal_along_momentum": dict(step="dog", signal="along_momentum"),
                         "adam_metric_dog_signal_lag_one": dict(step="dog", signal="lag_one"),
+                        "adam_metric_dog_signal_lag_one_resolved": dict(step="dog", signal="lag_one_resolved"),
                         # its control: the same effective step in Adam's metric, without momentum
                         "control_adam_metric_dog": dict(step="dog", without_momentum=True)}
 
