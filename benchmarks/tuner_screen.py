@@ -184,8 +184,9 @@ class FlatTuner(torch.optim.Optimizer):
         g = self._flat(p.grad for p in self.params)
         x = self._flat(p.detach() for p in self.params)
         one = torch.ones((), dtype=torch.float64)
-        sums = Sums(g.dot(g), self.grad_avg.dot(g), self.grad_avg.dot(self.grad_avg), 0.0 * one, g.numel() * one,
-                    *(0.0 * one,) * 5)  # (the scale-free tuner's sums, unread by the reference it runs)
+        # (the scale-free tuner's sums stay zero, unread by the reference it runs)
+        sums = Sums.zeros(g)._replace(sq_norm=g.dot(g), cross=self.grad_avg.dot(g),
+                                      grad_avg_sq_norm=self.grad_avg.dot(self.grad_avg), numel=g.numel() * one)
         started = self.tuner.step >= 1.0
         state, c = tuning.tune_step(self.tuner, sums, self.settings)
         mu, alpha = c.momentum, c.step_size
@@ -406,8 +407,9 @@ class AdamMetricTuner(torch.optim.Optimizer):
         root = torch.sqrt(self.second_moment / (1.0 - b2**self.steps))
         metric = root + self.relative_eps * root.mean().clamp(min=1e-300)
         one = torch.ones((), dtype=torch.float64)
-        sums = Sums((g * g / metric).sum(), (self.grad_avg * g / metric).sum(),
-                    (self.grad_avg * self.grad_avg / metric).sum(), 0.0 * one, g.numel() * one, *(0.0 * one,) * 5)
+        sums = Sums.zeros(g)._replace(sq_norm=(g * g / metric).sum(), cross=(self.grad_avg * g / metric).sum(),
+                                      grad_avg_sq_norm=(self.grad_avg * self.grad_avg / metric).sum(),
+                                      numel=g.numel() * one)
         state, c = tuning.tune_step(self.tuner, sums, self.settings)
         self.grad_avg.mul_(c.avg_decay).add_(c.avg_weight * g)
         beta = self.settings.beta

@@ -38,6 +38,16 @@ class Sums(NamedTuple):
     grad_sq_norm_lr: Tensor  # sum lr ||g||^2
     displacement_sq: Tensor  # ||x - x_0||^2
     initial_param_sq_norm: Tensor  # ||x_0||^2
+    # Read by the preconditioned tuner only (zeros otherwise). In its metric M (docs/algorithm.md §9) sq_norm is
+    # ||g||^2_(M^-1) = sum g^2 / M and displacement_sq is ||x - x_0||^2_M = sum M (x - x_0)^2; besides those:
+    grad_dot_momentum: Tensor  # <g / sqrt(M), v>, with v the momentum buffer before this step's update
+    metric_sum: Tensor  # sum M, over every entry
+
+    @classmethod
+    def zeros(cls, like: Tensor) -> "Sums":
+        """Every sum zero, as 0-dim float64 tensors on ``like``'s device."""
+        zero = torch.zeros((), dtype=torch.float64, device=like.device)
+        return cls(*(zero,) * len(cls._fields))
 
     def weighted_by_lr(self, lr) -> "Sums":
         """These sums of one group's tensors, with the lr-weighted fields weighted by the group's ``lr``."""
@@ -157,9 +167,14 @@ def measure(state: TunerState, sample: GradientSample, settings: TunerSettings) 
 INITIAL_DISTANCE = 1e-6
 
 
-def distance_travelled(state: TunerState, sums: Sums) -> Tensor:
-    """d = max(d_prev, ||x - x_0||), from 1e-6 (1 + ||x_0||) at t = 0 (DoG): a parameter-unit length."""
+def distance_travelled(state: TunerState, sums: Sums, preconditioned: bool = False) -> Tensor:
+    """d = max(d_prev, ||x - x_0||), from 1e-6 (1 + ||x_0||) at t = 0 (DoG): a parameter-unit length.
+
+    Preconditioned, the norm is the metric's (``sums.displacement_sq`` holds ||x - x_0||^2_M), and the start is
+    carried into its units by the root of the metric's mean."""
     initial = INITIAL_DISTANCE * (1.0 + torch.sqrt(sums.initial_param_sq_norm))
+    if preconditioned:
+        initial = initial * torch.sqrt(sums.metric_sum / sums.numel)
     previous = torch.where(state.step >= 1.0, state.distance, initial)
     return torch.maximum(previous, torch.sqrt(sums.displacement_sq))
 
@@ -185,3 +200,79 @@ def measure_secant(state: TunerState, sums: Sums, grad_var: Tensor, beta: float)
     measured = (secant_avg > 0.0) & (step_sq_avg > 0.0)
     curvature = torch.where(measured, secant_avg / torch.where(measured, step_sq_avg, 1.0), 0.0)
     return secant_avg, step_sq_avg, curvature
+
+
+# --------------------------------------------------------------------------------- the preconditioned tuner
+def measure_signal_lag_one(
+    state: TunerState, measured: TunerState, sums: Sums, grad_scale: Tensor, settings: TunerSettings
+) -> TunerState:
+    """``measured`` with the signal ||E g||^2 and the variance C read from the momentum buffer (no gradient average).
+
+    Two gradients with independent noise have E<g_t, g_(t-1)> = ||E g||^2 while the mean drifts slowly, so the
+    running mean of <g_t, g_(t-1)> at the tuner's memory is the signal, and C = E||g||^2 - signal (at least
+    ``measurement_eps`` of E||g||^2). g_(t-1) itself is not kept: v_(t-1) = m_(t-1) v_(t-2) + g_(t-1) gives
+    <g_t, g_(t-1)> = <g_t, v_(t-1)> - m_(t-1) <g_t, v_(t-2)>, and <g_t, v_(t-2)> is read as <g_(t-1), v_(t-2)>,
+    measured a step ago (``carried_grad_dot_momentum``, with m_(t-1)). Gradients as they enter v: times
+    ``grad_scale``. The running mean is bias-corrected, its first sample (t = 1) taken whole; at t = 0 there is
+    none: C = E||g||^2, the signal 0. (``resolved_signal_to_noise`` turns the two into the momentum rule's ratio.)
+    """
+    beta = settings.beta
+    grad_dot_momentum = grad_scale * sums.grad_dot_momentum
+    sample = grad_dot_momentum - state.carried_grad_dot_momentum
+    weight = torch.where(state.step <= 1.0, 1.0, (1.0 - beta) / debias_factor(state.step, beta))
+    signal = torch.where(state.step >= 1.0, (1.0 - weight) * state.signal_avg + weight * sample, 0.0)
+    grad_sq = measured.grad_sq_avg / debias_factor(state.step, beta)
+    grad_var = torch.maximum(grad_sq - signal, settings.measurement_eps * grad_sq)
+    return measured.replace(signal_avg=signal, grad_var=grad_var, carried_grad_dot_momentum=grad_dot_momentum,
+                            metric_mean=sums.metric_sum / sums.numel)
+# Adam's metric (docs/algorithm.md §9): M = sqrt(P / (1 - b2^t)) + METRIC_EPS mean(M_prev), with P the running
+# average of g^2 at memory SECOND_MOMENT_BETA (Adam's), ~1000 steps: ten times the tuner's ~100, so that the metric
+# the tuner measures in holds still over the tuner's own memory. The eps is relative to the metric's mean over the
+# whole scope at the last step (TunerState.metric_mean), so that it scales with the loss as M does (Adam's absolute
+# eps is a loss scale of its own) and does not depend on how the tensors are split or sharded.
+SECOND_MOMENT_BETA = 0.999
+METRIC_EPS = 1e-8
+
+
+def next_second_moment(second_moment: Tensor, grad: Tensor) -> Tensor:
+    """P <- b2 P + (1 - b2) g^2 (one tensor)."""
+    return second_moment * SECOND_MOMENT_BETA + grad * grad * (1.0 - SECOND_MOMENT_BETA)
+
+
+def adam_metric(second_moment: Tensor, steps: Tensor, floor: Tensor) -> Tensor:
+    """M of one tensor from its average P of g^2 after ``steps`` updates (a 0-dim tensor): sqrt(P) debiased, plus
+    ``floor`` (METRIC_EPS times the last metric mean, ``metric_floor``). An entry that is still zero (no gradient
+    yet, before any floor) reads 1: its g and v are zero there too."""
+    root = torch.sqrt(second_moment / (1.0 - SECOND_MOMENT_BETA ** torch.clamp(steps, min=1.0)))
+    metric = root + floor.to(root)
+    return torch.where(metric > 0.0, metric, 1.0)
+
+
+def averaged_noise_fraction(step: Tensor, beta: float) -> Tensor:
+    """r = sum_k w_k^2 for the bias-corrected running average of t + 1 samples at memory beta: the fraction of
+    independent noise that such an average keeps, (1 - beta)(1 - beta^(2n)) / ((1 + beta)(1 - beta^n)^2), n = t + 1
+    (1 for one sample, (1 - beta)/(1 + beta) in the long run)."""
+    n = step + 1.0
+    return (1.0 - beta) * (1.0 - beta ** (2.0 * n)) / ((1.0 + beta) * (1.0 - beta**n) ** 2)
+
+
+def resolved_signal_to_noise(measured: TunerState, step: Tensor, settings: TunerSettings) -> Tensor:
+    """The signal-to-noise ratio p of the momentum rule from the signal S and variance C read along the momentum
+    (``measure_signal_lag_one``), at the resolution of the tuner's memory.
+
+    A running average of the gradient over that memory keeps a fraction r of the noise (``averaged_noise_fraction``),
+    so it reads S + r C as the signal and (1 - r) C as the noise: that is what the scale-free tuner's gradient
+    average measures (in expectation, for independent noise), and what keeps p away from 0, where mu would be 1,
+    when S is below what the memory can resolve. S is taken as at least 0.
+    """
+    grad_sq = measured.grad_sq_avg / debias_factor(step, settings.beta)
+    floor = settings.measurement_eps * grad_sq
+    signal = torch.clamp(measured.signal_avg, min=0.0)
+    noise = torch.maximum(grad_sq - signal, floor)
+    resolution = averaged_noise_fraction(step, settings.beta)
+    return (signal + resolution * noise) / (2.0 * torch.maximum((1.0 - resolution) * noise, floor))
+
+
+def metric_floor(state: TunerState) -> Tensor:
+    """The eps added to Adam's metric at this step: METRIC_EPS times its mean at the last step (0 at the first)."""
+    return METRIC_EPS * state.metric_mean

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import passes, tuning
+from . import measurements, passes, tuning
 from .measurements import Sums
 from .state import TunerSettings, TunerState, check_bool, check_number
 
@@ -40,7 +40,7 @@ _GROUP_OPTIONS = ("lr", "weight_decay", "decoupled_weight_decay", "nesterov", "m
 _REFERENCE_OPTIONS = dict(
     beta=0.999, curvature_window=20, eps=1e-6, initial_lr=1e-4, initial_momentum=0.0, adaptive_clipping=True,
     slow_start=True, update_first=False, curvature_smoothing="log", smooth_tuned=False, tuner="reference",
-    step_rule=None,
+    step_rule=None, precondition=None,
 )
 # Keys torch itself may put into a param group.
 _TORCH_GROUP_KEYS = ("params", "param_names", "differentiable")
@@ -121,7 +121,8 @@ class YellowFin(Optimizer):
     :math:`t, \mu_t, \alpha_t, h_{\min}, h_{\max}, C, D, o, m`. The algorithm, each step explained:
     docs/algorithm.md §1-§6. ``tuner="scale_free"`` replaces the tuning by one whose every estimate is in
     loss and parameter units, so that the trajectory does not depend on the loss scale (§8); its
-    ``step_rule`` takes the step from DoG's (``"dog"``, the default) or from a secant curvature (``"secant"``).
+    ``step_rule`` takes the step from DoG's (``"dog"``, the default) or from a secant curvature (``"secant"``);
+    with ``precondition="adam"`` it measures and steps in Adam's diagonal metric instead (§9).
 
     Args:
         params: parameters or parameter groups.
@@ -131,7 +132,8 @@ class YellowFin(Optimizer):
             ``initial_lr``, ``initial_momentum``, ``adaptive_clipping``, ``slow_start``, ``clip_norm``,
             ``weight_decay``, ``decoupled_weight_decay``, ``nesterov``, ``maximize``, ``foreach``,
             ``fused``, ``per_group_tuning``, ``sparsity_correction``, ``update_first``,
-            ``curvature_smoothing``, ``smooth_tuned``, ``tuner``, ``step_rule``, ``shard_group``): their
+            ``curvature_smoothing``, ``smooth_tuned``, ``tuner``, ``step_rule``, ``precondition``,
+            ``shard_group``): their
             defaults, ranges and meaning are listed once, in docs/algorithm.md §7.1.
     """
 
@@ -161,6 +163,7 @@ class YellowFin(Optimizer):
         smooth_tuned: bool = False,
         tuner: str = "reference",
         step_rule: str | None = None,
+        precondition: str | None = None,
         shard_group=None,
         **unknown,
     ):
@@ -174,6 +177,7 @@ class YellowFin(Optimizer):
             initial_momentum=initial_momentum, adaptive_clipping=adaptive_clipping, slow_start=slow_start,
             clip_norm=clip_norm, sparsity_correction=sparsity_correction, update_first=update_first,
             curvature_smoothing=curvature_smoothing, smooth_tuned=smooth_tuned, tuner=tuner, step_rule=step_rule,
+            precondition=precondition,
         )
         # (beta and step_rule as given: None stays None, so that each group's tuner picks its own)
         defaults = dict(
@@ -268,9 +272,11 @@ class YellowFin(Optimizer):
         # shard_group, all tuners' vectors summed over the shards by a single all-reduce.
         device = self._tuners[scopes[0][0]].device
         totals = torch.zeros(len(scopes), len(Sums._fields), dtype=torch.float64, device=device)
+        # (the preconditioned tuner's metric eps, from the last step's metric: the same in both passes)
+        floors = [measurements.metric_floor(self._tuners[index]) for index, _, _ in scopes]
         for row, (_, settings, batches) in enumerate(scopes):
             for batch in batches:
-                totals[row] += _reduce(batch, settings).to(device)
+                totals[row] += _reduce(batch, settings, floors[row]).to(device)
         if self.shard_group is not None:
             torch.distributed.all_reduce(totals, group=self.shard_group)
 
@@ -282,7 +288,7 @@ class YellowFin(Optimizer):
             self._tuners[index], coefficients = tune_step(state, sums, settings)
             # Pass 2: gbar, v and x written once.
             for batch in batches:
-                _update(batch, coefficients)
+                _update(batch, coefficients, floors[row])
         return loss
 
     def _before_passes(self) -> None:
@@ -292,8 +298,9 @@ class YellowFin(Optimizer):
     def _collect(self, group: dict) -> "_Batch":
         """The group's parameters that have a gradient, their gradients (after maximize and
         coupled weight decay), and their two buffers, created on first use."""
-        params, grads, grad_avgs, momenta, initial_params = [], [], [], [], []
+        params, grads, grad_avgs, momenta, initial_params, second_moments, steps = [], [], [], [], [], [], []
         scale_free = group["tuner"] == "scale_free"
+        preconditioned = group["precondition"] is not None
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -303,16 +310,24 @@ class YellowFin(Optimizer):
                     raise ValueError("coupled weight_decay does not support sparse gradients; "
                                      "use decoupled_weight_decay=True")
                 grad = grad.add(p, alpha=group["weight_decay"])
+            if preconditioned and grad.is_sparse:
+                raise ValueError(f"precondition={group['precondition']!r} does not support sparse gradients; "
+                                 "use precondition=None")
             state = self.state[p]
             if not state:
-                state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                # The preconditioned tuner keeps no gradient average: its signal is read along the momentum.
+                for name in sorted(_BUFFERS["preconditioned" if preconditioned else "plain"] - {"initial_param"}):
+                    state[name] = (torch.zeros((), dtype=torch.float64, device=p.device) if name == "step"
+                                   else torch.zeros_like(p, memory_format=torch.preserve_format))
             if scale_free and "initial_param" not in state:
                 # x_0, where the distance travelled is measured from (only this tuner pays its memory).
                 state["initial_param"] = p.detach().clone(memory_format=torch.preserve_format)
-            tensors = (p, grad, state["grad_avg"], state["momentum_buffer"])
-            if scale_free:
-                tensors += (state["initial_param"],)
+            if preconditioned:
+                tensors = (p, grad, state["second_moment"], state["momentum_buffer"], state["initial_param"])
+            else:
+                tensors = (p, grad, state["grad_avg"], state["momentum_buffer"])
+                if scale_free:
+                    tensors += (state["initial_param"],)
             if p.is_complex():
                 # A complex entry is two real coordinates: every path works on the real views, so
                 # ||g||^2 = sum |g|^2 and <gbar, g> = Re sum conj(gbar) g, exactly as for the real twin.
@@ -320,9 +335,13 @@ class YellowFin(Optimizer):
                     raise ValueError("complex parameters with sparse gradients are not supported; "
                                      "allowed are dense gradients for complex parameters")
                 tensors = tuple(map(torch.view_as_real, tensors))
-            for values, tensor in zip((params, grads, grad_avgs, momenta, initial_params), tensors):
+            lists = (params, grads, second_moments if preconditioned else grad_avgs, momenta, initial_params)
+            for values, tensor in zip(lists, tensors):
                 values.append(tensor)
-        return _Batch(group, params, grads, grad_avgs, momenta, _flavour(group), initial_params)
+            if preconditioned:
+                steps.append(state["step"])
+        return _Batch(group, params, grads, grad_avgs, momenta, _flavour(group), initial_params,
+                      second_moments, steps)
 
     # ----------------------------------------------------------------------------- reading the tuner
     def stats(self, scope: int | None = None) -> dict | list[dict]:
@@ -405,14 +424,19 @@ class YellowFin(Optimizer):
         if not self.per_group_tuning and any(self._settings(g) != self._settings(saved_groups[0]) for g in saved_groups):
             raise ValueError("state dict has groups with different tuner settings but one shared tuner")
         params = {index: p for index, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        group_of = dict(enumerate(saved for saved in saved_groups for _ in saved["params"]))
         for index, param_state in state_dict.get("state", {}).items():
             if index not in params:
                 raise ValueError(f"state dict holds state for parameter {index}, which does not exist")
+            needed = _BUFFERS["preconditioned" if group_of[index]["precondition"] is not None else "plain"]
+            if param_state and not needed <= set(param_state):
+                raise ValueError(f"state of parameter {index} has {sorted(param_state)}, its tuner needs "
+                                 f"{sorted(needed)}")
             for name, value in param_state.items():
-                if isinstance(value, Tensor) and value.shape != params[index].shape:
+                shape = () if name == "step" else params[index].shape
+                if isinstance(value, Tensor) and value.shape != shape:
                     raise ValueError(
-                        f"state {name!r} of parameter {index} has shape {tuple(value.shape)}, "
-                        f"the parameter {tuple(params[index].shape)}"
+                        f"state {name!r} of parameter {index} has shape {tuple(value.shape)}, expected {tuple(shape)}"
                     )
                 if isinstance(value, Tensor) and not bool(torch.isfinite(value).all()):
                     raise ValueError(f"state {name!r} of parameter {index} holds NaN or Inf: allowed are finite values")
@@ -444,13 +468,23 @@ class _Batch(NamedTuple):
     momenta: list[Tensor]
     flavour: str  # a key of _PASSES
     initial_params: list[Tensor]  # x_0, for the scale-free tuner only (else empty)
+    second_moments: list[Tensor]  # P, for the preconditioned tuner only (which has no grad_avgs)
+    steps: list[Tensor]  # P's counts, likewise
+
+    def preconditioned(self, indices: list[int]) -> passes.Preconditioned:
+        return passes.Preconditioned(self.params, self.initial_params, self.momenta, self.second_moments,
+                                     self.steps).pick(indices)
 
     def trajectory(self, indices: list[int]) -> passes.Trajectory | None:
         """What the scale-free tuner's sums read of the tensors at ``indices`` (None for the reference)."""
-        if not self.initial_params:
+        if not self.initial_params or self.second_moments:
             return None
         return passes.Trajectory(self.params, self.initial_params, self.momenta).pick(indices)
 
+
+# What a parameter's state holds once it has stepped (x_0, kept by the scale-free tuners, is made when missing).
+_BUFFERS = {"plain": {"grad_avg", "momentum_buffer"},
+            "preconditioned": {"second_moment", "momentum_buffer", "initial_param", "step"}}
 
 # The passes of each flavour (``passes``): (reduce, update). Sparse gradients always take the
 # single-tensor one, the only flavour that handles them.
@@ -458,6 +492,13 @@ _PASSES = {
     "single_tensor": (passes.reduce_single_tensor, passes.update_single_tensor),
     "multi_tensor": (passes.reduce_multi_tensor, passes.update_multi_tensor),
     "compiled": (passes.reduce_compiled, passes.update_compiled),
+}
+
+
+# The preconditioned tuner's passes: (reduce, update), for the flavours it has.
+_PRECONDITIONED_PASSES = {
+    "single_tensor": (passes.reduce_preconditioned_single_tensor, passes.update_preconditioned_single_tensor),
+    "multi_tensor": (passes.reduce_preconditioned_multi_tensor, passes.update_preconditioned_multi_tensor),
 }
 
 
@@ -475,10 +516,13 @@ def _split_sparse(batch: _Batch) -> tuple[list[int], list[int]]:
     return ([], dense + sparse) if batch.flavour == "single_tensor" else (dense, sparse)
 
 
-def _reduce(batch: _Batch, settings: TunerSettings) -> Tensor:
+def _reduce(batch: _Batch, settings: TunerSettings, floor: Tensor) -> Tensor:
     """Pass 1 for one batch: its ``Sums`` vector (reads g and gbar, and x, x_0, v for the scale-free
     tuner; writes nothing)."""
     own, reference = _split_sparse(batch)
+    if settings.preconditioned:  # (no sparse gradients here: _collect refuses them)
+        reduce = _PRECONDITIONED_PASSES[batch.flavour][0]
+        return reduce([batch.grads[i] for i in own + reference], batch.preconditioned(own + reference), floor)
     rows = []
     for indices, reduce in ((own, _PASSES[batch.flavour][0]), (reference, passes.reduce_single_tensor)):
         if indices:
@@ -490,11 +534,16 @@ def _reduce(batch: _Batch, settings: TunerSettings) -> Tensor:
     return sums
 
 
-def _update(batch: _Batch, coefficients: tuning.UpdateCoefficients) -> None:
+def _update(batch: _Batch, coefficients: tuning.UpdateCoefficients, floor: Tensor) -> None:
     """Pass 2 for one batch: gbar, v and x written once."""
     group = batch.group
     decay = group["weight_decay"] if group["decoupled_weight_decay"] else 0.0
     own, reference = _split_sparse(batch)
+    if batch.second_moments:
+        update = _PRECONDITIONED_PASSES[batch.flavour][1]
+        update([batch.grads[i] for i in own + reference], batch.preconditioned(own + reference), floor, coefficients,
+               lr=group["lr"], decay=decay)
+        return
     for indices, update in ((own, _PASSES[batch.flavour][1]), (reference, passes.update_single_tensor)):
         if indices:
             def pick(tensors: list[Tensor]) -> list[Tensor]:
@@ -538,6 +587,9 @@ def _check_group(group: dict) -> TunerSettings:
             check_bool(name, group[name])
     if group["foreach"] and group["fused"]:
         raise ValueError("foreach=True and fused=True are two implementations of the same step: choose one")
+    if settings.preconditioned and group["fused"]:
+        raise ValueError(f"fused=True is not available with precondition={settings.precondition!r} (it has the "
+                         "single-tensor and multi-tensor flavours): use foreach=None or foreach=False")
     if settings.scale_free and group["nesterov"]:
         raise ValueError("nesterov=True is not supported with tuner='scale_free': its secant curvature is measured "
                          "along heavy-ball steps; use nesterov=False")
@@ -566,5 +618,8 @@ def _record(state: TunerState, settings: TunerSettings) -> dict:
     values["lr"] = values["alpha"]  # deprecated alias of "alpha" (see YellowFin.stats)
     if settings.scale_free:
         values["distance"] = float(state.distance)
+    if settings.preconditioned:
+        values["signal"] = float(state.signal_avg)
+    elif settings.scale_free:
         values["secant_curvature"] = float(state.secant_curvature)
     return values

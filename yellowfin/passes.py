@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .measurements import Sums
+from .measurements import SECOND_MOMENT_BETA, Sums, adam_metric, next_second_moment
 from .tuning import UpdateCoefficients
 
 
@@ -65,15 +65,12 @@ def reduce_single_tensor(
         else:
             values, avg_values, momentum_values = grad, grad_avg, momentum_buffer
         values, avg_values = values.to(torch.float64), avg_values.to(torch.float64)
-        zero = values.new_zeros(())
-        row = Sums(
+        row = Sums.zeros(values)._replace(
             sq_norm=torch.sum(values * values),
             cross=torch.sum(values * avg_values),
             grad_avg_sq_norm=torch.sum(grad_avg.to(torch.float64) ** 2),
             nonzero=torch.count_nonzero(values).to(torch.float64) if count_nonzero else values.new_zeros(()),
             numel=values.new_full((), float(grad_avg.numel())),
-            grad_dot_step=zero, step_sq_norm=zero, grad_sq_norm_lr=zero, displacement_sq=zero,
-            initial_param_sq_norm=zero,
         )
         if trajectory is not None:
             v = momentum_buffer.to(torch.float64)
@@ -108,8 +105,7 @@ def reduce_multi_tensor(
             grads, grad_avgs = [g.float() for g in grads], [a.float() for a in grad_avgs]
         cross = torch.stack([torch.dot(g.reshape(-1), a.reshape(-1)) for g, a in zip(grads, grad_avgs)])
         cross = cross.to(torch.float64).sum()
-        zero = torch.zeros_like(cross)
-        row = Sums(
+        row = Sums.zeros(cross)._replace(
             sq_norm=_sq_norm(grads),
             cross=cross,
             grad_avg_sq_norm=_sq_norm(grad_avgs),
@@ -117,8 +113,6 @@ def reduce_multi_tensor(
                      if count_nonzero else torch.zeros_like(cross)),
             # (new_full fills on the device; a tensor built from a host number would be a copy)
             numel=cross.new_full((), count),
-            grad_dot_step=zero, step_sq_norm=zero, grad_sq_norm_lr=zero, displacement_sq=zero,
-            initial_param_sq_norm=zero,
         )
         if trajectory is not None:
             params, initial_params, momenta = extra
@@ -166,15 +160,11 @@ def _sums_kernel(
     total = None
     for index, (grad, grad_avg) in enumerate(zip(grads, grad_avgs)):
         g, a = grad.to(torch.float64), grad_avg.to(torch.float64)
-        zero = g.new_zeros(())
-        row = Sums(
+        row = Sums.zeros(g)._replace(
             sq_norm=(g * g).sum(),
             cross=(g * a).sum(),
             grad_avg_sq_norm=(a * a).sum(),
             nonzero=(grad != 0).sum().to(torch.float64) if count_nonzero else g.new_zeros(()),
-            numel=g.new_zeros(()),
-            grad_dot_step=zero, step_sq_norm=zero, grad_sq_norm_lr=zero, displacement_sq=zero,
-            initial_param_sq_norm=zero,
         )
         if trajectory is not None:
             x, x0, v = (tensors[index].to(torch.float64) for tensors in trajectory)
@@ -261,6 +251,115 @@ def _update_kernel(
         momentum_buffer.copy_(v)
         direction = scaled + v * momentum if nesterov else v
         param.copy_(param * shrink - step_size * direction)
+
+
+# --------------------------------------------------------------------------------- the preconditioned tuner
+# With ``precondition="adam"`` (docs/algorithm.md §9) the passes read and write other tensors: no gradient average;
+# the running average P of g^2 and its count; the momentum buffer v in the metric's coordinates. With M the metric
+# of this step (``measurements.adam_metric``, from P updated by this step's g):
+#
+#     P <- b2 P + (1 - b2) g^2,  t <- t + 1     (not on a skipped step)
+#     v <- momentum v + grad_scale g / sqrt(M)
+#     x <- (1 - lr eta decay) x - lr step_size v / sqrt(M),   eta = step_size / (1 - momentum), AdamW's lr
+#
+# Pass 1 computes the same M from the P it would write, and reduces the sums in the metric. ``floor`` is M's eps
+# (``measurements.metric_floor``), one 0-dim tensor for the scope. Two flavours:
+# single-tensor (float64 sums, the reference) and multi-tensor; the metric is one function for both.
+class Preconditioned(NamedTuple):
+    """The preconditioned tuner's tensors besides the gradients, one entry per gradient."""
+
+    params: list[Tensor]
+    initial_params: list[Tensor]  # x_0
+    momenta: list[Tensor]  # v, in the metric's coordinates
+    second_moments: list[Tensor]  # P
+    steps: list[Tensor]  # how many gradients P holds (0-dim, float64)
+
+    def pick(self, indices) -> "Preconditioned":
+        return Preconditioned(*([tensors[i] for i in indices] for tensors in self))
+
+
+def reduce_preconditioned_single_tensor(grads: list[Tensor], tensors: Preconditioned, floor: Tensor) -> Tensor:
+    """The ``Sums`` vector in the metric, one tensor at a time, all in float64."""
+    rows = []
+    for grad, param, initial_param, momentum_buffer, second_moment, steps in zip(grads, *tensors):
+        g, x, x0, v = (t.to(torch.float64) for t in (grad, param, initial_param, momentum_buffer))
+        metric = adam_metric(next_second_moment(second_moment.to(torch.float64), g), steps + 1.0, floor)
+        rows.append(Sums.zeros(g)._replace(
+            sq_norm=torch.sum(g * g / metric),
+            numel=g.new_full((), float(g.numel())),
+            displacement_sq=torch.sum(metric * (x - x0) ** 2),
+            initial_param_sq_norm=torch.sum(x0 * x0),
+            grad_dot_momentum=torch.sum(g / torch.sqrt(metric) * v),
+            metric_sum=torch.sum(metric),
+        ).vector())
+    return add_sums(rows)
+
+
+def reduce_preconditioned_multi_tensor(grads: list[Tensor], tensors: Preconditioned, floor: Tensor) -> Tensor:
+    """The ``Sums`` vector in the metric, with multi-tensor kernels per device and dtype (sums in float64)."""
+    rows = []
+    for grads, params, initial_params, momenta, second_moments, steps in _by_device_and_dtype(grads, *tensors):
+        next_moments = torch._foreach_mul(second_moments, SECOND_MOMENT_BETA)
+        torch._foreach_addcmul_(next_moments, grads, grads, value=1.0 - SECOND_MOMENT_BETA)
+        metrics = [adam_metric(p, t + 1.0, floor) for p, t in zip(next_moments, steps)]
+        roots = torch._foreach_sqrt(metrics)
+        scaled_grads = torch._foreach_div(grads, roots)  # g / sqrt(M)
+        displacements = torch._foreach_mul(torch._foreach_sub(params, initial_params), roots)
+        grad_dot_momentum = torch.stack([torch.sum(g * v, dtype=torch.float64) for g, v in zip(scaled_grads, momenta)])
+        row = Sums.zeros(grad_dot_momentum)._replace(
+            sq_norm=_sq_norm(scaled_grads),
+            numel=grad_dot_momentum.new_full((), float(sum(g.numel() for g in grads))),
+            displacement_sq=_sq_norm(displacements),
+            initial_param_sq_norm=_sq_norm(initial_params),
+            grad_dot_momentum=grad_dot_momentum.sum(),
+            metric_sum=torch.stack(torch._foreach_norm(metrics, 1, dtype=torch.float64)).sum(),
+        )
+        rows.append(row.vector())
+    return add_sums(rows)
+
+
+def update_preconditioned_single_tensor(
+    grads: list[Tensor], tensors: Preconditioned, floor: Tensor, c: UpdateCoefficients, *, lr: float | Tensor,
+    decay: float,
+) -> None:
+    """Pass 2 of the preconditioned tuner, one tensor at a time: the reference."""
+    step_size = c.step_size * lr
+    shrink = 1.0 - step_size / (1.0 - c.momentum) * decay
+    for grad, param, _, momentum_buffer, second_moment, steps in zip(grads, *tensors):
+        grad = _finite_grad(grad, c.finite)
+        second_moment.copy_(torch.where(c.finite, next_second_moment(second_moment, grad), second_moment))
+        steps.add_(c.finite.to(steps.dtype))
+        root = torch.sqrt(adam_metric(second_moment, steps, floor))
+        momentum_buffer.mul_(c.momentum).add_(grad / root * c.grad_scale)
+        if decay != 0.0:
+            param.mul_(shrink)
+        param.add_(momentum_buffer / root * -step_size)
+
+
+def update_preconditioned_multi_tensor(
+    grads: list[Tensor], tensors: Preconditioned, floor: Tensor, c: UpdateCoefficients, *, lr: float | Tensor,
+    decay: float,
+) -> None:
+    """Pass 2 of the preconditioned tuner with multi-tensor kernels, per device and dtype."""
+    step_size = c.step_size * lr
+    shrink = 1.0 - step_size / (1.0 - c.momentum) * decay
+    for grads, params, _, momenta, second_moments, steps in _by_device_and_dtype(grads, *tensors):
+        device = params[0].device
+        finite, momentum, grad_scale, lr_alpha, shrink_here = (
+            x.to(device) for x in (c.finite, c.momentum, c.grad_scale, step_size, shrink)
+        )
+        grads = [_finite_grad(g, finite) for g in grads]
+        # P <- b2 P + (1 - b2) g^2 on an applied step; unchanged on a skipped one (its g reads as zeros).
+        kept = (1.0 - (1.0 - SECOND_MOMENT_BETA) * finite.to(torch.float64)).to(second_moments[0].dtype)
+        torch._foreach_mul_(second_moments, kept)
+        torch._foreach_addcmul_(second_moments, grads, grads, value=1.0 - SECOND_MOMENT_BETA)
+        torch._foreach_add_(steps, finite.to(steps[0].dtype))
+        roots = torch._foreach_sqrt([adam_metric(p, t, floor) for p, t in zip(second_moments, steps)])
+        torch._foreach_mul_(momenta, momentum)
+        torch._foreach_addcmul_(momenta, torch._foreach_div(grads, roots), [grad_scale] * len(grads))
+        if decay != 0.0:
+            torch._foreach_mul_(params, shrink_here)
+        torch._foreach_addcmul_(params, torch._foreach_div(momenta, roots), [-lr_alpha] * len(params))
 
 
 # --------------------------------------------------------------------------------- helpers

@@ -41,6 +41,10 @@ class TunerSettings:
     # The scale-free tuner's step: "dog" (the effective step alpha / (1 - mu) is DoG's d / sqrt(sum ||g||^2)) or
     # "secant" (alpha from the secant curvature and the distance step). None: "dog" (DEFAULT_STEP_RULE).
     step_rule: str | None = None
+    # "adam": the scale-free tuner measures and steps in Adam's metric, the diagonal sqrt of a running average of
+    # g^2 (docs/algorithm.md §9): one more buffer per parameter (that average), no gradient average, the signal
+    # measured along the momentum. None: plain momentum SGD. Only with tuner="scale_free" and step_rule="dog".
+    precondition: str | None = None
 
     def __post_init__(self):
         _check(self.tuner in TUNERS, "tuner", self.tuner, " or ".join(map(repr, TUNERS)))
@@ -53,6 +57,12 @@ class TunerSettings:
             if self.step_rule is None:
                 object.__setattr__(self, "step_rule", DEFAULT_STEP_RULE)
             _check(self.step_rule in STEP_RULES, "step_rule", self.step_rule, " or ".join(map(repr, STEP_RULES)))
+        if self.precondition is not None:
+            _check(self.precondition in PRECONDITIONERS, "precondition", self.precondition,
+                   "None or " + " or ".join(map(repr, PRECONDITIONERS)))
+            if not self.scale_free or self.step_rule != "dog":
+                raise ValueError(f"precondition={self.precondition!r} is an option of tuner='scale_free' with "
+                                 f"step_rule='dog'; got tuner={self.tuner!r}, step_rule={self.step_rule!r}")
         for name, allowed in (("beta", "[0, 1)"), ("eps", "(0, 1)"), ("initial_lr", "[0, inf)"),
                               ("initial_momentum", "(-1, 1)")):
             check_number(name, getattr(self, name), f"a number in {allowed}")
@@ -90,6 +100,10 @@ class TunerSettings:
         return self.tuner == "scale_free"
 
     @property
+    def preconditioned(self) -> bool:
+        return self.precondition is not None
+
+    @property
     def measurement_eps(self) -> float:
         """The guard inside the estimators: ``eps`` for the reference; for the scale-free tuner one far
         below any measured scale (an absolute eps would be a loss scale of its own)."""
@@ -115,6 +129,8 @@ DEFAULT_BETA = {"reference": 0.999, "scale_free": 0.99}
 STEP_RULES = ("dog", "secant")
 DEFAULT_STEP_RULE = "dog"
 SCALE_FREE_EPS = 1e-30
+# TunerSettings.precondition: the metrics the scale-free tuner can measure and step in besides the plain one.
+PRECONDITIONERS = ("adam",)
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
@@ -164,6 +180,10 @@ class TunerState:
     prev_grad_dot_next_step: Tensor  # <g_prev, lr v>, the last gradient along the step it led to
     prev_step_noise_weight: Tensor  # alpha_prev lr grad_scale_prev: -E<noise_prev, x - x_prev> / C
     grad_sq_sum: Tensor  # sum_t ||g_t||^2 over the applied steps, DoG's denominator (step_rule="dog")
+    # The preconditioned tuner's signal, read from the momentum buffer v (it keeps no gradient average):
+    signal_avg: Tensor  # the running mean of <g_t, g_(t-1)>, an estimate of ||E g||^2 (debiased as it is kept)
+    carried_grad_dot_momentum: Tensor  # m_(t-1) <g_(t-1), v_(t-2)>, what <g_t, v_(t-1)> holds besides <g_t, g_(t-1)>
+    metric_mean: Tensor  # the mean of the metric over the scope at the last step (its eps is relative to it)
 
     @classmethod
     def initial(cls, settings: TunerSettings, device: torch.device | str | None = None) -> "TunerState":
@@ -234,7 +254,7 @@ class TunerState:
 
 # The fields added with the scale-free tuner (absent from older checkpoints).
 SCALE_FREE_FIELDS = ("distance", "secant_num_avg", "secant_den_avg", "secant_curvature", "prev_grad_dot_next_step",
-                     "prev_step_noise_weight", "grad_sq_sum")
+                     "prev_step_noise_weight", "grad_sq_sum", "signal_avg", "carried_grad_dot_momentum", "metric_mean")
 
 # What a saved tuner field may hold (finite in every case); fields not listed may take any finite value
 # (the log-smoothed curvature averages are negative below 1; the momentum offset is clamped when used).
@@ -242,5 +262,5 @@ _FIELD_RANGES = {
     name: (0.0, math.inf)
     for name in ("step", "skipped_steps", "curvatures", "grad_sq_avg", "grad_norm_avg", "dist_avg",
                  "h_min", "h_max", "grad_var", "dist", "alpha", "distance", "secant_den_avg", "secant_curvature",
-                 "prev_step_noise_weight", "grad_sq_sum")
+                 "prev_step_noise_weight", "grad_sq_sum", "metric_mean")
 } | {"density_avg": (0.0, 1.0), "mu": (-1.0, 1.0)}

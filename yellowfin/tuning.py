@@ -136,7 +136,8 @@ MAX_STEP_GROWTH = 2.0
 
 
 def tune_scale_free(
-    state: TunerState, measured: TunerState, sums: Sums, sample: measurements.GradientSample, settings: TunerSettings
+    state: TunerState, measured: TunerState, sums: Sums, sample: measurements.GradientSample, settings: TunerSettings,
+    grad_scale=1.0,
 ) -> TunerState:
     """The scale-free tuner's (mu, alpha) at step t (docs/algorithm.md §8), in ``measured``, the state after
     ``measurements.measure`` (``state`` is the one before it).
@@ -146,17 +147,29 @@ def tune_scale_free(
     gradient norms (||g|| ranges over [h_min d, h_max d] on a quadratic), the momentum rule reads the
     gradient's signal-to-noise ratio ||E g||^2 / (2 C). With ``step_rule="dog"`` the effective step
     alpha / (1 - mu) is DoG's d / sqrt(sum_t ||g_t||^2); with "secant", alpha is the smaller of the secant step
-    (the curvature along the last steps, ``measurements.measure_secant``) and the distance step.
+    (the curvature along the last steps, ``measurements.measure_secant``) and the distance step. Preconditioned
+    (``settings.precondition``), every norm is the metric's, the signal is read from the momentum buffer
+    (``measurements.measure_signal_lag_one``; ``grad_scale`` is the factor on g in v) and the rule is DoG's (§9).
     """
     started = state.step >= 1.0
     kappa = torch.sqrt(measured.h_max / measured.h_min)
     root_kappa = torch.sqrt(kappa)
     debias = measurements.debias_factor(state.step, settings.beta)
-    signal_to_noise = (sample.grad_avg_sq_norm / debias**2) / (2.0 * measured.grad_var)
+    if settings.preconditioned:
+        measured = measurements.measure_signal_lag_one(state, measured, sums, _f64(grad_scale), settings)
+        signal_to_noise = measurements.resolved_signal_to_noise(measured, state.step, settings)
+    else:
+        signal_to_noise = (sample.grad_avg_sq_norm / debias**2) / (2.0 * measured.grad_var)
     sqrt_mu = torch.maximum(cubic_root(signal_to_noise), (root_kappa - 1.0) / (root_kappa + 1.0))
     contraction = (1.0 - sqrt_mu) ** 2
 
-    distance = measurements.distance_travelled(state, sums)
+    distance = measurements.distance_travelled(state, sums, settings.preconditioned)
+    grad_sq_sum = state.grad_sq_sum + sample.sq_norm
+    first_step = distance / torch.sqrt(sample.sq_norm)  # DoG's start: move exactly d, without momentum
+    if settings.preconditioned:  # (the DoG rule, in the metric; no secant is measured there)
+        alpha = (1.0 - sqrt_mu**2) * distance / torch.sqrt(grad_sq_sum)
+        return measured.replace(mu=torch.where(started, sqrt_mu**2, 0.0), alpha=torch.where(started, alpha, first_step),
+                                distance=distance, grad_sq_sum=grad_sq_sum)
     secant_avg, step_sq_avg, secant_curvature = measurements.measure_secant(
         state, sums, measured.grad_var, settings.beta
     )
@@ -170,12 +183,10 @@ def tune_scale_free(
     # DoG's step as the effective step: the momentum spreads it as alpha = (1 - mu) d / sqrt(sum ||g||^2). An
     # absolute curvature is what SingleStep's alpha = (1 - sqrt mu)^2 / h_min needs and what gradients measure worst
     # (the secant is mostly the last gradient's own noise), so the scale comes from the distance travelled instead.
-    grad_sq_sum = state.grad_sq_sum + sample.sq_norm
     if settings.step_rule == "dog":
         alpha = (1.0 - sqrt_mu**2) * distance / torch.sqrt(grad_sq_sum)
     else:
         alpha = torch.minimum(torch.minimum(alpha_secant, MAX_STEP_GROWTH * state.alpha), alpha_distance)
-    first_step = distance / torch.sqrt(sample.sq_norm)  # DoG's start: move exactly d, without momentum
     return measured.replace(
         mu=torch.where(started, sqrt_mu**2, 0.0), alpha=torch.where(started, alpha, first_step),
         distance=distance, secant_num_avg=secant_avg, secant_den_avg=step_sq_avg, secant_curvature=secant_curvature,
@@ -291,7 +302,8 @@ def tune_step(state: TunerState, sums: Sums, settings: TunerSettings) -> tuple[T
     sample = measurements.GradientSample(curvature_sample, grad_avg_sq_norm, density)
     measured, estimates = measurements.measure(state, sample, settings)
     if settings.scale_free:
-        new_state = tune_scale_free(state, measured, sums, sample, settings)
+        # (the clipping factor s is the whole factor on g here: no adaptive clipping for this tuner)
+        new_state = tune_scale_free(state, measured, sums, sample, settings, grad_scale=scale)
         mu, alpha = new_state.mu, new_state.alpha
     else:
         mu, alpha = tune(estimates, state.step, state.mu, state.alpha, settings)
@@ -310,7 +322,10 @@ def tune_step(state: TunerState, sums: Sums, settings: TunerSettings) -> tuple[T
         grad_scale=torch.where(applied, scale * update_scale, 0.0),
         step_size=torch.where(applied, applied_alpha, 0.0),
     )
-    if settings.scale_free:
+    if settings.preconditioned:  # (the next step's signal reads this one's <g, v> through the momentum it applied)
+        new_state = new_state.replace(
+            carried_grad_dot_momentum=coefficients.momentum * new_state.carried_grad_dot_momentum)
+    elif settings.scale_free:
         new_state = remember_step(new_state, sums, coefficients.momentum, coefficients.grad_scale)
     new_state = new_state.select(applied, state).replace(
         skipped_steps=state.skipped_steps + (~finite).to(torch.float64)

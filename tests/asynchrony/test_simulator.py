@@ -153,14 +153,16 @@ def test_checkpoint_of_an_open_loop_run_does_not_load_into_a_closed_loop_one():
         other.load_state_dict(sim.state_dict())
 
 
-def test_asynchronous_systems_refuse_the_scale_free_tuner_with_several_workers():
-    # Its secant pairs each gradient with the last step, which stale gradients break: it diverged under
-    # simulated staleness with 4 and 8 workers (docs/tuner.md §6). One worker has no staleness, and runs.
+@pytest.mark.parametrize("precondition", [None, "adam"])
+def test_asynchronous_systems_refuse_the_scale_free_tuner_with_several_workers(precondition):
+    # Its secant pairs each gradient with the last step, which stale gradients break, and its DoG rule diverged
+    # under simulated staleness with 4 and 8 workers (docs/tuner.md §6, §8); preconditioned, it is the same DoG
+    # rule. One worker has no staleness, and runs.
     from asynchrony_problems import make_regression_model, regression_batches, regression_loss
     from yellowfin.asynchrony import Hogwild
     from yellowfin.asynchrony.server_core import ServerCore
 
-    scale_free = lambda params: YellowFin(params, tuner="scale_free")  # noqa: E731
+    scale_free = lambda params: YellowFin(params, tuner="scale_free", precondition=precondition)  # noqa: E731
     with pytest.raises(ValueError, match="scale_free.*asynchrony"):
         _simulate(scale_free, num_workers=4)
     with pytest.raises(ValueError, match="scale_free.*asynchrony"):

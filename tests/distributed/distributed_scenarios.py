@@ -90,6 +90,9 @@ SETUPS = {
     # The scale-free tuner's extra sums (x, x_0, v) are sums over shards like the others.
     "zero_scale_free": (make_mlp, regression_batch, {"tuner": "scale_free"}),
     "fsdp_scale_free": (make_mlp, regression_batch, {"tuner": "scale_free"}),
+    # The preconditioned tuner's metric eps is relative to the whole scope's metric, so sharding cannot move it.
+    "zero_adam": (make_mlp, regression_batch, {"tuner": "scale_free", "precondition": "adam"}),
+    "fsdp_adam": (make_mlp, regression_batch, {"tuner": "scale_free", "precondition": "adam"}),
 }
 
 
@@ -170,7 +173,7 @@ def run_scenario(scenario: str, rank: int) -> dict:
         ddp = DistributedDataParallel(model)
         optimizer = YellowFin(ddp.parameters(), **options)
         calls = _train(ddp, optimizer, batch_fn, rank, local_half=True)
-    elif scenario in ("zero", "zero_per_group", "zero_scale_free"):
+    elif scenario in ("zero", "zero_per_group", "zero_scale_free", "zero_adam"):
         ddp = DistributedDataParallel(model)
         optimizer = zero_redundancy_yellowfin(param_groups(ddp.parameters(), scenario), **options)
         calls = _train(ddp, optimizer, batch_fn, rank, local_half=True)
@@ -186,7 +189,7 @@ def run_scenario(scenario: str, rank: int) -> dict:
         calls = _train(model, optimizer, batch_fn, rank, local_half=False)
         extra["local_params_with_grad"] = sum(
             p.grad is not None for g in optimizer.optim.param_groups for p in g["params"])
-    elif scenario in ("fsdp", "fsdp_scale_free"):
+    elif scenario in ("fsdp", "fsdp_scale_free", "fsdp_adam"):
         from torch.distributed.fsdp import fully_shard
 
         for layer in model:

@@ -113,6 +113,10 @@ for _variant in (
             overrides={"tuner": "scale_free", "step_rule": "dog", "beta": 0.99}),
     Variant("control_scale_free_dog", "plain SGD replaying scale_free_dog's effective step alpha/(1-mu)",
             control_of="scale_free_dog"),
+    # The preconditioned tuner (docs/algorithm.md §9): the DoG rule in Adam's metric. (Its control, the same step in
+    # that metric without momentum, is the research harness's control_adam_metric_dog.)
+    Variant("scale_free_adam", "the DoG rule in Adam's metric: tuned mu and step, three buffers per parameter",
+            overrides={"tuner": "scale_free", "precondition": "adam", "beta": 0.99}),
 ):
     register_variant(_variant)
 DEFAULT_VARIANTS = (REFERENCE, "paper", "control")
