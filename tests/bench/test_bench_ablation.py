@@ -150,3 +150,19 @@ def test_ablate_command_runs_and_prints_the_table(tmp_path, capsys):
 
     assert main(["ablate", "quadratic", "--variants", "reference", "bogus", "--no-progress"]) == EXIT_BAD_INPUT
     assert "unknown variant bogus; choose from reference, default, paper, control" in capsys.readouterr().err
+
+
+def test_the_speedup_against_tuned_adam_has_its_own_column_and_overview(tmp_path):
+    suite_dir = tmp_path / "suite"
+    run_suite(SuiteConfig(tasks=["quadratic"], optimizers=["adam", "prodigy"], seeds=(0,), steps=STEPS,
+                          results_dir=suite_dir, progress=False), log=lambda message: None)
+    results_dir = tmp_path / "ablation"
+    _ablate(results_dir, ["reference"], seeds=(0,))
+    summary = ablation.ablation_summaries(results_dir, [suite_dir])[0]
+    expected = metrics.speedup(summary.optimizers["adam"].curve, summary.optimizers["yf_reference"].curve)
+    table, _ = ablation.write_table(results_dir, [suite_dir])
+    assert _row(table, "reference")[4].strip() == "no baseline results"  # no tuned momentum SGD here
+    assert _row(table, "reference")[5].strip() == ("never" if expected is None else f"{expected:.2f}")
+    assert _row(table, "adam")[5].strip() == "1.00"
+    against_adam = table.split("#### Against tuned Adam")[1]
+    assert "| Prodigy (1 seed) |" in against_adam and "| reference |" in against_adam

@@ -27,8 +27,13 @@ DEFAULT_ABLATION_DIR = Path("benchmarks") / "results-ablation"
 QUICK_ABLATION_DIR = Path("benchmarks") / "results-ablation-quick"
 QUICK_ABLATION_SEEDS = (0, 1)  # screening: two seeds show whether a difference is larger than the seed noise
 BASELINE = "sgd_momentum"  # the speedup column's reference: grid-tuned momentum SGD
-# Also shown beside the variants when their runs exist (the issue's other yardsticks): tuned Adam and DoG.
-PEERS = (BASELINE, "adam", "dog")
+ADAM = "adam"  # the second speedup column's: grid-tuned Adam (the preconditioned tuner's yardstick)
+# Also shown beside the variants when their runs exist (the issues' other yardsticks): tuned Adam and the
+# tuning-free peers at their defaults.
+PEERS = (BASELINE, ADAM, "dog", "schedulefree_adamw", "prodigy", "dadapt_adam")
+PEER_LABELS = {BASELINE: "tuned momentum SGD", ADAM: "tuned Adam", "dog": "DoG (1 seed)",
+               "schedulefree_adamw": "Schedule-Free AdamW (1 seed)", "prodigy": "Prodigy (1 seed)",
+               "dadapt_adam": "D-Adaptation Adam (1 seed)"}
 TABLE_FILE = "ablation.md"
 
 
@@ -69,6 +74,7 @@ class VariantRow:
     diverged: int
     final: tuple[float, float] | None  # mean and standard deviation over the seeds that did not diverge
     speedup: float | None  # against tuned momentum SGD; None: never reaches its best, or no baseline
+    speedup_vs_adam: float | None = None  # likewise against tuned Adam
 
 
 def _final_smoothed(record: dict[str, Any], curve_key: str, window: int) -> float:
@@ -79,8 +85,8 @@ def _final_smoothed(record: dict[str, Any], curve_key: str, window: int) -> floa
 
 
 def variant_rows(summary: TaskSummary) -> list[VariantRow]:
-    """One row per variant present in the summary (registry order), then tuned momentum SGD, tuned Adam, DoG."""
-    baseline = summary.optimizers.get(BASELINE)
+    """One row per variant present in the summary (registry order), then the peers present (PEERS' order)."""
+    baseline, adam = summary.optimizers.get(BASELINE), summary.optimizers.get(ADAM)
     rows = []
     names = [name for name in VARIANTS if SPEC_PREFIX + name in summary.optimizers]
     peers = [(name, f"grid-tuned, lr {opt.lr:g}" if opt.lr is not None else "its defaults", opt)
@@ -91,7 +97,9 @@ def variant_rows(summary: TaskSummary) -> list[VariantRow]:
         finite = [v for v in finals if math.isfinite(v)]
         final = (statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0) if finite else None
         speedup = metrics.speedup(baseline.curve, opt.curve) if baseline is not None else None
-        rows.append(VariantRow(name, description, len(finals), len(finals) - len(finite), final, speedup))
+        speedup_vs_adam = metrics.speedup(adam.curve, opt.curve) if adam is not None else None
+        rows.append(VariantRow(name, description, len(finals), len(finals) - len(finite), final, speedup,
+                               speedup_vs_adam))
     return rows
 
 
@@ -129,27 +137,30 @@ def ablation_table(summaries: Sequence[TaskSummary]) -> str:
             continue
         lines += [f"#### {summary.task} ({summary.steps} steps): final smoothed {summary.objective}", "",
                   f"| variant | what it changes | seeds | final smoothed {summary.objective} (mean ± std) | "
-                  f"speedup vs tuned momentum SGD |", "|---|---|---|---|---|"]
-        has_baseline = BASELINE in summary.optimizers
+                  f"speedup vs tuned momentum SGD | speedup vs tuned Adam |", "|---|---|---|---|---|---|"]
         for row in rows:
             final = "diverged" if row.final is None else f"{row.final[0]:.4g} ± {row.final[1]:.2g}"
             seeds = f"{row.seeds}" + (f" ({row.diverged} diverged)" if row.diverged else "")
-            speedup = _fmt(row.speedup, ".2f").replace("n/a", "never") if has_baseline else "no baseline results"
-            lines.append(f"| {row.name} | {row.description} | {seeds} | {final} | {speedup} |")
+            speedups = [_fmt(value, ".2f").replace("n/a", "never") if against in summary.optimizers
+                        else "no baseline results" for value, against in ((row.speedup, BASELINE),
+                                                                          (row.speedup_vs_adam, ADAM))]
+            lines.append(f"| {row.name} | {row.description} | {seeds} | {final} | {' | '.join(speedups)} |")
         lines.append("")
     return "\n".join(lines) if lines else "No ablation results found.\n"
 
 
-def overview_table(summaries: Sequence[TaskSummary]) -> str:
+def overview_table(summaries: Sequence[TaskSummary], against: str = BASELINE) -> str:
     """Every variant on every task in one table: final smoothed loss (mean over seeds) and, in brackets, the
-    speedup against tuned momentum SGD. The per-task tables hold the spread and the seed counts."""
+    speedup against ``against`` (tuned momentum SGD, or ADAM). The per-task tables hold the spread and the seed
+    counts. Empty when no task has runs of ``against`` and it is not the default yardstick."""
     rows_by_task = {summary.task: {row.name: row for row in variant_rows(summary)} for summary in summaries}
     tasks = [task for task, rows in rows_by_task.items() if rows]
-    if not tasks:
+    if not tasks or (against != BASELINE and not any(against in rows_by_task[task] for task in tasks)):
         return ""
     names = [name for name in [*VARIANTS, *PEERS] if any(name in rows_by_task[task] for task in tasks)]
-    lines = ["#### Overview: final smoothed training loss (quadratic: exact excess loss), mean over seeds "
-             "(speedup vs tuned momentum SGD)", "",
+    title = "Overview" if against == BASELINE else f"Against {PEER_LABELS[against]}"
+    lines = [f"#### {title}: final smoothed training loss (quadratic: exact excess loss), mean over seeds "
+             f"(speedup vs {PEER_LABELS[against]})", "",
              "| variant | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     for name in names:
         cells = []
@@ -160,11 +171,11 @@ def overview_table(summaries: Sequence[TaskSummary]) -> str:
             elif row.final is None:
                 cells.append("diverged")
             else:
-                speedup = _fmt(row.speedup, ".2f").replace("n/a", "never")
-                cells.append(f"{row.final[0]:.4g} ({speedup})" if BASELINE in rows_by_task[task] else
+                value = row.speedup if against == BASELINE else row.speedup_vs_adam
+                speedup = _fmt(value, ".2f").replace("n/a", "never")
+                cells.append(f"{row.final[0]:.4g} ({speedup})" if against in rows_by_task[task] else
                              f"{row.final[0]:.4g}")
-        label = {BASELINE: "tuned momentum SGD", "adam": "tuned Adam", "dog": "DoG (1 seed)"}.get(name, name)
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {PEER_LABELS.get(name, name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -173,8 +184,8 @@ def write_table(results_dir: Path, baseline_dirs: Sequence[Path] = ()) -> tuple[
     results_dir/ablation.md."""
     summaries = ablation_summaries(results_dir, baseline_dirs)
     text = ablation_table(summaries)
-    overview = overview_table(summaries)
-    text = text + ("\n" + overview if overview else "")
+    for overview in (overview_table(summaries), overview_table(summaries, against=ADAM)):
+        text = text + ("\n" + overview if overview else "")
     path = Path(results_dir) / TABLE_FILE
     results_io.check_writable(path.parent)
     path.write_text(text, encoding="utf-8")
