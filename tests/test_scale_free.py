@@ -17,6 +17,8 @@ from yellowfin.state import SCALE_FREE_FIELDS
 from helpers import flat_state, host_reads_forbidden, run_with_holes
 
 FLAVOURS = {"single_tensor": dict(foreach=False), "multi_tensor": {}, "compiled": dict(fused=True)}
+# The tests that hold for the scale-free tuner in either metric (tests/test_preconditioned.py has the rest of Adam's).
+METRICS = {"plain": dict(tuner="scale_free"), "adam": dict(tuner="scale_free", precondition="adam")}
 
 
 @pytest.fixture(autouse=True)
@@ -137,7 +139,8 @@ def test_the_first_step_moves_dogs_initial_distance_without_momentum():
     assert opt.stats()["mu"] == 0.0 and opt.stats()["distance"] == pytest.approx(moved, rel=1e-12)
 
 
-def test_it_stays_stable_when_trained_to_zero_loss():
+@pytest.mark.parametrize("metric", sorted(METRICS))
+def test_it_stays_stable_when_trained_to_zero_loss(metric):
     # A separable problem (256 points labelled by a linear teacher): near the interpolating solution the loss
     # flattens along the step while the few batches that still hold a misclassified example give large
     # gradients. Without DoG's bound on the effective step the tuner diverged here within 400 steps on every
@@ -148,7 +151,7 @@ def test_it_stays_stable_when_trained_to_zero_loss():
         labels = (inputs @ torch.randn(20, 4, generator=generator)).argmax(1)
         torch.manual_seed(seed)
         model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 4))
-        opt = YellowFin(model.parameters(), tuner="scale_free")
+        opt = YellowFin(model.parameters(), **METRICS[metric])
         worst = 0.0
         for step in range(600):
             rows = torch.randint(0, 256, (32,), generator=generator)
@@ -178,10 +181,11 @@ def test_only_the_scale_free_tuner_keeps_the_initial_parameters():
     assert not any("initial_param" in reference.state[p] for p in reference_model.parameters())
 
 
+@pytest.mark.parametrize("metric", sorted(METRICS))
 @pytest.mark.parametrize("flavour", ["single_tensor", "multi_tensor"])
-def test_a_step_never_reads_tensors_on_the_host(flavour):
+def test_a_step_never_reads_tensors_on_the_host(flavour, metric):
     model, x, y = mlp_problem()
-    opt = YellowFin(model.parameters(), tuner="scale_free", **FLAVOURS[flavour])
+    opt = YellowFin(model.parameters(), **METRICS[metric], **FLAVOURS[flavour])
     for _ in range(3):
         opt.zero_grad()
         ((model(x) - y) ** 2).mean().backward()
@@ -189,9 +193,10 @@ def test_a_step_never_reads_tensors_on_the_host(flavour):
             opt.step()
 
 
-def test_a_state_dict_round_trip_continues_identically():
+@pytest.mark.parametrize("metric", sorted(METRICS))
+def test_a_state_dict_round_trip_continues_identically(metric):
     def scale_free(params):
-        return YellowFin(params, tuner="scale_free")
+        return YellowFin(params, **METRICS[metric])
 
     expected, _, _ = train(scale_free, steps=80)
 
@@ -215,13 +220,14 @@ def test_a_state_dict_round_trip_continues_identically():
 
 
 def test_a_checkpoint_from_before_the_scale_free_tuner_loads():
+    # (and from before the preconditioned one: neither the tuner's fields nor the groups' options existed)
     _, model, opt = train(YellowFin, steps=5)
     old = opt.state_dict()
     for tuner in old["tuners"]:
         for name in SCALE_FREE_FIELDS:
             del tuner[name]
     for group in old["param_groups"]:
-        del group["tuner"]
+        del group["tuner"], group["precondition"]
     restored = YellowFin(model.parameters())
     restored.load_state_dict(old)
     for a, b in zip(flat_state(opt), flat_state(restored)):
@@ -239,9 +245,10 @@ def test_a_scale_free_checkpoint_from_before_dogs_sum_loads_and_restarts_it():
     assert restored.tuner_state().distance == opt.tuner_state().distance
 
 
-def test_a_non_finite_gradient_changes_nothing():
+@pytest.mark.parametrize("metric", sorted(METRICS))
+def test_a_non_finite_gradient_changes_nothing(metric):
     model, x, y = mlp_problem()
-    opt = YellowFin(model.parameters(), tuner="scale_free")
+    opt = YellowFin(model.parameters(), **METRICS[metric])
     for step in range(10):
         opt.zero_grad()
         ((model(x) - y) ** 2).mean().backward()
@@ -263,10 +270,11 @@ def test_a_non_finite_gradient_changes_nothing():
         assert torch.equal(a, b)
 
 
-def test_per_group_tuning_tunes_each_group_in_its_own_units():
+@pytest.mark.parametrize("metric", sorted(METRICS))
+def test_per_group_tuning_tunes_each_group_in_its_own_units(metric):
     def per_group(params):
         params = list(params)
-        return YellowFin([{"params": params[:2]}, {"params": params[2:], "lr": 0.5}], tuner="scale_free",
+        return YellowFin([{"params": params[:2]}, {"params": params[2:], "lr": 0.5}], **METRICS[metric],
                          per_group_tuning=True)
 
     unscaled, _, opt = train(per_group, steps=100)
