@@ -494,6 +494,9 @@ ADAM_METRIC_VARIANTS = {"adam_metric_ds": {}, "adam_metric_ds_memory_0.999": dic
                         "adam_metric_dog_signal_along_momentum": dict(step="dog", signal="along_momentum"),
                         "adam_metric_dog_signal_lag_one": dict(step="dog", signal="lag_one"),
                         "adam_metric_dog_signal_lag_one_resolved": dict(step="dog", signal="lag_one_resolved"),
+                        # (the library's preconditioned tuner) with DoG's start r_eps = s (1 + ||x0||) larger
+                        "adam_metric_dog_start_1e-4": dict(step="dog", signal="lag_one_resolved", start_distance=1e-4),
+                        "adam_metric_dog_start_1e-3": dict(step="dog", signal="lag_one_resolved", start_distance=1e-3),
                         # its control: the same effective step in Adam's metric, without momentum
                         "control_adam_metric_dog": dict(step="dog", without_momentum=True)}
 
