@@ -497,6 +497,9 @@ ADAM_METRIC_VARIANTS = {"adam_metric_ds": {}, "adam_metric_ds_memory_0.999": dic
                         # (the library's preconditioned tuner) with DoG's start r_eps = s (1 + ||x0||) larger
                         "adam_metric_dog_start_1e-4": dict(step="dog", signal="lag_one_resolved", start_distance=1e-4),
                         "adam_metric_dog_start_1e-3": dict(step="dog", signal="lag_one_resolved", start_distance=1e-3),
+                        # its control: the same rule in the same metric without momentum
+                        "control_adam_metric_dog_start_1e-3": dict(step="dog", signal="lag_one_resolved",
+                                                                   start_distance=1e-3, without_momentum=True),
                         # its control: the same effective step in Adam's metric, without momentum
                         "control_adam_metric_dog": dict(step="dog", without_momentum=True)}
 
