@@ -297,7 +297,7 @@ class YellowFin(Optimizer):
 
     def _collect(self, group: dict) -> "_Batch":
         """The group's parameters that have a gradient, their gradients (after maximize and
-        coupled weight decay), and their two buffers, created on first use."""
+        coupled weight decay), and their buffers (``_BUFFERS``), created on first use."""
         params, grads, grad_avgs, momenta, initial_params, second_moments, steps = [], [], [], [], [], [], []
         scale_free = group["tuner"] == "scale_free"
         preconditioned = group["precondition"] is not None
