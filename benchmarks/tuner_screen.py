@@ -104,6 +104,8 @@ VARIANTS: dict[str, dict] = {
     "ds_dog_cap": dict(alpha_units="distance_secant", momentum_rule="snr", kappa="norm", anchor="previous",
                        secant_is="max", memory=0.99, dog_cap=True),
     "snr_dog": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99),
+    # the same with DoG's start at 1e-3 (1 + ||x_0||), as the preconditioned tuner's (docs/tuner.md §7.1)
+    "snr_dog_start_1e-3": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99, start_distance=1e-3),
     # its control: plain SGD on snr_dog's effective step, which is DoG's step (without DoG's iterate average)
     "control_snr_dog": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99, without_momentum=True),
     "ds_growth_10": dict(alpha_units="distance_secant", momentum_rule="snr", kappa="norm", anchor="previous",
