@@ -99,7 +99,7 @@ def test_the_flavours_give_the_single_tensor_numbers(flavour):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("step_rule, variant", [("dog", "snr_dog"), ("secant", "ds_memory_0.99")])
+@pytest.mark.parametrize("step_rule, variant", [("dog", "snr_dog_start_1e-3"), ("secant", "ds_memory_0.99")])
 def test_matches_the_flat_prototype(step_rule, variant):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from tuner_screen import VARIANTS, FlatTuner
@@ -128,14 +128,16 @@ def test_the_adam_metric_prototype_does_not_depend_on_the_loss_scale_either():
         assert relative_difference(scaled, unscaled) < 1e-6, loss_scale
 
 
-def test_the_first_step_moves_dogs_initial_distance_without_momentum():
+@pytest.mark.parametrize("step_rule, start", [("dog", 1e-3), ("secant", 1e-6)])
+def test_the_first_step_moves_dogs_initial_distance_without_momentum(step_rule, start):
     model, x, y = mlp_problem()
     before = flat(model)
-    opt = YellowFin(model.parameters(), tuner="scale_free")
+    opt = YellowFin(model.parameters(), tuner="scale_free", step_rule=step_rule)
     ((model(x) - y) ** 2).mean().backward()
     opt.step()
     moved = float((flat(model) - before).norm())
-    assert moved == pytest.approx(1e-6 * (1.0 + float(before.norm())), rel=1e-12)
+    # (rounding: a move of ~1e-3 of parameters ~1 leaves ~1e-13 of it)
+    assert moved == pytest.approx(start * (1.0 + float(before.norm())), rel=1e-10)
     assert opt.stats()["mu"] == 0.0 and opt.stats()["distance"] == pytest.approx(moved, rel=1e-12)
 
 
@@ -167,9 +169,11 @@ def test_it_stays_stable_when_trained_to_zero_loss(metric):
 
 
 def test_stats_report_the_distance_and_the_secant_curvature():
-    _, _, opt = train(lambda params: YellowFin(params, tuner="scale_free"), steps=40)
+    _, _, opt = train(lambda params: YellowFin(params, tuner="scale_free", step_rule="secant"), steps=40)
     stats = opt.stats()
     assert stats["distance"] > 0.0 and stats["secant_curvature"] > 0.0
+    _, _, dog = train(lambda params: YellowFin(params, tuner="scale_free"), steps=40)
+    assert dog.stats()["distance"] > 0.0 and dog.stats()["secant_curvature"] >= 0.0  # (a diagnostic there)
     _, _, reference = train(YellowFin, steps=2)
     assert "distance" not in reference.stats() and "secant_curvature" not in reference.stats()
 

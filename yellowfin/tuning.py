@@ -163,7 +163,7 @@ def tune_scale_free(
     sqrt_mu = torch.maximum(cubic_root(signal_to_noise), (root_kappa - 1.0) / (root_kappa + 1.0))
     contraction = (1.0 - sqrt_mu) ** 2
 
-    distance = measurements.distance_travelled(state, sums, settings.preconditioned)
+    distance = measurements.distance_travelled(state, sums, settings)
     grad_sq_sum = state.grad_sq_sum + sample.sq_norm
     first_step = distance / torch.sqrt(sample.sq_norm)  # DoG's start: move exactly d, without momentum
     if settings.preconditioned:  # (the DoG rule, in the metric; no secant is measured there)
