@@ -117,6 +117,9 @@ for _variant in (
     # that metric without momentum, is the research harness's control_adam_metric_dog.)
     Variant("scale_free_adam", "the DoG rule in Adam's metric: tuned mu and step, three buffers per parameter",
             overrides={"tuner": "scale_free", "precondition": "adam", "beta": 0.99}),
+    Variant("scale_free_adam_beta_0.999", "scale_free_adam with a memory of ~1000 steps, which resolves a 10x "
+            "smaller signal (a higher bound on mu)",
+            overrides={"tuner": "scale_free", "precondition": "adam", "beta": 0.999}),
 ):
     register_variant(_variant)
 DEFAULT_VARIANTS = (REFERENCE, "paper", "control")
