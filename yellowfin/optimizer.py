@@ -273,7 +273,8 @@ class YellowFin(Optimizer):
         device = self._tuners[scopes[0][0]].device
         totals = torch.zeros(len(scopes), len(Sums._fields), dtype=torch.float64, device=device)
         # (the preconditioned tuner's metric eps, from the last step's metric: the same in both passes)
-        floors = [measurements.metric_floor(self._tuners[index]) for index, _, _ in scopes]
+        floors = [measurements.metric_floor(self._tuners[index]) if settings.preconditioned else None
+                  for index, settings, _ in scopes]
         for row, (_, settings, batches) in enumerate(scopes):
             for batch in batches:
                 totals[row] += _reduce(batch, settings, floors[row]).to(device)
@@ -516,7 +517,7 @@ def _split_sparse(batch: _Batch) -> tuple[list[int], list[int]]:
     return ([], dense + sparse) if batch.flavour == "single_tensor" else (dense, sparse)
 
 
-def _reduce(batch: _Batch, settings: TunerSettings, floor: Tensor) -> Tensor:
+def _reduce(batch: _Batch, settings: TunerSettings, floor: Tensor | None) -> Tensor:
     """Pass 1 for one batch: its ``Sums`` vector (reads g and gbar, and x, x_0, v for the scale-free
     tuner; writes nothing)."""
     own, reference = _split_sparse(batch)
@@ -534,7 +535,7 @@ def _reduce(batch: _Batch, settings: TunerSettings, floor: Tensor) -> Tensor:
     return sums
 
 
-def _update(batch: _Batch, coefficients: tuning.UpdateCoefficients, floor: Tensor) -> None:
+def _update(batch: _Batch, coefficients: tuning.UpdateCoefficients, floor: Tensor | None) -> None:
     """Pass 2 for one batch: gbar, v and x written once."""
     group = batch.group
     decay = group["weight_decay"] if group["decoupled_weight_decay"] else 0.0
