@@ -209,28 +209,6 @@ def measure_secant(state: TunerState, sums: Sums, grad_var: Tensor, beta: float)
 
 
 # --------------------------------------------------------------------------------- the preconditioned tuner
-def measure_signal_lag_one(
-    state: TunerState, measured: TunerState, sums: Sums, grad_scale: Tensor, settings: TunerSettings
-) -> TunerState:
-    """``measured`` with the signal ||E g||^2 and the variance C read from the momentum buffer (no gradient average).
-
-    Two gradients with independent noise have E<g_t, g_(t-1)> = ||E g||^2 while the mean drifts slowly, so the
-    running mean of <g_t, g_(t-1)> at the tuner's memory is the signal, and C = E||g||^2 - signal (at least
-    ``measurement_eps`` of E||g||^2). g_(t-1) itself is not kept: v_(t-1) = m_(t-1) v_(t-2) + g_(t-1) gives
-    <g_t, g_(t-1)> = <g_t, v_(t-1)> - m_(t-1) <g_t, v_(t-2)>, and <g_t, v_(t-2)> is read as <g_(t-1), v_(t-2)>,
-    measured a step ago (``carried_grad_dot_momentum``, with m_(t-1)). Gradients as they enter v: times
-    ``grad_scale``. The running mean is bias-corrected, its first sample (t = 1) taken whole; at t = 0 there is
-    none: C = E||g||^2, the signal 0. (``resolved_signal_to_noise`` turns the two into the momentum rule's ratio.)
-    """
-    beta = settings.beta
-    grad_dot_momentum = grad_scale * sums.grad_dot_momentum
-    sample = grad_dot_momentum - state.carried_grad_dot_momentum
-    weight = torch.where(state.step <= 1.0, 1.0, (1.0 - beta) / debias_factor(state.step, beta))
-    signal = torch.where(state.step >= 1.0, (1.0 - weight) * state.signal_avg + weight * sample, 0.0)
-    grad_sq = measured.grad_sq_avg / debias_factor(state.step, beta)
-    grad_var = torch.maximum(grad_sq - signal, settings.measurement_eps * grad_sq)
-    return measured.replace(signal_avg=signal, grad_var=grad_var, carried_grad_dot_momentum=grad_dot_momentum,
-                            metric_mean=sums.metric_sum / sums.numel)
 # Adam's metric (docs/algorithm.md §9): M = sqrt(P / (1 - b2^t)) + METRIC_EPS mean(M_prev), with P the running
 # average of g^2 at memory SECOND_MOMENT_BETA (Adam's), ~1000 steps: ten times the tuner's ~100, so that the metric
 # the tuner measures in holds still over the tuner's own memory. The eps is relative to the metric's mean over the
@@ -254,6 +232,34 @@ def adam_metric(second_moment: Tensor, steps: Tensor, floor: Tensor) -> Tensor:
     return torch.where(metric > 0.0, metric, 1.0)
 
 
+def metric_floor(state: TunerState) -> Tensor:
+    """The eps added to Adam's metric at this step: METRIC_EPS times its mean at the last step (0 at the first)."""
+    return METRIC_EPS * state.metric_mean
+
+
+def measure_signal_lag_one(
+    state: TunerState, measured: TunerState, sums: Sums, grad_scale: Tensor, settings: TunerSettings
+) -> TunerState:
+    """``measured`` with the signal ||E g||^2 and the variance C read from the momentum buffer (no gradient average).
+
+    Two gradients with independent noise have E<g_t, g_(t-1)> = ||E g||^2 while the mean drifts slowly, so the
+    running mean of <g_t, g_(t-1)> at the tuner's memory is the signal S, and C = E||g||^2 - max(S, 0) (at least
+    ``measurement_eps`` of E||g||^2). g_(t-1) itself is not kept: v_(t-1) = m_(t-1) v_(t-2) + g_(t-1) gives
+    <g_t, g_(t-1)> = <g_t, v_(t-1)> - m_(t-1) <g_t, v_(t-2)>, and <g_t, v_(t-2)> is read as <g_(t-1), v_(t-2)>,
+    measured a step ago (``carried_grad_dot_momentum``, with m_(t-1)). Gradients as they enter v: times
+    ``grad_scale``. The running mean is bias-corrected, its first sample (t = 1) taken whole; at t = 0 there is
+    none: C = E||g||^2, the signal 0. (``resolved_signal_to_noise`` turns the two into the momentum rule's ratio.)
+    """
+    beta = settings.beta
+    grad_dot_momentum = grad_scale * sums.grad_dot_momentum
+    sample = grad_dot_momentum - state.carried_grad_dot_momentum
+    weight = torch.where(state.step <= 1.0, 1.0, (1.0 - beta) / debias_factor(state.step, beta))
+    signal = torch.where(state.step >= 1.0, (1.0 - weight) * state.signal_avg + weight * sample, 0.0)
+    grad_sq = measured.grad_sq_avg / debias_factor(state.step, beta)
+    grad_var = torch.maximum(grad_sq - torch.clamp(signal, min=0.0), settings.measurement_eps * grad_sq)
+    return measured.replace(signal_avg=signal, grad_var=grad_var, carried_grad_dot_momentum=grad_dot_momentum)
+
+
 def averaged_noise_fraction(step: Tensor, beta: float) -> Tensor:
     """r = sum_k w_k^2 for the bias-corrected running average of t + 1 samples at memory beta: the fraction of
     independent noise that such an average keeps, (1 - beta)(1 - beta^(2n)) / ((1 + beta)(1 - beta^n)^2), n = t + 1
@@ -271,14 +277,7 @@ def resolved_signal_to_noise(measured: TunerState, step: Tensor, settings: Tuner
     average measures (in expectation, for independent noise), and what keeps p away from 0, where mu would be 1,
     when S is below what the memory can resolve. S is taken as at least 0.
     """
-    grad_sq = measured.grad_sq_avg / debias_factor(step, settings.beta)
-    floor = settings.measurement_eps * grad_sq
-    signal = torch.clamp(measured.signal_avg, min=0.0)
-    noise = torch.maximum(grad_sq - signal, floor)
+    signal, noise = torch.clamp(measured.signal_avg, min=0.0), measured.grad_var
     resolution = averaged_noise_fraction(step, settings.beta)
-    return (signal + resolution * noise) / (2.0 * torch.maximum((1.0 - resolution) * noise, floor))
-
-
-def metric_floor(state: TunerState) -> Tensor:
-    """The eps added to Adam's metric at this step: METRIC_EPS times its mean at the last step (0 at the first)."""
-    return METRIC_EPS * state.metric_mean
+    unresolved = torch.maximum((1.0 - resolution) * noise, settings.measurement_eps * noise)
+    return (signal + resolution * noise) / (2.0 * unresolved)

@@ -166,10 +166,14 @@ def tune_scale_free(
     distance = measurements.distance_travelled(state, sums, settings)
     grad_sq_sum = state.grad_sq_sum + sample.sq_norm
     first_step = distance / torch.sqrt(sample.sq_norm)  # DoG's start: move exactly d, without momentum
+    # DoG's step as the effective step: the momentum spreads it as alpha = (1 - mu) d / sqrt(sum ||g||^2). An
+    # absolute curvature is what SingleStep's alpha = (1 - sqrt mu)^2 / h_min needs and what gradients measure worst
+    # (the secant is mostly the last gradient's own noise), so the scale comes from the distance travelled instead.
+    alpha_dog = (1.0 - sqrt_mu**2) * distance / torch.sqrt(grad_sq_sum)
     if settings.preconditioned:  # (the DoG rule, in the metric; no secant is measured there)
-        alpha = (1.0 - sqrt_mu**2) * distance / torch.sqrt(grad_sq_sum)
-        return measured.replace(mu=torch.where(started, sqrt_mu**2, 0.0), alpha=torch.where(started, alpha, first_step),
-                                distance=distance, grad_sq_sum=grad_sq_sum)
+        return measured.replace(mu=torch.where(started, sqrt_mu**2, 0.0),
+                                alpha=torch.where(started, alpha_dog, first_step), distance=distance,
+                                grad_sq_sum=grad_sq_sum, metric_mean=sums.metric_sum / sums.numel)
     secant_avg, step_sq_avg, secant_curvature = measurements.measure_secant(
         state, sums, measured.grad_var, settings.beta
     )
@@ -180,11 +184,8 @@ def tune_scale_free(
     )
     # For a quadratic ||g|| = h d: h_min ~ sqrt(h_min proxy) / d.
     alpha_distance = contraction * distance / torch.sqrt(measured.h_min)
-    # DoG's step as the effective step: the momentum spreads it as alpha = (1 - mu) d / sqrt(sum ||g||^2). An
-    # absolute curvature is what SingleStep's alpha = (1 - sqrt mu)^2 / h_min needs and what gradients measure worst
-    # (the secant is mostly the last gradient's own noise), so the scale comes from the distance travelled instead.
     if settings.step_rule == "dog":
-        alpha = (1.0 - sqrt_mu**2) * distance / torch.sqrt(grad_sq_sum)
+        alpha = alpha_dog
     else:
         alpha = torch.minimum(torch.minimum(alpha_secant, MAX_STEP_GROWTH * state.alpha), alpha_distance)
     return measured.replace(
