@@ -41,6 +41,12 @@ def optimizers(params, device):
         "yellowfin (loop)": (lambda: YellowFin(params, foreach=False), "yellowfin"),
         "yellowfin (foreach)": (lambda: YellowFin(params, foreach=True), "yellowfin"),
         "yellowfin (fused)": (lambda: YellowFin(params, fused=True), "yellowfin"),
+        # the opt-in tuners (docs/algorithm.md §8, §9): more sums in pass 1, and x_0 (and P) to read
+        "yellowfin scale_free (foreach)": (lambda: YellowFin(params, tuner="scale_free"), None),
+        "yellowfin precondition=adam (loop)": (
+            lambda: YellowFin(params, tuner="scale_free", precondition="adam", foreach=False), None),
+        "yellowfin precondition=adam (foreach)": (
+            lambda: YellowFin(params, tuner="scale_free", precondition="adam"), None),
         "sgd momentum (loop)": (lambda: torch.optim.SGD(params, lr=1e-6, momentum=0.9, foreach=False), "sgd"),
         "sgd momentum (foreach)": (lambda: torch.optim.SGD(params, lr=1e-6, momentum=0.9, foreach=True), "sgd"),
         "adam (loop)": (lambda: torch.optim.Adam(params, lr=1e-6, foreach=False), "adam"),
