@@ -472,9 +472,9 @@ class _Batch(NamedTuple):
     second_moments: list[Tensor]  # P, for the preconditioned tuner only (which has no grad_avgs)
     steps: list[Tensor]  # P's counts, likewise
 
-    def preconditioned(self, indices: list[int]) -> passes.Preconditioned:
-        return passes.Preconditioned(self.params, self.initial_params, self.momenta, self.second_moments,
-                                     self.steps).pick(indices)
+    def preconditioned(self) -> passes.Preconditioned:
+        """What the preconditioned tuner's passes read besides g (every tensor: _collect refuses sparse ones)."""
+        return passes.Preconditioned(self.params, self.initial_params, self.momenta, self.second_moments, self.steps)
 
     def trajectory(self, indices: list[int]) -> passes.Trajectory | None:
         """What the scale-free tuner's sums read of the tensors at ``indices`` (None for the reference)."""
@@ -520,10 +520,9 @@ def _split_sparse(batch: _Batch) -> tuple[list[int], list[int]]:
 def _reduce(batch: _Batch, settings: TunerSettings, floor: Tensor | None) -> Tensor:
     """Pass 1 for one batch: its ``Sums`` vector (reads g and gbar, and x, x_0, v for the scale-free
     tuner; writes nothing)."""
+    if settings.preconditioned:
+        return _PRECONDITIONED_PASSES[batch.flavour][0](batch.grads, batch.preconditioned(), floor)
     own, reference = _split_sparse(batch)
-    if settings.preconditioned:  # (no sparse gradients here: _collect refuses them)
-        reduce = _PRECONDITIONED_PASSES[batch.flavour][0]
-        return reduce([batch.grads[i] for i in own + reference], batch.preconditioned(own + reference), floor)
     rows = []
     for indices, reduce in ((own, _PASSES[batch.flavour][0]), (reference, passes.reduce_single_tensor)):
         if indices:
@@ -539,12 +538,11 @@ def _update(batch: _Batch, coefficients: tuning.UpdateCoefficients, floor: Tenso
     """Pass 2 for one batch: gbar, v and x written once."""
     group = batch.group
     decay = group["weight_decay"] if group["decoupled_weight_decay"] else 0.0
-    own, reference = _split_sparse(batch)
-    if batch.second_moments:
-        update = _PRECONDITIONED_PASSES[batch.flavour][1]
-        update([batch.grads[i] for i in own + reference], batch.preconditioned(own + reference), floor, coefficients,
-               lr=group["lr"], decay=decay)
+    if group["precondition"] is not None:
+        _PRECONDITIONED_PASSES[batch.flavour][1](batch.grads, batch.preconditioned(), floor, coefficients,
+                                                 lr=group["lr"], decay=decay)
         return
+    own, reference = _split_sparse(batch)
     for indices, update in ((own, _PASSES[batch.flavour][1]), (reference, passes.update_single_tensor)):
         if indices:
             def pick(tensors: list[Tensor]) -> list[Tensor]:

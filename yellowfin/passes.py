@@ -274,9 +274,6 @@ class Preconditioned(NamedTuple):
     second_moments: list[Tensor]  # P
     steps: list[Tensor]  # how many gradients P holds (0-dim, float64)
 
-    def pick(self, indices) -> "Preconditioned":
-        return Preconditioned(*([tensors[i] for i in indices] for tensors in self))
-
 
 def reduce_preconditioned_single_tensor(grads: list[Tensor], tensors: Preconditioned, floor: Tensor) -> Tensor:
     """The ``Sums`` vector in the metric, one tensor at a time, all in float64."""
