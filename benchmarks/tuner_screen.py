@@ -506,7 +506,41 @@ ADAM_METRIC_VARIANTS = {"adam_metric_ds": {}, "adam_metric_ds_memory_0.999": dic
                         "control_adam_metric_dog": dict(step="dog", without_momentum=True)}
 
 
-def builder(variant: str) -> Callable:
+AVERAGED = "_poly_avg"  # a variant name ending so: that variant, handing out its iterates' polynomial average
+TUNED_SGD = "tuned_sgd"  # the suite's tuned momentum SGD (lr from benchmarks/results), the average's control
+
+
+class PolynomialAverage:
+    """The iterates' average with weights growing as t^gamma (Shamir & Zhang 2013; DoG's gamma = 8):
+    xbar_t = xbar_(t-1) + (gamma + 1) / (t + gamma) (x_t - xbar_(t-1)). It forgets the early iterates as the run
+    goes on (at step t it covers about the last t / (gamma + 1) of them) and needs no horizon."""
+
+    def __init__(self, model: nn.Module, gamma: float = 8.0):
+        import copy
+
+        self.model, self.gamma, self.steps = model, gamma, 0
+        self.averaged_model = copy.deepcopy(model)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        weight = (self.gamma + 1.0) / (self.steps + self.gamma)
+        for averaged, current in zip(self.averaged_model.parameters(), self.model.parameters()):
+            averaged.lerp_(current, weight)
+        for averaged, current in zip(self.averaged_model.buffers(), self.model.buffers()):
+            averaged.copy_(current)  # batch-norm statistics: the current ones (refreshed before evaluation)
+
+
+def tuned_sgd_lr(task_name: str) -> float:
+    """The suite's chosen learning rate for momentum SGD on task_name (the one run on every seed)."""
+    files = (Path(__file__).resolve().parent / "results" / task_name).glob("sgd_momentum_lr*_seed1_*.json")
+    return float(next(iter(files)).name.split("_lr")[1].split("_seed")[0])
+
+
+def builder(variant: str, task_name: str | None = None) -> Callable:
+    if variant == TUNED_SGD:
+        lr = tuned_sgd_lr(task_name)
+        return lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9)
     if variant == "reference":
         return lambda params: YellowFin.reference_variant(params)
     if variant in ADAM_METRIC_VARIANTS:
@@ -517,19 +551,27 @@ def builder(variant: str) -> Callable:
 def run_task(task_name: str, variant: str, seed: int, steps: int) -> dict:
     task = get_task(task_name)
     model = task.make_model(seed)
-    optimizer = builder(variant)(model.parameters())
-    batches, losses = task.train_batches(seed), []
+    base = variant.removesuffix(AVERAGED)
+    optimizer = builder(base, task_name)(model.parameters())
+    averager = PolynomialAverage(model) if variant.endswith(AVERAGED) else None
+    evaluated = averager.averaged_model if averager is not None else model  # the point handed out
+    batches, losses, exact = task.train_batches(seed), [], []
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
         loss = task.loss(model, next(batches))
         loss.backward()
         optimizer.step()
+        if averager is not None:
+            averager.step()
         losses.append(float(loss.detach()))
+        if task_name == "quadratic":
+            exact.append(task.exact_loss(evaluated))
     best = metrics.best_point(metrics.smooth(losses))
     return {"task": task_name, "variant": variant, "seed": seed, "steps": steps,
             "losses": [finite_or_none(v) for v in losses],
+            "exact_loss": [finite_or_none(v) for v in exact] or None,
             "best_smoothed_loss": finite_or_none(best[0] if best else math.nan),
-            "eval": {k: finite_or_none(v) for k, v in task.evaluate(model, "val").items()},
+            "eval": {k: finite_or_none(v) for k, v in task.evaluate(evaluated, "val").items()},
             "trace": {key: [finite_or_none(v) for v in values]
                       for key, values in getattr(optimizer, "trace", {}).items()} or None}
 
@@ -567,7 +609,8 @@ def final_smoothed_loss(record: dict) -> float:
 def table(results: list[dict]) -> str:
     lines = ["Best smoothed training loss (mean ± std over seeds; quadratic: also the final exact excess loss), "
              "one row per variant.", ""]
-    variants = [v for v in ["reference", *VARIANTS, *ADAM_METRIC_VARIANTS] if any(r["variant"] == v for r in results)]
+    known = ["reference", TUNED_SGD, *VARIANTS, *ADAM_METRIC_VARIANTS]
+    variants = [v for base in known for v in (base, base + AVERAGED) if any(r["variant"] == v for r in results)]
     tasks = [t for t in TASK_STEPS if any(r["task"] == t for r in results)]
     lines += ["| variant | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     for label, optimizer in (("tuned momentum SGD", "sgd_momentum"), ("tuned Adam", "adam")):
@@ -615,7 +658,9 @@ def _mean_std(values: list[float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=["loss_scale", *TASK_STEPS])
-    parser.add_argument("--variants", nargs="+", default=["reference", *VARIANTS, *ADAM_METRIC_VARIANTS])
+    parser.add_argument("--variants", nargs="+", default=["reference", *VARIANTS, *ADAM_METRIC_VARIANTS],
+                        help=f"names from VARIANTS or ADAM_METRIC_VARIANTS, 'reference' or '{TUNED_SGD}'; "
+                             f"'<name>{AVERAGED}' hands out the iterates' polynomial average (gamma 8)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--steps", type=int, default=None,
                         help="a budget other than the task's (results go to <task>-<steps>steps/, outside the table)")

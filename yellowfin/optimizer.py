@@ -16,9 +16,10 @@ change nothing, so instead of branching every coefficient is gated on the device
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,7 +41,7 @@ _GROUP_OPTIONS = ("lr", "weight_decay", "decoupled_weight_decay", "nesterov", "m
 _REFERENCE_OPTIONS = dict(
     beta=0.999, curvature_window=20, eps=1e-6, initial_lr=1e-4, initial_momentum=0.0, adaptive_clipping=True,
     slow_start=True, update_first=False, curvature_smoothing="log", smooth_tuned=False, tuner="reference",
-    step_rule=None, precondition=None,
+    step_rule=None, precondition=None, average=False,
 )
 # Keys torch itself may put into a param group.
 _TORCH_GROUP_KEYS = ("params", "param_names", "differentiable")
@@ -122,7 +123,9 @@ class YellowFin(Optimizer):
     docs/algorithm.md §1-§6. ``tuner="scale_free"`` replaces the tuning by one whose every estimate is in
     loss and parameter units, so that the trajectory does not depend on the loss scale (§8); its
     ``step_rule`` takes the step from DoG's (``"dog"``, the default) or from a secant curvature (``"secant"``);
-    with ``precondition="adam"`` it measures and steps in Adam's diagonal metric instead (§9).
+    with ``precondition="adam"`` it measures and steps in Adam's diagonal metric instead (§9). ``average=True``
+    keeps the iterates' polynomial average beside them, for any tuner, and :meth:`averaged` puts it in the
+    parameters while you evaluate (§10): the trajectory is the same, the point you hand out is the average.
 
     Args:
         params: parameters or parameter groups.
@@ -133,7 +136,7 @@ class YellowFin(Optimizer):
             ``weight_decay``, ``decoupled_weight_decay``, ``nesterov``, ``maximize``, ``foreach``,
             ``fused``, ``per_group_tuning``, ``sparsity_correction``, ``update_first``,
             ``curvature_smoothing``, ``smooth_tuned``, ``tuner``, ``step_rule``, ``precondition``,
-            ``shard_group``): their
+            ``average``, ``shard_group``): their
             defaults, ranges and meaning are listed once, in docs/algorithm.md §7.1.
     """
 
@@ -164,6 +167,7 @@ class YellowFin(Optimizer):
         tuner: str = "reference",
         step_rule: str | None = None,
         precondition: str | None = None,
+        average: bool = False,
         shard_group=None,
         **unknown,
     ):
@@ -177,7 +181,7 @@ class YellowFin(Optimizer):
             initial_momentum=initial_momentum, adaptive_clipping=adaptive_clipping, slow_start=slow_start,
             clip_norm=clip_norm, sparsity_correction=sparsity_correction, update_first=update_first,
             curvature_smoothing=curvature_smoothing, smooth_tuned=smooth_tuned, tuner=tuner, step_rule=step_rule,
-            precondition=precondition,
+            precondition=precondition, average=average,
         )
         # (beta and step_rule as given: None stays None, so that each group's tuner picks its own)
         defaults = dict(
@@ -189,6 +193,7 @@ class YellowFin(Optimizer):
         self.per_group_tuning = per_group_tuning
         self.shard_group = shard_group
         self._tuners: list[TunerState] = []
+        self._averaged_out = False  # True inside averaged(): the parameters hold the averages
         super().__init__(params, defaults)
         self._tuners = [TunerState.initial(self._settings(groups[0]), _device_of(groups)) for groups in self._scopes()]
 
@@ -252,6 +257,7 @@ class YellowFin(Optimizer):
     # ----------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None):
+        self._refuse_inside_averaged("step()")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -287,9 +293,11 @@ class YellowFin(Optimizer):
             tune_step = tuning.compiled_tune_step if compiled else tuning.tune_step
             sums = Sums.from_vector(totals[row].to(state.device))
             self._tuners[index], coefficients = tune_step(state, sums, settings)
-            # Pass 2: gbar, v and x written once.
+            # Pass 2: gbar, v and x written once (then the average follows x, where it is kept).
             for batch in batches:
                 _update(batch, coefficients, floors[row])
+                if batch.averages:
+                    _AVERAGE_PASSES[batch.flavour](batch.params, batch.averages, coefficients.average_weight)
         return loss
 
     def _before_passes(self) -> None:
@@ -299,7 +307,7 @@ class YellowFin(Optimizer):
     def _collect(self, group: dict) -> "_Batch":
         """The group's parameters that have a gradient, their gradients (after maximize and
         coupled weight decay), and their buffers (``_BUFFERS``), created on first use."""
-        params, grads, grad_avgs, momenta, initial_params, second_moments, steps = [], [], [], [], [], [], []
+        params, grads, grad_avgs, momenta, initial_params, second_moments, steps, averages = ([] for _ in range(8))
         scale_free = group["tuner"] == "scale_free"
         preconditioned = group["precondition"] is not None
         for p in group["params"]:
@@ -341,8 +349,49 @@ class YellowFin(Optimizer):
                 values.append(tensor)
             if preconditioned:
                 steps.append(state["step"])
+            if group["average"]:
+                if "averaged_param" not in state:  # (any value: the first step's weight is 1)
+                    state["averaged_param"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                average = state["averaged_param"]
+                averages.append(torch.view_as_real(average) if p.is_complex() else average)
         return _Batch(group, params, grads, grad_avgs, momenta, _flavour(group), initial_params,
-                      second_moments, steps)
+                      second_moments, steps, averages)
+
+    # ----------------------------------------------------------------------------- the average
+    @contextlib.contextmanager
+    def averaged(self) -> Iterator[None]:
+        """Inside ``with optimizer.averaged():`` the parameters hold the iterates' average (``average=True``),
+        for evaluation or for saving the model; on leaving, they hold the iterates again. ``step()`` and
+        ``state_dict()`` refuse to run inside. A parameter that has not stepped yet keeps its value.
+
+            with optimizer.averaged():
+                evaluate(model)
+        """
+        self._refuse_inside_averaged("averaged()")
+        if not any(group["average"] for group in self.param_groups):
+            raise RuntimeError("averaged() needs average=True: this optimizer keeps no average of its iterates")
+        self._swap_averages()
+        self._averaged_out = True
+        try:
+            yield
+        finally:
+            self._swap_averages()
+            self._averaged_out = False
+
+    @torch.no_grad()
+    def _swap_averages(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                average = self.state[p].get("averaged_param") if p in self.state else None
+                if average is not None:
+                    iterate = p.detach().clone(memory_format=torch.preserve_format)
+                    p.copy_(average)
+                    average.copy_(iterate)
+
+    def _refuse_inside_averaged(self, what: str) -> None:
+        if getattr(self, "_averaged_out", False):  # (a pickle from before averaged() has no flag)
+            raise RuntimeError(f"{what} inside optimizer.averaged(): the parameters hold the average, not the "
+                               "iterate; leave the with-block first")
 
     # ----------------------------------------------------------------------------- reading the tuner
     def stats(self, scope: int | None = None) -> dict | list[dict]:
@@ -382,6 +431,7 @@ class YellowFin(Optimizer):
 
     # ----------------------------------------------------------------------------- saving
     def state_dict(self) -> dict:
+        self._refuse_inside_averaged("state_dict()")
         state_dict = super().state_dict()
         state_dict["tuners"] = [state.as_dict() for state in self._tuners]
         state_dict["per_group_tuning"] = self.per_group_tuning
@@ -430,6 +480,7 @@ class YellowFin(Optimizer):
             if index not in params:
                 raise ValueError(f"state dict holds state for parameter {index}, which does not exist")
             needed = _BUFFERS["preconditioned" if group_of[index]["precondition"] is not None else "plain"]
+            needed = needed | ({"averaged_param"} if group_of[index]["average"] else set())
             if param_state and not needed <= set(param_state):
                 raise ValueError(f"state of parameter {index} has {sorted(param_state)}, its tuner needs "
                                  f"{sorted(needed)}")
@@ -455,6 +506,7 @@ class YellowFin(Optimizer):
         state["_tuners"] = self._tuners
         state["per_group_tuning"] = self.per_group_tuning
         state["shard_group"] = self.shard_group
+        state["_averaged_out"] = self._averaged_out
         return state
 
 
@@ -471,6 +523,7 @@ class _Batch(NamedTuple):
     initial_params: list[Tensor]  # x_0, for the scale-free tuner only (else empty)
     second_moments: list[Tensor]  # P, for the preconditioned tuner only (which has no grad_avgs)
     steps: list[Tensor]  # P's counts, likewise
+    averages: list[Tensor]  # the iterates' average, with average=True only (else empty)
 
     def preconditioned(self) -> passes.Preconditioned:
         """What the preconditioned tuner's passes read besides g (every tensor: _collect refuses sparse ones)."""
@@ -494,6 +547,11 @@ _PASSES = {
     "multi_tensor": (passes.reduce_multi_tensor, passes.update_multi_tensor),
     "compiled": (passes.reduce_compiled, passes.update_compiled),
 }
+
+
+# The average's pass after the update, by the batch's flavour (the compiled one takes the multi-tensor kernel).
+_AVERAGE_PASSES = {"single_tensor": passes.average_single_tensor, "multi_tensor": passes.average_multi_tensor,
+                   "compiled": passes.average_multi_tensor}
 
 
 # The preconditioned tuner's passes: (reduce, update), for the flavours it has.

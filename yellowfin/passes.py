@@ -253,6 +253,22 @@ def _update_kernel(
         param.copy_(param * shrink - step_size * direction)
 
 
+# --------------------------------------------------------------------------------- after pass 2: the average
+# With ``average=True`` the iterate average xbar follows x after every update: xbar <- xbar + w (x - xbar), with w
+# ``UpdateCoefficients.average_weight`` (0 on a skipped step). It reads x and xbar once and writes xbar; whatever
+# the tuner, the same two flavours (the compiled one takes the multi-tensor kernel: a lerp is one kernel already).
+def average_single_tensor(params: list[Tensor], averages: list[Tensor], weight: Tensor) -> None:
+    """The average one tensor at a time: the reference."""
+    for param, average in zip(params, averages):
+        average.lerp_(param, weight.to(param.device))
+
+
+def average_multi_tensor(params: list[Tensor], averages: list[Tensor], weight: Tensor) -> None:
+    """The average with multi-tensor kernels, per device and dtype."""
+    for params, averages in _by_device_and_dtype(params, averages):
+        torch._foreach_lerp_(averages, params, weight.to(params[0].device))
+
+
 # --------------------------------------------------------------------------------- the preconditioned tuner
 # With ``precondition="adam"`` (docs/algorithm.md §9) the passes read and write other tensors: no gradient average;
 # the running average P of g^2 and its count; the momentum buffer v in the metric's coordinates. With M the metric

@@ -45,6 +45,10 @@ class TunerSettings:
     # g^2 (docs/algorithm.md §9): one more buffer per parameter (that average), no gradient average, the signal
     # measured along the momentum. None: plain momentum SGD. Only with tuner="scale_free" and step_rule="dog".
     precondition: str | None = None
+    # Keep the iterates' polynomial average (weights growing as t^AVERAGE_POWER, tuning.average_weight) in one more
+    # buffer per parameter; ``YellowFin.averaged()`` puts it in the parameters for evaluation. It changes nothing
+    # in the trajectory: it is the point to hand out, which under gradient noise is much closer to the optimum.
+    average: bool = False
 
     def __post_init__(self):
         _check(self.tuner in TUNERS, "tuner", self.tuner, " or ".join(map(repr, TUNERS)))
@@ -85,7 +89,8 @@ class TunerSettings:
             self.curvature_smoothing in ("log", "linear"),
             "curvature_smoothing", self.curvature_smoothing, "'log' or 'linear'",
         )
-        for name in ("adaptive_clipping", "slow_start", "sparsity_correction", "update_first", "smooth_tuned"):
+        for name in ("adaptive_clipping", "slow_start", "sparsity_correction", "update_first", "smooth_tuned",
+                     "average"):
             check_bool(name, getattr(self, name))
         if self.scale_free:
             # These name variants of the reference's own decisions, which the scale-free tuner does not make.

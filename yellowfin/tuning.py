@@ -216,6 +216,19 @@ class UpdateCoefficients(NamedTuple):
     momentum: Tensor  # multiplies v (1 on a skipped step)
     grad_scale: Tensor  # multiplies g in v <- momentum v + grad_scale g (0 on a skipped step)
     step_size: Tensor  # alpha before the group's multiplier (0 on a skipped step)
+    average_weight: Tensor  # xbar <- xbar + average_weight (x - xbar) after the update (0 on a skipped step)
+
+
+# The iterate average's weights grow as t^AVERAGE_POWER (polynomial-decay averaging, Shamir & Zhang 2013): at
+# step t it covers about the last t / (AVERAGE_POWER + 1) iterates, so it forgets the start without a horizon.
+# 8 is DoG's published choice (Ivgi, Hinder, Carmon 2023), taken as it is, not tuned on our suite.
+AVERAGE_POWER = 8.0
+
+
+def average_weight(step) -> Tensor:
+    """The weight of the iterate reached at 1-based step ``step`` in the polynomial average: (k + 1) / (t + k)
+    with k = AVERAGE_POWER, which is 1 at the first step (the average starts at x_1) and about (k + 1) / t later."""
+    return (AVERAGE_POWER + 1.0) / (_f64(step) + AVERAGE_POWER)
 
 
 def gradient_gates(sq_norm) -> tuple[Tensor, Tensor]:
@@ -322,6 +335,7 @@ def tune_step(state: TunerState, sums: Sums, settings: TunerSettings) -> tuple[T
         momentum=torch.where(applied, applied_momentum(applied_mu, state.momentum_offset, settings.eps), 1.0),
         grad_scale=torch.where(applied, scale * update_scale, 0.0),
         step_size=torch.where(applied, applied_alpha, 0.0),
+        average_weight=torch.where(applied, average_weight(state.step + 1.0), 0.0),
     )
     if settings.preconditioned:  # (the next step's signal reads this one's <g, v> through the momentum it applied)
         new_state = new_state.replace(

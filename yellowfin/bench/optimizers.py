@@ -40,9 +40,10 @@ class OptimizerSpec:
     highlight: bool = False
     # CONTROL only: the name of the spec whose effective_lr trace this run replays.
     replays: str | None = None
-    # Iterate averaging that belongs to the optimizer's recommended usage (DoG): average(model) returns an
-    # object with step() (called after every optimizer step) and averaged_model (what is evaluated).
-    averager: Callable[[torch.nn.Module], Any] | None = None
+    # Iterate averaging that belongs to the optimizer's recommended usage (DoG, YellowFin with average=True):
+    # averager(model, optimizer) returns an object with step() (called after every optimizer step) and
+    # averaged_model (what is evaluated).
+    averager: Callable[[torch.nn.Module, torch.optim.Optimizer], Any] | None = None
 
     def available(self) -> bool:
         return self.requires is None or importlib.util.find_spec(self.requires) is not None
@@ -77,10 +78,30 @@ def _from_module(module: str, cls: str) -> Callable[..., torch.optim.Optimizer]:
     return build
 
 
-def _dog_averager(model: torch.nn.Module) -> Any:
+def _dog_averager(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Any:
     # The dog package's README: "DoG/L-DoG must be combined with iterate averaging", with its
     # PolynomialDecayAverager at its default configuration; the evaluation uses the averaged model.
     return importlib.import_module("dog").PolynomialDecayAverager(model)
+
+
+class YellowFinAverage:
+    """The average that YellowFin keeps with average=True, as a model to evaluate: a copy of the model whose
+    parameters are copied from ``optimizer.averaged()`` after every step (its buffers, such as batch-norm
+    statistics, from the model's current ones)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        import copy
+
+        self.model, self.optimizer = model, optimizer
+        self.averaged_model = copy.deepcopy(model)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        with self.optimizer.averaged():
+            for averaged, current in zip(self.averaged_model.parameters(), self.model.parameters()):
+                averaged.copy_(current)
+        for averaged, current in zip(self.averaged_model.buffers(), self.model.buffers()):
+            averaged.copy_(current)
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {

@@ -73,7 +73,7 @@ def train_run(task: Task, spec: OptimizerSpec, seed: int, steps: int, lr: float 
     model.train()
     optimizer = spec.build(model.parameters(), lr)
     set_train_mode(spec, optimizer, True)
-    averager = spec.averager(model) if spec.averager is not None else None
+    averager = spec.averager(model, optimizer) if spec.averager is not None else None
     # The point the optimizer hands out: the average where averaging is part of its usage, else the model.
     evaluated = averager.averaged_model if averager is not None else model
     batches = task.train_batches(seed)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from yellowfin.bench.optimizers import CONTROL, UNTUNED, OptimizerSpec, plain_sgd
+from yellowfin.bench.optimizers import CONTROL, UNTUNED, OptimizerSpec, YellowFinAverage, plain_sgd
 
 SPEC_PREFIX = "yf_"
 REFERENCE = "reference"
@@ -62,8 +62,10 @@ class Variant:
             return OptimizerSpec(self.spec_name, f"SGD with {self.control_of}'s step a/(1-mu)", CONTROL, plain_sgd,
                                  hyper={"momentum": 0.0}, replays=SPEC_PREFIX + self.control_of)
         hyper = {"variant": self.name, **self.overrides}
+        # With average=True the point handed out (evaluated) is the optimizer's average of its iterates.
+        averager = YellowFinAverage if self.overrides.get("average") else None
         return OptimizerSpec(self.spec_name, f"YellowFin {self.name}", UNTUNED, self.build, hyper=hyper,
-                             records_tuner_trace=True, every_seed=True)
+                             records_tuner_trace=True, every_seed=True, averager=averager)
 
 
 VARIANTS: dict[str, Variant] = {}
@@ -117,6 +119,12 @@ for _variant in (
     # that metric without momentum, is the research harness's control_adam_metric_dog.)
     Variant("scale_free_adam", "the DoG rule in Adam's metric: tuned mu and step, three buffers per parameter",
             overrides={"tuner": "scale_free", "precondition": "adam", "beta": 0.99}),
+    # The same two tuners handing out their iterates' polynomial average (average=True; docs/algorithm.md §10): the
+    # trajectory is theirs, the evaluated point (the quadratic's exact loss, val and test) is the average.
+    Variant("scale_free_dog_average", "scale_free_dog, evaluated at its iterates' polynomial average (t^8 weights)",
+            overrides={"tuner": "scale_free", "step_rule": "dog", "beta": 0.99, "average": True}),
+    Variant("scale_free_adam_average", "scale_free_adam, evaluated at its iterates' polynomial average (t^8 weights)",
+            overrides={"tuner": "scale_free", "precondition": "adam", "beta": 0.99, "average": True}),
     Variant("scale_free_adam_beta_0.999", "scale_free_adam with a memory of ~1000 steps, which resolves a 10x "
             "smaller signal (a higher bound on mu)",
             overrides={"tuner": "scale_free", "precondition": "adam", "beta": 0.999}),
