@@ -106,6 +106,9 @@ VARIANTS: dict[str, dict] = {
     "snr_dog": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99),
     # the same with DoG's start at 1e-3 (1 + ||x_0||), as the preconditioned tuner's (docs/tuner.md §7.1)
     "snr_dog_start_1e-3": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99, start_distance=1e-3),
+    # DoWG's distance-weighted sum in place of DoG's (docs/tuner.md §11)
+    "snr_dowg_start_1e-3": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99, start_distance=1e-3,
+                                dog_weights="distance"),
     # its control: plain SGD on snr_dog's effective step, which is DoG's step (without DoG's iterate average)
     "control_snr_dog": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99, without_momentum=True),
     "ds_growth_10": dict(alpha_units="distance_secant", momentum_rule="snr", kappa="norm", anchor="previous",
@@ -131,8 +134,14 @@ class FlatTuner(torch.optim.Optimizer):
                  kappa: str = "squared", start_distance: float = 1e-6, memory: float = 0.999,
                  max_growth: float = 2.0, anchor: str = "average", curvature_memory: float | None = None,
                  secant_is: str = "min", noise_correction: bool | str = True, edge_guard: bool = False,
-                 dog_cap: bool = False, without_momentum: bool = False):
+                 dog_cap: bool = False, without_momentum: bool = False, dog_weights: str = "uniform"):
         super().__init__(params, {})
+        # dog_weights="distance": DoWG's step (Khaled, Mishchenko, Jin 2023) instead of DoG's, d^2 / sqrt(sum_s d_s^2
+        # ||g_s||^2): each gradient weighs by the distance reached when it came, so the large early gradients of a
+        # run that has not moved yet stop holding the step down. Same units ([x]^2 / [f]), same first step.
+        if dog_weights not in ("uniform", "distance"):
+            raise ValueError(f"unknown dog_weights {dog_weights!r}")
+        self.dog_weights = dog_weights
         if (alpha_units not in ("gradient", "distance", "secant", "distance_secant", "dog")
                 or momentum_rule not in ("reference", "snr", "along_momentum") or kappa not in ("squared", "norm")):
             raise ValueError(f"unknown switch in {alpha_units!r}, {momentum_rule!r}, {kappa!r}")
@@ -236,15 +245,17 @@ class FlatTuner(torch.optim.Optimizer):
                 return torch.tensor(self.settings.initial_momentum), torch.tensor(self.settings.initial_lr)
             return mu, alpha
         x = self._flat(p.detach() for p in self.params)
-        self.grad_sq_sum += float(g.dot(g))
         if self.alpha_units == "dog":
             self.distance = max(self.distance, float((x - self.x0).norm()))
+            weight = self.distance**2 if self.dog_weights == "distance" else 1.0
+            self.grad_sq_sum += weight * float(g.dot(g))
             if not started:  # DoG's first step: move r_eps
                 return torch.zeros((), dtype=torch.float64), torch.tensor(self.distance / float(g.norm()))
-            effective_step = self.distance / math.sqrt(self.grad_sq_sum)
+            effective_step = weight * self.distance / math.sqrt(self.grad_sq_sum)
             if self.without_momentum:
                 return torch.zeros((), dtype=torch.float64), torch.tensor(effective_step, dtype=torch.float64)
             return mu, (1.0 - mu) * effective_step
+        self.grad_sq_sum += float(g.dot(g))
         if self.alpha_units == "distance_secant":  # the smaller of the two steps: each bounds the other's failure
             kappa = float(ratio if self.kappa == "squared" else torch.sqrt(ratio))
             self.distance = max(self.distance, float((x - self.x0).norm()))
@@ -362,8 +373,11 @@ class AdamMetricTuner(torch.optim.Optimizer):
 
     def __init__(self, params, beta: float = 0.99, second_moment_beta: float = 0.999, relative_eps: float = 1e-8,
                  max_growth: float = 2.0, start_distance: float = 1e-6, signal: str = "average",
-                 step: str = "distance_secant", without_momentum: bool = False):
+                 step: str = "distance_secant", without_momentum: bool = False, dog_weights: str = "uniform"):
         super().__init__(params, {})
+        if dog_weights not in ("uniform", "distance"):  # "distance": DoWG's step, as FlatTuner's dog_weights
+            raise ValueError(f"unknown dog_weights {dog_weights!r}")
+        self.dog_weights = dog_weights
         self.params = [p for group in self.param_groups for p in group["params"]]
         self.settings = TunerSettings(slow_start=False, beta=beta, eps=1e-30, adaptive_clipping=False)
         self.tuner = TunerState.initial(self.settings)
@@ -465,12 +479,13 @@ class AdamMetricTuner(torch.optim.Optimizer):
         self.s_avg = (1.0 - weight) * self.s_avg + weight * s
         self.q_avg = (1.0 - weight) * self.q_avg + weight * q
         h = self.s_avg / self.q_avg if self.q_avg > 0.0 and self.s_avg > 0.0 else math.inf
-        self.grad_sq_sum += float(sums.sq_norm)
+        self.grad_sq_sum += (self.distance**2 if self.dog_weights == "distance" else 1.0) * float(sums.sq_norm)
         if self.steps == 1:  # DoG's first move, without momentum
             mu, alpha = 0.0, self.distance / math.sqrt(float(sums.sq_norm))
         elif self.step_rule == "dog":
             mu = 0.0 if self.without_momentum else sqrt_mu**2
-            alpha = (1.0 - mu) * self.distance / math.sqrt(self.grad_sq_sum)
+            weight = self.distance**2 if self.dog_weights == "distance" else 1.0
+            alpha = (1.0 - mu) * weight * self.distance / math.sqrt(self.grad_sq_sum)
         else:
             mu = sqrt_mu**2
             alpha_secant = contraction * kappa / h if math.isfinite(h) else math.inf
@@ -499,6 +514,8 @@ ADAM_METRIC_VARIANTS = {"adam_metric_ds": {}, "adam_metric_ds_memory_0.999": dic
                         # (the library's preconditioned tuner) with DoG's start r_eps = s (1 + ||x0||) larger
                         "adam_metric_dog_start_1e-4": dict(step="dog", signal="lag_one_resolved", start_distance=1e-4),
                         "adam_metric_dog_start_1e-3": dict(step="dog", signal="lag_one_resolved", start_distance=1e-3),
+                        "adam_metric_dowg_start_1e-3": dict(step="dog", signal="lag_one_resolved", start_distance=1e-3,
+                                                            dog_weights="distance"),
                         # its control: the same rule in the same metric without momentum
                         "control_adam_metric_dog_start_1e-3": dict(step="dog", signal="lag_one_resolved",
                                                                    start_distance=1e-3, without_momentum=True),

@@ -207,3 +207,16 @@ def test_an_optimizer_with_averaging_is_evaluated_at_its_average(monkeypatch):
     assert evaluated and all(model is made[0].averaged_model for model in evaluated)
     assert made[0].averaged_model is not made[0].base_model
     assert record["eval"]["test"]["excess_loss"] == pytest.approx(record["exact_loss"][-1])  # both at the average
+
+
+def test_yellowfin_with_average_is_evaluated_at_the_average_it_keeps():
+    from yellowfin.bench.variants import VARIANT_SPECS
+
+    spec = VARIANT_SPECS["yf_scale_free_dog_average"]
+    task = get_task("quadratic")
+    plain = train_run(task, VARIANT_SPECS["yf_scale_free_dog"], seed=0, steps=200)
+    averaged = train_run(task, spec, seed=0, steps=200)
+    assert averaged["loss"] == plain["loss"]  # the same trajectory ...
+    assert averaged["exact_loss"] != plain["exact_loss"]  # ... evaluated elsewhere: at the average
+    assert averaged["exact_loss"][0] == plain["exact_loss"][0]  # (which starts at the first iterate)
+    assert averaged["eval"]["test"]["excess_loss"] == pytest.approx(averaged["exact_loss"][-1])

@@ -93,6 +93,9 @@ SETUPS = {
     # The preconditioned tuner's metric eps is relative to the whole scope's metric, so sharding cannot move it.
     "zero_adam": (make_mlp, regression_batch, {"tuner": "scale_free", "precondition": "adam"}),
     "fsdp_adam": (make_mlp, regression_batch, {"tuner": "scale_free", "precondition": "adam"}),
+    # The iterate average is elementwise: each shard averages its own elements.
+    "zero_average": (make_mlp, regression_batch, {"tuner": "scale_free", "average": True}),
+    "fsdp_average": (make_mlp, regression_batch, {"tuner": "scale_free", "average": True}),
 }
 
 
@@ -113,8 +116,12 @@ def reference_run(scenario: str) -> dict:
         optimizer.zero_grad()
         mse(model, batch_fn(step)).backward()
         optimizer.step()
+    averaged = {}
+    if options.get("average"):
+        with optimizer.averaged():
+            averaged = {name: p.detach().clone() for name, p in model.named_parameters()}
     return {"params": {name: p.detach().clone() for name, p in model.named_parameters()},
-            "stats": optimizer.stats()}
+            "stats": optimizer.stats(), "averaged": averaged}
 
 
 # ------------------------------------------------------------------------------------------ ranks
@@ -173,7 +180,7 @@ def run_scenario(scenario: str, rank: int) -> dict:
         ddp = DistributedDataParallel(model)
         optimizer = YellowFin(ddp.parameters(), **options)
         calls = _train(ddp, optimizer, batch_fn, rank, local_half=True)
-    elif scenario in ("zero", "zero_per_group", "zero_scale_free", "zero_adam"):
+    elif scenario in ("zero", "zero_per_group", "zero_scale_free", "zero_adam", "zero_average"):
         ddp = DistributedDataParallel(model)
         optimizer = zero_redundancy_yellowfin(param_groups(ddp.parameters(), scenario), **options)
         calls = _train(ddp, optimizer, batch_fn, rank, local_half=True)
@@ -182,6 +189,10 @@ def run_scenario(scenario: str, rank: int) -> dict:
         reloaded = zero_redundancy_yellowfin(param_groups(ddp.parameters(), scenario), **options)
         reloaded.optim.load_state_dict(optimizer.optim.state_dict())
         extra["reloaded_stats"] = reloaded.optim.stats()
+        if options.get("average"):  # each rank averages the parameters it owns
+            with optimizer.optim.averaged():
+                extra["averaged"] = {name.replace("module.", ""): p.detach().clone()
+                                     for name, p in ddp.named_parameters() if "averaged_param" in optimizer.optim.state[p]}
     elif scenario == "zero_idle_shard":
         # No DDP: every rank computes the combined batch's gradient itself.
         optimizer = zero_redundancy_yellowfin(model.parameters(), **options)
@@ -189,7 +200,7 @@ def run_scenario(scenario: str, rank: int) -> dict:
         calls = _train(model, optimizer, batch_fn, rank, local_half=False)
         extra["local_params_with_grad"] = sum(
             p.grad is not None for g in optimizer.optim.param_groups for p in g["params"])
-    elif scenario in ("fsdp", "fsdp_scale_free", "fsdp_adam"):
+    elif scenario in ("fsdp", "fsdp_scale_free", "fsdp_adam", "fsdp_average"):
         from torch.distributed.fsdp import fully_shard
 
         for layer in model:
@@ -202,6 +213,9 @@ def run_scenario(scenario: str, rank: int) -> dict:
         reloaded = FullyShardedYellowFin(model.parameters(), **options)
         reloaded.load_state_dict(optimizer.state_dict())
         extra["reloaded_stats"] = reloaded.stats()
+        if options.get("average"):  # the local shards' averages land in FSDP's storage, so the gather sees them
+            with optimizer.averaged():
+                extra["averaged"] = dict(_gathered_copy(model).named_parameters())
         model = _gathered_copy(model)
     else:
         raise ValueError(f"unknown scenario {scenario!r}")

@@ -28,7 +28,7 @@ def rank_results(tmp_path_factory):
         pytest.skip("torch.distributed is not available in this build")
     out_dir = tmp_path_factory.mktemp("ranks")
     names = ["ddp", "zero", "zero_idle_shard", "fsdp", "zero_per_group", "zero_scale_free", "fsdp_scale_free",
-             "zero_adam", "fsdp_adam", "refusals"]
+             "zero_adam", "fsdp_adam", "zero_average", "fsdp_average", "refusals"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", PYTHONPATH=os.pathsep.join(
         [os.path.dirname(__file__)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -91,14 +91,15 @@ def test_zero_redundancy_matches_unsharded_with_sparsity_correction(rank_results
     assert ranks[0]["stats"] == ranks[1]["stats"]
 
 
-@pytest.mark.parametrize("name", ["zero", "fsdp", "zero_scale_free", "fsdp_scale_free", "zero_adam", "fsdp_adam"])
+@pytest.mark.parametrize("name", ["zero", "fsdp", "zero_scale_free", "fsdp_scale_free", "zero_adam", "fsdp_adam",
+                                  "zero_average", "fsdp_average"])
 def test_sharded_state_dict_reloads_per_rank(rank_results, name):
     for result in _ok(rank_results, name):
         assert result["reloaded_stats"] == result["stats"]
 
 
 @pytest.mark.parametrize("name", ["zero", "zero_idle_shard", "fsdp", "zero_per_group", "zero_scale_free",
-                                  "fsdp_scale_free", "zero_adam", "fsdp_adam"])
+                                  "fsdp_scale_free", "zero_adam", "fsdp_adam", "zero_average", "fsdp_average"])
 def test_sharded_step_makes_one_all_reduce(rank_results, name):
     for result in _ok(rank_results, name):
         assert result["all_reduce_calls"] == [1] * scenarios.STEPS
@@ -124,6 +125,19 @@ def test_the_scale_free_tuner_sharded_matches_unsharded(rank_results, name):
     ranks = _ok(rank_results, name)
     assert_matches_reference(name, ranks)
     assert ranks[0]["stats"] == ranks[1]["stats"] and ranks[0]["stats"]["distance"] > 0.0
+
+
+@pytest.mark.parametrize("name", ["zero_average", "fsdp_average"])
+def test_the_iterate_average_sharded_matches_unsharded(rank_results, name):
+    ranks = _ok(rank_results, name)
+    assert_matches_reference(name, ranks)
+    expected = scenarios.reference_run(name)["averaged"]
+    covered = set()
+    for result in ranks:  # ZeRO: each rank the parameters it owns; FSDP: every rank the gathered model
+        for param_name, value in result["averaged"].items():
+            torch.testing.assert_close(value, expected[param_name], rtol=1e-7, atol=1e-10)
+            covered.add(param_name)
+    assert covered == set(expected) and not torch.equal(expected["0.weight"], ranks[0]["params"]["0.weight"])
 
 
 def test_fully_sharded_matches_unsharded(rank_results):
