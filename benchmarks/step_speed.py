@@ -43,6 +43,9 @@ def optimizers(params, device):
         "yellowfin (fused)": (lambda: YellowFin(params, fused=True), "yellowfin"),
         # the opt-in tuners (docs/algorithm.md §8, §9): more sums in pass 1, and x_0 (and P) to read
         "yellowfin scale_free (foreach)": (lambda: YellowFin(params, tuner="scale_free"), None),
+        # the iterate average (§10): one more lerp over x and xbar after the update
+        "yellowfin scale_free average=True (foreach)": (
+            lambda: YellowFin(params, tuner="scale_free", average=True), None),
         "yellowfin precondition=adam (loop)": (
             lambda: YellowFin(params, tuner="scale_free", precondition="adam", foreach=False), None),
         "yellowfin precondition=adam (foreach)": (

@@ -106,9 +106,12 @@ VARIANTS: dict[str, dict] = {
     "snr_dog": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99),
     # the same with DoG's start at 1e-3 (1 + ||x_0||), as the preconditioned tuner's (docs/tuner.md §7.1)
     "snr_dog_start_1e-3": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99, start_distance=1e-3),
-    # DoWG's distance-weighted sum in place of DoG's (docs/tuner.md §11)
+    # DoWG's distance-weighted sum in place of DoG's (docs/tuner.md §10)
     "snr_dowg_start_1e-3": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99, start_distance=1e-3,
                                 dog_weights="distance"),
+    # the sum of ||g||^2 as t times its recent (polynomial, t^8) average (docs/tuner.md §10)
+    "snr_dog_recent": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99, start_distance=1e-3,
+                           dog_weights="recent"),
     # its control: plain SGD on snr_dog's effective step, which is DoG's step (without DoG's iterate average)
     "control_snr_dog": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99, without_momentum=True),
     "ds_growth_10": dict(alpha_units="distance_secant", momentum_rule="snr", kappa="norm", anchor="previous",
@@ -139,9 +142,12 @@ class FlatTuner(torch.optim.Optimizer):
         # dog_weights="distance": DoWG's step (Khaled, Mishchenko, Jin 2023) instead of DoG's, d^2 / sqrt(sum_s d_s^2
         # ||g_s||^2): each gradient weighs by the distance reached when it came, so the large early gradients of a
         # run that has not moved yet stop holding the step down. Same units ([x]^2 / [f]), same first step.
-        if dog_weights not in ("uniform", "distance"):
+        # dog_weights="recent": t times the polynomial (t^8) average of ||g_s||^2 in place of the sum, the weights of
+        # the iterate average (yellowfin.tuning.average_weight): the step forgets the run's first gradients as the
+        # average forgets its first iterates, without a horizon. Same units, same first step.
+        if dog_weights not in ("uniform", "distance", "recent"):
             raise ValueError(f"unknown dog_weights {dog_weights!r}")
-        self.dog_weights = dog_weights
+        self.dog_weights, self.recent_sq, self.dog_steps = dog_weights, 0.0, 0
         if (alpha_units not in ("gradient", "distance", "secant", "distance_secant", "dog")
                 or momentum_rule not in ("reference", "snr", "along_momentum") or kappa not in ("squared", "norm")):
             raise ValueError(f"unknown switch in {alpha_units!r}, {momentum_rule!r}, {kappa!r}")
@@ -249,9 +255,13 @@ class FlatTuner(torch.optim.Optimizer):
             self.distance = max(self.distance, float((x - self.x0).norm()))
             weight = self.distance**2 if self.dog_weights == "distance" else 1.0
             self.grad_sq_sum += weight * float(g.dot(g))
+            self.dog_steps += 1
+            self.recent_sq += float(tuning.average_weight(self.dog_steps)) * (float(g.dot(g)) - self.recent_sq)
             if not started:  # DoG's first step: move r_eps
                 return torch.zeros((), dtype=torch.float64), torch.tensor(self.distance / float(g.norm()))
             effective_step = weight * self.distance / math.sqrt(self.grad_sq_sum)
+            if self.dog_weights == "recent":
+                effective_step = self.distance / math.sqrt(self.dog_steps * self.recent_sq)
             if self.without_momentum:
                 return torch.zeros((), dtype=torch.float64), torch.tensor(effective_step, dtype=torch.float64)
             return mu, (1.0 - mu) * effective_step
@@ -375,9 +385,9 @@ class AdamMetricTuner(torch.optim.Optimizer):
                  max_growth: float = 2.0, start_distance: float = 1e-6, signal: str = "average",
                  step: str = "distance_secant", without_momentum: bool = False, dog_weights: str = "uniform"):
         super().__init__(params, {})
-        if dog_weights not in ("uniform", "distance"):  # "distance": DoWG's step, as FlatTuner's dog_weights
+        if dog_weights not in ("uniform", "distance", "recent"):  # as FlatTuner's dog_weights
             raise ValueError(f"unknown dog_weights {dog_weights!r}")
-        self.dog_weights = dog_weights
+        self.dog_weights, self.recent_sq = dog_weights, 0.0
         self.params = [p for group in self.param_groups for p in group["params"]]
         self.settings = TunerSettings(slow_start=False, beta=beta, eps=1e-30, adaptive_clipping=False)
         self.tuner = TunerState.initial(self.settings)
@@ -480,12 +490,15 @@ class AdamMetricTuner(torch.optim.Optimizer):
         self.q_avg = (1.0 - weight) * self.q_avg + weight * q
         h = self.s_avg / self.q_avg if self.q_avg > 0.0 and self.s_avg > 0.0 else math.inf
         self.grad_sq_sum += (self.distance**2 if self.dog_weights == "distance" else 1.0) * float(sums.sq_norm)
+        self.recent_sq += float(tuning.average_weight(self.steps)) * (float(sums.sq_norm) - self.recent_sq)
         if self.steps == 1:  # DoG's first move, without momentum
             mu, alpha = 0.0, self.distance / math.sqrt(float(sums.sq_norm))
         elif self.step_rule == "dog":
             mu = 0.0 if self.without_momentum else sqrt_mu**2
             weight = self.distance**2 if self.dog_weights == "distance" else 1.0
             alpha = (1.0 - mu) * weight * self.distance / math.sqrt(self.grad_sq_sum)
+            if self.dog_weights == "recent":
+                alpha = (1.0 - mu) * self.distance / math.sqrt(self.steps * self.recent_sq)
         else:
             mu = sqrt_mu**2
             alpha_secant = contraction * kappa / h if math.isfinite(h) else math.inf
@@ -516,6 +529,8 @@ ADAM_METRIC_VARIANTS = {"adam_metric_ds": {}, "adam_metric_ds_memory_0.999": dic
                         "adam_metric_dog_start_1e-3": dict(step="dog", signal="lag_one_resolved", start_distance=1e-3),
                         "adam_metric_dowg_start_1e-3": dict(step="dog", signal="lag_one_resolved", start_distance=1e-3,
                                                             dog_weights="distance"),
+                        "adam_metric_dog_recent": dict(step="dog", signal="lag_one_resolved", start_distance=1e-3,
+                                                       dog_weights="recent"),
                         # its control: the same rule in the same metric without momentum
                         "control_adam_metric_dog_start_1e-3": dict(step="dog", signal="lag_one_resolved",
                                                                    start_distance=1e-3, without_momentum=True),

@@ -8,7 +8,7 @@ from torch import nn
 
 from yellowfin import YellowFin
 from yellowfin.tuning import AVERAGE_POWER
-from helpers import run_with_holes
+from helpers import complex_and_real_twin, run_with_holes
 from test_scale_free import flat, mlp_problem, train
 
 TUNERS = {"reference": {}, "scale_free": dict(tuner="scale_free"),
@@ -170,27 +170,18 @@ def test_per_group_tuning_averages_only_the_groups_that_ask():
         YellowFin([{"params": first.parameters(), "average": True}, {"params": second.parameters()}])
 
 
-def test_complex_parameters_average_as_their_real_twins():
-    torch.manual_seed(0)
-    z = nn.Parameter(torch.randn(6, dtype=torch.complex128))
-    twin = nn.Parameter(torch.view_as_real(z.detach()).clone())
-    target = torch.randn(6, dtype=torch.complex128)
-    opts = YellowFin([z], tuner="scale_free", average=True), YellowFin([twin], tuner="scale_free", average=True)
-    for _ in range(15):
-        for opt in opts:
-            opt.zero_grad()
-        ((z - target).abs() ** 2).sum().backward()
-        ((twin - torch.view_as_real(target)) ** 2).sum().backward()
-        for opt in opts:
-            opt.step()
-    with opts[0].averaged(), opts[1].averaged():
+@pytest.mark.parametrize("tuner", sorted(TUNERS))
+def test_complex_parameters_average_as_their_real_twins(tuner):
+    (z, opt), (twin, twin_opt) = complex_and_real_twin(steps=30, **TUNERS[tuner], average=True)
+    with opt.averaged(), twin_opt.averaged():
         torch.testing.assert_close(torch.view_as_real(z.detach()), twin.detach(), rtol=1e-12, atol=1e-14)
+        assert not torch.equal(twin.detach(), twin_opt.state[twin]["averaged_param"])  # (the iterate, swapped out)
 
 
 def test_on_a_noisy_quadratic_the_average_is_far_closer_to_the_optimum():
     # The suite's problem in small: f(x) = E 1/2 (x - c)^T H (x - c), c ~ N(x*, I), a batch of 8 per step. The
     # iterates settle in a noise ball whose size the step sets; the average shrinks it. (On the suite's quadratic,
-    # 3 seeds: 1.6 against 0.06, docs/tuner.md §10.)
+    # 3 seeds: 1.6 against 0.06, docs/tuner.md §9.)
     generator = torch.Generator().manual_seed(0)
     eigenvalues = torch.cat([torch.linspace(0.1, 1.0, 18), torch.tensor([30.0, 60.0])]).double()
     rotation, _ = torch.linalg.qr(torch.randn(20, 20, generator=generator, dtype=torch.float64))
