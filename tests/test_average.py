@@ -40,8 +40,9 @@ def test_the_trajectory_is_the_same_with_and_without_the_average(tuner):
     assert torch.equal(with_average, without)
 
 
+# (every tuner in every flavour it has: the preconditioned tuner has no compiled one)
 @pytest.mark.parametrize("tuner, flavour", [(tuner, flavour) for tuner in sorted(TUNERS) for flavour in sorted(FLAVOURS)
-                                             if (tuner, flavour) != ("preconditioned", "compiled")])  # (none)
+                                             if (tuner, flavour) != ("preconditioned", "compiled")])
 def test_the_average_is_the_polynomial_average_of_the_iterates(tuner, flavour):
     iterates = []
     _, model, opt = train(averaging(tuner, flavour), steps=40, after_step=lambda opt: iterates.append(
