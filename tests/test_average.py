@@ -196,16 +196,16 @@ def test_on_a_noisy_quadratic_the_average_is_far_closer_to_the_optimum():
         return float(0.5 * d @ hessian @ d)
 
     start, late = excess(), []
-    for step in range(3000):
+    for step in range(1500):
         centres = optimum + torch.randn(8, 20, generator=generator, dtype=torch.float64)
         opt.zero_grad()
         d = x - centres
         (0.5 * torch.einsum("bi,ij,bj->b", d, hessian, d).mean()).backward()
         opt.step()
-        if step >= 2500:
+        if step >= 1250:
             late.append(excess())
-    noise_ball = sum(late) / len(late)  # the iterates' mean excess loss over the last 500 steps
+    noise_ball = sum(late) / len(late)  # the iterates' mean excess loss over the last 250 steps
     with opt.averaged():
         at_average = excess()
-    assert noise_ball < 0.05 * start
+    assert noise_ball < 0.1 * start
     assert at_average < 0.3 * noise_ball
