@@ -55,6 +55,26 @@ def test_the_average_starts_at_the_first_iterate():
     assert torch.equal(averaged_flat(model, opt), iterate)
 
 
+def test_a_parameter_without_a_gradient_is_averaged_where_it_stands():
+    # No gradient for the first 5 steps and at step 9 (it stands still), trained otherwise: its average is the
+    # polynomial average of all its iterates, counted from the tuner's step 1 (not pulled towards zero at the start,
+    # not frozen on the step it misses).
+    model, x, y = mlp_problem()
+    late = model[2]
+    opt = YellowFin(model.parameters(), tuner="scale_free", average=True)
+    iterates = []
+    for step in range(12):
+        rows = (torch.arange(16) + 16 * step) % 64
+        opt.zero_grad()
+        ((model(x[rows]) - y[rows]) ** 2).mean().backward()
+        if step < 5 or step == 8:
+            late.weight.grad = None
+        opt.step()
+        iterates.append(late.weight.detach().clone())
+    with opt.averaged():
+        torch.testing.assert_close(late.weight.detach(), polynomial_average(iterates), rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("tuner", sorted(TUNERS))
 def test_averaged_swaps_the_average_in_and_the_iterate_back_exactly(tuner):
     _, model, opt = train(averaging(tuner), steps=30)

@@ -267,7 +267,9 @@ class YellowFin(Optimizer):
         # ``tuning.tune_step``.
         scopes = []  # (tuner index, settings, batches of the groups it measures)
         for index, groups in enumerate(self._scopes()):
-            batches = [batch for batch in map(self._collect, groups) if batch.params]
+            # (a group whose parameters all stand still this step still moves their averages, by a weight of 0
+            # unless the scope applies a step)
+            batches = [batch for batch in map(self._collect, groups) if batch.params or batch.averages]
             # A shard without gradients must still enter the all-reduce below.
             if batches or self.shard_group is not None:
                 scopes.append((index, self._settings(groups[0]), batches))
@@ -283,7 +285,8 @@ class YellowFin(Optimizer):
                   for index, settings, _ in scopes]
         for row, (_, settings, batches) in enumerate(scopes):
             for batch in batches:
-                totals[row] += _reduce(batch, settings, floors[row]).to(device)
+                if batch.params:
+                    totals[row] += _reduce(batch, settings, floors[row]).to(device)
         if self.shard_group is not None:
             torch.distributed.all_reduce(totals, group=self.shard_group)
 
@@ -295,9 +298,11 @@ class YellowFin(Optimizer):
             self._tuners[index], coefficients = tune_step(state, sums, settings)
             # Pass 2: gbar, v and x written once (then the average follows x, where it is kept).
             for batch in batches:
-                _update(batch, coefficients, floors[row])
+                if batch.params:
+                    _update(batch, coefficients, floors[row])
                 if batch.averages:
-                    _AVERAGE_PASSES[batch.flavour](batch.params, batch.averages, coefficients.average_weight)
+                    _AVERAGE_PASSES[batch.flavour](batch.averaged_params, batch.averages,
+                                                   coefficients.average_weight)
         return loss
 
     def _before_passes(self) -> None:
@@ -307,11 +312,16 @@ class YellowFin(Optimizer):
     def _collect(self, group: dict) -> "_Batch":
         """The group's parameters that have a gradient, their gradients (after maximize and
         coupled weight decay), and their buffers (``_BUFFERS``), created on first use."""
-        params, grads, grad_avgs, momenta, initial_params, second_moments, steps, averages = ([] for _ in range(8))
+        params, grads, grad_avgs, momenta, initial_params, second_moments, steps = ([] for _ in range(7))
+        averaged_params, averages = [], []  # every parameter whose average is kept, with a gradient this step or not
         scale_free = group["tuner"] == "scale_free"
         preconditioned = group["precondition"] is not None
         for p in group["params"]:
             if p.grad is None:
+                if "averaged_param" in self.state.get(p, {}):  # (it stood still: the average still follows it)
+                    averaged_params.append(torch.view_as_real(p) if p.is_complex() else p)
+                    average = self.state[p]["averaged_param"]
+                    averages.append(torch.view_as_real(average) if average.is_complex() else average)
                 continue
             grad = -p.grad if group["maximize"] else p.grad
             if group["weight_decay"] != 0.0 and not group["decoupled_weight_decay"]:
@@ -350,12 +360,14 @@ class YellowFin(Optimizer):
             if preconditioned:
                 steps.append(state["step"])
             if group["average"]:
-                if "averaged_param" not in state:  # (any value: the first step's weight is 1)
-                    state["averaged_param"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if "averaged_param" not in state:
+                    # Its value so far: a parameter that first gets a gradient late has stood still until now.
+                    state["averaged_param"] = p.detach().clone(memory_format=torch.preserve_format)
+                averaged_params.append(tensors[0])  # (p, or its real view)
                 average = state["averaged_param"]
                 averages.append(torch.view_as_real(average) if p.is_complex() else average)
         return _Batch(group, params, grads, grad_avgs, momenta, _flavour(group), initial_params,
-                      second_moments, steps, averages)
+                      second_moments, steps, averaged_params, averages)
 
     # ----------------------------------------------------------------------------- the average
     @contextlib.contextmanager
@@ -523,7 +535,8 @@ class _Batch(NamedTuple):
     initial_params: list[Tensor]  # x_0, for the scale-free tuner only (else empty)
     second_moments: list[Tensor]  # P, for the preconditioned tuner only (which has no grad_avgs)
     steps: list[Tensor]  # P's counts, likewise
-    averages: list[Tensor]  # the iterates' average, with average=True only (else empty)
+    averaged_params: list[Tensor]  # with average=True: the parameters whose average is kept, with a gradient or not
+    averages: list[Tensor]  # their averages (else both empty)
 
     def preconditioned(self) -> passes.Preconditioned:
         """What the preconditioned tuner's passes read besides g (every tensor: _collect refuses sparse ones)."""
