@@ -259,7 +259,7 @@ class FlatTuner(torch.optim.Optimizer):
             self.recent_sq += float(tuning.average_weight(self.dog_steps)) * (float(g.dot(g)) - self.recent_sq)
             if not started:  # DoG's first step: move r_eps
                 return torch.zeros((), dtype=torch.float64), torch.tensor(self.distance / float(g.norm()))
-            effective_step = weight * self.distance / math.sqrt(self.grad_sq_sum)
+            effective_step = math.sqrt(weight) * self.distance / math.sqrt(self.grad_sq_sum)
             if self.dog_weights == "recent":
                 effective_step = self.distance / math.sqrt(self.dog_steps * self.recent_sq)
             if self.without_momentum:
@@ -496,7 +496,7 @@ class AdamMetricTuner(torch.optim.Optimizer):
         elif self.step_rule == "dog":
             mu = 0.0 if self.without_momentum else sqrt_mu**2
             weight = self.distance**2 if self.dog_weights == "distance" else 1.0
-            alpha = (1.0 - mu) * weight * self.distance / math.sqrt(self.grad_sq_sum)
+            alpha = (1.0 - mu) * math.sqrt(weight) * self.distance / math.sqrt(self.grad_sq_sum)
             if self.dog_weights == "recent":
                 alpha = (1.0 - mu) * self.distance / math.sqrt(self.steps * self.recent_sq)
         else:
