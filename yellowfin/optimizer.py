@@ -319,9 +319,8 @@ class YellowFin(Optimizer):
         for p in group["params"]:
             if p.grad is None:
                 if "averaged_param" in self.state.get(p, {}):  # (it stood still: the average still follows it)
-                    averaged_params.append(torch.view_as_real(p) if p.is_complex() else p)
-                    average = self.state[p]["averaged_param"]
-                    averages.append(torch.view_as_real(average) if average.is_complex() else average)
+                    averaged_params.append(_real_view(p))
+                    averages.append(_real_view(self.state[p]["averaged_param"]))
                 continue
             grad = -p.grad if group["maximize"] else p.grad
             if group["weight_decay"] != 0.0 and not group["decoupled_weight_decay"]:
@@ -364,8 +363,7 @@ class YellowFin(Optimizer):
                     # Its value so far: a parameter that first gets a gradient late has stood still until now.
                     state["averaged_param"] = p.detach().clone(memory_format=torch.preserve_format)
                 averaged_params.append(tensors[0])  # (p, or its real view)
-                average = state["averaged_param"]
-                averages.append(torch.view_as_real(average) if p.is_complex() else average)
+                averages.append(_real_view(state["averaged_param"]))
         return _Batch(group, params, grads, grad_avgs, momenta, _flavour(group), initial_params,
                       second_moments, steps, averaged_params, averages)
 
@@ -572,6 +570,11 @@ _PRECONDITIONED_PASSES = {
     "single_tensor": (passes.reduce_preconditioned_single_tensor, passes.update_preconditioned_single_tensor),
     "multi_tensor": (passes.reduce_preconditioned_multi_tensor, passes.update_preconditioned_multi_tensor),
 }
+
+
+def _real_view(tensor: Tensor) -> Tensor:
+    """A complex tensor as its real view (two real coordinates per entry); a real one as it is."""
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 
 def _flavour(group: dict) -> str:

@@ -1,5 +1,7 @@
 """A noisy linear regression for the Ray tests (pickled by value into the Ray workers)."""
 
+import time
+
 import torch
 from torch import nn
 
@@ -37,3 +39,9 @@ def failing_batches(worker_id: int, seed: int):
         if worker_id == 1 and index == 5:
             raise ValueError("corrupt shard")
         yield batch
+
+
+def slow_optimizer(params):
+    """An optimizer whose construction takes a minute: the server actor answers nothing until then."""
+    time.sleep(60)
+    return torch.optim.SGD(params, lr=0.1)

@@ -23,12 +23,14 @@ from yellowfin import YellowFin  # noqa: E402
 from yellowfin.asynchrony.flat import loss_and_flat_gradient  # noqa: E402
 from yellowfin.asynchrony.server_core import ServerCore  # noqa: E402
 from yellowfin.asynchrony.workers import prepare_worker  # noqa: E402
-from yellowfin.distributed.ray_server import RayAsyncTrainer  # noqa: E402
+from yellowfin.distributed.ray_server import RUN_WORKERS_AT_NORMAL_PRIORITY, RayAsyncTrainer  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 RUN_TIMEOUT_S = 90
+# Workers at normal priority, as the trainer's own Ray runs them (Ray's default niceness of 15 starved them
+# on a busy machine: the server actor took two minutes to start and the tests hit their timeouts).
 LOCAL_RAY = dict(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                 configure_logging=False)
+                 configure_logging=False, _system_config=RUN_WORKERS_AT_NORMAL_PRIORITY)
 TEST_PROBLEMS = (ray_problems, wide_problem)  # (ray_problems re-exports the wide model from wide_problem)
 
 
@@ -75,15 +77,30 @@ def _trainer(**options):
                            num_workers=2, **options)
 
 
+def _niceness(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])  # (field 19 of stat)
+
+
 def test_trainer_starts_and_stops_its_own_local_ray(ray_module):
     if ray.is_initialized():  # (another test's instance: local_ray starts a new one when needed)
         ray.shutdown()
-    with _trainer(init_options=LOCAL_RAY) as trainer:
+    own_options = {key: value for key, value in LOCAL_RAY.items() if key != "_system_config"}
+    with _trainer(init_options=own_options) as trainer:
         assert ray.is_initialized()
         assert trainer.run(30, timeout=RUN_TIMEOUT_S)["version"] == 30
         pids = list(trainer.worker_pids().values())
+        # The trainer's own Ray runs its workers at this process's priority, not at Ray's niceness 15.
+        assert {_niceness(pid) for pid in pids} == {_niceness(os.getpid())}
     assert not ray.is_initialized()
     _wait_until_gone(pids, "worker processes of a Ray that was shut down")
+
+
+def test_run_times_out_while_the_server_is_still_starting(local_ray):
+    # (The server's optimizer takes a minute to build; the message is only raised before the server answers.)
+    with _trainer(optimizer_fn=ray_problems.slow_optimizer) as trainer:
+        with pytest.raises(TimeoutError, match="did not answer within 2s"):
+            trainer.run(10, timeout=2)
 
 
 def test_closed_loop_yellowfin_trains_at_the_server(local_ray):

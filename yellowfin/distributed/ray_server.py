@@ -138,6 +138,10 @@ class GradientWorker:
         return pushed
 
 
+# Ray lowers its workers' priority to niceness 15 by default; here they are the training itself.
+RUN_WORKERS_AT_NORMAL_PRIORITY = {"worker_niceness": 0}
+
+
 class RayAsyncTrainer:
     """A parameter server and ``num_workers`` gradient workers on Ray; see the module docstring.
 
@@ -151,7 +155,11 @@ class RayAsyncTrainer:
             with ``resume=True`` the server starts from the checkpoint if the file exists.
         max_restarts: how often Ray restarts a dead worker (-1: without limit).
         address: None starts Ray here; "auto" or "ray://host:port" joins a cluster. Ignored when Ray is
-            already initialised. ``init_options`` go to ``ray.init``.
+            already initialised. ``init_options`` go to ``ray.init``. A Ray started here runs its workers
+            at normal priority (``RUN_WORKERS_AT_NORMAL_PRIORITY``): Ray's own default renices them to 15,
+            which on a busy machine starves the processes that do the training (the server took two
+            minutes to start beside two other jobs on two cores); a ``_system_config`` in
+            ``init_options`` replaces this.
         worker_num_cpus: CPUs Ray reserves per worker (the server reserves none: it mostly waits).
         server_options: Ray actor options for the server, e.g. a ``scheduling_strategy`` that pins it to
             the node whose disk holds ``checkpoint_path``.
@@ -171,7 +179,10 @@ class RayAsyncTrainer:
             checkpoint_path = os.path.abspath(checkpoint_path)  # the server's working directory is Ray's
         self._owns_ray = False
         if not ray.is_initialized():
-            ray.init(address=address, **(init_options or {}))
+            options = dict(init_options or {})
+            if address is None:  # (a cluster that is joined keeps its own configuration)
+                options.setdefault("_system_config", RUN_WORKERS_AT_NORMAL_PRIORITY)
+            ray.init(address=address, **options)
             self._owns_ray = True
         self.num_workers = int(num_workers)
         # One copy in the object store for every actor. A restarted actor re-reads its constructor
@@ -200,10 +211,13 @@ class RayAsyncTrainer:
         Raises TimeoutError past ``timeout`` seconds (after stopping the workers) and RuntimeError when
         every worker is lost before the target.
         """
-        target = ray.get(self.server.set_target.remote(num_updates))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:  # (the first call also waits for the server actor to start: within the same timeout)
+            target = ray.get(self.server.set_target.remote(num_updates), timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"Ray parameter server did not answer within {timeout}s") from None
         runs = {worker.run.remote(): worker_id for worker_id, worker in enumerate(self.workers)
                 if worker_id not in self.lost_workers}
-        deadline = None if timeout is None else time.monotonic() + timeout
         pending = list(runs)
         while pending:
             wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
