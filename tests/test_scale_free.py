@@ -61,8 +61,10 @@ def relative_difference(a, b):
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("step_rule", ["dog", "secant"])
-@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+# (DoWG's rule differs from DoG's only in the scalar tuning that every flavour shares, which the next test checks
+# flavour by flavour: its loss scale is tested on one flavour.)
+@pytest.mark.parametrize("flavour, step_rule", [(flavour, rule) for flavour in sorted(FLAVOURS) for rule in ("dog", "secant")]
+                         + [("single_tensor", "dowg")])
 def test_the_trajectory_does_not_depend_on_the_loss_scale(flavour, step_rule):
     def scale_free(params):
         return YellowFin(params, tuner="scale_free", step_rule=step_rule, **FLAVOURS[flavour])
@@ -87,11 +89,12 @@ def test_the_reference_trajectory_does_depend_on_the_loss_scale():
     assert relative_difference(scaled, unscaled) > 1e-3
 
 
+@pytest.mark.parametrize("step_rule", ["dog", "dowg"])
 @pytest.mark.parametrize("flavour", ["multi_tensor", "compiled"])
-def test_the_flavours_give_the_single_tensor_numbers(flavour):
+def test_the_flavours_give_the_single_tensor_numbers(flavour, step_rule):
     # Frozen layer, a 0-dim parameter, two groups with different lr, gradients missing on some steps, a NaN step.
-    params_ref, opt_ref = run_with_holes(steps=25, nan_at=4, foreach=False, tuner="scale_free")
-    params, opt = run_with_holes(steps=25, nan_at=4, tuner="scale_free", **FLAVOURS[flavour])
+    params_ref, opt_ref = run_with_holes(steps=25, nan_at=4, foreach=False, tuner="scale_free", step_rule=step_rule)
+    params, opt = run_with_holes(steps=25, nan_at=4, tuner="scale_free", step_rule=step_rule, **FLAVOURS[flavour])
     assert opt.stats()["skipped_steps"] == 1 and opt.stats()["step"] == 24
     for a, b in zip(params_ref, params):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=0.0)
@@ -99,7 +102,8 @@ def test_the_flavours_give_the_single_tensor_numbers(flavour):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("step_rule, variant", [("dog", "snr_dog_start_1e-3"), ("secant", "ds_memory_0.99")])
+@pytest.mark.parametrize("step_rule, variant", [("dog", "snr_dog_start_1e-3"), ("dowg", "snr_dowg_start_1e-3"),
+                                                ("secant", "ds_memory_0.99")])
 def test_matches_the_flat_prototype(step_rule, variant):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from tuner_screen import VARIANTS, FlatTuner
@@ -128,7 +132,7 @@ def test_the_adam_metric_prototype_does_not_depend_on_the_loss_scale_either():
         assert relative_difference(scaled, unscaled) < 1e-6, loss_scale
 
 
-@pytest.mark.parametrize("step_rule, start", [("dog", 1e-3), ("secant", 1e-6)])
+@pytest.mark.parametrize("step_rule, start", [("dog", 1e-3), ("dowg", 1e-3), ("secant", 1e-6)])
 def test_the_first_step_moves_dogs_initial_distance_without_momentum(step_rule, start):
     model, x, y = mlp_problem()
     before = flat(model)
@@ -140,8 +144,11 @@ def test_the_first_step_moves_dogs_initial_distance_without_momentum(step_rule, 
     assert opt.stats()["mu"] == 0.0 and opt.stats()["distance"] == pytest.approx(moved, rel=1e-12)
 
 
-@pytest.mark.parametrize("metric", sorted(METRICS))
-def test_it_stays_stable_when_trained_to_zero_loss(metric):
+STABILITY_CASES = {**METRICS, "plain_dowg": dict(tuner="scale_free", step_rule="dowg")}
+
+
+@pytest.mark.parametrize("case", sorted(STABILITY_CASES))
+def test_it_stays_stable_when_trained_to_zero_loss(case):
     # A separable problem (256 points labelled by a linear teacher): near the interpolating solution the loss
     # flattens along the step while the few batches that still hold a misclassified example give large
     # gradients. Without DoG's bound on the effective step the tuner diverged here within 400 steps on every
@@ -152,7 +159,7 @@ def test_it_stays_stable_when_trained_to_zero_loss(metric):
         labels = (inputs @ torch.randn(20, 4, generator=generator)).argmax(1)
         torch.manual_seed(seed)
         model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 4))
-        opt = YellowFin(model.parameters(), **METRICS[metric])
+        opt = YellowFin(model.parameters(), **STABILITY_CASES[case])
         worst = 0.0
         for step in range(600):
             rows = torch.randint(0, 256, (32,), generator=generator)

@@ -122,7 +122,8 @@ class YellowFin(Optimizer):
     :math:`t, \mu_t, \alpha_t, h_{\min}, h_{\max}, C, D, o, m`. The algorithm, each step explained:
     docs/algorithm.md §1-§6. ``tuner="scale_free"`` replaces the tuning by one whose every estimate is in
     loss and parameter units, so that the trajectory does not depend on the loss scale (§8); its
-    ``step_rule`` takes the step from DoG's (``"dog"``, the default) or from a secant curvature (``"secant"``);
+    ``step_rule`` takes the step from DoG's (``"dog"``, the default), from DoWG's distance-weighted variant
+    (``"dowg"``) or from a secant curvature (``"secant"``);
     with ``precondition="adam"`` it measures and steps in Adam's diagonal metric instead (§9). ``average=True``
     keeps the iterates' polynomial average beside them, for any tuner, and :meth:`averaged` puts it in the
     parameters while you evaluate (§10): the trajectory is the same, the point you hand out is the average.

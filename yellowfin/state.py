@@ -38,8 +38,9 @@ class TunerSettings:
     # the trajectory does not depend on the loss scale (docs/algorithm.md §8); it has no slow start, no
     # adaptive clipping, no alpha_0 and no mu_0, and its guards are relative.
     tuner: str = "reference"
-    # The scale-free tuner's step: "dog" (the effective step alpha / (1 - mu) is DoG's d / sqrt(sum ||g||^2)) or
-    # "secant" (alpha from the secant curvature and the distance step). None: "dog" (DEFAULT_STEP_RULE).
+    # The scale-free tuner's step: "dog" (the effective step alpha / (1 - mu) is DoG's d / sqrt(sum ||g||^2)),
+    # "dowg" (DoWG's d^2 / sqrt(sum d_t^2 ||g_t||^2), each gradient weighted by the squared distance reached when it
+    # came) or "secant" (alpha from the secant curvature and the distance step). None: "dog" (DEFAULT_STEP_RULE).
     step_rule: str | None = None
     # "adam": the scale-free tuner measures and steps in Adam's metric, the diagonal sqrt of a running average of
     # g^2 (docs/algorithm.md §9): one more buffer per parameter (that average), no gradient average, the signal
@@ -131,7 +132,7 @@ DEFAULT_BETA = {"reference": 0.999, "scale_free": 0.99}
 # The scale-free tuner's step rules (TunerSettings.step_rule). "dog" by default: stable near interpolation, where
 # "secant" diverges, and at full budgets ahead of it on four of five networks, behind it on the ResNet-20 and the
 # two convex tasks (docs/tuner.md §8.1).
-STEP_RULES = ("dog", "secant")
+STEP_RULES = ("dog", "dowg", "secant")
 DEFAULT_STEP_RULE = "dog"
 SCALE_FREE_EPS = 1e-30
 # TunerSettings.precondition: the metrics the scale-free tuner can measure and step in besides the plain one.
@@ -184,7 +185,7 @@ class TunerState:
     secant_curvature: Tensor  # s_avg / q_avg, the curvature along the steps (0 until measured)
     prev_grad_dot_next_step: Tensor  # <g_prev, lr v>, the last gradient along the step it led to
     prev_step_noise_weight: Tensor  # alpha_prev lr grad_scale_prev: -E<noise_prev, x - x_prev> / C
-    grad_sq_sum: Tensor  # sum_t ||g_t||^2 over the applied steps, DoG's denominator (step_rule="dog")
+    grad_sq_sum: Tensor  # sum_t ||g_t||^2 over the applied steps, DoG's denominator ("dowg": sum_t d_t^2 ||g_t||^2)
     # The preconditioned tuner's signal, read from the momentum buffer v (it keeps no gradient average):
     signal_avg: Tensor  # the running mean of <g_t, g_(t-1)>, an estimate of ||E g||^2 (debiased as it is kept)
     carried_grad_dot_momentum: Tensor  # m_(t-1) <g_(t-1), v_(t-2)>, what <g_t, v_(t-1)> holds besides <g_t, g_(t-1)>

@@ -146,7 +146,8 @@ def tune_scale_free(
     parameters' trajectory unchanged and scales alpha by 1/c: the condition number is the ratio of
     gradient norms (||g|| ranges over [h_min d, h_max d] on a quadratic), the momentum rule reads the
     gradient's signal-to-noise ratio ||E g||^2 / (2 C). With ``step_rule="dog"`` the effective step
-    alpha / (1 - mu) is DoG's d / sqrt(sum_t ||g_t||^2); with "secant", alpha is the smaller of the secant step
+    alpha / (1 - mu) is DoG's d / sqrt(sum_t ||g_t||^2), with "dowg" DoWG's d^2 / sqrt(sum_t d_t^2 ||g_t||^2);
+    with "secant", alpha is the smaller of the secant step
     (the curvature along the last steps, ``measurements.measure_secant``) and the distance step. Preconditioned
     (``settings.precondition``), every norm is the metric's, the signal is read from the momentum buffer
     (``measurements.measure_signal_lag_one``; ``grad_scale`` is the factor on g in v) and the rule is DoG's (§9).
@@ -164,12 +165,16 @@ def tune_scale_free(
     contraction = (1.0 - sqrt_mu) ** 2
 
     distance = measurements.distance_travelled(state, sums, settings)
-    grad_sq_sum = state.grad_sq_sum + sample.sq_norm
+    # DoWG weighs each ||g_s||^2 by the squared distance d_s^2 reached when it came, so that the large gradients of
+    # a start from a tiny distance count for little once the run has moved; its step d^2 / sqrt(sum d_s^2 ||g_s||^2)
+    # has DoG's units (parameter over gradient).
+    distance_weighted = settings.step_rule == "dowg"
+    grad_sq_sum = state.grad_sq_sum + (distance**2 * sample.sq_norm if distance_weighted else sample.sq_norm)
     first_step = distance / torch.sqrt(sample.sq_norm)  # DoG's start: move exactly d, without momentum
     # DoG's step as the effective step: the momentum spreads it as alpha = (1 - mu) d / sqrt(sum ||g||^2). An
     # absolute curvature is what SingleStep's alpha = (1 - sqrt mu)^2 / h_min needs and what gradients measure worst
     # (the secant is mostly the last gradient's own noise), so the scale comes from the distance travelled instead.
-    alpha_dog = (1.0 - sqrt_mu**2) * distance / torch.sqrt(grad_sq_sum)
+    alpha_dog = (1.0 - sqrt_mu**2) * (distance**2 if distance_weighted else distance) / torch.sqrt(grad_sq_sum)
     if settings.preconditioned:  # (the DoG rule, in the metric; no secant is measured there)
         return measured.replace(mu=torch.where(started, sqrt_mu**2, 0.0),
                                 alpha=torch.where(started, alpha_dog, first_step), distance=distance,
@@ -184,7 +189,7 @@ def tune_scale_free(
     )
     # For a quadratic ||g|| = h d: h_min ~ sqrt(h_min proxy) / d.
     alpha_distance = contraction * distance / torch.sqrt(measured.h_min)
-    if settings.step_rule == "dog":
+    if settings.step_rule in ("dog", "dowg"):
         alpha = alpha_dog
     else:
         alpha = torch.minimum(torch.minimum(alpha_secant, MAX_STEP_GROWTH * state.alpha), alpha_distance)

@@ -115,6 +115,12 @@ for _variant in (
             overrides={"tuner": "scale_free", "step_rule": "dog", "beta": 0.99}),
     Variant("control_scale_free_dog", "plain SGD replaying scale_free_dog's effective step alpha/(1-mu)",
             control_of="scale_free_dog"),
+    Variant("scale_free_dowg", "the DoWG rule: effective step d^2 / sqrt(sum d_t^2 ||g_t||^2), SNR momentum",
+            overrides={"tuner": "scale_free", "step_rule": "dowg", "beta": 0.99}),
+    Variant("scale_free_dowg_average", "scale_free_dowg, evaluated at its iterates' polynomial average",
+            overrides={"tuner": "scale_free", "step_rule": "dowg", "beta": 0.99, "average": True}),
+    Variant("control_scale_free_dowg", "plain SGD replaying scale_free_dowg's effective step alpha/(1-mu)",
+            control_of="scale_free_dowg"),
     # The preconditioned tuner (docs/algorithm.md §9): the DoG rule in Adam's metric. (Its control, the same step in
     # that metric without momentum, is the research harness's control_adam_metric_dog.)
     Variant("scale_free_adam", "the DoG rule in Adam's metric: tuned mu and step, three buffers per parameter",
