@@ -30,6 +30,7 @@ OUT = Path(__file__).resolve().parent / "results-interpolation"
 OPTIMIZERS = {
     "scale_free": lambda params: YellowFin(params, tuner="scale_free"),
     "scale_free_secant": lambda params: YellowFin(params, tuner="scale_free", step_rule="secant"),
+    "scale_free_dowg": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg"),
     "reference": lambda params: YellowFin.reference_variant(params),
     "sgd_momentum_lr0.1": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
 }
