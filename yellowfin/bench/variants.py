@@ -119,8 +119,9 @@ for _variant in (
             overrides={"tuner": "scale_free", "step_rule": "dowg", "beta": 0.99}),
     Variant("scale_free_dowg_average", "scale_free_dowg, evaluated at its iterates' polynomial average",
             overrides={"tuner": "scale_free", "step_rule": "dowg", "beta": 0.99, "average": True}),
+    # (it replays the runs with the average, whose trajectory is scale_free_dowg's bit for bit: those are the runs kept)
     Variant("control_scale_free_dowg", "plain SGD replaying scale_free_dowg's effective step alpha/(1-mu)",
-            control_of="scale_free_dowg"),
+            control_of="scale_free_dowg_average"),
     # The preconditioned tuner (docs/algorithm.md §9): the DoG rule in Adam's metric. (Its control, the same step in
     # that metric without momentum, is the research harness's control_adam_metric_dog.)
     Variant("scale_free_adam", "the DoG rule in Adam's metric: tuned mu and step, three buffers per parameter",
