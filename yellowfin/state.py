@@ -131,7 +131,8 @@ TUNERS = ("reference", "scale_free")
 DEFAULT_BETA = {"reference": 0.999, "scale_free": 0.99}
 # The scale-free tuner's step rules (TunerSettings.step_rule). "dog" by default: stable near interpolation, where
 # "secant" diverges, and at full budgets ahead of it on four of five networks, behind it on the ResNet-20 and the
-# two convex tasks (docs/tuner.md §8.1).
+# two convex tasks (docs/tuner.md §8.1). "dowg" was ahead of "dog" on five of seven tasks and level on two (§10); it
+# is not the default while checkpoints saved with step_rule=None (which ran "dog") would load under it.
 STEP_RULES = ("dog", "dowg", "secant")
 DEFAULT_STEP_RULE = "dog"
 SCALE_FREE_EPS = 1e-30
