@@ -63,7 +63,8 @@ def relative_difference(a, b):
 
 # (DoWG's rule differs from DoG's only in the scalar tuning that every flavour shares, which the next test checks
 # flavour by flavour: its loss scale is tested on one flavour.)
-@pytest.mark.parametrize("flavour, step_rule", [(flavour, rule) for flavour in sorted(FLAVOURS) for rule in ("dog", "secant")]
+@pytest.mark.parametrize("flavour, step_rule",
+                         [(flavour, rule) for flavour in sorted(FLAVOURS) for rule in ("dog", "secant")]
                          + [("single_tensor", "dowg")])
 def test_the_trajectory_does_not_depend_on_the_loss_scale(flavour, step_rule):
     def scale_free(params):
