@@ -110,6 +110,7 @@ VARIANTS: dict[str, dict] = {
     "snr_dowg_start_1e-3": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99, start_distance=1e-3,
                                 dog_weights="distance"),
     # the sum of ||g||^2 as t times its recent (polynomial, t^8) average (docs/tuner.md §10)
+    "snr_dowg": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99, dog_weights="distance"),
     "snr_dog_mu_floor_0.9": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99,
                                  start_distance=1e-3, momentum_floor=0.9),
     "snr_dog_recent": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99, start_distance=1e-3,
