@@ -227,5 +227,5 @@ def test_on_a_noisy_quadratic_the_average_is_far_closer_to_the_optimum():
     noise_ball = sum(late) / len(late)  # the iterates' mean excess loss over the last 250 steps
     with opt.averaged():
         at_average = excess()
-    assert noise_ball < 0.1 * start
+    assert noise_ball < 0.05 * start  # (0.039: the iterates have reached their noise ball)
     assert at_average < 0.3 * noise_ball
