@@ -113,6 +113,12 @@ VARIANTS: dict[str, dict] = {
     "snr_dowg": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99, dog_weights="distance"),
     "snr_dog_mu_floor_0.9": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99,
                                  start_distance=1e-3, momentum_floor=0.9),
+    # diagnostics of the autoencoder's plateau (docs/tuner.md §10): DoWG with its effective step capped at tuned
+    # momentum SGD's there (10, an oracle), or growing at most 5% a step
+    "snr_dowg_cap_10": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99, start_distance=1e-3,
+                            dog_weights="distance", max_effective_step=10.0),
+    "snr_dowg_growth_1.05": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99,
+                                 start_distance=1e-3, dog_weights="distance", step_growth=1.05),
     "snr_dog_recent": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99, start_distance=1e-3,
                            dog_weights="recent"),
     # its control: plain SGD on snr_dog's effective step, which is DoG's step (without DoG's iterate average)
@@ -141,8 +147,14 @@ class FlatTuner(torch.optim.Optimizer):
                  max_growth: float = 2.0, anchor: str = "average", curvature_memory: float | None = None,
                  secant_is: str = "min", noise_correction: bool | str = True, edge_guard: bool = False,
                  dog_cap: bool = False, without_momentum: bool = False, dog_weights: str = "uniform",
-                 momentum_floor: float = 0.0):
+                 momentum_floor: float = 0.0, max_effective_step: float = math.inf,
+                 step_growth: float = math.inf):
         super().__init__(params, {})
+        # Diagnostics of the DoG/DoWG start (alpha_units="dog"): max_effective_step caps alpha / (1 - mu) at a fixed
+        # value (an oracle: tuned SGD's, to ask whether the size of the step is what keeps a run on a plateau);
+        # step_growth lets the effective step grow at most by that factor a step, a bound that the movement the
+        # step causes cannot undo, since it holds on the step itself and not on the distance.
+        self.max_effective_step, self.step_growth, self.previous_step = max_effective_step, step_growth, math.inf
         # momentum_floor: mu at least this after DoG's first move. At a given effective step eta, heavy ball is stable
         # in the stiff directions up to eta h < 2 (1 + mu) / (1 - mu): where DoG's step overshoots early (the
         # autoencoder's reaches 4x tuned SGD's within 20 steps while the momentum rule still says mu ~ 0.2), a high
@@ -268,10 +280,15 @@ class FlatTuner(torch.optim.Optimizer):
             self.dog_steps += 1
             self.recent_sq += float(tuning.average_weight(self.dog_steps)) * (float(g.dot(g)) - self.recent_sq)
             if not started:  # DoG's first step: move r_eps
+                self.previous_step = self.distance / float(g.norm())
                 return torch.zeros((), dtype=torch.float64), torch.tensor(self.distance / float(g.norm()))
             effective_step = math.sqrt(weight) * self.distance / math.sqrt(self.grad_sq_sum)
             if self.dog_weights == "recent":
                 effective_step = self.distance / math.sqrt(self.dog_steps * self.recent_sq)
+            if self.previous_step < math.inf:
+                effective_step = min(effective_step, self.step_growth * self.previous_step)
+            effective_step = min(effective_step, self.max_effective_step)
+            self.previous_step = effective_step
             if self.without_momentum:
                 return torch.zeros((), dtype=torch.float64), torch.tensor(effective_step, dtype=torch.float64)
             return mu, (1.0 - mu) * effective_step
@@ -548,6 +565,18 @@ ADAM_METRIC_VARIANTS = {"adam_metric_ds": {}, "adam_metric_ds_memory_0.999": dic
                         "control_adam_metric_dog": dict(step="dog", without_momentum=True)}
 
 
+# The library's own optimizer, as the screen's other variants see it (same tasks, seeds and records):
+# "per_tensor" puts every parameter tensor in a group of its own, so each tensor gets its own distance, gradient
+# sum and momentum (layer-wise DoG, Ivgi, Hinder, Carmon 2023 §4: a block-diagonal metric between the plain
+# metric's one scalar and Adam's per-coordinate one).
+LIBRARY_VARIANTS: dict[str, Callable] = {
+    "library_dowg": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg", per_group_tuning=True),
+    "library_dowg_per_tensor": lambda params: YellowFin([{"params": [p]} for p in params], tuner="scale_free",
+                                                        step_rule="dowg", per_group_tuning=True),
+    "library_dog_per_tensor": lambda params: YellowFin([{"params": [p]} for p in params], tuner="scale_free",
+                                                       step_rule="dog", per_group_tuning=True),
+}
+
 AVERAGED = "_poly_avg"  # a variant name ending so: that variant, handing out its iterates' polynomial average
 TUNED_SGD = "tuned_sgd"  # the suite's tuned momentum SGD (lr from benchmarks/results), the average's control
 
@@ -585,6 +614,8 @@ def builder(variant: str, task_name: str | None = None) -> Callable:
         return lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9)
     if variant == "reference":
         return lambda params: YellowFin.reference_variant(params)
+    if variant in LIBRARY_VARIANTS:
+        return LIBRARY_VARIANTS[variant]
     if variant in ADAM_METRIC_VARIANTS:
         return lambda params: AdamMetricTuner(params, **ADAM_METRIC_VARIANTS[variant])
     return lambda params: FlatTuner(params, **VARIANTS[variant])
@@ -651,7 +682,7 @@ def final_smoothed_loss(record: dict) -> float:
 def table(results: list[dict]) -> str:
     lines = ["Best smoothed training loss (mean ± std over seeds; quadratic: also the final exact excess loss), "
              "one row per variant.", ""]
-    known = ["reference", TUNED_SGD, *VARIANTS, *ADAM_METRIC_VARIANTS]
+    known = ["reference", TUNED_SGD, *VARIANTS, *ADAM_METRIC_VARIANTS, *LIBRARY_VARIANTS]
     variants = [v for base in known for v in (base, base + AVERAGED) if any(r["variant"] == v for r in results)]
     tasks = [t for t in TASK_STEPS if any(r["task"] == t for r in results)]
     lines += ["| variant | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
