@@ -28,7 +28,7 @@ from yellowfin.bench.results import finite_or_none
 
 OUT = Path(__file__).resolve().parent / "results-interpolation"
 OPTIMIZERS = {
-    "scale_free": lambda params: YellowFin(params, tuner="scale_free"),
+    "scale_free": lambda params: YellowFin(params, tuner="scale_free", step_rule="dog"),  # (its name from before DoWG)
     "scale_free_secant": lambda params: YellowFin(params, tuner="scale_free", step_rule="secant"),
     "scale_free_dowg": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg"),
     "reference": lambda params: YellowFin.reference_variant(params),

@@ -1,6 +1,6 @@
 """The scale-free tuner (``tuner="scale_free"``, docs/algorithm.md §8): its trajectory does not depend on the
 loss scale, its three flavours agree, it reproduces the research prototype (benchmarks/tuner_screen.py's
-FlatTuner, variants "snr_dog" and "ds_memory_0.99" for its two step rules), and it saves, loads and skips like the
+FlatTuner, a variant for each of its step rules), and it saves, loads and skips like the
 reference."""
 
 import io
@@ -61,11 +61,11 @@ def relative_difference(a, b):
     return float((a - b).norm() / b.norm())
 
 
-# (DoWG's rule differs from DoG's only in the scalar tuning that every flavour shares, which the next test checks
-# flavour by flavour: its loss scale is tested on one flavour.)
+# (DoG's rule differs from DoWG's, the default, only in the scalar tuning that every flavour shares, which the next
+# test checks flavour by flavour: its loss scale is tested on one flavour.)
 @pytest.mark.parametrize("flavour, step_rule",
-                         [(flavour, rule) for flavour in sorted(FLAVOURS) for rule in ("dog", "secant")]
-                         + [("single_tensor", "dowg")])
+                         [(flavour, rule) for flavour in sorted(FLAVOURS) for rule in ("dowg", "secant")]
+                         + [("single_tensor", "dog")])
 def test_the_trajectory_does_not_depend_on_the_loss_scale(flavour, step_rule):
     def scale_free(params):
         return YellowFin(params, tuner="scale_free", step_rule=step_rule, **FLAVOURS[flavour])
@@ -145,7 +145,7 @@ def test_the_first_step_moves_dogs_initial_distance_without_momentum(step_rule, 
     assert opt.stats()["mu"] == 0.0 and opt.stats()["distance"] == pytest.approx(moved, rel=1e-12)
 
 
-STABILITY_CASES = {**METRICS, "plain_dowg": dict(tuner="scale_free", step_rule="dowg")}
+STABILITY_CASES = {**METRICS, "plain_dog": dict(tuner="scale_free", step_rule="dog")}
 
 
 @pytest.mark.parametrize("case", sorted(STABILITY_CASES))
@@ -179,8 +179,8 @@ def test_stats_report_the_distance_and_the_secant_curvature():
     _, _, opt = train(lambda params: YellowFin(params, tuner="scale_free", step_rule="secant"), steps=40)
     stats = opt.stats()
     assert stats["distance"] > 0.0 and stats["secant_curvature"] > 0.0
-    _, _, dog = train(lambda params: YellowFin(params, tuner="scale_free"), steps=40)
-    assert dog.stats()["distance"] > 0.0 and dog.stats()["secant_curvature"] >= 0.0  # (a diagnostic there)
+    _, _, default = train(lambda params: YellowFin(params, tuner="scale_free"), steps=40)
+    assert default.stats()["distance"] > 0.0 and default.stats()["secant_curvature"] >= 0.0  # (a diagnostic there)
     _, _, reference = train(YellowFin, steps=2)
     assert "distance" not in reference.stats() and "secant_curvature" not in reference.stats()
 
@@ -323,28 +323,39 @@ def test_nesterov_is_refused_in_an_added_group_too():
         opt.add_param_group({"params": params[2:], "nesterov": True})
 
 
-def test_the_step_rule_is_the_scale_free_tuners_and_defaults_to_dogs():
-    p = torch.zeros(2, requires_grad=True)
-    assert YellowFin._settings(YellowFin([p], tuner="scale_free").param_groups[0]).step_rule == "dog"
-    assert YellowFin._settings(YellowFin([p]).param_groups[0]).step_rule is None
+def test_the_step_rule_is_the_scale_free_tuners_and_each_group_names_the_one_it_runs():
+    p, q = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    plain = YellowFin([p], tuner="scale_free")
+    assert plain.param_groups[0]["step_rule"] == "dowg"  # the plain metric's default
+    assert YellowFin([p], tuner="scale_free", precondition="adam").param_groups[0]["step_rule"] == "dog"  # Adam's
+    assert YellowFin([p]).param_groups[0]["step_rule"] is None  # the reference has none
+    assert plain.defaults["step_rule"] is None  # (so that a group in the other metric picks its own default)
+    mixed = YellowFin([{"params": [p]}, {"params": [q], "tuner": "scale_free"}], per_group_tuning=True)
+    assert [group["step_rule"] for group in mixed.param_groups] == [None, "dowg"]
+    assert plain.state_dict()["param_groups"][0]["step_rule"] == "dowg"
     with pytest.raises(ValueError, match="step_rule"):
         YellowFin([p], step_rule="dog")  # the reference has no step rule to choose
     with pytest.raises(ValueError, match="step_rule"):
         YellowFin([p], tuner="scale_free", step_rule="secants")
 
 
-def test_a_scale_free_checkpoint_from_before_the_step_rule_keeps_the_secant_rule_it_ran():
-    expected, _, _ = train(lambda params: YellowFin(params, tuner="scale_free", step_rule="secant"), steps=40)
+@pytest.mark.parametrize("saved_as, ran", [("absent", "secant"), (None, "dog")])
+def test_a_scale_free_checkpoint_that_does_not_name_its_step_rule_keeps_the_rule_it_ran(saved_as, ran):
+    # Before step_rule existed a scale-free group ran the secant rule; while it defaulted to None, DoG's.
+    expected, _, _ = train(lambda params: YellowFin(params, tuner="scale_free", step_rule=ran), steps=40)
     model, x, y = mlp_problem()
-    opt = YellowFin(model.parameters(), tuner="scale_free", step_rule="secant")
+    opt = YellowFin(model.parameters(), tuner="scale_free", step_rule=ran)
     for step in range(40):
         if step == 20:
             old = opt.state_dict()
             for group in old["param_groups"]:
-                del group["step_rule"]
-            opt = YellowFin(model.parameters(), tuner="scale_free")  # (the default rule now: dog)
+                if saved_as == "absent":
+                    del group["step_rule"]
+                else:
+                    group["step_rule"] = saved_as
+            opt = YellowFin(model.parameters(), tuner="scale_free")  # (the default rule now: dowg)
             opt.load_state_dict(old)
-            assert opt.param_groups[0]["step_rule"] == "secant"
+            assert opt.param_groups[0]["step_rule"] == ran
         rows = (torch.arange(16) + 16 * step) % 64
         opt.zero_grad()
         ((model(x[rows]) - y[rows]) ** 2).mean().backward()

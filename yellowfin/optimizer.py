@@ -122,8 +122,8 @@ class YellowFin(Optimizer):
     :math:`t, \mu_t, \alpha_t, h_{\min}, h_{\max}, C, D, o, m`. The algorithm, each step explained:
     docs/algorithm.md §1-§6. ``tuner="scale_free"`` replaces the tuning by one whose every estimate is in
     loss and parameter units, so that the trajectory does not depend on the loss scale (§8); its
-    ``step_rule`` takes the step from DoG's (``"dog"``, the default), from DoWG's distance-weighted variant
-    (``"dowg"``) or from a secant curvature (``"secant"``);
+    ``step_rule`` takes the step from DoWG's (``"dowg"``, the default), from DoG's, whose sum weighs every
+    gradient alike (``"dog"``, the default with ``precondition="adam"``) or from a secant curvature (``"secant"``);
     with ``precondition="adam"`` it measures and steps in Adam's diagonal metric instead (§9). ``average=True``
     keeps the iterates' polynomial average beside them, for any tuner, and :meth:`averaged` puts it in the
     parameters while you evaluate (§10): the trajectory is the same, the point you hand out is the average.
@@ -234,6 +234,8 @@ class YellowFin(Optimizer):
             # (torch only warns; the per-tensor and multi-tensor paths would update such a tensor once and twice)
             raise ValueError("a parameter group lists the same tensor more than once: list each parameter once")
         settings = _check_group({**self.defaults, **param_group})
+        if settings.scale_free:  # the group names its rule, so that a checkpoint keeps it if the default changes
+            param_group["step_rule"] = settings.step_rule
         if not self.per_group_tuning and self.param_groups:
             shared = self._settings(self.param_groups[0])
             if settings != shared:
@@ -470,8 +472,8 @@ class YellowFin(Optimizer):
                 f"state dict has {len(saved_groups)} parameter groups, this optimizer {len(self.param_groups)}"
             )
         # A group saved before an option existed ran with that option's default, as torch's optimizers assume;
-        # a scale-free group saved before step_rule existed ran the secant rule, whatever the default is now.
-        saved_groups = [{**_option_defaults(), **_step_rule_of_old_groups(saved), **saved} for saved in saved_groups]
+        # a scale-free group saved without naming its step rule ran the rule of its time, whatever the default is now.
+        saved_groups = [{**_option_defaults(), **saved, **_step_rule_of_old_groups(saved)} for saved in saved_groups]
         state_dict["param_groups"] = saved_groups
         for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if len(saved["params"]) != len(group["params"]):
@@ -628,8 +630,13 @@ def _update(batch: _Batch, coefficients: tuning.UpdateCoefficients, floor: Tenso
 
 
 def _step_rule_of_old_groups(saved: dict) -> dict:
-    """{"step_rule": "secant"} for a scale-free group saved before step_rule existed (the rule it ran), else {}."""
-    return {"step_rule": "secant"} if saved.get("tuner") == "scale_free" and "step_rule" not in saved else {}
+    """The step rule a scale-free group saved without naming one ran: "secant" if it was saved before step_rule
+    existed, "dog" if it was saved with step_rule=None while that meant DoG's rule; {} for any other group."""
+    if saved.get("tuner") != "scale_free":
+        return {}
+    if "step_rule" not in saved:
+        return {"step_rule": "secant"}
+    return {"step_rule": "dog"} if saved["step_rule"] is None else {}
 
 
 @functools.cache

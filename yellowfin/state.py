@@ -40,7 +40,8 @@ class TunerSettings:
     tuner: str = "reference"
     # The scale-free tuner's step: "dog" (the effective step alpha / (1 - mu) is DoG's d / sqrt(sum ||g||^2)),
     # "dowg" (DoWG's d^2 / sqrt(sum d_t^2 ||g_t||^2), each gradient weighted by the squared distance reached when it
-    # came) or "secant" (alpha from the secant curvature and the distance step). None: "dog" (DEFAULT_STEP_RULE).
+    # came) or "secant" (alpha from the secant curvature and the distance step). None: the metric's default
+    # (DEFAULT_STEP_RULE: "dowg" in the plain metric, "dog" in Adam's).
     step_rule: str | None = None
     # "adam": the scale-free tuner measures and steps in Adam's metric, the diagonal sqrt of a running average of
     # g^2 (docs/algorithm.md §9): one more buffer per parameter (that average), no gradient average, the signal
@@ -59,8 +60,8 @@ class TunerSettings:
             raise ValueError(f"step_rule={self.step_rule!r} is an option of tuner='scale_free'; "
                              f"tuner={self.tuner!r} does not take it")
         if self.scale_free:
-            if self.step_rule is None:
-                object.__setattr__(self, "step_rule", DEFAULT_STEP_RULE)
+            if self.step_rule is None:  # (an unknown precondition is refused below)
+                object.__setattr__(self, "step_rule", DEFAULT_STEP_RULE.get(self.precondition, "dog"))
             _check(self.step_rule in STEP_RULES, "step_rule", self.step_rule, " or ".join(map(repr, STEP_RULES)))
         if self.precondition is not None:
             _check(self.precondition in PRECONDITIONERS, "precondition", self.precondition,
@@ -129,12 +130,14 @@ TUNERS = ("reference", "scale_free")
 # tuner, chosen once on the suite: better at full budgets on the quadratic, logistic regression and the digits
 # MLP, worse on the autoencoder, level on the ResNet-8 (docs/tuner.md §6), and on 4 of 5 tasks in the screen (§5).
 DEFAULT_BETA = {"reference": 0.999, "scale_free": 0.99}
-# The scale-free tuner's step rules (TunerSettings.step_rule). "dog" by default: stable near interpolation, where
-# "secant" diverges, and at full budgets ahead of it on four of five networks, behind it on the ResNet-20 and the
-# two convex tasks (docs/tuner.md §8.1). "dowg" was ahead of "dog" on five of seven tasks and level on two (§10); it
-# is not the default while checkpoints saved with step_rule=None (which ran "dog") would load under it.
+# The scale-free tuner's step rules (TunerSettings.step_rule), and each metric's default. In the plain metric "dowg":
+# at full budgets ahead of "dog" on five of seven tasks and level on two, stable near interpolation like it, where
+# "secant" diverges (docs/tuner.md §8.1, §10). In Adam's metric "dog", the only rule it takes: DoWG diverged there,
+# because the preconditioner normalizes away the gradient growth that holds DoWG's step in check (§10).
+# A parameter group stores the rule it resolved (YellowFin.add_param_group), so that a checkpoint keeps its rule
+# when a default changes.
 STEP_RULES = ("dog", "dowg", "secant")
-DEFAULT_STEP_RULE = "dog"
+DEFAULT_STEP_RULE = {None: "dowg", "adam": "dog"}
 SCALE_FREE_EPS = 1e-30
 # TunerSettings.precondition: the metrics the scale-free tuner can measure and step in besides the plain one.
 PRECONDITIONERS = ("adam",)

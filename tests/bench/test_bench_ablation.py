@@ -116,11 +116,11 @@ def test_variants_build_what_they_say():
     assert options(get_variant("no_slow_start").build(params)) == {**options(YellowFin(params)), "slow_start": False}
     assert settings(get_variant("scale_free").build(params)).beta == 0.999  # the variant pins its memory
     scale_free_default = settings(YellowFin(params, tuner="scale_free"))
-    # The secant variants pin the rule they were measured with; the DoG variant is the scale-free default.
+    # Every scale-free variant pins the rule it was measured with; the DoWG variant is the scale-free default.
     assert settings(get_variant("scale_free").build(params)).step_rule == "secant"
-    secant = dataclasses.replace(scale_free_default, step_rule="secant")
-    assert settings(get_variant("scale_free_beta_0.99").build(params)) == secant
-    assert settings(get_variant("scale_free_dog").build(params)) == scale_free_default
+    for name, rule in (("scale_free_beta_0.99", "secant"), ("scale_free_dog", "dog")):
+        assert settings(get_variant(name).build(params)) == dataclasses.replace(scale_free_default, step_rule=rule)
+    assert settings(get_variant("scale_free_dowg").build(params)) == scale_free_default
     spec = VARIANT_SPECS["yf_reference"]
     assert spec.records_tuner_trace and spec.every_seed and not spec.highlight
     assert VARIANT_SPECS["yf_control"].replays == "yf_reference"
