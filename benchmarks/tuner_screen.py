@@ -157,7 +157,7 @@ class FlatTuner(torch.optim.Optimizer):
         # relative_clip: the gradient's norm clipped at that many times the root of the running mean of ||g||^2
         # (memory 0.99, debiased; from the second step on): a gradient far above every norm the step was calibrated
         # on (the autoencoder's encoder waking on its plateau) is applied while the step's sum catches up with it.
-        self.relative_clip, self.clip_sq_avg, self.clip_steps = relative_clip, 0.0, 0
+        self.relative_clip, self.clip_sq_avg, self.clip_steps, self.clipped_steps = relative_clip, 0.0, 0, 0
         # Diagnostics of the DoG/DoWG start (alpha_units="dog"): max_effective_step caps alpha / (1 - mu) at a fixed
         # value (an oracle: tuned SGD's, to ask whether the size of the step is what keeps a run on a plateau);
         # step_growth lets the effective step grow at most by that factor a step, a bound that the movement the
@@ -235,6 +235,7 @@ class FlatTuner(torch.optim.Optimizer):
                 if norm_sq > (self.relative_clip * rms) ** 2:
                     g = g * (self.relative_clip * rms / math.sqrt(norm_sq))
                     norm_sq = (self.relative_clip * rms) ** 2
+                    self.clipped_steps += 1
             self.clip_steps += 1
             self.clip_sq_avg = 0.99 * self.clip_sq_avg + 0.01 * norm_sq
         x = self._flat(p.detach() for p in self.params)

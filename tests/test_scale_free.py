@@ -4,6 +4,7 @@ FlatTuner, a variant for each of its step rules), and it saves, loads and skips 
 reference."""
 
 import io
+import math
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch._dynamo
 from torch import nn
 
 from yellowfin import YellowFin
-from yellowfin.state import SCALE_FREE_FIELDS
+from yellowfin.state import DEFAULT_RELATIVE_CLIP, SCALE_FREE_FIELDS
 from helpers import flat_state, host_reads_forbidden, run_with_holes
 
 FLAVOURS = {"single_tensor": dict(foreach=False), "multi_tensor": {}, "compiled": dict(fused=True)}
@@ -83,6 +84,18 @@ def test_the_trajectory_does_not_depend_on_the_loss_scale(flavour, step_rule):
         assert relative_difference(scaled, unscaled) < 1e-6, loss_scale
 
 
+def test_the_relative_clip_acts_and_keeps_the_trajectory_free_of_the_loss_scale():
+    def clipped(params):
+        return YellowFin(params, tuner="scale_free", relative_clip=1.1, foreach=False)
+
+    unscaled, _, _ = train(clipped)
+    unclipped, _, _ = train(lambda params: YellowFin(params, tuner="scale_free", relative_clip=math.inf))
+    assert relative_difference(unscaled, unclipped) > 1e-3  # (it clipped)
+    for loss_scale in (1e-4, 1e4):
+        scaled, _, _ = train(clipped, loss_scale=loss_scale)
+        assert relative_difference(scaled, unscaled) < 1e-6, loss_scale
+
+
 def test_the_reference_trajectory_does_depend_on_the_loss_scale():
     # (what the test above would catch: the reference's units are the loss's)
     unscaled, _, _ = train(YellowFin.reference_variant, steps=50)
@@ -90,12 +103,13 @@ def test_the_reference_trajectory_does_depend_on_the_loss_scale():
     assert relative_difference(scaled, unscaled) > 1e-3
 
 
-@pytest.mark.parametrize("step_rule", ["dog", "dowg"])
+@pytest.mark.parametrize("options", [dict(step_rule="dog"), dict(step_rule="dowg"),
+                                     dict(step_rule="dowg", relative_clip=1.1)], ids=["dog", "dowg", "dowg_clipped"])
 @pytest.mark.parametrize("flavour", ["multi_tensor", "compiled"])
-def test_the_flavours_give_the_single_tensor_numbers(flavour, step_rule):
+def test_the_flavours_give_the_single_tensor_numbers(flavour, options):
     # Frozen layer, a 0-dim parameter, two groups with different lr, gradients missing on some steps, a NaN step.
-    params_ref, opt_ref = run_with_holes(steps=25, nan_at=4, foreach=False, tuner="scale_free", step_rule=step_rule)
-    params, opt = run_with_holes(steps=25, nan_at=4, tuner="scale_free", step_rule=step_rule, **FLAVOURS[flavour])
+    params_ref, opt_ref = run_with_holes(steps=25, nan_at=4, foreach=False, tuner="scale_free", **options)
+    params, opt = run_with_holes(steps=25, nan_at=4, tuner="scale_free", **options, **FLAVOURS[flavour])
     assert opt.stats()["skipped_steps"] == 1 and opt.stats()["step"] == 24
     for a, b in zip(params_ref, params):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=0.0)
@@ -103,22 +117,29 @@ def test_the_flavours_give_the_single_tensor_numbers(flavour, step_rule):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("step_rule, variant", [("dog", "snr_dog_start_1e-3"), ("dowg", "snr_dowg_start_1e-3"),
-                                                ("secant", "ds_memory_0.99")])
-def test_matches_the_flat_prototype(step_rule, variant):
+@pytest.mark.parametrize("options, variant", [
+    (dict(step_rule="dog", relative_clip=math.inf), "snr_dog_start_1e-3"),
+    (dict(step_rule="dowg", relative_clip=math.inf), "snr_dowg_start_1e-3"),
+    (dict(step_rule="secant", relative_clip=math.inf), "ds_memory_0.99"),
+    # (a clip tighter than the screen's 2, so that it acts on this small problem's gradients)
+    (dict(step_rule="dog", relative_clip=1.1), "snr_dog_clip_2"),
+    (dict(step_rule="dowg", relative_clip=1.1), "snr_dowg_clip_2"),
+])
+def test_matches_the_flat_prototype(options, variant):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from tuner_screen import VARIANTS, FlatTuner
 
-    library, _, opt = train(
-        lambda params: YellowFin(params, tuner="scale_free", step_rule=step_rule, foreach=False)
-    )
+    library, _, opt = train(lambda params: YellowFin(params, tuner="scale_free", foreach=False, **options))
     # (the library's default memory for this tuner is 0.99, the prototype variants' memory)
-    prototype, _, flat_tuner = train(lambda params: FlatTuner(params, **VARIANTS[variant]))
+    prototype, _, flat_tuner = train(
+        lambda params: FlatTuner(params, **{**VARIANTS[variant], "relative_clip": options["relative_clip"]}))
     # The same algorithm; the library computes from scalars what the prototype computes from flat vectors
     # (the secant as P - <g, lr v>), so rounding differs in the last digits and grows a little along the way.
     assert relative_difference(library, prototype) < 1e-7
     assert opt.stats()["alpha"] == pytest.approx(flat_tuner.trace["alpha"][-1], rel=1e-6)
     assert opt.stats()["mu"] == pytest.approx(flat_tuner.trace["mu"][-1], rel=1e-6)
+    if math.isfinite(options["relative_clip"]):
+        assert flat_tuner.clipped_steps > 0  # (so that the clip itself is compared)
 
 
 def test_the_adam_metric_prototype_does_not_depend_on_the_loss_scale_either():
@@ -323,7 +344,7 @@ def test_nesterov_is_refused_in_an_added_group_too():
         opt.add_param_group({"params": params[2:], "nesterov": True})
 
 
-def test_the_step_rule_is_the_scale_free_tuners_and_each_group_names_the_one_it_runs():
+def test_the_step_rule_and_clip_are_the_scale_free_tuners_and_each_group_names_what_it_runs():
     p, q = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
     plain = YellowFin([p], tuner="scale_free")
     assert plain.param_groups[0]["step_rule"] == "dowg"  # the plain metric's default
@@ -333,29 +354,41 @@ def test_the_step_rule_is_the_scale_free_tuners_and_each_group_names_the_one_it_
     mixed = YellowFin([{"params": [p]}, {"params": [q], "tuner": "scale_free"}], per_group_tuning=True)
     assert [group["step_rule"] for group in mixed.param_groups] == [None, "dowg"]
     assert plain.state_dict()["param_groups"][0]["step_rule"] == "dowg"
+    assert plain.param_groups[0]["relative_clip"] == DEFAULT_RELATIVE_CLIP
+    assert YellowFin([p]).param_groups[0]["relative_clip"] is None
+    with pytest.raises(ValueError, match="relative_clip"):
+        YellowFin([p], relative_clip=2.0)  # the reference clips its own way
+    for bad in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="relative_clip"):
+            YellowFin([p], tuner="scale_free", relative_clip=bad)
+    with pytest.raises(TypeError, match="relative_clip"):
+        YellowFin([p], tuner="scale_free", relative_clip="2")
     with pytest.raises(ValueError, match="step_rule"):
         YellowFin([p], step_rule="dog")  # the reference has no step rule to choose
     with pytest.raises(ValueError, match="step_rule"):
         YellowFin([p], tuner="scale_free", step_rule="secants")
 
 
-@pytest.mark.parametrize("saved_as, ran", [("absent", "secant"), (None, "dog")])
-def test_a_scale_free_checkpoint_that_does_not_name_its_step_rule_keeps_the_rule_it_ran(saved_as, ran):
-    # Before step_rule existed a scale-free group ran the secant rule; while it defaulted to None, DoG's.
-    expected, _, _ = train(lambda params: YellowFin(params, tuner="scale_free", step_rule=ran), steps=40)
+@pytest.mark.parametrize("option, saved_as, ran, now", [
+    ("step_rule", "absent", "secant", "dowg"),  # saved before step_rule existed: the secant rule
+    ("step_rule", None, "dog", "dowg"),  # saved while None meant DoG's rule
+    ("relative_clip", "absent", math.inf, 1.1),  # saved before relative_clip existed: no clipping
+])
+def test_a_scale_free_checkpoint_that_does_not_name_an_option_keeps_what_it_ran(option, saved_as, ran, now):
+    expected, _, _ = train(lambda params: YellowFin(params, tuner="scale_free", **{option: ran}), steps=40)
     model, x, y = mlp_problem()
-    opt = YellowFin(model.parameters(), tuner="scale_free", step_rule=ran)
+    opt = YellowFin(model.parameters(), tuner="scale_free", **{option: ran})
     for step in range(40):
         if step == 20:
             old = opt.state_dict()
             for group in old["param_groups"]:
                 if saved_as == "absent":
-                    del group["step_rule"]
+                    del group[option]
                 else:
-                    group["step_rule"] = saved_as
-            opt = YellowFin(model.parameters(), tuner="scale_free")  # (the default rule now: dowg)
+                    group[option] = saved_as
+            opt = YellowFin(model.parameters(), tuner="scale_free", **{option: now})
             opt.load_state_dict(old)
-            assert opt.param_groups[0]["step_rule"] == ran
+            assert opt.param_groups[0][option] == ran
         rows = (torch.arange(16) + 16 * step) % 64
         opt.zero_grad()
         ((model(x[rows]) - y[rows]) ** 2).mean().backward()

@@ -153,6 +153,22 @@ def test_adaptive_clipping_bounds_the_statistics_by_ten_and_the_update_by_one_sq
     assert (float(scale), float(update_scale)) == (1.0, 1.0)
 
 
+def test_the_scale_free_relative_clip_bounds_the_norm_by_its_running_root_mean_square():
+    settings = TunerSettings(tuner="scale_free", relative_clip=2.0)
+    # ||g|| = 10 against a running mean square of 4 (rms 2): clipped to 2 * 2 = 4, for statistics and update
+    scale, update_scale = tuning.clipping_scales(100.0, 1.0, True, settings, grad_sq_mean=4.0)
+    assert float(scale) * 10.0 == pytest.approx(4.0) and float(update_scale) == 1.0
+    scale, _ = tuning.clipping_scales(9.0, 1.0, True, settings, grad_sq_mean=4.0)  # 3 < 4: left alone
+    assert float(scale) == 1.0
+    scale, _ = tuning.clipping_scales(100.0, 1.0, False, settings, grad_sq_mean=0.0)  # t = 0: nothing seen yet
+    assert float(scale) == 1.0
+    # the same ratios at any loss scale c (||g||^2 and its mean both scale as c^2)
+    scale, _ = tuning.clipping_scales(100.0 * 1e8, 1.0, True, settings, grad_sq_mean=4.0 * 1e8)
+    assert float(scale) * 10.0 == pytest.approx(4.0)
+    unclipped = TunerSettings(tuner="scale_free", relative_clip=math.inf)
+    assert float(tuning.clipping_scales(100.0, 1.0, True, unclipped, grad_sq_mean=4.0)[0]) == 1.0
+
+
 def test_adaptive_clipping_after_clip_norm_clips_to_its_own_threshold():
     # ||g|| = 1000, clip_norm 10, sqrt(100 h_max) = 1: the statistics see norm 1 (not 1000 / 10 = 100).
     settings = TunerSettings(clip_norm=10.0)

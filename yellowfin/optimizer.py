@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 from typing import Callable, Iterable, Iterator, NamedTuple
 
 import torch
@@ -168,6 +169,7 @@ class YellowFin(Optimizer):
         tuner: str = "reference",
         step_rule: str | None = None,
         precondition: str | None = None,
+        relative_clip: float | None = None,
         average: bool = False,
         shard_group=None,
         **unknown,
@@ -182,13 +184,13 @@ class YellowFin(Optimizer):
             initial_momentum=initial_momentum, adaptive_clipping=adaptive_clipping, slow_start=slow_start,
             clip_norm=clip_norm, sparsity_correction=sparsity_correction, update_first=update_first,
             curvature_smoothing=curvature_smoothing, smooth_tuned=smooth_tuned, tuner=tuner, step_rule=step_rule,
-            precondition=precondition, average=average,
+            precondition=precondition, relative_clip=relative_clip, average=average,
         )
-        # (beta and step_rule as given: None stays None, so that each group's tuner picks its own)
+        # (beta, step_rule and relative_clip as given: None stays None, so that each group's tuner picks its own)
         defaults = dict(
-            vars(settings), beta=beta, step_rule=step_rule, lr=lr, weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay, nesterov=nesterov, maximize=maximize, foreach=foreach,
-            fused=fused,
+            vars(settings), beta=beta, step_rule=step_rule, relative_clip=relative_clip, lr=lr,
+            weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, nesterov=nesterov,
+            maximize=maximize, foreach=foreach, fused=fused,
         )
         check_bool("per_group_tuning", per_group_tuning)
         self.per_group_tuning = per_group_tuning
@@ -234,8 +236,8 @@ class YellowFin(Optimizer):
             # (torch only warns; the per-tensor and multi-tensor paths would update such a tensor once and twice)
             raise ValueError("a parameter group lists the same tensor more than once: list each parameter once")
         settings = _check_group({**self.defaults, **param_group})
-        if settings.scale_free:  # the group names its rule, so that a checkpoint keeps it if the default changes
-            param_group["step_rule"] = settings.step_rule
+        if settings.scale_free:  # the group names its rule and clip: a checkpoint keeps them when a default changes
+            param_group.update(step_rule=settings.step_rule, relative_clip=settings.relative_clip)
         if not self.per_group_tuning and self.param_groups:
             shared = self._settings(self.param_groups[0])
             if settings != shared:
@@ -472,8 +474,10 @@ class YellowFin(Optimizer):
                 f"state dict has {len(saved_groups)} parameter groups, this optimizer {len(self.param_groups)}"
             )
         # A group saved before an option existed ran with that option's default, as torch's optimizers assume;
-        # a scale-free group saved without naming its step rule ran the rule of its time, whatever the default is now.
-        saved_groups = [{**_option_defaults(), **saved, **_step_rule_of_old_groups(saved)} for saved in saved_groups]
+        # a scale-free group saved without naming its step rule or clip ran those of its time, whatever the defaults
+        # are now.
+        saved_groups = [{**_option_defaults(), **saved, **_resolved_options_of_old_groups(saved)}
+                        for saved in saved_groups]
         state_dict["param_groups"] = saved_groups
         for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if len(saved["params"]) != len(group["params"]):
@@ -629,14 +633,20 @@ def _update(batch: _Batch, coefficients: tuning.UpdateCoefficients, floor: Tenso
                    lr=group["lr"], decay=decay, nesterov=group["nesterov"])
 
 
-def _step_rule_of_old_groups(saved: dict) -> dict:
-    """The step rule a scale-free group saved without naming one ran: "secant" if it was saved before step_rule
-    existed, "dog" if it was saved with step_rule=None while that meant DoG's rule; {} for any other group."""
+def _resolved_options_of_old_groups(saved: dict) -> dict:
+    """What a scale-free group saved without naming them ran: the step rule "secant" if it was saved before
+    step_rule existed, "dog" if with step_rule=None while that meant DoG's rule; no relative clip if saved before
+    relative_clip existed. {} for any other group."""
     if saved.get("tuner") != "scale_free":
         return {}
+    resolved = {}
     if "step_rule" not in saved:
-        return {"step_rule": "secant"}
-    return {"step_rule": "dog"} if saved["step_rule"] is None else {}
+        resolved["step_rule"] = "secant"
+    elif saved["step_rule"] is None:
+        resolved["step_rule"] = "dog"
+    if saved.get("relative_clip") is None:
+        resolved["relative_clip"] = math.inf
+    return resolved
 
 
 @functools.cache

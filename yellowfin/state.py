@@ -47,6 +47,12 @@ class TunerSettings:
     # g^2 (docs/algorithm.md §9): one more buffer per parameter (that average), no gradient average, the signal
     # measured along the momentum. None: plain momentum SGD. Only with tuner="scale_free" and step_rule="dog".
     precondition: str | None = None
+    # The scale-free tuner clips the gradient's norm at relative_clip times the root of its running mean square
+    # (the tuner's own memory, over the steps before; from the second step on): DoG's step is calibrated on the
+    # gradients seen so far, and a gradient far above them (a regime change: the autoencoder's encoder waking on
+    # its plateau) would meet that step at full size before the step's sum has seen it. A ratio of gradient norms,
+    # so loss-scale free. math.inf: no clipping. None: the tuner's default (DEFAULT_RELATIVE_CLIP).
+    relative_clip: float | None = None
     # Keep the iterates' polynomial average (weights growing as t^AVERAGE_POWER, tuning.average_weight) in one more
     # buffer per parameter; ``YellowFin.averaged()`` puts it in the parameters for evaluation. It changes nothing
     # in the trajectory: it is the point to hand out, which under gradient noise is much closer to the optimum.
@@ -63,6 +69,15 @@ class TunerSettings:
             if self.step_rule is None:  # (an unknown precondition is refused below)
                 object.__setattr__(self, "step_rule", DEFAULT_STEP_RULE.get(self.precondition, "dog"))
             _check(self.step_rule in STEP_RULES, "step_rule", self.step_rule, " or ".join(map(repr, STEP_RULES)))
+        if self.relative_clip is not None:
+            if not self.scale_free:
+                raise ValueError(f"relative_clip={self.relative_clip!r} is an option of tuner='scale_free' (the "
+                                 "reference clips by its own adaptive_clipping)")
+            check_number("relative_clip", self.relative_clip, "None or a number > 0 (math.inf: no clipping)")
+            _check(self.relative_clip > 0.0, "relative_clip", self.relative_clip,
+                   "None or a number > 0 (math.inf: no clipping)")
+        elif self.scale_free:
+            object.__setattr__(self, "relative_clip", DEFAULT_RELATIVE_CLIP)
         if self.precondition is not None:
             _check(self.precondition in PRECONDITIONERS, "precondition", self.precondition,
                    "None or " + " or ".join(map(repr, PRECONDITIONERS)))
@@ -138,6 +153,8 @@ DEFAULT_BETA = {"reference": 0.999, "scale_free": 0.99}
 # when a default changes.
 STEP_RULES = ("dog", "dowg", "secant")
 DEFAULT_STEP_RULE = {None: "dowg", "adam": "dog"}
+# The scale-free tuner's relative clip (TunerSettings.relative_clip) when none is given.
+DEFAULT_RELATIVE_CLIP = math.inf
 SCALE_FREE_EPS = 1e-30
 # TunerSettings.precondition: the metrics the scale-free tuner can measure and step in besides the plain one.
 PRECONDITIONERS = ("adam",)

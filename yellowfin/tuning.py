@@ -17,6 +17,8 @@ the optimum. ``alpha`` is always the tuned step (before a group's ``lr`` multipl
 
 from __future__ import annotations
 
+import math
+
 from typing import NamedTuple
 
 import torch
@@ -249,19 +251,25 @@ def gradient_gates(sq_norm) -> tuple[Tensor, Tensor]:
     return finite, finite & (sq_norm > 0.0)
 
 
-def clipping_scales(sq_norm, h_max, started, settings: TunerSettings) -> tuple[Tensor, Tensor]:
+def clipping_scales(sq_norm, h_max, started, settings: TunerSettings,
+                    grad_sq_mean=None) -> tuple[Tensor, Tensor]:
     """(s, u): the factor on g for the statistics and the update (s), and the extra factor for the
     update alone (u), for a gradient with ||g||^2 = ``sq_norm`` (§4.1, §4.2, §4.5).
 
     ``h_max`` is the previous step's estimate and ``started`` whether there was one (t >= 1).
     s g has norm at most ``clip_norm`` and, with adaptive clipping, at most sqrt(100 h_max);
-    s u g has norm at most sqrt(h_max).
+    s u g has norm at most sqrt(h_max). The scale-free tuner's relative clip bounds s ||g|| by
+    ``relative_clip`` sqrt(``grad_sq_mean``), the running mean of the (clipped) ||g||^2 of the steps before.
     """
     sq_norm, h_max, started = _f64(sq_norm), _f64(h_max), torch.as_tensor(started)
     norm = torch.sqrt(sq_norm)
     scale = torch.ones_like(norm)
     if settings.clip_norm is not None:
         scale = torch.where(norm > settings.clip_norm, settings.clip_norm / norm, 1.0)
+    if settings.scale_free and math.isfinite(settings.relative_clip):
+        threshold = settings.relative_clip * torch.sqrt(_f64(grad_sq_mean))
+        clipped = started & (scale * norm > threshold)
+        scale = torch.where(clipped, threshold / torch.where(clipped, norm, 1.0), scale)
     update_scale = torch.ones_like(norm)
     # (not for the scale-free tuner: its thresholds h_max are the reference's squared-gradient proxies)
     if settings.adaptive_clipping and not settings.scale_free:
@@ -308,7 +316,10 @@ def tune_step(state: TunerState, sums: Sums, settings: TunerSettings) -> tuple[T
 
     # Clipping factors, from the previous step's curvature range.
     started = state.step >= 1.0
-    scale, update_scale = clipping_scales(sq_norm, state.h_max, started, settings)
+    # (the mean square of the steps before: state.step of them)
+    grad_sq_mean = state.grad_sq_avg / torch.where(
+        started, measurements.debias_factor(state.step - 1.0, settings.beta), 1.0)
+    scale, update_scale = clipping_scales(sq_norm, state.h_max, started, settings, grad_sq_mean)
     curvature_sample = scale**2 * sq_norm
 
     # The norm of the gradient average after this step's update, before the update pass writes it.
