@@ -13,6 +13,8 @@ The control is a variant too: plain SGD replaying the reference variant's effect
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -92,6 +94,9 @@ def get_variant(name: str) -> Variant:
         raise KeyError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}") from None
 
 
+# The scale-free variants measured before the relative clip existed run without it, whatever its default becomes.
+_UNCLIPPED = {"relative_clip": math.inf}
+
 for _variant in (
     Variant(REFERENCE, "the authors' algorithm as the library implements it today (the faithful reference)"),
     Variant("default", "YellowFin() with the library's current defaults", base=_default),
@@ -106,35 +111,47 @@ for _variant in (
     # The scale-free tuner (docs/algorithm.md §8; docs/tuner.md): its secant rule at its two screened memories,
     # its DoG rule (the default since), and their controls.
     Variant("scale_free", "the scale-free tuner: DoG distance and secant step, SNR momentum (memory ~1000 steps)",
-            overrides={"tuner": "scale_free", "step_rule": "secant"}),
+            overrides={"tuner": "scale_free", **_UNCLIPPED, "step_rule": "secant"}),
     Variant("scale_free_beta_0.99", "the scale-free tuner with an estimator memory of ~100 steps",
-            overrides={"tuner": "scale_free", "step_rule": "secant", "beta": 0.99}),
+            overrides={"tuner": "scale_free", **_UNCLIPPED, "step_rule": "secant", "beta": 0.99}),
     Variant("control_scale_free_beta_0.99", "plain SGD replaying scale_free_beta_0.99's effective step alpha/(1-mu)",
             control_of="scale_free_beta_0.99"),
     Variant("scale_free_dog", "the scale-free tuner's DoG rule: effective step d / sqrt(sum ||g||^2), SNR momentum",
-            overrides={"tuner": "scale_free", "step_rule": "dog", "beta": 0.99}),
+            overrides={"tuner": "scale_free", **_UNCLIPPED, "step_rule": "dog", "beta": 0.99}),
     Variant("control_scale_free_dog", "plain SGD replaying scale_free_dog's effective step alpha/(1-mu)",
             control_of="scale_free_dog"),
     Variant("scale_free_dowg", "the DoWG rule: effective step d^2 / sqrt(sum d_t^2 ||g_t||^2), SNR momentum",
-            overrides={"tuner": "scale_free", "step_rule": "dowg", "beta": 0.99}),
+            overrides={"tuner": "scale_free", **_UNCLIPPED, "step_rule": "dowg", "beta": 0.99}),
     Variant("scale_free_dowg_average", "scale_free_dowg, evaluated at its iterates' polynomial average",
-            overrides={"tuner": "scale_free", "step_rule": "dowg", "beta": 0.99, "average": True}),
+            overrides={"tuner": "scale_free", **_UNCLIPPED, "step_rule": "dowg", "beta": 0.99, "average": True}),
     # (it replays the runs with the average, whose trajectory is scale_free_dowg's bit for bit: those are the runs kept)
     Variant("control_scale_free_dowg", "plain SGD replaying scale_free_dowg's effective step alpha/(1-mu)",
             control_of="scale_free_dowg_average"),
     # The preconditioned tuner (docs/algorithm.md §9): the DoG rule in Adam's metric. (Its control, the same step in
     # that metric without momentum, is the research harness's control_adam_metric_dog.)
     Variant("scale_free_adam", "the DoG rule in Adam's metric: tuned mu and step, three buffers per parameter",
-            overrides={"tuner": "scale_free", "precondition": "adam", "beta": 0.99}),
+            overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "beta": 0.99}),
     # The same two tuners handing out their iterates' polynomial average (average=True; docs/algorithm.md §10): the
     # trajectory is theirs, the evaluated point (the quadratic's exact loss, val and test) is the average.
     Variant("scale_free_dog_average", "scale_free_dog, evaluated at its iterates' polynomial average (t^8 weights)",
-            overrides={"tuner": "scale_free", "step_rule": "dog", "beta": 0.99, "average": True}),
+            overrides={"tuner": "scale_free", **_UNCLIPPED, "step_rule": "dog", "beta": 0.99, "average": True}),
     Variant("scale_free_adam_average", "scale_free_adam, evaluated at its iterates' polynomial average (t^8 weights)",
-            overrides={"tuner": "scale_free", "precondition": "adam", "beta": 0.99, "average": True}),
+            overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "beta": 0.99, "average": True}),
     Variant("scale_free_adam_beta_0.999", "scale_free_adam with a memory of ~1000 steps, which resolves a 10x "
             "smaller signal (a higher bound on mu)",
-            overrides={"tuner": "scale_free", "precondition": "adam", "beta": 0.999}),
+            overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "beta": 0.999}),
+    # The relative clip (relative_clip=2: the gradient's norm at most twice its running RMS; docs/tuner.md §10), on
+    # both DoG rules, handing out the average, and their controls.
+    Variant("scale_free_dowg_clip_average", "scale_free_dowg_average with the gradient clipped at 2x its running RMS",
+            overrides={"tuner": "scale_free", "step_rule": "dowg", "relative_clip": 2.0, "beta": 0.99,
+                       "average": True}),
+    Variant("control_scale_free_dowg_clip", "plain SGD replaying scale_free_dowg_clip_average's effective step",
+            control_of="scale_free_dowg_clip_average"),
+    Variant("scale_free_dog_clip_average", "scale_free_dog_average with the gradient clipped at 2x its running RMS",
+            overrides={"tuner": "scale_free", "step_rule": "dog", "relative_clip": 2.0, "beta": 0.99,
+                       "average": True}),
+    Variant("control_scale_free_dog_clip", "plain SGD replaying scale_free_dog_clip_average's effective step",
+            control_of="scale_free_dog_clip_average"),
 ):
     register_variant(_variant)
 DEFAULT_VARIANTS = (REFERENCE, "paper", "control")
