@@ -123,6 +123,12 @@ VARIANTS: dict[str, dict] = {
                             dog_weights="distance", relative_clip=2.0),
     "snr_dog_clip_2": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99, start_distance=1e-3,
                            relative_clip=2.0),
+    # the clip on the update alone: the step's measurements see every gradient as it came
+    "snr_dowg_update_clip_2": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99,
+                                   start_distance=1e-3, dog_weights="distance", relative_clip=2.0,
+                                   clip_update_only=True),
+    "snr_dog_update_clip_2": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99,
+                                  start_distance=1e-3, relative_clip=2.0, clip_update_only=True),
     "snr_dog_recent": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99, start_distance=1e-3,
                            dog_weights="recent"),
     # its control: plain SGD on snr_dog's effective step, which is DoG's step (without DoG's iterate average)
@@ -152,12 +158,15 @@ class FlatTuner(torch.optim.Optimizer):
                  secant_is: str = "min", noise_correction: bool | str = True, edge_guard: bool = False,
                  dog_cap: bool = False, without_momentum: bool = False, dog_weights: str = "uniform",
                  momentum_floor: float = 0.0, max_effective_step: float = math.inf,
-                 step_growth: float = math.inf, relative_clip: float = math.inf):
+                 step_growth: float = math.inf, relative_clip: float = math.inf, clip_update_only: bool = False):
         super().__init__(params, {})
         # relative_clip: the gradient's norm clipped at that many times the root of the running mean of ||g||^2
         # (memory 0.99, debiased; from the second step on): a gradient far above every norm the step was calibrated
         # on (the autoencoder's encoder waking on its plateau) is applied while the step's sum catches up with it.
         self.relative_clip, self.clip_sq_avg, self.clip_steps, self.clipped_steps = relative_clip, 0.0, 0, 0
+        # clip_update_only: the clip acts on the update alone; every measurement (the step's sum, the running mean
+        # square the clip reads, the gradient average) sees the gradient as it came, so that the step reacts to it.
+        self.clip_update_only, self.update_factor = clip_update_only, 1.0
         # Diagnostics of the DoG/DoWG start (alpha_units="dog"): max_effective_step caps alpha / (1 - mu) at a fixed
         # value (an oracle: tuned SGD's, to ask whether the size of the step is what keeps a run on a plateau);
         # step_growth lets the effective step grow at most by that factor a step, a bound that the movement the
@@ -228,13 +237,18 @@ class FlatTuner(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         g = self._flat(p.grad for p in self.params)
+        self.update_factor = 1.0
         if self.relative_clip < math.inf:
             norm_sq = float(g.dot(g))
             if self.clip_steps > 0:
                 rms = math.sqrt(self.clip_sq_avg / (1.0 - 0.99**self.clip_steps))
                 if norm_sq > (self.relative_clip * rms) ** 2:
-                    g = g * (self.relative_clip * rms / math.sqrt(norm_sq))
-                    norm_sq = (self.relative_clip * rms) ** 2
+                    factor = self.relative_clip * rms / math.sqrt(norm_sq)
+                    if self.clip_update_only:
+                        self.update_factor = factor
+                    else:
+                        g = g * factor
+                        norm_sq = (self.relative_clip * rms) ** 2
                     self.clipped_steps += 1
             self.clip_steps += 1
             self.clip_sq_avg = 0.99 * self.clip_sq_avg + 0.01 * norm_sq
@@ -250,7 +264,7 @@ class FlatTuner(torch.optim.Optimizer):
         if (self.alpha_units, self.momentum_rule, self.kappa) != ("gradient", "reference", "squared"):
             mu, alpha = self._retune(state, g, bool(started))
             state = state.replace(mu=mu, alpha=alpha)
-        self.velocity.mul_(mu).add_(c.grad_scale * g)
+        self.velocity.mul_(mu).add_(c.grad_scale * self.update_factor * g)
         self.weight_sum = float(mu) * self.weight_sum + float(c.grad_scale)
         x = x - alpha * self.velocity
         offset = 0

@@ -168,6 +168,7 @@ def test_complex_parameters_step_as_their_real_twins():
     (dict(precondition="adam"), "tuner='scale_free'"),  # the reference tuner measures in the loss's units
     (dict(tuner="scale_free", step_rule="secant", precondition="adam"), "step_rule='dog'"),
     (dict(tuner="scale_free", step_rule="dowg", precondition="adam"), "step_rule='dog'"),  # (diverged there)
+    (dict(tuner="scale_free", precondition="adam", relative_clip=2.0), "relative_clip"),  # (measured without)
     (dict(tuner="scale_free", precondition="Adam"), "precondition"),
     (dict(tuner="scale_free", precondition="adam", fused=True), "fused"),
     (dict(tuner="scale_free", precondition="adam", nesterov=True), "nesterov"),

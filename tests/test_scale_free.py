@@ -122,8 +122,8 @@ def test_the_flavours_give_the_single_tensor_numbers(flavour, options):
     (dict(step_rule="dowg", relative_clip=math.inf), "snr_dowg_start_1e-3"),
     (dict(step_rule="secant", relative_clip=math.inf), "ds_memory_0.99"),
     # (a clip tighter than the screen's 2, so that it acts on this small problem's gradients)
-    (dict(step_rule="dog", relative_clip=1.1), "snr_dog_clip_2"),
-    (dict(step_rule="dowg", relative_clip=1.1), "snr_dowg_clip_2"),
+    (dict(step_rule="dog", relative_clip=1.1), "snr_dog_update_clip_2"),
+    (dict(step_rule="dowg", relative_clip=1.1), "snr_dowg_update_clip_2"),
 ])
 def test_matches_the_flat_prototype(options, variant):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -354,7 +354,8 @@ def test_the_step_rule_and_clip_are_the_scale_free_tuners_and_each_group_names_w
     mixed = YellowFin([{"params": [p]}, {"params": [q], "tuner": "scale_free"}], per_group_tuning=True)
     assert [group["step_rule"] for group in mixed.param_groups] == [None, "dowg"]
     assert plain.state_dict()["param_groups"][0]["step_rule"] == "dowg"
-    assert plain.param_groups[0]["relative_clip"] == DEFAULT_RELATIVE_CLIP
+    assert plain.param_groups[0]["relative_clip"] == DEFAULT_RELATIVE_CLIP[None]
+    assert YellowFin([p], tuner="scale_free", precondition="adam").param_groups[0]["relative_clip"] == math.inf
     assert YellowFin([p]).param_groups[0]["relative_clip"] is None
     with pytest.raises(ValueError, match="relative_clip"):
         YellowFin([p], relative_clip=2.0)  # the reference clips its own way

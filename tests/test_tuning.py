@@ -153,20 +153,24 @@ def test_adaptive_clipping_bounds_the_statistics_by_ten_and_the_update_by_one_sq
     assert (float(scale), float(update_scale)) == (1.0, 1.0)
 
 
-def test_the_scale_free_relative_clip_bounds_the_norm_by_its_running_root_mean_square():
+def test_the_scale_free_relative_clip_bounds_the_update_by_the_running_root_mean_square():
     settings = TunerSettings(tuner="scale_free", relative_clip=2.0)
-    # ||g|| = 10 against a running mean square of 4 (rms 2): clipped to 2 * 2 = 4, for statistics and update
+    # ||g|| = 10 against a running mean square of 4 (rms 2): the update clipped to 2 * 2 = 4, the statistics not
     scale, update_scale = tuning.clipping_scales(100.0, 1.0, True, settings, grad_sq_mean=4.0)
-    assert float(scale) * 10.0 == pytest.approx(4.0) and float(update_scale) == 1.0
-    scale, _ = tuning.clipping_scales(9.0, 1.0, True, settings, grad_sq_mean=4.0)  # 3 < 4: left alone
-    assert float(scale) == 1.0
-    scale, _ = tuning.clipping_scales(100.0, 1.0, False, settings, grad_sq_mean=0.0)  # t = 0: nothing seen yet
-    assert float(scale) == 1.0
+    assert float(scale) == 1.0 and float(update_scale) * 10.0 == pytest.approx(4.0)
+    _, update_scale = tuning.clipping_scales(9.0, 1.0, True, settings, grad_sq_mean=4.0)  # 3 < 4: left alone
+    assert float(update_scale) == 1.0
+    _, update_scale = tuning.clipping_scales(100.0, 1.0, False, settings, grad_sq_mean=0.0)  # t = 0: none seen
+    assert float(update_scale) == 1.0
     # the same ratios at any loss scale c (||g||^2 and its mean both scale as c^2)
-    scale, _ = tuning.clipping_scales(100.0 * 1e8, 1.0, True, settings, grad_sq_mean=4.0 * 1e8)
-    assert float(scale) * 10.0 == pytest.approx(4.0)
+    _, update_scale = tuning.clipping_scales(100.0 * 1e8, 1.0, True, settings, grad_sq_mean=4.0 * 1e8)
+    assert float(update_scale) * 10.0 == pytest.approx(4.0)
+    # after clip_norm: relative to the norm clip_norm left (s ||g|| = 5, so s u ||g|| = 4)
+    both = TunerSettings(tuner="scale_free", relative_clip=2.0, clip_norm=5.0)
+    scale, update_scale = tuning.clipping_scales(100.0, 1.0, True, both, grad_sq_mean=4.0)
+    assert float(scale) * 10.0 == pytest.approx(5.0) and float(scale * update_scale) * 10.0 == pytest.approx(4.0)
     unclipped = TunerSettings(tuner="scale_free", relative_clip=math.inf)
-    assert float(tuning.clipping_scales(100.0, 1.0, True, unclipped, grad_sq_mean=4.0)[0]) == 1.0
+    assert tuple(map(float, tuning.clipping_scales(100.0, 1.0, True, unclipped, grad_sq_mean=4.0))) == (1.0, 1.0)
 
 
 def test_adaptive_clipping_after_clip_norm_clips_to_its_own_threshold():

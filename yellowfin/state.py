@@ -47,11 +47,12 @@ class TunerSettings:
     # g^2 (docs/algorithm.md §9): one more buffer per parameter (that average), no gradient average, the signal
     # measured along the momentum. None: plain momentum SGD. Only with tuner="scale_free" and step_rule="dog".
     precondition: str | None = None
-    # The scale-free tuner clips the gradient's norm at relative_clip times the root of its running mean square
-    # (the tuner's own memory, over the steps before; from the second step on): DoG's step is calibrated on the
-    # gradients seen so far, and a gradient far above them (a regime change: the autoencoder's encoder waking on
-    # its plateau) would meet that step at full size before the step's sum has seen it. A ratio of gradient norms,
-    # so loss-scale free. math.inf: no clipping. None: the tuner's default (DEFAULT_RELATIVE_CLIP).
+    # The scale-free tuner clips the gradient it applies at relative_clip times the root of the running mean of
+    # ||g||^2 (the tuner's own memory, over the steps before; from the second step on): DoG's step is calibrated
+    # on the gradients seen so far, and a gradient far above them (a regime change: the autoencoder's encoder
+    # waking on its plateau) would meet that step at full size. Only the update is clipped: the measurements,
+    # the step's sum among them, see the gradient as it came, so the step falls at once. A ratio of gradient
+    # norms, so loss-scale free. math.inf: no clipping. None: the metric's default (DEFAULT_RELATIVE_CLIP).
     relative_clip: float | None = None
     # Keep the iterates' polynomial average (weights growing as t^AVERAGE_POWER, tuning.average_weight) in one more
     # buffer per parameter; ``YellowFin.averaged()`` puts it in the parameters for evaluation. It changes nothing
@@ -77,13 +78,16 @@ class TunerSettings:
             _check(self.relative_clip > 0.0, "relative_clip", self.relative_clip,
                    "None or a number > 0 (math.inf: no clipping)")
         elif self.scale_free:
-            object.__setattr__(self, "relative_clip", DEFAULT_RELATIVE_CLIP)
+            object.__setattr__(self, "relative_clip", DEFAULT_RELATIVE_CLIP.get(self.precondition, math.inf))
         if self.precondition is not None:
             _check(self.precondition in PRECONDITIONERS, "precondition", self.precondition,
                    "None or " + " or ".join(map(repr, PRECONDITIONERS)))
             if not self.scale_free or self.step_rule != "dog":
                 raise ValueError(f"precondition={self.precondition!r} is an option of tuner='scale_free' with "
                                  f"step_rule='dog'; got tuner={self.tuner!r}, step_rule={self.step_rule!r}")
+            if math.isfinite(self.relative_clip):  # (measured in the plain metric only)
+                raise ValueError(f"relative_clip={self.relative_clip!r} is an option of the plain metric; "
+                                 f"precondition={self.precondition!r} takes none (math.inf)")
         for name, allowed in (("beta", "[0, 1)"), ("eps", "(0, 1)"), ("initial_lr", "[0, inf)"),
                               ("initial_momentum", "(-1, 1)")):
             check_number(name, getattr(self, name), f"a number in {allowed}")
@@ -153,8 +157,8 @@ DEFAULT_BETA = {"reference": 0.999, "scale_free": 0.99}
 # when a default changes.
 STEP_RULES = ("dog", "dowg", "secant")
 DEFAULT_STEP_RULE = {None: "dowg", "adam": "dog"}
-# The scale-free tuner's relative clip (TunerSettings.relative_clip) when none is given.
-DEFAULT_RELATIVE_CLIP = math.inf
+# The scale-free tuner's relative clip (TunerSettings.relative_clip) when none is given, by metric.
+DEFAULT_RELATIVE_CLIP = {None: math.inf, "adam": math.inf}
 SCALE_FREE_EPS = 1e-30
 # TunerSettings.precondition: the metrics the scale-free tuner can measure and step in besides the plain one.
 PRECONDITIONERS = ("adam",)

@@ -258,19 +258,20 @@ def clipping_scales(sq_norm, h_max, started, settings: TunerSettings,
 
     ``h_max`` is the previous step's estimate and ``started`` whether there was one (t >= 1).
     s g has norm at most ``clip_norm`` and, with adaptive clipping, at most sqrt(100 h_max);
-    s u g has norm at most sqrt(h_max). The scale-free tuner's relative clip bounds s ||g|| by
-    ``relative_clip`` sqrt(``grad_sq_mean``), the running mean of the (clipped) ||g||^2 of the steps before.
+    s u g has norm at most sqrt(h_max). The scale-free tuner's relative clip bounds s u ||g|| by
+    ``relative_clip`` sqrt(``grad_sq_mean``), the running mean of ||g||^2 over the steps before: in the update
+    alone, so that the step's measurements see the gradient as it came and the step reacts to it.
     """
     sq_norm, h_max, started = _f64(sq_norm), _f64(h_max), torch.as_tensor(started)
     norm = torch.sqrt(sq_norm)
     scale = torch.ones_like(norm)
     if settings.clip_norm is not None:
         scale = torch.where(norm > settings.clip_norm, settings.clip_norm / norm, 1.0)
+    update_scale = torch.ones_like(norm)
     if settings.scale_free and math.isfinite(settings.relative_clip):
         threshold = settings.relative_clip * torch.sqrt(_f64(grad_sq_mean))
         clipped = started & (scale * norm > threshold)
-        scale = torch.where(clipped, threshold / torch.where(clipped, norm, 1.0), scale)
-    update_scale = torch.ones_like(norm)
+        update_scale = torch.where(clipped, threshold / torch.where(clipped, scale * norm, 1.0), 1.0)
     # (not for the scale-free tuner: its thresholds h_max are the reference's squared-gradient proxies)
     if settings.adaptive_clipping and not settings.scale_free:
         stat_threshold = torch.sqrt(100.0 * h_max)
@@ -332,8 +333,8 @@ def tune_step(state: TunerState, sums: Sums, settings: TunerSettings) -> tuple[T
     sample = measurements.GradientSample(curvature_sample, grad_avg_sq_norm, density)
     measured, estimates = measurements.measure(state, sample, settings)
     if settings.scale_free:
-        # (the clipping factor s is the whole factor on g here: no adaptive clipping for this tuner)
-        new_state = tune_scale_free(state, measured, sums, sample, settings, grad_scale=scale)
+        # (the factor on g in v: s, and u where the relative clip acts)
+        new_state = tune_scale_free(state, measured, sums, sample, settings, grad_scale=scale * update_scale)
         mu, alpha = new_state.mu, new_state.alpha
     else:
         mu, alpha = tune(estimates, state.step, state.mu, state.alpha, settings)
