@@ -62,7 +62,8 @@ def run(task_name: str, optimizer_name: str, seed: int, steps: int, every: int, 
     if optimizer_name == "sgd_momentum":
         optimizer = torch.optim.SGD(model.parameters(), lr=TUNED_LR[task_name], momentum=0.9)
     elif optimizer_name == "scale_free":
-        optimizer = YellowFin(model.parameters(), tuner="scale_free", step_rule="secant")  # (the rule it measured)
+        # (the rule it measured, without the relative clip)
+        optimizer = YellowFin(model.parameters(), tuner="scale_free", step_rule="secant", relative_clip=math.inf)
     elif optimizer_name == "reference":
         optimizer = YellowFin.reference_variant(model.parameters())
     else:

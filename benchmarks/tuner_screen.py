@@ -602,11 +602,13 @@ ADAM_METRIC_VARIANTS = {"adam_metric_ds": {}, "adam_metric_ds_memory_0.999": dic
 # sum and momentum (layer-wise DoG, Ivgi, Hinder, Carmon 2023 §4: a block-diagonal metric between the plain
 # metric's one scalar and Adam's per-coordinate one).
 LIBRARY_VARIANTS: dict[str, Callable] = {
-    "library_dowg": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg", per_group_tuning=True),
+    "library_dowg": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg", relative_clip=math.inf),
     "library_dowg_per_tensor": lambda params: YellowFin([{"params": [p]} for p in params], tuner="scale_free",
-                                                        step_rule="dowg", per_group_tuning=True),
+                                                        step_rule="dowg", per_group_tuning=True,
+                                                        relative_clip=math.inf),
     "library_dog_per_tensor": lambda params: YellowFin([{"params": [p]} for p in params], tuner="scale_free",
-                                                       step_rule="dog", per_group_tuning=True),
+                                                       step_rule="dog", per_group_tuning=True,
+                                                       relative_clip=math.inf),
 }
 
 AVERAGED = "_poly_avg"  # a variant name ending so: that variant, handing out its iterates' polynomial average

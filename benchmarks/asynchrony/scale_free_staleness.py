@@ -39,10 +39,10 @@ from common import save_json
 STEPS, SEEDS, WORKERS = 600, (0, 1, 2), (1, 4, 8)
 CONFIGS = {  # name: (YellowFin options, closed loop, step divided by M)
     "reference_closed": (None, True, False),
-    "open": (dict(tuner="scale_free", step_rule="dog"), False, False),
-    "closed": (dict(tuner="scale_free", step_rule="dog"), True, False),
-    "open_lr_over_m": (dict(tuner="scale_free", step_rule="dog"), False, True),
-    "closed_lr_over_m": (dict(tuner="scale_free", step_rule="dog"), True, True),
+    "open": (dict(tuner="scale_free", step_rule="dog", relative_clip=math.inf), False, False),
+    "closed": (dict(tuner="scale_free", step_rule="dog", relative_clip=math.inf), True, False),
+    "open_lr_over_m": (dict(tuner="scale_free", step_rule="dog", relative_clip=math.inf), False, True),
+    "closed_lr_over_m": (dict(tuner="scale_free", step_rule="dog", relative_clip=math.inf), True, True),
 }
 
 
