@@ -12,12 +12,16 @@ geometric staleness with M = 1, 4, 8 workers, seeds 0-2, four ways to run the Do
 and the reference with its closed loop, for comparison. Writes benchmarks/asynchrony/scale_free_staleness.json and
 prints the mean loss over the last 50 steps, the final applied momentum and effective step alpha / (1 - m).
 
+``--rule default`` runs the scale-free tuner's defaults (DoWG's step with the relative clip of the update) in place
+of the DoG rule (scale_free_staleness_default.json).
+
 ``--estimate instant`` steers the closed loops by the sensor's per-observation estimate (an average of each
 observation's median ratio, which forgets the largest moves) instead of its default time-averaged one, for the
 closed-loop runs only (scale_free_staleness_instant.json).
 
     python benchmarks/asynchrony/scale_free_staleness.py
     python benchmarks/asynchrony/scale_free_staleness.py --estimate instant
+    python benchmarks/asynchrony/scale_free_staleness.py --rule default
 """
 
 from __future__ import annotations
@@ -37,17 +41,20 @@ from yellowfin.bench.tasks import get_task
 from common import save_json
 
 STEPS, SEEDS, WORKERS = 600, (0, 1, 2), (1, 4, 8)
-CONFIGS = {  # name: (YellowFin options, closed loop, step divided by M)
+RULES = {"dog": dict(tuner="scale_free", step_rule="dog", relative_clip=math.inf),  # (as first measured)
+         "default": dict(tuner="scale_free")}
+CONFIGS = {  # name: (scale-free tuner or the reference (None), closed loop, step divided by M)
     "reference_closed": (None, True, False),
-    "open": (dict(tuner="scale_free", step_rule="dog", relative_clip=math.inf), False, False),
-    "closed": (dict(tuner="scale_free", step_rule="dog", relative_clip=math.inf), True, False),
-    "open_lr_over_m": (dict(tuner="scale_free", step_rule="dog", relative_clip=math.inf), False, True),
-    "closed_lr_over_m": (dict(tuner="scale_free", step_rule="dog", relative_clip=math.inf), True, True),
+    "open": ("scale_free", False, False),
+    "closed": ("scale_free", True, False),
+    "open_lr_over_m": ("scale_free", False, True),
+    "closed_lr_over_m": ("scale_free", True, True),
 }
 
 
-def run(task, config: str, workers: int, seed: int) -> dict:
-    options, closed, divide = CONFIGS[config]
+def run(task, config: str, workers: int, seed: int, rule: str = "dog") -> dict:
+    tuner, closed, divide = CONFIGS[config]
+    options = RULES[rule] if tuner else None
     torch.manual_seed(seed)
     model = task.make_model(seed)
     if options is None:
@@ -76,6 +83,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--estimate", choices=("averaged", "instant"), default="averaged",
                         help="the sensor estimate that the closed loops steer by")
+    parser.add_argument("--rule", choices=tuple(RULES), default="dog",
+                        help="the scale-free tuner's options: the DoG rule as first measured, or its defaults")
     args = parser.parse_args()
     torch.set_num_threads(1)
     simulator.refuse_under_asynchrony = lambda optimizer, num_workers: None  # this experiment only: see above
@@ -90,10 +99,12 @@ def main() -> int:
             if workers == 1 and (args.estimate == "instant" or config not in ("reference_closed", "open")):
                 continue  # (one worker: no staleness, nothing to compensate, no loop to close)
             for seed in SEEDS:
-                runs.append(run(task, config, workers, seed))
+                runs.append(run(task, config, workers, seed, args.rule))
                 print(f"M={workers} {config} seed {seed}: final loss {runs[-1]['final_loss']:.4g}", flush=True)
-    name = "scale_free_staleness.json" if args.estimate == "averaged" else "scale_free_staleness_instant.json"
-    save_json({"task": "digits_mlp", "steps": STEPS, "estimate": args.estimate, "runs": runs}, name)
+    name = "scale_free_staleness" + ("" if args.estimate == "averaged" else "_instant") + (
+        "" if args.rule == "dog" else f"_{args.rule}") + ".json"
+    save_json({"task": "digits_mlp", "steps": STEPS, "estimate": args.estimate, "rule": args.rule, "runs": runs},
+              name)
     print("\n| workers | run | final loss (mean of last 50 steps), per seed | applied momentum | effective step |")
     print("|---|---|---|---|---|")
     for workers in WORKERS:
