@@ -1,4 +1,5 @@
 import dataclasses
+import math
 import statistics
 
 import pytest
@@ -116,11 +117,14 @@ def test_variants_build_what_they_say():
     assert options(get_variant("no_slow_start").build(params)) == {**options(YellowFin(params)), "slow_start": False}
     assert settings(get_variant("scale_free").build(params)).beta == 0.999  # the variant pins its memory
     scale_free_default = settings(YellowFin(params, tuner="scale_free"))
-    # Every scale-free variant pins the rule it was measured with; the DoWG variant is the scale-free default.
+    # Every scale-free variant pins the rule and clip it was measured with; the clipped DoWG variant is the
+    # scale-free default (with the average, which only changes the point handed out).
     assert settings(get_variant("scale_free").build(params)).step_rule == "secant"
-    for name, rule in (("scale_free_beta_0.99", "secant"), ("scale_free_dog", "dog")):
-        assert settings(get_variant(name).build(params)) == dataclasses.replace(scale_free_default, step_rule=rule)
-    assert settings(get_variant("scale_free_dowg").build(params)) == scale_free_default
+    for name, rule in (("scale_free_beta_0.99", "secant"), ("scale_free_dog", "dog"), ("scale_free_dowg", "dowg")):
+        assert settings(get_variant(name).build(params)) == dataclasses.replace(
+            scale_free_default, step_rule=rule, relative_clip=math.inf)
+    clipped = settings(get_variant("scale_free_dowg_clip_average").build(params))
+    assert clipped == dataclasses.replace(scale_free_default, average=True)
     spec = VARIANT_SPECS["yf_reference"]
     assert spec.records_tuner_trace and spec.every_seed and not spec.highlight
     assert VARIANT_SPECS["yf_control"].replays == "yf_reference"
