@@ -142,12 +142,14 @@ for _variant in (
             overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "beta": 0.999}),
     # The relative clip (relative_clip=2: the gradient's norm at most twice its running RMS; docs/tuner.md §10), on
     # both DoG rules, handing out the average, and their controls.
-    Variant("scale_free_dowg_clip_average", "scale_free_dowg_average with the gradient clipped at 2x its running RMS",
+    Variant("scale_free_dowg_clip_average",
+            "scale_free_dowg_average, its update clipped at 2x the gradient's running RMS",
             overrides={"tuner": "scale_free", "step_rule": "dowg", "relative_clip": 2.0, "beta": 0.99,
                        "average": True}),
     Variant("control_scale_free_dowg_clip", "plain SGD replaying scale_free_dowg_clip_average's effective step",
             control_of="scale_free_dowg_clip_average"),
-    Variant("scale_free_dog_clip_average", "scale_free_dog_average with the gradient clipped at 2x its running RMS",
+    Variant("scale_free_dog_clip_average",
+            "scale_free_dog_average, its update clipped at 2x the gradient's running RMS",
             overrides={"tuner": "scale_free", "step_rule": "dog", "relative_clip": 2.0, "beta": 0.99,
                        "average": True}),
     Variant("control_scale_free_dog_clip", "plain SGD replaying scale_free_dog_clip_average's effective step",
