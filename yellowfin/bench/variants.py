@@ -140,20 +140,17 @@ for _variant in (
     Variant("scale_free_adam_beta_0.999", "scale_free_adam with a memory of ~1000 steps, which resolves a 10x "
             "smaller signal (a higher bound on mu)",
             overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "beta": 0.999}),
-    # The relative clip (relative_clip=2: the gradient's norm at most twice its running RMS; docs/tuner.md §10), on
-    # both DoG rules, handing out the average, and their controls.
-    Variant("scale_free_dowg_clip_average",
-            "scale_free_dowg_average, its update clipped at 2x the gradient's running RMS",
-            overrides={"tuner": "scale_free", "step_rule": "dowg", "relative_clip": 2.0, "beta": 0.99,
-                       "average": True}),
-    Variant("control_scale_free_dowg_clip", "plain SGD replaying scale_free_dowg_clip_average's effective step",
-            control_of="scale_free_dowg_clip_average"),
-    Variant("scale_free_dog_clip_average",
-            "scale_free_dog_average, its update clipped at 2x the gradient's running RMS",
-            overrides={"tuner": "scale_free", "step_rule": "dog", "relative_clip": 2.0, "beta": 0.99,
-                       "average": True}),
-    Variant("control_scale_free_dog_clip", "plain SGD replaying scale_free_dog_clip_average's effective step",
-            control_of="scale_free_dog_clip_average"),
+    # The relative clip of the update (relative_clip=2: the applied gradient's norm at most twice the running RMS;
+    # docs/tuner.md §10), on both DoG rules, handing out the average, and their controls.
+    *(variant for rule in ("dowg", "dog") for variant in (
+        Variant(f"scale_free_{rule}_clip_average",
+                f"scale_free_{rule}_average, its update clipped at 2x the gradient's running RMS",
+                overrides={"tuner": "scale_free", "step_rule": rule, "relative_clip": 2.0, "beta": 0.99,
+                           "average": True}),
+        Variant(f"control_scale_free_{rule}_clip",
+                f"plain SGD replaying scale_free_{rule}_clip_average's effective step",
+                control_of=f"scale_free_{rule}_clip_average"),
+    )),
 ):
     register_variant(_variant)
 DEFAULT_VARIANTS = (REFERENCE, "paper", "control")
