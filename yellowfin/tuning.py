@@ -317,9 +317,9 @@ def tune_step(state: TunerState, sums: Sums, settings: TunerSettings) -> tuple[T
 
     # Clipping factors, from the previous step's curvature range.
     started = state.step >= 1.0
-    # (the mean square of the steps before: state.step of them)
+    # (the relative clip's mean square of the steps before, state.step of them; only the scale-free tuner reads it)
     grad_sq_mean = state.grad_sq_avg / torch.where(
-        started, measurements.debias_factor(state.step - 1.0, settings.beta), 1.0)
+        started, measurements.debias_factor(state.step - 1.0, settings.beta), 1.0) if settings.scale_free else None
     scale, update_scale = clipping_scales(sq_norm, state.h_max, started, settings, grad_sq_mean)
     curvature_sample = scale**2 * sq_norm
 

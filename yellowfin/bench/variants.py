@@ -108,8 +108,8 @@ for _variant in (
     Variant("beta_0.99", "estimator memory of ~100 steps instead of ~1000", overrides={"beta": 0.99}),
     Variant("linear_curvature", "curvature range smoothed linearly, not in log space",
             overrides={"curvature_smoothing": "linear"}),
-    # The scale-free tuner (docs/algorithm.md §8; docs/tuner.md): its secant rule at its two screened memories,
-    # its DoG rule (the default since), and their controls.
+    # The scale-free tuner (docs/algorithm.md §8; docs/tuner.md): its secant rule at its two screened memories, its
+    # DoG and DoWG rules, and their controls, each as measured (without the relative clip that came later).
     Variant("scale_free", "the scale-free tuner: DoG distance and secant step, SNR momentum (memory ~1000 steps)",
             overrides={"tuner": "scale_free", **_UNCLIPPED, "step_rule": "secant"}),
     Variant("scale_free_beta_0.99", "the scale-free tuner with an estimator memory of ~100 steps",
