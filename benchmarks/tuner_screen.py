@@ -224,6 +224,8 @@ class FlatTuner(torch.optim.Optimizer):
         self.velocity = torch.zeros_like(self.x0)
         self.distance = start_distance * (1.0 + float(self.x0.norm()))
         self.trace: dict[str, list[float]] = {"mu": [], "alpha": [], "effective_lr": []}
+        if relative_clip < math.inf:
+            self.trace["clipped"] = []  # 1 on a step whose gradient the relative clip cut, else 0
         if alpha_units in ("secant", "distance_secant"):
             # x_avg: the iterate's running average, the anchor of the secant; s_avg / q_avg the running averages
             # of <g - gbar, x - xbar> and ||x - xbar||^2, whose ratio is the curvature along x - xbar.
@@ -242,6 +244,7 @@ class FlatTuner(torch.optim.Optimizer):
         g = self._flat(p.grad for p in self.params)
         self.update_factor = 1.0
         if self.relative_clip < math.inf:
+            clipped_before = self.clipped_steps
             norm_sq = float(g.dot(g))
             if self.clip_steps > 0:
                 rms = math.sqrt(self.clip_sq_avg / (1.0 - 0.99**self.clip_steps))
@@ -255,6 +258,7 @@ class FlatTuner(torch.optim.Optimizer):
                     self.clipped_steps += 1
             self.clip_steps += 1
             self.clip_sq_avg = 0.99 * self.clip_sq_avg + 0.01 * norm_sq
+            self.trace["clipped"].append(float(self.clipped_steps > clipped_before))
         x = self._flat(p.detach() for p in self.params)
         one = torch.ones((), dtype=torch.float64)
         # (the scale-free tuner's sums stay zero, unread by the reference it runs)
