@@ -130,6 +130,12 @@ VARIANTS: dict[str, dict] = {
     "snr_dowg_update_clip_3": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99,
                                    start_distance=1e-3, dog_weights="distance", relative_clip=3.0,
                                    clip_update_only=True),
+    # the same, against a running mean that includes the gradient it judges (as Adam's second moment includes the
+    # gradient it divides): a gradient then carries a weight (1 - 0.99) / (1 - 0.99^t) of its own threshold, so the clip
+    # cannot act while the mean holds fewer than about k^2 gradients, and is the same as above once it holds ~100
+    "snr_dowg_update_clip_2_inclusive": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99,
+                                             start_distance=1e-3, dog_weights="distance", relative_clip=2.0,
+                                             clip_update_only=True, clip_mean_includes_current=True),
     "snr_dog_update_clip_2": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99,
                                   start_distance=1e-3, relative_clip=2.0, clip_update_only=True),
     "snr_dog_recent": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99, start_distance=1e-3,
@@ -161,7 +167,8 @@ class FlatTuner(torch.optim.Optimizer):
                  secant_is: str = "min", noise_correction: bool | str = True, edge_guard: bool = False,
                  dog_cap: bool = False, without_momentum: bool = False, dog_weights: str = "uniform",
                  momentum_floor: float = 0.0, max_effective_step: float = math.inf,
-                 step_growth: float = math.inf, relative_clip: float = math.inf, clip_update_only: bool = False):
+                 step_growth: float = math.inf, relative_clip: float = math.inf, clip_update_only: bool = False,
+                 clip_mean_includes_current: bool = False):
         super().__init__(params, {})
         # relative_clip: the gradient's norm clipped at that many times the root of the running mean of ||g||^2
         # (memory 0.99, debiased; from the second step on): a gradient far above every norm the step was calibrated
@@ -170,6 +177,9 @@ class FlatTuner(torch.optim.Optimizer):
         # clip_update_only: the clip acts on the update alone; every measurement (the step's sum, the running mean
         # square the clip reads, the gradient average) sees the gradient as it came, so that the step reacts to it.
         self.clip_update_only, self.update_factor = clip_update_only, 1.0
+        if clip_mean_includes_current and not clip_update_only:
+            raise ValueError("clip_mean_includes_current is a form of the update-only clip")
+        self.clip_mean_includes_current = clip_mean_includes_current
         # Diagnostics of the DoG/DoWG start (alpha_units="dog"): max_effective_step caps alpha / (1 - mu) at a fixed
         # value (an oracle: tuned SGD's, to ask whether the size of the step is what keeps a run on a plateau);
         # step_growth lets the effective step grow at most by that factor a step, a bound that the movement the
@@ -246,6 +256,9 @@ class FlatTuner(torch.optim.Optimizer):
         if self.relative_clip < math.inf:
             clipped_before = self.clipped_steps
             norm_sq = float(g.dot(g))
+            if self.clip_mean_includes_current:  # (the mean then moves here, below it is the mean of the steps before)
+                self.clip_steps += 1
+                self.clip_sq_avg = 0.99 * self.clip_sq_avg + 0.01 * norm_sq
             if self.clip_steps > 0:
                 rms = math.sqrt(self.clip_sq_avg / (1.0 - 0.99**self.clip_steps))
                 if norm_sq > (self.relative_clip * rms) ** 2:
@@ -256,8 +269,9 @@ class FlatTuner(torch.optim.Optimizer):
                         g = g * factor
                         norm_sq = (self.relative_clip * rms) ** 2
                     self.clipped_steps += 1
-            self.clip_steps += 1
-            self.clip_sq_avg = 0.99 * self.clip_sq_avg + 0.01 * norm_sq
+            if not self.clip_mean_includes_current:
+                self.clip_steps += 1
+                self.clip_sq_avg = 0.99 * self.clip_sq_avg + 0.01 * norm_sq
             self.trace["clipped"].append(float(self.clipped_steps > clipped_before))
         x = self._flat(p.detach() for p in self.params)
         one = torch.ones((), dtype=torch.float64)

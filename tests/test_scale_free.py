@@ -3,6 +3,7 @@ loss scale, its three flavours agree, it reproduces the research prototype (benc
 FlatTuner, a variant for each of its step rules), and it saves, loads and skips like the
 reference."""
 
+import copy
 import io
 import math
 import sys
@@ -395,6 +396,83 @@ def test_a_scale_free_checkpoint_that_does_not_name_an_option_keeps_what_it_ran(
         ((model(x[rows]) - y[rows]) ** 2).mean().backward()
         opt.step()
     assert torch.equal(flat(model), expected)
+
+
+# Under asynchrony (docs/algorithm.md §8): the systems report the gradients' mean staleness.
+@pytest.mark.parametrize("metric, flavour", [(metric, flavour) for metric in sorted(METRICS) for flavour in FLAVOURS
+                                             if not (metric == "adam" and flavour == "compiled")])  # (no fused Adam)
+def test_a_reported_staleness_cuts_the_step_by_the_root_of_one_plus_it(metric, flavour):
+    # Two copies of one run part at step 10: the one told that its gradients are 3 updates old takes half the step
+    # (1 / sqrt(1 + 3)) at the same momentum, so it moves half as far; its record says what it was told.
+    def scale_free(params):
+        return YellowFin(params, **METRICS[metric], **FLAVOURS[flavour])
+
+    _, model, opt = train(scale_free, steps=10)
+    twin_model = copy.deepcopy(model)
+    twin = scale_free(twin_model.parameters())
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))  # (a state_dict shares the optimizer's tensors)
+    twin.set_staleness(3)
+    _, x, y = mlp_problem()
+    moves = []
+    for net, optimizer in ((model, opt), (twin_model, twin)):
+        before = flat(net)
+        optimizer.zero_grad()
+        ((net(x[:16]) - y[:16]) ** 2).mean().backward()
+        optimizer.step()
+        moves.append(flat(net) - before)
+    assert twin.stats()["mu"] == opt.stats()["mu"]
+    assert twin.stats()["alpha"] == pytest.approx(0.5 * opt.stats()["alpha"], rel=1e-12)
+    torch.testing.assert_close(moves[1], 0.5 * moves[0], rtol=1e-9, atol=1e-15)
+    assert twin.stats()["staleness"] == 3.0 and opt.stats()["staleness"] == 0.0
+    assert twin.state_dict()["tuners"][0]["staleness"] == 3.0
+
+
+def test_a_reported_staleness_keeps_the_trajectory_free_of_the_loss_scale():
+    def stale(params):
+        return YellowFin(params, tuner="scale_free")
+
+    told = lambda opt: opt.set_staleness(2.5)  # noqa: E731
+    unscaled, _, _ = train(stale, steps=100, after_step=told)
+    scaled, _, _ = train(stale, steps=100, loss_scale=1e4, after_step=told)
+    assert relative_difference(scaled, unscaled) < 1e-10
+    uncut, _, _ = train(stale, steps=100)
+    assert relative_difference(unscaled, uncut) > 1e-3
+
+
+def test_the_reference_ignores_a_reported_staleness():
+    # (its step is set from curvature, and its closed loop corrects the momentum that asynchrony adds)
+    expected, _, _ = train(YellowFin.reference_variant, steps=30)
+    told, _, _ = train(YellowFin.reference_variant, steps=30, after_step=lambda opt: opt.set_staleness(5))
+    assert torch.equal(told, expected)
+
+
+@pytest.mark.parametrize("value, error", [(-1.0, ValueError), (math.nan, ValueError), (math.inf, ValueError),
+                                          (True, TypeError), ("3", TypeError)])
+def test_a_staleness_that_is_not_a_finite_number_at_least_zero_is_refused(value, error):
+    model, _, _ = mlp_problem()
+    opt = YellowFin(model.parameters(), tuner="scale_free")
+    with pytest.raises(error, match="mean_staleness"):
+        opt.set_staleness(value)
+    assert opt.stats()["staleness"] == 0.0
+
+
+def test_the_secant_rule_refuses_a_staleness():
+    model, _, _ = mlp_problem()
+    opt = YellowFin(model.parameters(), tuner="scale_free", step_rule="secant")
+    opt.set_staleness(0.0)
+    with pytest.raises(ValueError, match="secant"):
+        opt.set_staleness(1.0)
+
+
+def test_a_checkpoint_from_before_the_staleness_loads_as_synchronous():
+    _, model, opt = train(lambda params: YellowFin(params, tuner="scale_free"), steps=5)
+    old = opt.state_dict()
+    for tuner in old["tuners"]:
+        del tuner["staleness"]
+    restored = YellowFin(model.parameters(), tuner="scale_free")
+    restored.load_state_dict(old)
+    assert restored.stats()["staleness"] == 0.0
+    assert restored.tuner_state().distance == opt.tuner_state().distance
 
 
 def test_an_unknown_tuner_is_refused():

@@ -444,6 +444,28 @@ class YellowFin(Optimizer):
             offset = torch.as_tensor(value, dtype=torch.float64).detach().to(state.device).reshape(())
             self._tuners[index] = state.replace(momentum_offset=offset.clone())
 
+    def set_staleness(self, mean_staleness: float, scope: int | None = None) -> None:
+        """Report how many updates old, on average, the gradients this optimizer applies are (the hook of the
+        asynchronous systems, which count it; 0 is synchronous training).
+
+        The scale-free tuner divides its step by sqrt(1 + ``mean_staleness``) (docs/algorithm.md §8); the
+        reference's step is set from curvature and ignores it (its closed loop corrects the momentum). ``scope`` as
+        for :meth:`set_momentum_offset`.
+        """
+        check_number("mean_staleness", mean_staleness, "a number >= 0")
+        if not 0.0 <= float(mean_staleness) < math.inf:
+            raise ValueError(f"invalid mean_staleness={mean_staleness!r}: allowed is a finite number >= 0")
+        if scope is not None:
+            self._check_scope(scope)
+        for index in range(len(self._tuners)) if scope is None else [scope]:
+            settings = self._settings(self._scopes()[index][0])
+            if float(mean_staleness) > 0.0 and settings.scale_free and settings.step_rule == "secant":
+                raise ValueError("step_rule='secant' cannot run on stale gradients: its secant pairs each gradient "
+                                 "with the last step, which a gradient computed tau versions ago breaks")
+            state = self._tuners[index]
+            value = torch.tensor(float(mean_staleness), dtype=torch.float64, device=state.device)
+            self._tuners[index] = state.replace(staleness=value)
+
     # ----------------------------------------------------------------------------- saving
     def state_dict(self) -> dict:
         self._refuse_inside_averaged("state_dict()")
@@ -701,7 +723,7 @@ def _device_of(groups: list[dict]) -> torch.device:
 
 def _record(state: TunerState, settings: TunerSettings) -> dict:
     values = {name: float(getattr(state, name)) for name in (
-        "mu", "alpha", "h_min", "h_max", "grad_var", "dist", "momentum_offset"
+        "mu", "alpha", "h_min", "h_max", "grad_var", "dist", "momentum_offset", "staleness"
     )}
     values["step"] = int(state.step)
     values["skipped_steps"] = int(state.skipped_steps)

@@ -207,6 +207,9 @@ class TunerState:
     alpha: Tensor  # the tuned step size, before a group's ``lr`` multiplier (saved as ``lr`` by version 0.1)
     # Additive correction to mu, driven from outside (the asynchronous closed loop).
     momentum_offset: Tensor
+    # The mean staleness of the gradients applied so far, reported from outside (an asynchronous system); the
+    # scale-free tuner's step is divided by sqrt(1 + it) (tuning.staleness_step_scale), the reference ignores it.
+    staleness: Tensor
     # The scale-free tuner's own memory (zeros, unused, for the reference; docs/algorithm.md §8):
     distance: Tensor  # d = max_t ||x_t - x_0||, from 1e-6 (1 + ||x_0||) (DoG)
     secant_num_avg: Tensor  # average of s = <g - g_prev, x - x_prev> + the noise correction
@@ -253,7 +256,8 @@ class TunerState:
 
         A checkpoint written before the tuned step was named ``alpha`` holds it as ``lr``, and one written
         before the scale-free tuner lacks its fields (a reference tuner's, which never reads them), or some of
-        them (a scale-free tuner's from before ``grad_sq_sum``, which then restarts DoG's sum): all load.
+        them (a scale-free tuner's from before ``grad_sq_sum``, which then restarts DoG's sum), and one written
+        before ``staleness`` was synchronous (staleness 0): all load.
         """
         expected = {f.name for f in fields(cls)}
         if isinstance(values, dict) and "lr" in values and "alpha" not in values:
@@ -261,6 +265,8 @@ class TunerState:
         if isinstance(values, dict) and not set(SCALE_FREE_FIELDS) <= set(values):
             initial = cls.initial(settings)
             values = {**{name: getattr(initial, name) for name in SCALE_FREE_FIELDS}, **values}
+        if isinstance(values, dict) and "staleness" not in values:  # (saved before the field: synchronous)
+            values = {**values, "staleness": cls.initial(settings).staleness}
         if not isinstance(values, dict) or set(values) != expected:
             got = sorted(values) if isinstance(values, dict) else type(values).__name__
             raise ValueError(f"tuner state must have exactly the fields {sorted(expected)}, got {got}")
@@ -297,5 +303,5 @@ _FIELD_RANGES = {
     name: (0.0, math.inf)
     for name in ("step", "skipped_steps", "curvatures", "grad_sq_avg", "grad_norm_avg", "dist_avg",
                  "h_min", "h_max", "grad_var", "dist", "alpha", "distance", "secant_den_avg", "secant_curvature",
-                 "prev_step_noise_weight", "grad_sq_sum", "metric_mean")
+                 "prev_step_noise_weight", "grad_sq_sum", "metric_mean", "staleness")
 } | {"density_avg": (0.0, 1.0), "mu": (-1.0, 1.0)}

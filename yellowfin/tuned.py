@@ -13,19 +13,41 @@ def is_tuner(optimizer) -> bool:
     return hasattr(optimizer, "stats") and hasattr(optimizer, "set_momentum_offset")
 
 
-def refuse_under_asynchrony(optimizer, num_workers: int) -> None:
-    """Refuse a tuner that cannot run on stale gradients (with more than one worker).
+def refuse_under_asynchrony(optimizer, num_workers: int, closed_loop: bool = False,
+                            tunes_the_run: bool = True) -> None:
+    """Refuse a tuner where it cannot run on stale gradients (with more than one worker).
 
-    Under simulated staleness (4 or more workers) the scale-free tuner diverged where the reference did not, with
-    either step rule (docs/tuner.md §6, §8): its secant pairs each gradient with the last step, which a gradient
-    computed on the model of tau versions ago breaks, and DoG's step, set for fresh gradients, meets the extra
-    momentum that asynchrony adds. So it is refused here until its rules account for staleness.
+    The scale-free tuner runs under asynchrony only with its step cut for the gradients' mean staleness (the
+    system reports it: ``report_staleness``) and with the closed loop on the momentum (docs/tuner.md §10, "Under
+    staleness"): uncut, its step ran away with 4 and 8 workers; cut but open-loop, it failed with round-robin
+    staleness. Its secant rule pairs each gradient with the last step, which a gradient computed tau versions ago
+    breaks, so it is refused. ``tunes_the_run=False``: the tuner steps a copy of the parameters of its own
+    (Hogwild), so the distance the scale-free step is calibrated on is not the run's, and it is refused.
     """
-    if num_workers > 1 and is_tuner(optimizer) and any(
-            group.get("tuner") == "scale_free" for group in optimizer.param_groups):
-        raise ValueError(
-            "tuner='scale_free' cannot run under asynchrony yet: with stale gradients it diverged under simulated "
-            "staleness, with either step rule (docs/tuner.md §8); use the default tuner here")
+    if num_workers <= 1 or not is_tuner(optimizer):
+        return
+    rules = {group.get("step_rule") for group in optimizer.param_groups if group.get("tuner") == "scale_free"}
+    if not rules:
+        return
+    if not tunes_the_run:
+        raise ValueError("tuner='scale_free' cannot tune Hogwild: the tuner steps a copy of the parameters of its "
+                         "own, and the scale-free step is calibrated on the distance its parameters travel, which "
+                         "is not the run's; use the default tuner here")
+    if "secant" in rules:
+        raise ValueError("step_rule='secant' cannot run under asynchrony: its secant pairs each gradient with the "
+                         "last step, which a gradient computed tau versions ago breaks; use the default step rule")
+    if not closed_loop:
+        raise ValueError("tuner='scale_free' runs under asynchrony only with closed_loop=True: open-loop, its step "
+                         "failed under round-robin staleness even cut for the delay (docs/tuner.md §10)")
+
+
+def report_staleness(optimizer, staleness_counts) -> None:
+    """Tell a tuner the mean staleness of the gradients applied so far ({staleness: count}), before it applies
+    the next one (which is counted); a no-op for an optimizer without ``set_staleness``."""
+    set_staleness = getattr(optimizer, "set_staleness", None)
+    total = sum(staleness_counts.values())
+    if set_staleness is not None and total:
+        set_staleness(sum(tau * count for tau, count in staleness_counts.items()) / total)
 
 
 def tuned_records(optimizer) -> list[dict]:

@@ -177,9 +177,12 @@ def tune_scale_free(
     # absolute curvature is what SingleStep's alpha = (1 - sqrt mu)^2 / h_min needs and what gradients measure worst
     # (the secant is mostly the last gradient's own noise), so the scale comes from the distance travelled instead.
     alpha_dog = (1.0 - sqrt_mu**2) * (distance**2 if distance_weighted else distance) / torch.sqrt(grad_sq_sum)
+    # (under asynchrony, the step the tuner asks for is cut for the gradients' delay; the distance measured next
+    # is then the movement this cut step causes)
+    staleness_scale = staleness_step_scale(state.staleness)
     if settings.preconditioned:  # (the DoG rule, in the metric; no secant is measured there)
         return measured.replace(mu=torch.where(started, sqrt_mu**2, 0.0),
-                                alpha=torch.where(started, alpha_dog, first_step), distance=distance,
+                                alpha=staleness_scale * torch.where(started, alpha_dog, first_step), distance=distance,
                                 grad_sq_sum=grad_sq_sum, metric_mean=sums.metric_sum / sums.numel)
     secant_avg, step_sq_avg, secant_curvature = measurements.measure_secant(
         state, sums, measured.grad_var, settings.beta
@@ -196,10 +199,23 @@ def tune_scale_free(
     else:
         alpha = torch.minimum(torch.minimum(alpha_secant, MAX_STEP_GROWTH * state.alpha), alpha_distance)
     return measured.replace(
-        mu=torch.where(started, sqrt_mu**2, 0.0), alpha=torch.where(started, alpha, first_step),
+        mu=torch.where(started, sqrt_mu**2, 0.0), alpha=staleness_scale * torch.where(started, alpha, first_step),
         distance=distance, secant_num_avg=secant_avg, secant_den_avg=step_sq_avg, secant_curvature=secant_curvature,
         grad_sq_sum=grad_sq_sum,
     )
+
+
+def staleness_step_scale(mean_staleness) -> Tensor:
+    """The factor on the scale-free tuner's step when its gradients are ``mean_staleness`` updates old on average
+    (docs/tuner.md §10, "Under staleness"): 1 / sqrt(1 + tau).
+
+    A delay of tau updates shrinks the stable step of gradient descent by about 1 + tau (on a quadratic the bound
+    eta h < 2 becomes eta h < 2 sin(pi / (4 tau + 2))). DoG's and DoWG's steps grow with the distance the run
+    travels, so a factor c on the step also slows the growth of that distance, and the step they settle on ends
+    near c^2 times the synchronous one (measured: c = 1/4 gave 1/16 of it): the square root of the delay's factor
+    on the step gives about the delay's factor on what the run applies.
+    """
+    return torch.rsqrt(1.0 + _f64(mean_staleness))
 
 
 def remember_step(state: TunerState, sums: Sums, momentum: Tensor, grad_scale: Tensor) -> TunerState:

@@ -37,9 +37,20 @@ class HeavyBall(torch.optim.Optimizer):
                 p.add_(buffer, alpha=-group["lr"])
 
 
+# The scale-free tuner's methods (closed-loop: it runs under asynchrony only so, its step cut for the staleness).
+SCALE_FREE_METHODS = {"scale_free_closed": dict(tuner="scale_free"),
+                      "scale_free_adam_closed": dict(tuner="scale_free", precondition="adam")}
+
+
+def is_closed_loop(method: str) -> bool:
+    return method.startswith("yellowfin_closed") or method in SCALE_FREE_METHODS
+
+
 def make_optimizer(method: str, params, lr: float | None = None, momentum: float = 0.0):
     if method.startswith("yellowfin"):
         return YellowFin(params)
+    if method in SCALE_FREE_METHODS:
+        return YellowFin(params, **SCALE_FREE_METHODS[method])
     if method == "adam":
         return torch.optim.Adam(params, lr=lr)
     if method == "sgd":
@@ -61,7 +72,7 @@ def simulate(task, method: str, num_workers: int, steps: int, seed: int = 0, lr:
         sensor_list = [MomentumSensor(numel, 512, seed=seed, step_scale=1.0),
                        MomentumSensor(numel, 512, seed=seed, step_scale=1.0 / num_workers)]
     sim = StalenessSimulator(model, optimizer, num_workers, staleness, seed=seed, sensors=sensor_list,
-                             closed_loop=method.startswith("yellowfin_closed"), gain=gain, trace_every=trace_every,
+                             closed_loop=is_closed_loop(method), gain=gain, trace_every=trace_every,
                              sensor_step="effective" if method.endswith("effective") else "algorithmic")
     batches = task.train_batches(seed)
     losses, evals = [], []
@@ -79,7 +90,7 @@ def simulate(task, method: str, num_workers: int, steps: int, seed: int = 0, lr:
             # Trace keys: with a closed loop, mu_hat_0 is the controller's sensor and mu_hat_1 / mu_hat_2 the
             # algorithmic / effective diagnostics; otherwise mu_hat_0 / mu_hat_1 are those two.
             "sensor_keys": ({"controller": "mu_hat_0", "algorithmic": "mu_hat_1", "effective": "mu_hat_2"}
-                            if method.startswith("yellowfin_closed") else
+                            if is_closed_loop(method) else
                             {"algorithmic": "mu_hat_0", "effective": "mu_hat_1"})}
 
 

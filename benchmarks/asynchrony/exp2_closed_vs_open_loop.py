@@ -8,8 +8,10 @@ grid is extended past that edge (at most twice, extend_edges). Target loss = the
 training loss; we report iterations each method needs to reach it (plot_all.py adds a looser common target).
 
     python benchmarks/asynchrony/exp2_closed_vs_open_loop.py [fmnist_resnet|char_lstm|all] [seed] [--extend-only]
+        [--add-scale-free]
 Writes exp2_<task>.json (seed 0, the default) or exp2_<task>_seed<seed>.json; plot_all.py draws the
-figures and the summary. --extend-only adds the edge extensions to an existing results file.
+figures and the summary. --extend-only adds the edge extensions to an existing results file; --add-scale-free
+adds the scale-free tuner's closed-loop runs, in both metrics (common.SCALE_FREE_METHODS), to one.
 """
 
 import json
@@ -18,7 +20,7 @@ import sys
 
 import torch
 
-from common import HERE, get_task, iterations_to, save_json, simulate, smooth
+from common import HERE, SCALE_FREE_METHODS, get_task, iterations_to, save_json, simulate, smooth
 
 NUM_WORKERS = 16
 SETUPS = {
@@ -70,15 +72,15 @@ def summarize(results):
     return summary
 
 
-def main(names, seed=0, extend_only=False):
+def main(names, seed=0, extend_only=False, add_scale_free=False):
     """``extend_only``: load the results file and only add the edge extensions (for a file written before
-    extend_edges existed)."""
+    extend_edges existed); ``add_scale_free``: load it and only add the scale-free tuner's runs."""
     torch.set_num_threads(1)
     for name in names:
         setup = SETUPS[name]
         task = get_task(name, **setup["options"])
         filename = f"exp2_{name}.json" if seed == 0 else f"exp2_{name}_seed{seed}.json"
-        if extend_only:
+        if extend_only or add_scale_free:
             with open(os.path.join(HERE, filename)) as f:
                 results = json.load(f)
         else:
@@ -97,13 +99,18 @@ def main(names, seed=0, extend_only=False):
             record(simulate(task, method, NUM_WORKERS, setup["steps"], seed=seed, lr=lr,
                             momentum=0.9 if method == "sgd" else 0.0, staleness="fixed", sensors=True))
 
-        if not extend_only:
+        if add_scale_free:
+            results["runs"] = [run for run in results["runs"] if run["method"] not in SCALE_FREE_METHODS]
+            for method in SCALE_FREE_METHODS:
+                record(simulate(task, method, NUM_WORKERS, setup["steps"], seed=seed, staleness="fixed"))
+        elif not extend_only:
             for method in ("yellowfin_closed", "yellowfin_closed_effective", "yellowfin_open"):
                 record(simulate(task, method, NUM_WORKERS, setup["steps"], seed=seed, staleness="fixed"))
             for method, grid in setup["grids"].items():
                 for lr in grid:
                     run_baseline(method, lr)
-        extend_edges(results, setup, run_baseline)
+        if not add_scale_free:
+            extend_edges(results, setup, run_baseline)
         print(name, summarize(results), flush=True)
         save_json(results, filename)
 
@@ -112,4 +119,4 @@ if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     which = args[0] if args else "all"
     main(list(SETUPS) if which == "all" else [which], int(args[1]) if len(args) > 1 else 0,
-         extend_only="--extend-only" in sys.argv)
+         extend_only="--extend-only" in sys.argv, add_scale_free="--add-scale-free" in sys.argv)

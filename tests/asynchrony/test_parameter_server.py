@@ -152,6 +152,15 @@ def test_closed_loop_yellowfin_on_the_server():
     assert report["mean_staleness"] > 0
 
 
+def test_the_server_tells_the_optimizer_the_mean_staleness_of_what_it_applies():
+    # (never started: apply_gradient is the path every pushed gradient takes)
+    server = _server(num_workers=3, optimizer_fn=lambda p: YellowFin(p, tuner="scale_free"), closed_loop=True)
+    for pulled in (0, 0, 1, 1):  # staleness 0, 1, 1, 2
+        assert server.apply_gradient(0, pulled, np.ones(36, dtype=np.float32)) is True
+    assert server.optimizer.stats()["staleness"] == pytest.approx(1.0)
+    assert server.report()["mean_staleness"] == pytest.approx(1.0)
+
+
 def test_a_worker_whose_loss_raises_is_restarted_within_its_budget_then_the_run_stops_with_its_error():
     server = _server(num_workers=2, loss=failing_loss, max_restarts=2)
     with server:

@@ -154,21 +154,39 @@ def test_checkpoint_of_an_open_loop_run_does_not_load_into_a_closed_loop_one():
 
 
 @pytest.mark.parametrize("precondition", [None, "adam"])
-def test_asynchronous_systems_refuse_the_scale_free_tuner_with_several_workers(precondition):
-    # Its secant pairs each gradient with the last step, which stale gradients break, and its DoG rule diverged
-    # under simulated staleness with 4 and 8 workers (docs/tuner.md §6, §8); preconditioned, it is the same DoG
-    # rule. One worker has no staleness, and runs.
+def test_asynchronous_systems_refuse_the_scale_free_tuner_open_loop_in_hogwild_and_with_its_secant(precondition):
+    # Cut for the delay but open-loop, its step failed under round-robin staleness (docs/tuner.md §10); Hogwild's
+    # tuner steps a copy of the parameters of its own, whose distance is not the run's; the secant pairs each
+    # gradient with the last step, which stale gradients break. One worker has no staleness, and runs open-loop.
     from asynchrony_problems import make_regression_model, regression_batches, regression_loss
     from yellowfin.asynchrony import Hogwild
     from yellowfin.asynchrony.server_core import ServerCore
 
     scale_free = lambda params: YellowFin(params, tuner="scale_free", precondition=precondition)  # noqa: E731
-    with pytest.raises(ValueError, match="scale_free.*asynchrony"):
+    with pytest.raises(ValueError, match="scale_free.*closed_loop=True"):
         _simulate(scale_free, num_workers=4)
-    with pytest.raises(ValueError, match="scale_free.*asynchrony"):
+    with pytest.raises(ValueError, match="scale_free.*closed_loop=True"):
         model = make_regression_model(0)
         ServerCore(model, scale_free(model.parameters()), num_workers=3)
-    with pytest.raises(ValueError, match="scale_free.*asynchrony"):
-        Hogwild(make_regression_model(0), regression_loss, regression_batches, num_workers=2, tuner=scale_free)
+    with pytest.raises(ValueError, match="scale_free.*Hogwild"):
+        Hogwild(make_regression_model(0), regression_loss, regression_batches, num_workers=2, tuner=scale_free,
+                closed_loop=True)
+    if precondition is None:
+        with pytest.raises(ValueError, match="secant.*asynchrony"):
+            _simulate(lambda params: YellowFin(params, tuner="scale_free", step_rule="secant"), num_workers=4,
+                      closed_loop=True)
     _, _, losses = _simulate(scale_free, num_workers=1, steps=30)
     assert all(math.isfinite(loss) for loss in losses)
+
+
+@pytest.mark.parametrize("precondition", [None, "adam"])
+def test_the_scale_free_tuner_trains_closed_loop_told_the_mean_staleness(precondition):
+    sim, model, losses = _simulate(lambda params: YellowFin(params, tuner="scale_free", precondition=precondition),
+                                   num_workers=4, staleness="fixed", steps=200, closed_loop=True)
+    counts = sim.staleness_counts
+    assert counts == {0: 1, 1: 1, 2: 1, 3: 197}
+    # (reported before the last step, which it counts)
+    assert sim.optimizer.stats()["staleness"] == pytest.approx(sum(k * n for k, n in counts.items()) / 200)
+    assert sim.controller.corrections > 0
+    assert all(math.isfinite(loss) for loss in losses)
+    assert sum(losses[-20:]) < 0.1 * sum(losses[:20])

@@ -149,7 +149,7 @@ class Hogwild(WorkerProcesses):
         # The tuner steps a private copy of the parameters: it is only there to measure and tune.
         self.shadow = [p.detach().clone().requires_grad_(True) for p in self.params]
         self.tuner = tuner(self.shadow) if tuner is not None else None
-        refuse_under_asynchrony(self.tuner, num_workers)
+        refuse_under_asynchrony(self.tuner, num_workers, closed_loop, tunes_the_run=False)
         self.controller = None
         self.sensor: MomentumSensor | None = None
         if closed_loop:

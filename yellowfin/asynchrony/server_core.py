@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..files import load_all_or_nothing, load_checkpoint_file, save_checkpoint_file
-from ..tuned import is_tuner, refuse_under_asynchrony, step_size_of
+from ..tuned import is_tuner, refuse_under_asynchrony, report_staleness, step_size_of
 from .controller import ClosedLoopMomentum, closed_loop_for, momentum_trace
 from .flat import flat_parameters, gradient_problem, load_gradients
 from .sensor import MomentumSensor
@@ -40,7 +40,7 @@ class ServerCore:
                  controller: ClosedLoopMomentum | None = None, sensor: MomentumSensor | None = None,
                  sensor_step: str = "algorithmic", sensor_subset: int = 512, gain: float = 0.01,
                  checkpoint_path: str | None = None, checkpoint_every: int = 0, trace_every: int = 1):
-        refuse_under_asynchrony(optimizer, num_workers)
+        refuse_under_asynchrony(optimizer, num_workers, closed_loop=closed_loop or controller is not None)
         self.model = model
         self.optimizer = optimizer
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -88,12 +88,13 @@ class ServerCore:
         flat_grad = torch.from_numpy(grad)
         load_gradients(self.params, flat_grad)
         staleness = self.version - pulled_version
+        self.staleness_counts[staleness] += 1
+        report_staleness(self.optimizer, self.staleness_counts)
         self.optimizer.step()
         if self.sensor is not None:
             self.sensor.record_step(self.version, step_size_of(self.optimizer))
         self.version += 1
         self._publish()
-        self.staleness_counts[staleness] += 1
         self.applied_per_worker[worker_id] += 1
         if self.sensor is not None:  # the plug-in sequence StalenessSimulator.step follows too
             self.sensor.observe(pulled_version, flat_grad)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..tuned import refuse_under_asynchrony, step_size_of
+from ..tuned import refuse_under_asynchrony, report_staleness, step_size_of
 from .controller import closed_loop_for, momentum_trace
 from .flat import flat_parameters, load_gradients, load_parameters, loss_and_flat_gradient
 from .sensor import MomentumSensor
@@ -77,7 +77,7 @@ class StalenessSimulator:
                  sensors: Iterable[MomentumSensor] = (), controller=None, closed_loop: bool = False,
                  sensor_step: str = "algorithmic", gain: float = 0.01,
                  step_size_fn: Callable[[object], float] = step_size_of, trace_every: int = 1):
-        refuse_under_asynchrony(optimizer, num_workers)
+        refuse_under_asynchrony(optimizer, num_workers, closed_loop=closed_loop or controller is not None)
         self.model = model
         self.optimizer = optimizer
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -124,6 +124,7 @@ class StalenessSimulator:
         stale_version, grad, loss = self.stale_gradient(loss_fn, batch, tau)
         actual_tau = self.version - stale_version
         self.staleness_counts[actual_tau] += 1
+        report_staleness(self.optimizer, self.staleness_counts)
         load_gradients(self.params, grad)
         self.optimizer.step()
         step = self.step_size_fn(self.optimizer)
