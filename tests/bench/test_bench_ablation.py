@@ -46,6 +46,14 @@ def test_variants_by_seeds_write_results_files_resume_and_tabulate(tmp_path):
         assert row[4].strip() == "no baseline results"
 
 
+def test_a_variant_whose_setting_is_infinite_writes_its_results_file(tmp_path):
+    # (relative_clip=math.inf turns the clip off; JSON has no infinity, so the file records the string)
+    assert VARIANTS["scale_free_dowg_average"].overrides["relative_clip"] == math.inf
+    outcome = _ablate(tmp_path, ["scale_free_dowg_average"], seeds=(0,))
+    record = results_io.read_result(outcome.ran[0])
+    assert record["hyper"]["relative_clip"] == "inf" and float(record["hyper"]["relative_clip"]) == math.inf
+
+
 def test_the_overview_puts_every_variant_on_every_task_in_one_row(tmp_path):
     results_dir = tmp_path / "ablation"
     _ablate(results_dir, ["reference", "paper"])

@@ -35,6 +35,18 @@ def finite_or_none(value: float) -> float | None:
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
+def recorded_setting(value: Any) -> Any:
+    """A hyperparameter as a results file can hold it: JSON has no infinity, so a setting such as
+    ``relative_clip=math.inf`` (no clipping) is written as the string "inf" (``float("inf")`` reads it back)."""
+    if isinstance(value, dict):
+        return {key: recorded_setting(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [recorded_setting(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
 def check_writable(directory: str | os.PathLike, subdirectories: Iterable[str] = ()) -> Path:
     """Create directory (and its parents) when missing and prove that files can be written in it and in the
     subdirectories named (those that exist already; the others will be created in it). Raises NotWritableError,

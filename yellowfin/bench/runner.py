@@ -141,7 +141,7 @@ def train_run(task: Task, spec: OptimizerSpec, seed: int, steps: int, lr: float 
         "optimizer_label": spec.label,
         "kind": spec.kind,
         "lr": lr,
-        "hyper": spec.hyper,
+        "hyper": results_io.recorded_setting(spec.hyper),
         "seed": seed,
         "steps": steps,
         "completed_steps": len(losses),
