@@ -152,6 +152,16 @@ def test_closed_loop_yellowfin_on_the_server():
     assert report["mean_staleness"] > 0
 
 
+def test_the_scale_free_tuner_trains_on_the_server_closed_loop():
+    server = _server(num_workers=3, optimizer_fn=lambda p: YellowFin(p, tuner="scale_free"), closed_loop=True)
+    before = regression_eval_loss(server.model)
+    with server:
+        report = server.run(300, timeout=60)
+    assert report["mean_staleness"] > 0
+    assert server.optimizer.stats()["staleness"] == pytest.approx(report["mean_staleness"])
+    assert regression_eval_loss(server.model) < 0.05 * before
+
+
 def test_the_server_tells_the_optimizer_the_mean_staleness_of_what_it_applies():
     # (never started: apply_gradient is the path every pushed gradient takes)
     server = _server(num_workers=3, optimizer_fn=lambda p: YellowFin(p, tuner="scale_free"), closed_loop=True)
