@@ -130,6 +130,11 @@ VARIANTS: dict[str, dict] = {
     "snr_dowg_update_clip_3": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99,
                                    start_distance=1e-3, dog_weights="distance", relative_clip=3.0,
                                    clip_update_only=True),
+    # k^2 = 1 / (1 - memory): clip only a gradient whose square alone outweighs the whole running mean it is judged
+    # against (at weight 1 - 0.99 it would double it), not the gradient's ordinary growth early in a run
+    "snr_dowg_update_clip_10": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99,
+                                    start_distance=1e-3, dog_weights="distance", relative_clip=10.0,
+                                    clip_update_only=True),
     # the same, against a running mean that includes the gradient it judges (as Adam's second moment includes the
     # gradient it divides): a gradient then carries a weight (1 - 0.99) / (1 - 0.99^t) of its own threshold, so the clip
     # cannot act while the mean holds fewer than about k^2 gradients, and is the same as above once it holds ~100
