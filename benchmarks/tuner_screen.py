@@ -130,6 +130,10 @@ VARIANTS: dict[str, dict] = {
     "snr_dowg_update_clip_3": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99,
                                    start_distance=1e-3, dog_weights="distance", relative_clip=3.0,
                                    clip_update_only=True),
+    # the clip as a rate limit: what it cuts is carried to the next steps' updates, not dropped (clip_defers)
+    "snr_dowg_update_clip_2_deferred": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99,
+                                            start_distance=1e-3, dog_weights="distance", relative_clip=2.0,
+                                            clip_update_only=True, clip_defers=True),
     # k^2 = 1 / (1 - memory): clip only a gradient whose square alone outweighs the whole running mean it is judged
     # against (at weight 1 - 0.99 it would double it), not the gradient's ordinary growth early in a run
     "snr_dowg_update_clip_10": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99,
@@ -173,7 +177,7 @@ class FlatTuner(torch.optim.Optimizer):
                  dog_cap: bool = False, without_momentum: bool = False, dog_weights: str = "uniform",
                  momentum_floor: float = 0.0, max_effective_step: float = math.inf,
                  step_growth: float = math.inf, relative_clip: float = math.inf, clip_update_only: bool = False,
-                 clip_mean_includes_current: bool = False):
+                 clip_mean_includes_current: bool = False, clip_defers: bool = False):
         super().__init__(params, {})
         # relative_clip: the gradient's norm clipped at that many times the root of the running mean of ||g||^2
         # (memory 0.99, debiased; from the second step on): a gradient far above every norm the step was calibrated
@@ -185,6 +189,11 @@ class FlatTuner(torch.optim.Optimizer):
         if clip_mean_includes_current and not clip_update_only:
             raise ValueError("clip_mean_includes_current is a form of the update-only clip")
         self.clip_mean_includes_current = clip_mean_includes_current
+        # clip_defers: what the clip cuts is not dropped but carried to the next step's update (a rate limit on the
+        # gradient applied, not a cut): the whole gradient is applied in the end, spread over the steps it needs.
+        if clip_defers and not clip_update_only:
+            raise ValueError("clip_defers is a form of the update-only clip")
+        self.clip_defers, self.carry = clip_defers, None
         # Diagnostics of the DoG/DoWG start (alpha_units="dog"): max_effective_step caps alpha / (1 - mu) at a fixed
         # value (an oracle: tuned SGD's, to ask whether the size of the step is what keeps a run on a plateau);
         # step_growth lets the effective step grow at most by that factor a step, a bound that the movement the
@@ -257,7 +266,7 @@ class FlatTuner(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         g = self._flat(p.grad for p in self.params)
-        self.update_factor = 1.0
+        self.update_factor, self.clip_threshold = 1.0, None
         if self.relative_clip < math.inf:
             clipped_before = self.clipped_steps
             norm_sq = float(g.dot(g))
@@ -266,6 +275,7 @@ class FlatTuner(torch.optim.Optimizer):
                 self.clip_sq_avg = 0.99 * self.clip_sq_avg + 0.01 * norm_sq
             if self.clip_steps > 0:
                 rms = math.sqrt(self.clip_sq_avg / (1.0 - 0.99**self.clip_steps))
+                self.clip_threshold = self.relative_clip * rms
                 if norm_sq > (self.relative_clip * rms) ** 2:
                     factor = self.relative_clip * rms / math.sqrt(norm_sq)
                     if self.clip_update_only:
@@ -290,7 +300,17 @@ class FlatTuner(torch.optim.Optimizer):
         if (self.alpha_units, self.momentum_rule, self.kappa) != ("gradient", "reference", "squared"):
             mu, alpha = self._retune(state, g, bool(started))
             state = state.replace(mu=mu, alpha=alpha)
-        self.velocity.mul_(mu).add_(c.grad_scale * self.update_factor * g)
+        if self.clip_defers:
+            applied = g if self.carry is None else g + self.carry
+            limit = self.clip_threshold
+            norm = float(applied.norm())
+            if limit is not None and norm > limit:
+                self.carry, applied = applied * (1.0 - limit / norm), applied * (limit / norm)
+            else:
+                self.carry = None
+            self.velocity.mul_(mu).add_(c.grad_scale * applied)
+        else:
+            self.velocity.mul_(mu).add_(c.grad_scale * self.update_factor * g)
         self.weight_sum = float(mu) * self.weight_sum + float(c.grad_scale)
         x = x - alpha * self.velocity
         offset = 0
