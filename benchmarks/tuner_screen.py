@@ -130,6 +130,11 @@ VARIANTS: dict[str, dict] = {
     "snr_dowg_update_clip_3": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99,
                                    start_distance=1e-3, dog_weights="distance", relative_clip=3.0,
                                    clip_update_only=True),
+    # the clip triggered by an outlier against the memory (a gradient whose square alone would double the running
+    # mean, K^2 = 1 / (1 - 0.99)), which it cuts to twice the RMS as before
+    "snr_dowg_update_clip_2_trigger_10": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99,
+                                              start_distance=1e-3, dog_weights="distance", relative_clip=2.0,
+                                              clip_update_only=True, clip_trigger=10.0),
     # the clip as a rate limit: what it cuts is carried to the next steps' updates, not dropped (clip_defers)
     "snr_dowg_update_clip_2_deferred": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99,
                                             start_distance=1e-3, dog_weights="distance", relative_clip=2.0,
@@ -177,7 +182,8 @@ class FlatTuner(torch.optim.Optimizer):
                  dog_cap: bool = False, without_momentum: bool = False, dog_weights: str = "uniform",
                  momentum_floor: float = 0.0, max_effective_step: float = math.inf,
                  step_growth: float = math.inf, relative_clip: float = math.inf, clip_update_only: bool = False,
-                 clip_mean_includes_current: bool = False, clip_defers: bool = False):
+                 clip_mean_includes_current: bool = False, clip_defers: bool = False,
+                 clip_trigger: float | None = None):
         super().__init__(params, {})
         # relative_clip: the gradient's norm clipped at that many times the root of the running mean of ||g||^2
         # (memory 0.99, debiased; from the second step on): a gradient far above every norm the step was calibrated
@@ -194,6 +200,9 @@ class FlatTuner(torch.optim.Optimizer):
         if clip_defers and not clip_update_only:
             raise ValueError("clip_defers is a form of the update-only clip")
         self.clip_defers, self.carry = clip_defers, None
+        # clip_trigger: the clip acts only on a gradient above that many times the running RMS (and then cuts it to
+        # relative_clip times it): an outlier against the memory, not the gradient's ordinary growth
+        self.clip_trigger = relative_clip if clip_trigger is None else clip_trigger
         # Diagnostics of the DoG/DoWG start (alpha_units="dog"): max_effective_step caps alpha / (1 - mu) at a fixed
         # value (an oracle: tuned SGD's, to ask whether the size of the step is what keeps a run on a plateau);
         # step_growth lets the effective step grow at most by that factor a step, a bound that the movement the
@@ -276,7 +285,7 @@ class FlatTuner(torch.optim.Optimizer):
             if self.clip_steps > 0:
                 rms = math.sqrt(self.clip_sq_avg / (1.0 - 0.99**self.clip_steps))
                 self.clip_threshold = self.relative_clip * rms
-                if norm_sq > (self.relative_clip * rms) ** 2:
+                if norm_sq > (self.clip_trigger * rms) ** 2:
                     factor = self.relative_clip * rms / math.sqrt(norm_sq)
                     if self.clip_update_only:
                         self.update_factor = factor

@@ -86,8 +86,9 @@ def test_the_trajectory_does_not_depend_on_the_loss_scale(flavour, step_rule):
 
 
 def test_the_relative_clip_acts_and_keeps_the_trajectory_free_of_the_loss_scale():
+    # (a clip and trigger far tighter than the defaults, so that it acts on this small problem's gradients)
     def clipped(params):
-        return YellowFin(params, tuner="scale_free", relative_clip=1.1, foreach=False)
+        return YellowFin(params, tuner="scale_free", relative_clip=1.1, clip_trigger=1.1, foreach=False)
 
     unscaled, _, _ = train(clipped)
     unclipped, _, _ = train(lambda params: YellowFin(params, tuner="scale_free", relative_clip=math.inf))
@@ -105,7 +106,8 @@ def test_the_reference_trajectory_does_depend_on_the_loss_scale():
 
 
 @pytest.mark.parametrize("options", [dict(step_rule="dog"), dict(step_rule="dowg"),
-                                     dict(step_rule="dowg", relative_clip=1.1)], ids=["dog", "dowg", "dowg_clipped"])
+                                     dict(step_rule="dowg", relative_clip=1.1, clip_trigger=1.1)],
+                         ids=["dog", "dowg", "dowg_clipped"])
 @pytest.mark.parametrize("flavour", ["multi_tensor", "compiled"])
 def test_the_flavours_give_the_single_tensor_numbers(flavour, options):
     # Frozen layer, a 0-dim parameter, two groups with different lr, gradients missing on some steps, a NaN step.
@@ -122,9 +124,10 @@ def test_the_flavours_give_the_single_tensor_numbers(flavour, options):
     (dict(step_rule="dog", relative_clip=math.inf), "snr_dog_start_1e-3"),
     (dict(step_rule="dowg", relative_clip=math.inf), "snr_dowg_start_1e-3"),
     (dict(step_rule="secant", relative_clip=math.inf), "ds_memory_0.99"),
-    # (a clip tighter than the screen's 2, so that it acts on this small problem's gradients)
-    (dict(step_rule="dog", relative_clip=1.1), "snr_dog_update_clip_2"),
-    (dict(step_rule="dowg", relative_clip=1.1), "snr_dowg_update_clip_2"),
+    # (a clip and trigger tighter than the defaults, so that it acts on this small problem's gradients)
+    (dict(step_rule="dog", relative_clip=1.1, clip_trigger=1.1), "snr_dog_update_clip_2"),
+    (dict(step_rule="dowg", relative_clip=1.1, clip_trigger=1.1), "snr_dowg_update_clip_2"),
+    (dict(step_rule="dowg", relative_clip=1.1, clip_trigger=1.3), "snr_dowg_update_clip_2_trigger_10"),
 ])
 def test_matches_the_flat_prototype(options, variant):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -132,8 +135,8 @@ def test_matches_the_flat_prototype(options, variant):
 
     library, _, opt = train(lambda params: YellowFin(params, tuner="scale_free", foreach=False, **options))
     # (the library's default memory for this tuner is 0.99, the prototype variants' memory)
-    prototype, _, flat_tuner = train(
-        lambda params: FlatTuner(params, **{**VARIANTS[variant], "relative_clip": options["relative_clip"]}))
+    clip = {"relative_clip": options["relative_clip"], "clip_trigger": options.get("clip_trigger")}
+    prototype, _, flat_tuner = train(lambda params: FlatTuner(params, **{**VARIANTS[variant], **clip}))
     # The same algorithm; the library computes from scalars what the prototype computes from flat vectors
     # (the secant as P - <g, lr v>), so rounding differs in the last digits and grows a little along the way.
     assert relative_difference(library, prototype) < 1e-7
@@ -368,6 +371,9 @@ def test_the_step_rule_and_clip_are_the_scale_free_tuners_and_each_group_names_w
             YellowFin([p], tuner="scale_free", relative_clip=bad)
     with pytest.raises(TypeError, match="relative_clip"):
         YellowFin([p], tuner="scale_free", relative_clip="2")
+    assert plain.param_groups[0]["clip_trigger"] == pytest.approx(10.0)  # 1 / sqrt(1 - 0.99), the group's memory
+    assert YellowFin([p], tuner="scale_free", beta=0.9).param_groups[0]["clip_trigger"] == pytest.approx(10**0.5)
+    assert YellowFin([p]).param_groups[0]["clip_trigger"] is None
     with pytest.raises(ValueError, match="step_rule"):
         YellowFin([p], step_rule="dog")  # the reference has no step rule to choose
     with pytest.raises(ValueError, match="step_rule"):
@@ -378,11 +384,14 @@ def test_the_step_rule_and_clip_are_the_scale_free_tuners_and_each_group_names_w
     ("step_rule", "absent", "secant", "dowg"),  # saved before step_rule existed: the secant rule
     ("step_rule", None, "dog", "dowg"),  # saved while None meant DoG's rule
     ("relative_clip", "absent", math.inf, 1.1),  # saved before relative_clip existed: no clipping
+    ("clip_trigger", "absent", 1.1, 5.0),  # saved before clip_trigger existed: the clip acted at its own level
 ])
 def test_a_scale_free_checkpoint_that_does_not_name_an_option_keeps_what_it_ran(option, saved_as, ran, now):
-    expected, _, _ = train(lambda params: YellowFin(params, tuner="scale_free", **{option: ran}), steps=40)
+    # (the clip tightened to 1.1, so that it acts on this small problem: what the trigger changes shows)
+    clip = {"relative_clip": 1.1} if option == "clip_trigger" else {}
+    expected, _, _ = train(lambda params: YellowFin(params, tuner="scale_free", **clip, **{option: ran}), steps=40)
     model, x, y = mlp_problem()
-    opt = YellowFin(model.parameters(), tuner="scale_free", **{option: ran})
+    opt = YellowFin(model.parameters(), tuner="scale_free", **clip, **{option: ran})
     for step in range(40):
         if step == 20:
             old = opt.state_dict()
@@ -391,7 +400,7 @@ def test_a_scale_free_checkpoint_that_does_not_name_an_option_keeps_what_it_ran(
                     del group[option]
                 else:
                     group[option] = saved_as
-            opt = YellowFin(model.parameters(), tuner="scale_free", **{option: now})
+            opt = YellowFin(model.parameters(), tuner="scale_free", **clip, **{option: now})
             opt.load_state_dict(old)
             assert opt.param_groups[0][option] == ran
         rows = (torch.arange(16) + 16 * step) % 64

@@ -154,7 +154,7 @@ def test_adaptive_clipping_bounds_the_statistics_by_ten_and_the_update_by_one_sq
 
 
 def test_the_scale_free_relative_clip_bounds_the_update_by_the_running_root_mean_square():
-    settings = TunerSettings(tuner="scale_free", relative_clip=2.0)
+    settings = TunerSettings(tuner="scale_free", relative_clip=2.0, clip_trigger=2.0)
     # ||g|| = 10 against a running mean square of 4 (rms 2): the update clipped to 2 * 2 = 4, the statistics not
     scale, update_scale = tuning.clipping_scales(100.0, 1.0, True, settings, grad_sq_mean=4.0)
     assert float(scale) == 1.0 and float(update_scale) * 10.0 == pytest.approx(4.0)
@@ -166,11 +166,38 @@ def test_the_scale_free_relative_clip_bounds_the_update_by_the_running_root_mean
     _, update_scale = tuning.clipping_scales(100.0 * 1e8, 1.0, True, settings, grad_sq_mean=4.0 * 1e8)
     assert float(update_scale) * 10.0 == pytest.approx(4.0)
     # after clip_norm: relative to the norm clip_norm left (s ||g|| = 5, so s u ||g|| = 4)
-    both = TunerSettings(tuner="scale_free", relative_clip=2.0, clip_norm=5.0)
+    both = TunerSettings(tuner="scale_free", relative_clip=2.0, clip_trigger=2.0, clip_norm=5.0)
     scale, update_scale = tuning.clipping_scales(100.0, 1.0, True, both, grad_sq_mean=4.0)
     assert float(scale) * 10.0 == pytest.approx(5.0) and float(scale * update_scale) * 10.0 == pytest.approx(4.0)
     unclipped = TunerSettings(tuner="scale_free", relative_clip=math.inf)
     assert tuple(map(float, tuning.clipping_scales(100.0, 1.0, True, unclipped, grad_sq_mean=4.0))) == (1.0, 1.0)
+
+
+def test_the_relative_clip_acts_only_above_its_trigger_which_defaults_to_the_memorys_outlier():
+    # By default the trigger is 1 / sqrt(1 - beta): 10 at the scale-free tuner's memory 0.99, 31.6 at 0.999.
+    settings = TunerSettings(tuner="scale_free")
+    assert settings.clip_trigger == pytest.approx(10.0) and settings.relative_clip == 2.0
+    assert TunerSettings(tuner="scale_free", beta=0.999).clip_trigger == pytest.approx(1000.0**0.5)
+    # rms 2: a gradient of norm 19 (9.5 times the rms) is left alone; one of 21 (10.5 times) is cut to 2 * 2 = 4
+    _, update_scale = tuning.clipping_scales(19.0**2, 1.0, True, settings, grad_sq_mean=4.0)
+    assert float(update_scale) == 1.0
+    _, update_scale = tuning.clipping_scales(21.0**2, 1.0, True, settings, grad_sq_mean=4.0)
+    assert float(update_scale) * 21.0 == pytest.approx(4.0)
+    # a trigger below the cut's level never raises the update
+    low = TunerSettings(tuner="scale_free", relative_clip=3.0, clip_trigger=2.0)
+    _, update_scale = tuning.clipping_scales(5.0**2, 1.0, True, low, grad_sq_mean=4.0)
+    assert float(update_scale) == 1.0
+    # the clip off: no trigger either; the reference and Adam's metric take none
+    assert TunerSettings(tuner="scale_free", relative_clip=math.inf).clip_trigger == math.inf
+    assert TunerSettings(tuner="scale_free", precondition="adam").clip_trigger == math.inf
+    assert TunerSettings().clip_trigger is None
+    for options, error in ((dict(clip_trigger=10.0), ValueError),
+                           (dict(tuner="scale_free", precondition="adam", clip_trigger=10.0), ValueError),
+                           (dict(tuner="scale_free", clip_trigger=0.0), ValueError),
+                           (dict(tuner="scale_free", clip_trigger=math.nan), ValueError),
+                           (dict(tuner="scale_free", clip_trigger="10"), TypeError)):
+        with pytest.raises(error, match="clip_trigger"):
+            TunerSettings(**options)
 
 
 def test_adaptive_clipping_after_clip_norm_clips_to_its_own_threshold():

@@ -170,6 +170,7 @@ class YellowFin(Optimizer):
         step_rule: str | None = None,
         precondition: str | None = None,
         relative_clip: float | None = None,
+        clip_trigger: float | None = None,
         average: bool = False,
         shard_group=None,
         **unknown,
@@ -184,11 +185,12 @@ class YellowFin(Optimizer):
             initial_momentum=initial_momentum, adaptive_clipping=adaptive_clipping, slow_start=slow_start,
             clip_norm=clip_norm, sparsity_correction=sparsity_correction, update_first=update_first,
             curvature_smoothing=curvature_smoothing, smooth_tuned=smooth_tuned, tuner=tuner, step_rule=step_rule,
-            precondition=precondition, relative_clip=relative_clip, average=average,
+            precondition=precondition, relative_clip=relative_clip, clip_trigger=clip_trigger, average=average,
         )
-        # (beta, step_rule and relative_clip as given: None stays None, so that each group's tuner picks its own)
+        # (beta, step_rule and the clip as given: None stays None, so that each group's tuner picks its own)
         defaults = dict(
-            vars(settings), beta=beta, step_rule=step_rule, relative_clip=relative_clip, lr=lr,
+            vars(settings), beta=beta, step_rule=step_rule, relative_clip=relative_clip, clip_trigger=clip_trigger,
+            lr=lr,
             weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, nesterov=nesterov,
             maximize=maximize, foreach=foreach, fused=fused,
         )
@@ -237,7 +239,8 @@ class YellowFin(Optimizer):
             raise ValueError("a parameter group lists the same tensor more than once: list each parameter once")
         settings = _check_group({**self.defaults, **param_group})
         if settings.scale_free:  # the group names its rule and clip: a checkpoint keeps them when a default changes
-            param_group.update(step_rule=settings.step_rule, relative_clip=settings.relative_clip)
+            param_group.update(step_rule=settings.step_rule, relative_clip=settings.relative_clip,
+                               clip_trigger=settings.clip_trigger)
         if not self.per_group_tuning and self.param_groups:
             shared = self._settings(self.param_groups[0])
             if settings != shared:
@@ -658,7 +661,8 @@ def _update(batch: _Batch, coefficients: tuning.UpdateCoefficients, floor: Tenso
 def _resolved_options_of_old_groups(saved: dict) -> dict:
     """What a scale-free group saved without naming them ran: the step rule "secant" if it was saved before
     step_rule existed, "dog" if with step_rule=None while that meant DoG's rule; no relative clip if saved before
-    relative_clip existed. {} for any other group."""
+    relative_clip existed; a clip that acts at its own level if saved before clip_trigger existed. {} for any other
+    group."""
     if saved.get("tuner") != "scale_free":
         return {}
     resolved = {}
@@ -668,6 +672,8 @@ def _resolved_options_of_old_groups(saved: dict) -> dict:
         resolved["step_rule"] = "dog"
     if saved.get("relative_clip") is None:
         resolved["relative_clip"] = math.inf
+    if saved.get("clip_trigger") is None:
+        resolved["clip_trigger"] = resolved.get("relative_clip", saved.get("relative_clip"))
     return resolved
 
 

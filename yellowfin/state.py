@@ -54,6 +54,12 @@ class TunerSettings:
     # the step's sum among them, see the gradient as it came, so the step falls at once. A ratio of gradient
     # norms, so loss-scale free. math.inf: no clipping. None: the metric's default (DEFAULT_RELATIVE_CLIP).
     relative_clip: float | None = None
+    # The relative clip acts only on a gradient above clip_trigger times that running RMS (and then cuts it to
+    # relative_clip times it). None: 1 / sqrt(1 - beta), so that it acts on a gradient whose share of the running
+    # mean of ||g||^2, 1 - beta, would alone equal the whole mean: an outlier against the tuner's memory (the
+    # autoencoder's escape from its plateau, 16 to 81 times the RMS), not the ordinary growth of the gradient early
+    # in a run (the char-LSTM's, 3 to 4 times), which the clip cost a lasting part of its step (docs/tuner.md §10).
+    clip_trigger: float | None = None
     # Keep the iterates' polynomial average (weights growing as t^AVERAGE_POWER, tuning.average_weight) in one more
     # buffer per parameter; ``YellowFin.averaged()`` puts it in the parameters for evaluation. It changes nothing
     # in the trajectory: it is the point to hand out, which under gradient noise is much closer to the optimum.
@@ -79,15 +85,26 @@ class TunerSettings:
                    "None or a number > 0 (math.inf: no clipping)")
         elif self.scale_free:
             object.__setattr__(self, "relative_clip", DEFAULT_RELATIVE_CLIP.get(self.precondition, math.inf))
+        if self.clip_trigger is not None:
+            if not self.scale_free:
+                raise ValueError(f"clip_trigger={self.clip_trigger!r} is an option of tuner='scale_free' (the "
+                                 "reference clips by its own adaptive_clipping)")
+            check_number("clip_trigger", self.clip_trigger, "None or a number > 0 (math.inf: no clipping)")
+            _check(self.clip_trigger > 0.0, "clip_trigger", self.clip_trigger,
+                   "None or a number > 0 (math.inf: no clipping)")
+        elif self.scale_free:
+            object.__setattr__(self, "clip_trigger",
+                               outlier_trigger(self.beta) if math.isfinite(self.relative_clip) else math.inf)
         if self.precondition is not None:
             _check(self.precondition in PRECONDITIONERS, "precondition", self.precondition,
                    "None or " + " or ".join(map(repr, PRECONDITIONERS)))
             if not self.scale_free or self.step_rule != "dog":
                 raise ValueError(f"precondition={self.precondition!r} is an option of tuner='scale_free' with "
                                  f"step_rule='dog'; got tuner={self.tuner!r}, step_rule={self.step_rule!r}")
-            if math.isfinite(self.relative_clip):  # (measured in the plain metric only)
-                raise ValueError(f"relative_clip={self.relative_clip!r} is an option of the plain metric; "
-                                 f"precondition={self.precondition!r} takes none (math.inf)")
+            for name in ("relative_clip", "clip_trigger"):  # (measured in the plain metric only)
+                if math.isfinite(getattr(self, name)):
+                    raise ValueError(f"{name}={getattr(self, name)!r} is an option of the plain metric; "
+                                     f"precondition={self.precondition!r} takes none (math.inf)")
         for name, allowed in (("beta", "[0, 1)"), ("eps", "(0, 1)"), ("initial_lr", "[0, inf)"),
                               ("initial_momentum", "(-1, 1)")):
             check_number(name, getattr(self, name), f"a number in {allowed}")
@@ -166,6 +183,12 @@ DEFAULT_RELATIVE_CLIP = {None: 2.0, "adam": math.inf}
 SCALE_FREE_EPS = 1e-30
 # TunerSettings.precondition: the metrics the scale-free tuner can measure and step in besides the plain one.
 PRECONDITIONERS = ("adam",)
+
+
+def outlier_trigger(beta: float) -> float:
+    """The relative clip's trigger by default (TunerSettings.clip_trigger): 1 / sqrt(1 - beta) times the running RMS,
+    where a gradient's share of the running mean of ||g||^2, (1 - beta) ||g||^2, alone equals the whole mean."""
+    return 1.0 / math.sqrt(1.0 - beta)
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:

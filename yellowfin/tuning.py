@@ -275,8 +275,9 @@ def clipping_scales(sq_norm, h_max, started, settings: TunerSettings,
     ``h_max`` is the previous step's estimate and ``started`` whether there was one (t >= 1).
     s g has norm at most ``clip_norm`` and, with adaptive clipping, at most sqrt(100 h_max);
     s u g has norm at most sqrt(h_max). The scale-free tuner's relative clip bounds s u ||g|| by
-    ``relative_clip`` sqrt(``grad_sq_mean``), the running mean of ||g||^2 over the steps before: in the update
-    alone, so that the step's measurements see the gradient as it came and the step reacts to it.
+    ``relative_clip`` sqrt(``grad_sq_mean``), the running mean of ||g||^2 over the steps before, where s ||g||
+    exceeds ``clip_trigger`` times that root: in the update alone, so that the step's measurements see the gradient
+    as it came and the step reacts to it.
     """
     sq_norm, h_max, started = _f64(sq_norm), _f64(h_max), torch.as_tensor(started)
     norm = torch.sqrt(sq_norm)
@@ -284,10 +285,12 @@ def clipping_scales(sq_norm, h_max, started, settings: TunerSettings,
     if settings.clip_norm is not None:
         scale = torch.where(norm > settings.clip_norm, settings.clip_norm / norm, 1.0)
     update_scale = torch.ones_like(norm)
-    if settings.scale_free and math.isfinite(settings.relative_clip):
-        threshold = settings.relative_clip * torch.sqrt(_f64(grad_sq_mean))
-        clipped = started & (scale * norm > threshold)
-        update_scale = torch.where(clipped, threshold / torch.where(clipped, scale * norm, 1.0), 1.0)
+    if settings.scale_free and math.isfinite(settings.relative_clip) and math.isfinite(settings.clip_trigger):
+        rms = torch.sqrt(_f64(grad_sq_mean))
+        clipped = started & (scale * norm > settings.clip_trigger * rms)
+        cut = torch.minimum(settings.relative_clip * rms / torch.where(clipped, scale * norm, 1.0),
+                            torch.ones_like(norm))
+        update_scale = torch.where(clipped, cut, 1.0)
     # (not for the scale-free tuner: its thresholds h_max are the reference's squared-gradient proxies)
     if settings.adaptive_clipping and not settings.scale_free:
         stat_threshold = torch.sqrt(100.0 * h_max)

@@ -130,9 +130,11 @@ def test_variants_build_what_they_say():
     assert settings(get_variant("scale_free").build(params)).step_rule == "secant"
     for name, rule in (("scale_free_beta_0.99", "secant"), ("scale_free_dog", "dog"), ("scale_free_dowg", "dowg")):
         assert settings(get_variant(name).build(params)) == dataclasses.replace(
-            scale_free_default, step_rule=rule, relative_clip=math.inf)
+            scale_free_default, step_rule=rule, relative_clip=math.inf, clip_trigger=math.inf)
     clipped = settings(get_variant("scale_free_dowg_clip_average").build(params))
-    assert clipped == dataclasses.replace(scale_free_default, average=True)
+    assert clipped == dataclasses.replace(scale_free_default, average=True, clip_trigger=2.0)  # (as first measured)
+    triggered = settings(get_variant("scale_free_dowg_clip_trigger_average").build(params))
+    assert triggered == dataclasses.replace(scale_free_default, average=True)
     spec = VARIANT_SPECS["yf_reference"]
     assert spec.records_tuner_trace and spec.every_seed and not spec.highlight
     assert VARIANT_SPECS["yf_control"].replays == "yf_reference"

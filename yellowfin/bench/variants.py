@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from yellowfin.bench.optimizers import CONTROL, UNTUNED, OptimizerSpec, YellowFinAverage, plain_sgd
+from yellowfin.state import outlier_trigger
 
 SPEC_PREFIX = "yf_"
 REFERENCE = "reference"
@@ -141,16 +142,26 @@ for _variant in (
             "smaller signal (a higher bound on mu)",
             overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "beta": 0.999}),
     # The relative clip of the update (relative_clip=2: the applied gradient's norm at most twice the running RMS;
-    # docs/tuner.md §10), on both DoG rules, handing out the average, and their controls.
+    # docs/tuner.md §10), on both DoG rules, handing out the average, and their controls; as first measured, it acted
+    # on every gradient above that level (clip_trigger=2).
     *(variant for rule in ("dowg", "dog") for variant in (
         Variant(f"scale_free_{rule}_clip_average",
                 f"scale_free_{rule}_average, its update clipped at 2x the gradient's running RMS",
-                overrides={"tuner": "scale_free", "step_rule": rule, "relative_clip": 2.0, "beta": 0.99,
-                           "average": True}),
+                overrides={"tuner": "scale_free", "step_rule": rule, "relative_clip": 2.0, "clip_trigger": 2.0,
+                           "beta": 0.99, "average": True}),
         Variant(f"control_scale_free_{rule}_clip",
                 f"plain SGD replaying scale_free_{rule}_clip_average's effective step",
                 control_of=f"scale_free_{rule}_clip_average"),
     )),
+    # The clip triggered only by an outlier against the memory, 1 / sqrt(1 - 0.99) = 10 times the running RMS (and
+    # then cut to 2 times it, as before), and its control.
+    Variant("scale_free_dowg_clip_trigger_average",
+            "scale_free_dowg_clip_average, the clip acting only on a gradient above 10x the running RMS",
+            overrides={"tuner": "scale_free", "step_rule": "dowg", "relative_clip": 2.0,
+                       "clip_trigger": outlier_trigger(0.99), "beta": 0.99, "average": True}),
+    Variant("control_scale_free_dowg_clip_trigger",
+            "plain SGD replaying scale_free_dowg_clip_trigger_average's effective step",
+            control_of="scale_free_dowg_clip_trigger_average"),
 ):
     register_variant(_variant)
 DEFAULT_VARIANTS = (REFERENCE, "paper", "control")
