@@ -1,16 +1,16 @@
-"""The char-LSTM on five seeds: is the relative clip's 0.3% behind tuned momentum SGD (three seeds, docs/tuner.md §10)
-more than the seeds' spread?
+"""Five seeds where three cannot decide: the char-LSTM (is the relative clip's 0.3% behind tuned momentum SGD more
+than the seeds' spread?) and the ResNet-20 (is the clip with its trigger behind it?); docs/tuner.md §10.
 
 Seeds 0-2 are the suite's and the ablation's runs (benchmarks/results, benchmarks/results-ablation); seeds 3 and 4
-ran with the same commands into benchmarks/results-five-seeds:
+ran with the same commands into benchmarks/results-five-seeds, e.g. for the char-LSTM:
 
     yellowfin bench char_lstm --optimizers sgd_momentum --seeds 0 3 4 --results benchmarks/results-five-seeds
-        (its seed-0 grid copied there from benchmarks/results, so that lr = 1 is chosen as in the suite)
-    yellowfin ablate char_lstm --variants scale_free_dowg_clip_average scale_free_dowg_average --seeds 3 4 \\
-        --results benchmarks/results-five-seeds
+        (its seed-0 grid copied there from benchmarks/results, so that the suite's learning rate is chosen)
+    yellowfin ablate char_lstm --variants scale_free_dowg_clip_average scale_free_dowg_average \\
+        scale_free_dowg_clip_trigger_average --seeds 3 4 --results benchmarks/results-five-seeds
 
-Prints the final smoothed training loss per seed (the ablation's measure), the means, and the clip's paired
-differences.
+Prints, per task, the final smoothed training loss per seed (the ablation's measure), the means, and each
+variant's paired differences.
 
     python benchmarks/five_seeds.py
 """
@@ -25,36 +25,51 @@ from yellowfin.bench import metrics
 from yellowfin.bench import results as results_io
 
 HERE = Path(__file__).resolve().parent
-STEPS, SEEDS = 1500, range(5)
-RUNS = {  # name: (file name pattern, directory of seeds 0-2)
-    "tuned momentum SGD (lr 1)": ("sgd_momentum_lr1_seed{seed}_steps{steps}.json", "results"),
-    "DoWG rule + average, unclipped": ("yf_scale_free_dowg_average_seed{seed}_steps{steps}.json", "results-ablation"),
-    "DoWG rule + relative clip + average": ("yf_scale_free_dowg_clip_average_seed{seed}_steps{steps}.json",
-                                            "results-ablation"),
+SEEDS = range(5)
+TUNED = "tuned momentum SGD"
+VARIANTS = {
+    "DoWG rule + average, unclipped (first measured)": "scale_free_dowg_average",
+    "DoWG rule + relative clip + average (trigger 2)": "scale_free_dowg_clip_average",
+    "DoWG rule + relative clip + average (trigger 10)": "scale_free_dowg_clip_trigger_average",
+}
+TASKS = {  # task: (steps, tuned momentum SGD's learning rate, the variants run on five seeds)
+    "char_lstm": (1500, "1", tuple(VARIANTS)),
+    "fmnist_resnet": (300, "0.03", tuple(VARIANTS)[1:]),
 }
 
 
-def final_smoothed(name: str, seed: int) -> float:
-    pattern, first = RUNS[name]
-    directory = HERE / (first if seed < 3 else "results-five-seeds") / "char_lstm"
-    record = results_io.read_result(directory / pattern.format(seed=seed, steps=STEPS))
-    return metrics.smooth(record["loss"], metrics.smoothing_window(STEPS))[-1]
+def path(task: str, run: str, seed: int) -> Path:
+    steps, lr, _ = TASKS[task]
+    if run == TUNED:
+        first, name = "results", f"sgd_momentum_lr{lr}_seed{seed}_steps{steps}.json"
+    else:
+        first, name = "results-ablation", f"yf_{VARIANTS[run]}_seed{seed}_steps{steps}.json"
+    return HERE / (first if seed < 3 else "results-five-seeds") / task / name
+
+
+def final_smoothed(task: str, run: str, seed: int) -> float | None:
+    record = results_io.read_result(path(task, run, seed))  # (None: not run)
+    if record is None:
+        return None
+    return metrics.smooth(record["loss"], metrics.smoothing_window(record["steps"]))[-1]
 
 
 def main() -> int:
-    finals = {name: [final_smoothed(name, seed) for seed in SEEDS] for name in RUNS}
-    print("| run | " + " | ".join(f"seed {seed}" for seed in SEEDS) + " | mean ± std |")
-    print("|---|" + "---|" * (len(SEEDS) + 1))
-    for name, values in finals.items():
-        print(f"| {name} | " + " | ".join(f"{v:.4f}" for v in values)
-              + f" | {statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f} |")
-    clipped, unclipped, tuned = (finals[name] for name in (
-        "DoWG rule + relative clip + average", "DoWG rule + average, unclipped", "tuned momentum SGD (lr 1)"))
-    for label, other in (("unclipped", unclipped), ("tuned momentum SGD", tuned)):
-        differences = [a - b for a, b in zip(clipped, other)]
-        print(f"clipped minus {label}, per seed: " + ", ".join(f"{d:+.4f}" for d in differences)
-              + f"; mean {statistics.fmean(differences):+.4f} ± {statistics.stdev(differences) / len(SEEDS) ** 0.5:.4f} "
-              "(standard error)")
+    for task, (_, _, variants) in TASKS.items():
+        runs = (TUNED, *variants)
+        finals = {run: [final_smoothed(task, run, seed) for seed in SEEDS] for run in runs}
+        print(f"\n{task}\n\n| run | " + " | ".join(f"seed {seed}" for seed in SEEDS) + " | mean ± std |")
+        print("|---|" + "---|" * (len(SEEDS) + 1))
+        for run, values in finals.items():
+            cells = " | ".join("–" if v is None else f"{v:.4f}" for v in values)
+            known = [v for v in values if v is not None]
+            print(f"| {run} | {cells} | {statistics.fmean(known):.4f} ± {statistics.stdev(known):.4f} |")
+        for run in variants:
+            pairs = [(a, b) for a, b in zip(finals[run], finals[TUNED]) if a is not None and b is not None]
+            differences = [a - b for a, b in pairs]
+            print(f"{run} minus {TUNED}, per seed: " + ", ".join(f"{d:+.4f}" for d in differences)
+                  + f"; mean {statistics.fmean(differences):+.4f} ± "
+                  f"{statistics.stdev(differences) / len(differences) ** 0.5:.4f} (standard error)")
     return 0
 
 

@@ -175,10 +175,10 @@ DEFAULT_BETA = {"reference": 0.999, "scale_free": 0.99}
 STEP_RULES = ("dog", "dowg", "secant")
 DEFAULT_STEP_RULE = {None: "dowg", "adam": "dog"}
 # The scale-free tuner's relative clip (TunerSettings.relative_clip) when none is given, by metric. 2 in the plain
-# metric, the one value screened, chosen because minibatch gradient norms concentrate near their RMS: it acts on
-# regime changes (the autoencoder's escape from its plateau, where it turned 2 of 3 seeds stuck into 3 of 3 ahead
-# of tuned momentum SGD) and almost never on ordinary steps (docs/tuner.md §10). None in Adam's metric, where it was
-# not measured (the autoencoder's plateau is no problem there).
+# metric, the one value screened for the cut: the autoencoder's escape from its plateau cut to twice the RMS turned
+# 2 of 3 seeds stuck into 3 of 3 ahead of tuned momentum SGD, and cut to ten times it one seed fell back (docs/tuner.md
+# §10). It acts above its trigger (TunerSettings.clip_trigger, by default outlier_trigger(beta)). None in Adam's
+# metric, where it was not measured (the autoencoder's plateau is no problem there).
 DEFAULT_RELATIVE_CLIP = {None: 2.0, "adam": math.inf}
 SCALE_FREE_EPS = 1e-30
 # TunerSettings.precondition: the metrics the scale-free tuner can measure and step in besides the plain one.
