@@ -183,6 +183,11 @@ def test_the_relative_clip_acts_only_above_its_trigger_which_defaults_to_the_mem
     assert float(update_scale) == 1.0
     _, update_scale = tuning.clipping_scales(21.0**2, 1.0, True, settings, grad_sq_mean=4.0)
     assert float(update_scale) * 21.0 == pytest.approx(4.0)
+    # under asynchrony (a reported staleness) the clip acts at its own level: 5 (2.5 times the rms) is cut to 4
+    _, update_scale = tuning.clipping_scales(5.0**2, 1.0, True, settings, grad_sq_mean=4.0)
+    assert float(update_scale) == 1.0
+    _, update_scale = tuning.clipping_scales(5.0**2, 1.0, True, settings, grad_sq_mean=4.0, staleness=1.5)
+    assert float(update_scale) * 5.0 == pytest.approx(4.0)
     # a trigger below the cut's level never raises the update
     low = TunerSettings(tuner="scale_free", relative_clip=3.0, clip_trigger=2.0)
     _, update_scale = tuning.clipping_scales(5.0**2, 1.0, True, low, grad_sq_mean=4.0)

@@ -268,7 +268,7 @@ def gradient_gates(sq_norm) -> tuple[Tensor, Tensor]:
 
 
 def clipping_scales(sq_norm, h_max, started, settings: TunerSettings,
-                    grad_sq_mean=None) -> tuple[Tensor, Tensor]:
+                    grad_sq_mean=None, staleness=0.0) -> tuple[Tensor, Tensor]:
     """(s, u): the factor on g for the statistics and the update (s), and the extra factor for the
     update alone (u), for a gradient with ||g||^2 = ``sq_norm`` (§4.1, §4.2, §4.5).
 
@@ -277,7 +277,9 @@ def clipping_scales(sq_norm, h_max, started, settings: TunerSettings,
     s u g has norm at most sqrt(h_max). The scale-free tuner's relative clip bounds s u ||g|| by
     ``relative_clip`` sqrt(``grad_sq_mean``), the running mean of ||g||^2 over the steps before, where s ||g||
     exceeds ``clip_trigger`` times that root: in the update alone, so that the step's measurements see the gradient
-    as it came and the step reacts to it.
+    as it came and the step reacts to it. Under asynchrony (a reported mean ``staleness`` above 0) it acts at its own
+    level, whatever the trigger: the step hears of a gradient's consequences tau updates late, and with the trigger
+    at 10 the closed loop lost 3 to 10 times on the digits MLP and diverged on the char-LSTM (docs/tuner.md §10).
     """
     sq_norm, h_max, started = _f64(sq_norm), _f64(h_max), torch.as_tensor(started)
     norm = torch.sqrt(sq_norm)
@@ -287,7 +289,8 @@ def clipping_scales(sq_norm, h_max, started, settings: TunerSettings,
     update_scale = torch.ones_like(norm)
     if settings.scale_free and math.isfinite(settings.relative_clip) and math.isfinite(settings.clip_trigger):
         rms = torch.sqrt(_f64(grad_sq_mean))
-        clipped = started & (scale * norm > settings.clip_trigger * rms)
+        trigger = torch.where(_f64(staleness) > 0.0, settings.relative_clip, settings.clip_trigger)
+        clipped = started & (scale * norm > trigger * rms)
         cut = torch.minimum(settings.relative_clip * rms / torch.where(clipped, scale * norm, 1.0),
                             torch.ones_like(norm))
         update_scale = torch.where(clipped, cut, 1.0)
@@ -339,7 +342,7 @@ def tune_step(state: TunerState, sums: Sums, settings: TunerSettings) -> tuple[T
     # (the relative clip's mean square of the steps before, state.step of them; only the scale-free tuner reads it)
     grad_sq_mean = state.grad_sq_avg / torch.where(
         started, measurements.debias_factor(state.step - 1.0, settings.beta), 1.0) if settings.scale_free else None
-    scale, update_scale = clipping_scales(sq_norm, state.h_max, started, settings, grad_sq_mean)
+    scale, update_scale = clipping_scales(sq_norm, state.h_max, started, settings, grad_sq_mean, state.staleness)
     curvature_sample = scale**2 * sq_norm
 
     # The norm of the gradient average after this step's update, before the update pass writes it.

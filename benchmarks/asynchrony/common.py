@@ -38,8 +38,10 @@ class HeavyBall(torch.optim.Optimizer):
 
 
 # The scale-free tuner's methods (closed-loop: it runs under asynchrony only so, its step cut for the staleness).
-SCALE_FREE_METHODS = {"scale_free_closed": dict(tuner="scale_free"),
-                      "scale_free_adam_closed": dict(tuner="scale_free", precondition="adam")}
+SCALE_FREE_METHODS = {  # (their defaults; under asynchrony the relative clip acts at its own level)
+    "scale_free_closed": dict(tuner="scale_free"),
+    "scale_free_adam_closed": dict(tuner="scale_free", precondition="adam"),
+}
 
 
 def is_closed_loop(method: str) -> bool:

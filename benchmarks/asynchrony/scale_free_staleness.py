@@ -18,8 +18,11 @@ round-robin, tau = M - 1) staleness with M = 1, 4, 8 workers (``--workers``), se
 and the reference with its closed loop, for comparison. Writes benchmarks/asynchrony/scale_free_staleness*.json and
 prints the mean loss over the last 50 steps, the final applied momentum and effective step alpha / (1 - m).
 
-``--rule default`` runs the scale-free tuner's defaults (DoWG's step with the relative clip of the update) in place
-of the DoG rule as first measured; ``--rule adam`` the preconditioned tuner (``precondition="adam"``, DoG's rule).
+``--rule default`` runs the scale-free tuner's defaults as they were then (DoWG's step with the relative clip of the
+update acting at its own level) in place of the DoG rule as first measured; ``--rule today`` today's defaults (the
+clip's trigger at 1 / sqrt(1 - beta) times the running RMS, but under staleness the clip acts at its own level);
+``--rule trigger`` the same with the trigger kept under staleness, the measurement behind that exception; ``--rule
+adam`` the preconditioned tuner (``precondition="adam"``, DoG's rule).
 
 ``--estimate instant`` steers the closed loops by the sensor's per-observation estimate (an average of each
 observation's median ratio, which forgets the largest moves) instead of its default time-averaged one, for the
@@ -43,7 +46,7 @@ import sys
 import torch
 
 import yellowfin.asynchrony.simulator as simulator
-from yellowfin import YellowFin
+from yellowfin import YellowFin, tuning
 from yellowfin.asynchrony import MomentumSensor, StalenessSimulator
 from yellowfin.bench.tasks import get_task
 
@@ -51,8 +54,14 @@ from common import save_json
 
 STEPS, SEEDS, WORKERS = 600, (0, 1, 2), (1, 4, 8)
 RULES = {"dog": dict(tuner="scale_free", step_rule="dog", relative_clip=math.inf),  # (as first measured)
-         "default": dict(tuner="scale_free"),
-         "adam": dict(tuner="scale_free", precondition="adam")}
+         # the defaults when first measured: the relative clip acted at its own level (clip_trigger=2)
+         "default": dict(tuner="scale_free", relative_clip=2.0, clip_trigger=2.0),
+         # today's defaults: the clip's trigger at 1 / sqrt(1 - beta) in synchronous training, its own level under
+         # staleness; "trigger" keeps the trigger under staleness too (the measurement behind that exception)
+         "today": dict(tuner="scale_free"),
+         "trigger": dict(tuner="scale_free")}
+STALENESS_BLIND_CLIP = ("trigger",)  # rules whose clip is run as if the gradients were fresh
+RULES["adam"] = dict(tuner="scale_free", precondition="adam")
 CONFIGS = {  # name: (scale-free tuner or the reference (None), closed loop, the step under staleness)
     "reference_closed": (None, True, "as_is"),
     "open": ("scale_free", False, "uncut"),
@@ -118,6 +127,9 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     simulator.refuse_under_asynchrony = lambda *args, **kwargs: None  # this experiment only: see above
+    if args.rule in STALENESS_BLIND_CLIP:  # (this process only: the clip as if every gradient were fresh)
+        clipping_scales = tuning.clipping_scales
+        tuning.clipping_scales = lambda *args, **kwargs: clipping_scales(*args[:5], staleness=0.0)
     configs = CONFIGS
     if args.estimate == "instant":  # (a property of the sensor class: this process only)
         MomentumSensor.estimate = property(lambda sensor: sensor.instant)
