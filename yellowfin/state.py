@@ -76,25 +76,19 @@ class TunerSettings:
             if self.step_rule is None:  # (an unknown precondition is refused below)
                 object.__setattr__(self, "step_rule", DEFAULT_STEP_RULE.get(self.precondition, "dog"))
             _check(self.step_rule in STEP_RULES, "step_rule", self.step_rule, " or ".join(map(repr, STEP_RULES)))
-        if self.relative_clip is not None:
-            if not self.scale_free:
-                raise ValueError(f"relative_clip={self.relative_clip!r} is an option of tuner='scale_free' (the "
-                                 "reference clips by its own adaptive_clipping)")
-            check_number("relative_clip", self.relative_clip, "None or a number > 0 (math.inf: no clipping)")
-            _check(self.relative_clip > 0.0, "relative_clip", self.relative_clip,
-                   "None or a number > 0 (math.inf: no clipping)")
-        elif self.scale_free:
-            object.__setattr__(self, "relative_clip", DEFAULT_RELATIVE_CLIP.get(self.precondition, math.inf))
-        if self.clip_trigger is not None:
-            if not self.scale_free:
-                raise ValueError(f"clip_trigger={self.clip_trigger!r} is an option of tuner='scale_free' (the "
-                                 "reference clips by its own adaptive_clipping)")
-            check_number("clip_trigger", self.clip_trigger, "None or a number > 0 (math.inf: no clipping)")
-            _check(self.clip_trigger > 0.0, "clip_trigger", self.clip_trigger,
-                   "None or a number > 0 (math.inf: no clipping)")
-        elif self.scale_free:
-            object.__setattr__(self, "clip_trigger",
-                               outlier_trigger(self.beta) if math.isfinite(self.relative_clip) else math.inf)
+        # The relative clip's level and trigger, in this order (the trigger's default reads the resolved level).
+        for name, default in (
+                ("relative_clip", lambda: DEFAULT_RELATIVE_CLIP.get(self.precondition, math.inf)),
+                ("clip_trigger", lambda: outlier_trigger(self.beta) if math.isfinite(self.relative_clip) else math.inf)):
+            value = getattr(self, name)
+            if value is not None:
+                if not self.scale_free:
+                    raise ValueError(f"{name}={value!r} is an option of tuner='scale_free' (the reference clips by "
+                                     "its own adaptive_clipping)")
+                check_number(name, value, "None or a number > 0 (math.inf: no clipping)")
+                _check(value > 0.0, name, value, "None or a number > 0 (math.inf: no clipping)")
+            elif self.scale_free:
+                object.__setattr__(self, name, default())
         if self.precondition is not None:
             _check(self.precondition in PRECONDITIONERS, "precondition", self.precondition,
                    "None or " + " or ".join(map(repr, PRECONDITIONERS)))
