@@ -279,7 +279,7 @@ def clipping_scales(sq_norm, h_max, started, settings: TunerSettings,
     exceeds ``clip_trigger`` times that root: in the update alone, so that the step's measurements see the gradient
     as it came and the step reacts to it. Under asynchrony (a reported mean ``staleness`` above 0) it acts at its own
     level, whatever the trigger: the step hears of a gradient's consequences tau updates late, and with the trigger
-    at 10 the closed loop ended 3 to 10 times higher on the digits MLP (docs/tuner.md §10).
+    at 10 the closed loop ended 2 to 20 times higher on the digits MLP (docs/tuner.md §10).
     """
     sq_norm, h_max, started = _f64(sq_norm), _f64(h_max), torch.as_tensor(started)
     norm = torch.sqrt(sq_norm)
