@@ -28,7 +28,7 @@ from torch.optim import Optimizer
 
 from . import measurements, passes, tuning
 from .measurements import Sums
-from .state import TunerSettings, TunerState, check_bool, check_number
+from .state import SECANT_UNDER_STALENESS, TunerSettings, TunerState, check_bool, check_number
 
 try:  # (torch builds without distributed support have no DTensor)
     from torch.distributed.tensor import DTensor as _DTensor
@@ -463,8 +463,7 @@ class YellowFin(Optimizer):
         for index in range(len(self._tuners)) if scope is None else [scope]:
             settings = self._settings(self._scopes()[index][0])
             if float(mean_staleness) > 0.0 and settings.scale_free and settings.step_rule == "secant":
-                raise ValueError("step_rule='secant' cannot run on stale gradients: its secant pairs each gradient "
-                                 "with the last step, which a gradient computed tau versions ago breaks")
+                raise ValueError(SECANT_UNDER_STALENESS)
             state = self._tuners[index]
             value = torch.tensor(float(mean_staleness), dtype=torch.float64, device=state.device)
             self._tuners[index] = state.replace(staleness=value)

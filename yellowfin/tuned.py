@@ -7,6 +7,10 @@ telemetry and the benchmarks need to know of ``stats()``.
 
 from __future__ import annotations
 
+import math
+
+from .state import SECANT_UNDER_STALENESS
+
 
 def is_tuner(optimizer) -> bool:
     """Whether ``optimizer`` is YellowFin-like: it reports its tuned state and takes a momentum offset."""
@@ -34,20 +38,25 @@ def refuse_under_asynchrony(optimizer, num_workers: int, closed_loop: bool = Fal
                          "own, and the scale-free step is calibrated on the distance its parameters travel, which "
                          "is not the run's; use the default tuner here")
     if "secant" in rules:
-        raise ValueError("step_rule='secant' cannot run under asynchrony: its secant pairs each gradient with the "
-                         "last step, which a gradient computed tau versions ago breaks; use the default step rule")
+        raise ValueError(SECANT_UNDER_STALENESS)
     if not closed_loop:
         raise ValueError("tuner='scale_free' runs under asynchrony only with closed_loop=True: open-loop, its step "
                          "failed under round-robin staleness even cut for the delay (docs/tuner.md §10)")
+
+
+def mean_staleness(staleness_counts) -> float:
+    """The mean of a staleness histogram ({staleness: count}); NaN when it is empty."""
+    total = sum(staleness_counts.values())
+    return sum(tau * count for tau, count in staleness_counts.items()) / total if total else math.nan
 
 
 def report_staleness(optimizer, staleness_counts) -> None:
     """Tell a tuner the mean staleness of the gradients applied so far ({staleness: count}), before it applies
     the next one (which is counted); a no-op for an optimizer without ``set_staleness``."""
     set_staleness = getattr(optimizer, "set_staleness", None)
-    total = sum(staleness_counts.values())
-    if set_staleness is not None and total:
-        set_staleness(sum(tau * count for tau, count in staleness_counts.items()) / total)
+    mean = mean_staleness(staleness_counts)
+    if set_staleness is not None and not math.isnan(mean):
+        set_staleness(mean)
 
 
 def tuned_records(optimizer) -> list[dict]:

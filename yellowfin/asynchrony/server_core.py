@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..files import load_all_or_nothing, load_checkpoint_file, save_checkpoint_file
-from ..tuned import is_tuner, refuse_under_asynchrony, report_staleness, step_size_of
+from ..tuned import is_tuner, mean_staleness, refuse_under_asynchrony, report_staleness, step_size_of
 from .controller import ClosedLoopMomentum, closed_loop_for, momentum_trace
 from .flat import flat_parameters, gradient_problem, load_gradients
 from .sensor import MomentumSensor
@@ -118,9 +118,7 @@ class ServerCore:
 
     def report(self) -> dict:
         counts = dict(sorted(self.staleness_counts.items()))
-        total = sum(counts.values())
-        mean = sum(k * v for k, v in counts.items()) / total if total else float("nan")
-        return {"version": self.version, "staleness_counts": counts, "mean_staleness": mean,
+        return {"version": self.version, "staleness_counts": counts, "mean_staleness": mean_staleness(counts),
                 "rejected": len(self.rejected), "applied_per_worker": dict(self.applied_per_worker),
                 "mu_hat": self.sensor.estimate if self.sensor is not None else None,
                 "momentum_offset": self.controller.offset if self.controller is not None else None}
