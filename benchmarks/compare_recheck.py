@@ -21,7 +21,7 @@ def best_smoothed(losses: list[float]) -> float:
 def main() -> None:
     print("| task | seed | steps equal to 1e-5 | best smoothed loss (committed / re-run) | test metric (committed / re-run) |")
     print("|---|---|---|---|---|")
-    for path in sorted((ROOT / "benchmarks" / "results-recheck").glob("*/yellowfin_*.json")):
+    for path in sorted((ROOT / "benchmarks" / "results-recheck").glob("*/yellowfin_reference_*.json")):
         recheck = json.loads(path.read_text())
         committed = json.loads((ROOT / "benchmarks" / "results" / path.parent.name / path.name).read_text())
         a, b = committed["loss"], recheck["loss"]

@@ -7,6 +7,19 @@ from torch import nn
 
 from yellowfin import YellowFin
 
+# The two tuners, for the tests of properties that both must have.
+TUNERS = ("reference", "scale_free")
+# The buffers a plain (not preconditioned, not averaged) parameter's state holds once a step has seen its gradient:
+# the scale-free tuner keeps x_0, ``initial_param``, beside the reference's two.
+TUNER_BUFFERS = {"reference": {"grad_avg", "momentum_buffer"},
+                 "scale_free": {"grad_avg", "momentum_buffer", "initial_param"}}
+
+
+def created_buffer(name, param):
+    """A per-parameter buffer as the first step that sees the parameter's gradient creates it, skipped or not:
+    ``initial_param`` (x_0) is the parameter as it stands then; every other buffer is zeros."""
+    return param.detach().clone() if name == "initial_param" else torch.zeros_like(param)
+
 
 def make_model(seed=0, dtype=torch.float64):
     torch.manual_seed(seed)

@@ -25,7 +25,7 @@ GRADIENTS = [[3.0, 0.0], [-1.0, 1.0], [2.0, -2.0], [0.5, 0.5], [4.0, 1.0], [-3.0
 def test_estimates_follow_hand_computation(smoothing):
     beta, window, eps = 0.6, 3, 1e-6
     param = torch.zeros(2, dtype=torch.float64, requires_grad=True)
-    opt = YellowFin([param], beta=beta, curvature_window=window, eps=eps, adaptive_clipping=False,
+    opt = YellowFin([param], tuner="reference", beta=beta, curvature_window=window, eps=eps, adaptive_clipping=False,
                     curvature_smoothing=smoothing)
     seen = []
     for t, g in enumerate(GRADIENTS):
@@ -57,7 +57,7 @@ def test_estimates_follow_hand_computation(smoothing):
 
 def test_constant_gradient_has_no_variance_and_exact_curvature():
     param = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    opt = YellowFin([param], adaptive_clipping=False)
+    opt = YellowFin([param], tuner="reference", adaptive_clipping=False)
     for _ in range(30):
         param.grad = torch.tensor([1.0, 2.0, 2.0], dtype=torch.float64)
         opt.step()
@@ -78,8 +78,8 @@ def test_curvature_range_ignores_unfilled_slots():
 
 
 def test_sparsity_correction_scales_estimates_by_density():
-    settings = TunerSettings(beta=0.5, sparsity_correction=True)
-    dense_settings = TunerSettings(beta=0.5)
+    settings = TunerSettings(tuner="reference", beta=0.5, sparsity_correction=True)
+    dense_settings = TunerSettings(tuner="reference", beta=0.5)
     f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     state = TunerState.initial(settings)
     sample = GradientSample(f64(4.0), f64(1.0), f64(0.25))
@@ -91,9 +91,10 @@ def test_sparsity_correction_scales_estimates_by_density():
     assert float(sparse.dist) == pytest.approx(float(dense.dist) / (0.5 + 1e-6))
 
 
-def test_density_counts_nonzero_entries():
+@pytest.mark.parametrize("tuner", ["reference", "scale_free"])
+def test_density_counts_nonzero_entries(tuner):
     param = torch.zeros(8, requires_grad=True)
-    opt = YellowFin([param], sparsity_correction=True, beta=0.0, adaptive_clipping=False)
+    opt = YellowFin([param], tuner=tuner, sparsity_correction=True, beta=0.0, adaptive_clipping=False)
     param.grad = torch.tensor([1.0, 0, 0, 0, 2.0, 0, 0, 0])
     opt.step()
     assert float(opt.tuner_state().density_avg) == pytest.approx(0.25)

@@ -2,6 +2,7 @@
 
 import copy
 import io
+import math
 
 import pytest
 import torch
@@ -10,30 +11,79 @@ from torch import nn
 from yellowfin import YellowFin
 from helpers import complex_and_real_twin, flat_state, loss_of, make_data, make_model, run_with_holes, train
 
+# The two tuners: the authors' reference algorithm (YellowFin.reference_variant, the default until the scale-free
+# tuner replaced it) and the scale-free tuner (the default, docs/algorithm.md §8). A generic optimizer property runs
+# on both; a test of the authors' algorithm itself builds the reference explicitly.
+TUNERS = ["reference", "scale_free"]
+
+
+def _yf(params, tuner, **options):
+    """YellowFin with the tuner named explicitly: the reference as its authors ran it, or the scale-free one."""
+    if tuner == "reference":
+        return YellowFin.reference_variant(params, **options)
+    return YellowFin(params, tuner="scale_free", **options)
+
+
+# The scale-free tuner's first step moves exactly DoG's initial distance d_0 = r (1 + ||x_0||) against the gradient,
+# without momentum: alpha_0 = d_0 / ||g|| (of the clipped gradient), r = 1e-3 for its default step rule "dowg"
+# (docs/algorithm.md §8, steps 4 and 8).
+def _scale_free_first_alpha(initial_param_norm, grad_norm):
+    return 1e-3 * (1.0 + initial_param_norm) / grad_norm
+
+
 CONFIGS = [
     {},
     {"foreach": False},
-    {"nesterov": True},
     {"weight_decay": 1e-3},
     {"weight_decay": 1e-3, "decoupled_weight_decay": True},
     {"clip_norm": 1.0},
     {"per_group_tuning": True},
     {"sparsity_correction": True},
-    {"adaptive_clipping": False, "slow_start": False},
-    {"curvature_smoothing": "linear"},
 ]
+# Options of one tuner alone: the reference's own mechanisms and variants (the scale-free tuner refuses nesterov
+# and curvature_smoothing="linear", test_the_default_refuses_the_options_of_the_reference_alone; it has no slow
+# start or adaptive clipping to turn off), and the scale-free tuner's step rules and relative clip.
+CONFIGS_OF = {
+    "reference": [{"nesterov": True}, {"adaptive_clipping": False, "slow_start": False},
+                  {"curvature_smoothing": "linear"}],
+    "scale_free": [{"step_rule": "dog"}, {"step_rule": "secant"}, {"relative_clip": math.inf}],
+}
 
 
-def _make(config, model):
-    return YellowFin(model.parameters(), **config)
-
-
-@pytest.mark.parametrize("config", CONFIGS, ids=str)
-def test_goes_the_right_direction(config):
+@pytest.mark.parametrize("tuner, config", [(tuner, config) for tuner in TUNERS
+                                           for config in CONFIGS + CONFIGS_OF[tuner]], ids=str)
+def test_goes_the_right_direction(tuner, config):
     model, data = make_model(), make_data()
     before = float(loss_of(model, data).detach())
-    train(model, _make(config, model), data, steps=300)
+    train(model, _yf(model.parameters(), tuner, **config), data, steps=300)
     assert float(loss_of(model, data)) < 0.5 * before
+
+
+@pytest.mark.parametrize("options", [{"nesterov": True}, {"curvature_smoothing": "linear"}, {"update_first": True},
+                                     {"smooth_tuned": True}], ids=str)
+def test_the_default_refuses_the_options_of_the_reference_alone(options):
+    (name,) = options
+    with pytest.raises(ValueError, match=rf"{name}=.*an option of tuner='reference'"):
+        YellowFin(make_model().parameters(), **options)
+    assert YellowFin.reference_variant(make_model().parameters(), **options).param_groups[0][name] == options[name]
+
+
+def test_the_default_is_the_scale_free_tuner_with_its_step_rule_and_clip():
+    data = make_data()
+    default_model, named_model = make_model(), make_model()
+    default = YellowFin(default_model.parameters())
+    group = default.param_groups[0]
+    assert group["tuner"] == "scale_free" and group["step_rule"] == "dowg"
+    # The group names the memory it resolved, so that a checkpoint keeps it when the default changes.
+    assert group["beta"] == 0.99 and default.state_dict()["param_groups"][0]["beta"] == 0.99
+    assert YellowFin.reference_variant(make_model().parameters(), beta=None).param_groups[0]["beta"] == 0.999
+    assert group["relative_clip"] == 2.0 and group["clip_trigger"] == pytest.approx(10.0)  # 1 / sqrt(1 - 0.99)
+    named = YellowFin(named_model.parameters(), tuner="scale_free", beta=0.99, step_rule="dowg", relative_clip=2.0,
+                      clip_trigger=1.0 / math.sqrt(1.0 - 0.99))
+    train(default_model, default, data, steps=20)
+    train(named_model, named, data, steps=20)
+    assert all(torch.equal(a, b) for a, b in zip(default_model.parameters(), named_model.parameters()))
+    assert default.stats() == named.stats()
 
 
 def test_paper_variant_goes_the_right_direction():
@@ -43,9 +93,10 @@ def test_paper_variant_goes_the_right_direction():
     assert float(loss_of(model, data)) < 0.5 * before
 
 
-def test_maximize_climbs():
+@pytest.mark.parametrize("tuner, options", [("reference", {"initial_lr": 0.01}), ("scale_free", {})], ids=str)
+def test_maximize_climbs(tuner, options):
     model, data = make_model(), make_data()
-    opt = YellowFin(model.parameters(), maximize=True, initial_lr=0.01)
+    opt = _yf(model.parameters(), tuner, maximize=True, **options)
     before = float(loss_of(model, data))
     for _ in range(5):
         opt.zero_grad()
@@ -56,7 +107,7 @@ def test_maximize_climbs():
 
 def test_first_step_uses_initial_values():
     p = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
-    opt = YellowFin([p], initial_lr=0.1, initial_momentum=0.5)
+    opt = YellowFin.reference_variant([p], initial_lr=0.1, initial_momentum=0.5)
     p.grad = torch.tensor([0.5, 1.0], dtype=torch.float64)
     opt.step()
     assert torch.equal(p.detach(), torch.tensor([1.0 - 0.05, -2.0 - 0.1], dtype=torch.float64))
@@ -68,7 +119,7 @@ def test_update_rule_matches_torch_sgd_when_values_are_fixed(nesterov):
     start = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
     grad = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
     ours, theirs = start.clone().requires_grad_(), start.clone().requires_grad_()
-    opt = YellowFin([ours], initial_lr=0.1, initial_momentum=0.5, nesterov=nesterov)
+    opt = YellowFin.reference_variant([ours], initial_lr=0.1, initial_momentum=0.5, nesterov=nesterov)
     sgd = torch.optim.SGD([theirs], lr=0.1, momentum=0.5, nesterov=nesterov)
     ours.grad, theirs.grad = grad.clone(), grad.clone()
     opt.step()
@@ -76,46 +127,79 @@ def test_update_rule_matches_torch_sgd_when_values_are_fixed(nesterov):
     assert torch.allclose(ours, theirs, rtol=0, atol=1e-15)
 
 
-def test_decoupled_weight_decay_shrinks_by_lr_times_decay():
+# The first step's alpha: the reference's alpha_0 (initial_lr), or the scale-free tuner's d_0 / ||g|| with
+# x_0 = 2 and g = 1 (decoupled decay leaves the gradient as it is): 1e-3 (1 + 2) / 1.
+@pytest.mark.parametrize("tuner, options, alpha", [("reference", {"initial_lr": 0.1}, 0.1),
+                                                   ("scale_free", {}, _scale_free_first_alpha(2.0, 1.0))], ids=str)
+def test_decoupled_weight_decay_shrinks_by_lr_times_decay(tuner, options, alpha):
     p = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
-    opt = YellowFin([p], initial_lr=0.1, weight_decay=0.5, decoupled_weight_decay=True)
+    opt = _yf([p], tuner, weight_decay=0.5, decoupled_weight_decay=True, **options)
     p.grad = torch.tensor([1.0], dtype=torch.float64)
     opt.step()
-    assert float(p) == pytest.approx(2.0 * (1 - 0.1 * 0.5) - 0.1 * 1.0)
+    assert opt.stats()["alpha"] == pytest.approx(alpha, rel=1e-12)
+    assert float(p) == pytest.approx(2.0 * (1 - alpha * 0.5) - alpha * 1.0, rel=1e-12)
 
 
-def test_coupled_weight_decay_enters_statistics():
+# The curvature sample is ||g + decay x||^2 = 4; its log average carries the tuner's guard: the reference's eps
+# (1e-6), the scale-free tuner's 1e-30 (docs/algorithm.md §8, step 1).
+@pytest.mark.parametrize("tuner, guard", [("reference", 1e-6), ("scale_free", 1e-30)])
+def test_coupled_weight_decay_enters_statistics(tuner, guard):
     p = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
-    opt = YellowFin([p], weight_decay=0.5)
+    opt = _yf([p], tuner, weight_decay=0.5)
     p.grad = torch.tensor([1.0], dtype=torch.float64)
     opt.step()
-    assert opt.stats()["h_max"] == pytest.approx((1.0 + 0.5 * 2.0) ** 2 + 1e-6)
+    assert opt.stats()["h_max"] == pytest.approx((1.0 + 0.5 * 2.0) ** 2 + guard)
 
 
-def test_clip_norm_bounds_the_gradient():
+# The gradient (30, 40) clipped to norm 1: (0.6, 0.8), what both the statistics (h_max = 1 plus the guard) and the
+# update (the momentum buffer, mu_0 = 0) see. The reference steps it by alpha_0 = 1; the scale-free tuner by
+# d_0 / ||s g|| = 1e-3 (1 + 0) / 1.
+@pytest.mark.parametrize("tuner, options, alpha, guard", [
+    ("reference", {"initial_lr": 1.0}, 1.0, 1e-6),
+    ("scale_free", {}, _scale_free_first_alpha(0.0, 1.0), 1e-30),
+], ids=str)
+def test_clip_norm_bounds_the_gradient(tuner, options, alpha, guard):
     p = torch.zeros(2, dtype=torch.float64, requires_grad=True)
-    opt = YellowFin([p], initial_lr=1.0, clip_norm=1.0)
+    opt = _yf([p], tuner, clip_norm=1.0, **options)
     p.grad = torch.tensor([30.0, 40.0], dtype=torch.float64)
     opt.step()
-    assert torch.allclose(p.detach(), torch.tensor([-0.6, -0.8], dtype=torch.float64))
-    assert opt.stats()["h_max"] == pytest.approx(1.0 + 1e-6)
+    clipped = torch.tensor([0.6, 0.8], dtype=torch.float64)
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"], clipped, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(p.detach(), -alpha * clipped, rtol=1e-12, atol=0.0)
+    assert opt.stats()["h_max"] == pytest.approx(1.0 + guard)
+
+
+def test_clip_norm_and_the_relative_clip_together_clip_the_statistics_to_clip_norm_and_the_update_further():
+    # The scale-free tuner: a first gradient of norm 0.1 sets the running RMS to 0.1; a second of norm 1000 is cut
+    # to clip_norm = 10 for the statistics, and, being above clip_trigger = 10 times the RMS, applied at
+    # relative_clip = 2 times the RMS, 0.2 (docs/algorithm.md §8, step 1).
+    p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = YellowFin([p], tuner="scale_free", clip_norm=10.0)
+    for value in (0.1, 1000.0):
+        before = opt.state[p]["momentum_buffer"].clone() if p in opt.state else None
+        p.grad = torch.full((1,), value, dtype=torch.float64)
+        opt.step()
+    assert float(opt.tuner_state().curvatures[1]) == pytest.approx(10.0**2, rel=1e-12)  # the clip_norm'ed ||g||^2
+    expected = opt.stats()["applied_momentum"] * before + 0.2
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"], expected, rtol=1e-12, atol=0.0)
 
 
 def test_clip_norm_and_adaptive_clipping_together_clip_the_statistics_to_the_adaptive_threshold():
     # After a first gradient of norm 0.1, h_max ~ 0.01: the statistics may see norm sqrt(100 h_max) ~ 1.
     p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = YellowFin([p], clip_norm=10.0)
+    opt = YellowFin.reference_variant([p], clip_norm=10.0)
     for value in (0.1, 1000.0):
         p.grad = torch.full((1,), value, dtype=torch.float64)
         opt.step()
     assert float(opt.tuner_state().curvatures[1]) == pytest.approx(1.0, rel=1e-3)  # the clipped ||g||^2
 
 
-def test_group_with_tiny_multiplier_does_not_move():
+@pytest.mark.parametrize("tuner", TUNERS)
+def test_group_with_tiny_multiplier_does_not_move(tuner):
     model = make_model(dtype=torch.float32)
     data = make_data(dtype=torch.float32)
     first, second = model[0], model[2]
-    opt = YellowFin([{"params": first.parameters()}, {"params": second.parameters(), "lr": 1e-28}])
+    opt = _yf([{"params": first.parameters()}, {"params": second.parameters(), "lr": 1e-28}], tuner)
     frozen = [p.detach().clone() for p in second.parameters()]
     moving = [p.detach().clone() for p in first.parameters()]
     train(model, opt, data, steps=20)
@@ -123,9 +207,10 @@ def test_group_with_tiny_multiplier_does_not_move():
     assert not all(torch.equal(a, b) for a, b in zip(moving, first.parameters()))
 
 
-def test_no_gradients_is_a_no_op():
+@pytest.mark.parametrize("tuner", TUNERS)
+def test_no_gradients_is_a_no_op(tuner):
     model = make_model()
-    opt = YellowFin(model.parameters())
+    opt = _yf(model.parameters(), tuner)
     before = [p.detach().clone() for p in model.parameters()]
     opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -134,11 +219,22 @@ def test_no_gradients_is_a_no_op():
 
 def test_state_is_two_buffers_per_parameter_after_a_step():
     model, data = make_model(), make_data()
-    opt = YellowFin(model.parameters())
+    opt = YellowFin.reference_variant(model.parameters())
     train(model, opt, data, steps=1)
     for p in model.parameters():
         assert set(opt.state[p]) == {"grad_avg", "momentum_buffer"}
         assert opt.state[p]["momentum_buffer"].shape == p.shape
+
+
+def test_scale_free_state_is_three_buffers_per_parameter_the_third_the_initial_parameters():
+    model, data = make_model(), make_data()
+    initial = [p.detach().clone() for p in model.parameters()]
+    opt = YellowFin(model.parameters(), tuner="scale_free")
+    train(model, opt, data, steps=2)
+    for p, x0 in zip(model.parameters(), initial):
+        assert set(opt.state[p]) == {"grad_avg", "momentum_buffer", "initial_param"}
+        assert opt.state[p]["momentum_buffer"].shape == p.shape
+        assert torch.equal(opt.state[p]["initial_param"], x0) and not torch.equal(p.detach(), x0)
 
 
 def test_closure_is_called_once_and_its_loss_returned():
@@ -164,10 +260,11 @@ def _checkpoint_roundtrip(opt):
     return torch.load(buffer, weights_only=True)
 
 
-def test_state_dict_reloads_with_weights_only_and_resumes_bit_identically():
+@pytest.mark.parametrize("tuner", TUNERS)
+def test_state_dict_reloads_with_weights_only_and_resumes_bit_identically(tuner):
     data = make_data()
     model = make_model()
-    opt = YellowFin(model.parameters())
+    opt = _yf(model.parameters(), tuner)
     train(model, opt, data, steps=15, seed=3)
     model_state = copy.deepcopy(model.state_dict())
     saved = _checkpoint_roundtrip(opt)
@@ -175,7 +272,7 @@ def test_state_dict_reloads_with_weights_only_and_resumes_bit_identically():
 
     resumed_model = make_model(seed=99)
     resumed_model.load_state_dict(model_state)
-    resumed = YellowFin(resumed_model.parameters())
+    resumed = _yf(resumed_model.parameters(), tuner)
     resumed.load_state_dict(saved)
     train(resumed_model, resumed, data, steps=15, seed=4)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))
@@ -183,33 +280,36 @@ def test_state_dict_reloads_with_weights_only_and_resumes_bit_identically():
     assert resumed.stats() == opt.stats()
 
 
-def test_state_dict_is_deterministic():
+@pytest.mark.parametrize("tuner", TUNERS)
+def test_state_dict_is_deterministic(tuner):
     data = make_data()
     states = []
     for _ in range(2):
         model = make_model()
-        opt = YellowFin(model.parameters())
+        opt = _yf(model.parameters(), tuner)
         train(model, opt, data, steps=10)
         states.append(flat_state(opt))
     assert all(torch.equal(a, b) for a, b in zip(*states))
 
 
-def test_per_group_tuning_state_dict_roundtrip():
+@pytest.mark.parametrize("tuner", TUNERS)
+def test_per_group_tuning_state_dict_roundtrip(tuner):
     model, data = make_model(), make_data()
-    opt = YellowFin([{"params": model[0].parameters()}, {"params": model[2].parameters()}], per_group_tuning=True)
+    opt = _yf([{"params": model[0].parameters()}, {"params": model[2].parameters()}], tuner, per_group_tuning=True)
     train(model, opt, data, steps=5)
-    fresh = YellowFin([{"params": model[0].parameters()}, {"params": model[2].parameters()}], per_group_tuning=True)
+    fresh = _yf([{"params": model[0].parameters()}, {"params": model[2].parameters()}], tuner, per_group_tuning=True)
     fresh.load_state_dict(_checkpoint_roundtrip(opt))
     assert fresh.stats() == opt.stats()
 
 
+@pytest.mark.parametrize("tuner", TUNERS)
 @pytest.mark.parametrize("break_it", ["shape", "count", "tuner", "groups", "missing", "window"])
-def test_mismatched_state_dict_fails_clearly_and_changes_nothing(break_it):
+def test_mismatched_state_dict_fails_clearly_and_changes_nothing(break_it, tuner):
     model, data = make_model(), make_data()
-    opt = YellowFin(model.parameters())
+    opt = _yf(model.parameters(), tuner)
     train(model, opt, data, steps=3)
     other_model = make_model()
-    other = YellowFin(other_model.parameters())
+    other = _yf(other_model.parameters(), tuner)
     train(other_model, other, data, steps=5)
     saved = other.state_dict()
     if break_it == "shape":
@@ -233,13 +333,14 @@ def test_mismatched_state_dict_fails_clearly_and_changes_nothing(break_it):
     assert opt.param_groups[0]["curvature_window"] == 20
 
 
-def test_deepcopy_continues_identically():
+@pytest.mark.parametrize("tuner", TUNERS)
+def test_deepcopy_continues_identically(tuner):
     data = make_data()
     model = make_model()
-    opt = YellowFin(model.parameters())
+    opt = _yf(model.parameters(), tuner)
     train(model, opt, data, steps=5)
     model_copy = copy.deepcopy(model)
-    opt_copy = YellowFin(model_copy.parameters())
+    opt_copy = _yf(model_copy.parameters(), tuner)
     opt_copy.load_state_dict(copy.deepcopy(opt.state_dict()))
     whole_copy = copy.deepcopy(opt)
     assert whole_copy.stats() == opt.stats()
@@ -249,26 +350,33 @@ def test_deepcopy_continues_identically():
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model_copy.parameters()))
 
 
-def test_tensor_and_float_multipliers_agree():
+@pytest.mark.parametrize("tuner", TUNERS)
+def test_tensor_and_float_multipliers_agree(tuner):
     data = make_data()
     results = []
     for lr in (0.5, torch.tensor(0.5)):
         model = make_model()
-        train(model, YellowFin(model.parameters(), lr=lr), data, steps=10)
+        train(model, _yf(model.parameters(), tuner, lr=lr), data, steps=10)
         results.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
-def test_lr_scheduler_moves_the_multiplier():
+# The first step: the reference's alpha_0 = 0.1, or the scale-free tuner's d_0 / ||g|| = 1e-3 (1 + 0) / 1, times
+# the multiplier 1.
+@pytest.mark.parametrize("tuner, options, first_alpha", [
+    ("reference", {"initial_lr": 0.1, "adaptive_clipping": False}, 0.1),
+    ("scale_free", {}, _scale_free_first_alpha(0.0, 1.0)),
+], ids=str)
+def test_lr_scheduler_moves_the_multiplier(tuner, options, first_alpha):
     p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = YellowFin([p], initial_lr=0.1, adaptive_clipping=False)
+    opt = _yf([p], tuner, **options)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     assert opt.param_groups[0]["lr"] == 1.0
     p.grad = torch.ones(1, dtype=torch.float64)
     opt.step()
     scheduler.step()
     assert opt.param_groups[0]["lr"] == 0.5
-    assert float(p) == pytest.approx(-0.1)  # first step: alpha_0 times the multiplier 1
+    assert float(p) == pytest.approx(-first_alpha)  # first step: alpha_0 times the multiplier 1
     before = float(p)
     velocity = opt.state[p]["momentum_buffer"].clone()
     p.grad = torch.ones(1, dtype=torch.float64)
@@ -277,9 +385,10 @@ def test_lr_scheduler_moves_the_multiplier():
     assert float(p) == pytest.approx(before - 0.5 * new_alpha * float(new_mu * velocity + 1.0))
 
 
-def test_stats_has_every_field_as_python_numbers():
+@pytest.mark.parametrize("tuner", TUNERS)
+def test_stats_has_every_field_as_python_numbers(tuner):
     model, data = make_model(), make_data()
-    opt = YellowFin(model.parameters())
+    opt = _yf(model.parameters(), tuner)
     train(model, opt, data, steps=3)
     stats = opt.stats()
     for key in ("step", "mu", "alpha", "lr", "h_min", "h_max", "grad_var", "dist", "skipped_steps"):
@@ -287,9 +396,10 @@ def test_stats_has_every_field_as_python_numbers():
     assert stats["step"] == 3 and stats["skipped_steps"] == 0
 
 
-def test_stats_lr_is_a_deprecated_alias_of_alpha():
+@pytest.mark.parametrize("tuner", TUNERS)
+def test_stats_lr_is_a_deprecated_alias_of_alpha(tuner):
     model, data = make_model(), make_data()
-    opt = YellowFin(model.parameters(), lr=0.5)
+    opt = _yf(model.parameters(), tuner, lr=0.5)
     train(model, opt, data, steps=3)
     assert opt.stats()["lr"] == opt.stats()["alpha"] == float(opt.tuner_state().alpha)
     assert opt.stats()["alpha"] != 0.5  # the tuned step, not the group's multiplier
@@ -315,25 +425,27 @@ def test_options_after_lr_are_keyword_only():
     assert YellowFin(make_model().parameters(), 0.5).param_groups[0]["lr"] == 0.5
 
 
-def test_checkpoint_whose_tuner_holds_lr_loads_it_as_alpha():
+@pytest.mark.parametrize("tuner", TUNERS)
+def test_checkpoint_whose_tuner_holds_lr_loads_it_as_alpha(tuner):
     # Checkpoints written before the tuned step was named alpha hold it as "lr".
     model, data = make_model(), make_data()
-    opt = YellowFin(model.parameters())
+    opt = _yf(model.parameters(), tuner)
     train(model, opt, data, steps=5)
     saved = _checkpoint_roundtrip(opt)
-    saved["tuners"] = [{("lr" if name == "alpha" else name): value for name, value in tuner.items()}
-                       for tuner in saved["tuners"]]
-    resumed = YellowFin(model.parameters())
+    saved["tuners"] = [{("lr" if name == "alpha" else name): value for name, value in record.items()}
+                       for record in saved["tuners"]]
+    resumed = _yf(model.parameters(), tuner)
     resumed.load_state_dict(saved)
     assert resumed.stats() == opt.stats()
     assert "alpha" in resumed.state_dict()["tuners"][0] and "lr" not in resumed.state_dict()["tuners"][0]
 
 
-def test_per_group_tuning_measures_each_group_alone():
+@pytest.mark.parametrize("tuner", TUNERS)
+def test_per_group_tuning_measures_each_group_alone(tuner):
     a, b = (torch.zeros(3, dtype=torch.float64, requires_grad=True) for _ in range(2))
     a_alone = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    grouped = YellowFin([{"params": [a]}, {"params": [b]}], per_group_tuning=True)
-    alone = YellowFin([a_alone])
+    grouped = _yf([{"params": [a]}, {"params": [b]}], tuner, per_group_tuning=True)
+    alone = _yf([a_alone], tuner)
     generator = torch.Generator().manual_seed(0)
     for _ in range(8):
         g = torch.randn(3, generator=generator, dtype=torch.float64)
@@ -359,38 +471,50 @@ def test_global_tuning_requires_shared_settings_and_per_group_allows_them():
     assert len(opt.stats()) == 2
 
 
-def test_add_param_group_after_construction():
+@pytest.mark.parametrize("tuner", TUNERS)
+def test_add_param_group_after_construction(tuner):
     model, data = make_model(), make_data()
-    opt = YellowFin(model[0].parameters(), per_group_tuning=True)
+    opt = _yf(model[0].parameters(), tuner, per_group_tuning=True)
     opt.add_param_group({"params": model[2].parameters()})
+    assert opt.param_groups[1]["tuner"] == tuner
     train(model, opt, data, steps=3)
     assert [s["step"] for s in opt.stats()] == [3, 3]
     model = make_model()
-    opt = YellowFin(model[0].parameters())
+    opt = _yf(model[0].parameters(), tuner)
     opt.add_param_group({"params": model[2].parameters(), "lr": 0.5})
     train(model, opt, data, steps=3)
     assert opt.stats()["step"] == 3
 
 
+INVALID_SETTINGS = [
+    ({"beta": -0.1}, "beta"),
+    ({"beta": 1.0}, "beta"),
+    ({"curvature_window": 0}, "curvature_window"),
+    ({"curvature_window": 2.5}, "curvature_window"),
+    ({"eps": 0.0}, "eps"),
+    ({"lr": -1.0}, "lr"),
+    ({"weight_decay": -1.0}, "weight_decay"),
+    ({"clip_norm": 0.0}, "clip_norm"),
+    ({"curvature_smoothing": "cubic"}, "curvature_smoothing"),
+    ({"initial_momentum": 1.0}, "initial_momentum"),
+    ({"bogus_option": 1}, "bogus_option"),
+]
+# The scale-free tuner's own settings (the reference refuses them whatever their value).
+INVALID_SCALE_FREE_SETTINGS = [
+    ({"step_rule": "adam"}, "step_rule"),
+    ({"relative_clip": 0.0}, "relative_clip"),
+    ({"clip_trigger": -1.0}, "clip_trigger"),
+]
+
+
 @pytest.mark.parametrize(
-    "kwargs, name",
-    [
-        ({"beta": -0.1}, "beta"),
-        ({"beta": 1.0}, "beta"),
-        ({"curvature_window": 0}, "curvature_window"),
-        ({"curvature_window": 2.5}, "curvature_window"),
-        ({"eps": 0.0}, "eps"),
-        ({"lr": -1.0}, "lr"),
-        ({"weight_decay": -1.0}, "weight_decay"),
-        ({"clip_norm": 0.0}, "clip_norm"),
-        ({"curvature_smoothing": "cubic"}, "curvature_smoothing"),
-        ({"initial_momentum": 1.0}, "initial_momentum"),
-        ({"bogus_option": 1}, "bogus_option"),
-    ],
+    "tuner, kwargs, name",
+    [(tuner, kwargs, name) for tuner in TUNERS for kwargs, name in INVALID_SETTINGS]
+    + [("scale_free", kwargs, name) for kwargs, name in INVALID_SCALE_FREE_SETTINGS],
 )
-def test_invalid_settings_name_the_setting_and_range(kwargs, name):
+def test_invalid_settings_name_the_setting_and_range(tuner, kwargs, name):
     with pytest.raises(ValueError, match=name) as error:
-        YellowFin(make_model().parameters(), **kwargs)
+        _yf(make_model().parameters(), tuner, **kwargs)
     assert "allowed" in str(error.value)
 
 
@@ -399,9 +523,11 @@ def test_unknown_option_in_a_param_group_is_refused():
         YellowFin([{"params": make_model().parameters(), "betta": 0.9}])
 
 
-def test_momentum_offset_is_added_to_the_tuned_momentum():
+@pytest.mark.parametrize("tuner, options", [("reference", {"initial_lr": 0.1, "initial_momentum": 0.2}),
+                                            ("scale_free", {})], ids=str)
+def test_momentum_offset_is_added_to_the_tuned_momentum(tuner, options):
     p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = YellowFin([p], initial_lr=0.1, initial_momentum=0.2)
+    opt = _yf([p], tuner, **options)
     opt.set_momentum_offset(0.3)
     p.grad = torch.ones(1, dtype=torch.float64)
     opt.step()
@@ -424,12 +550,13 @@ def test_paper_variant_updates_before_tuning():
     assert torch.allclose(p.detach(), torch.tensor([-0.1, -0.2], dtype=torch.float64))
 
 
-def test_sparse_embedding_matches_dense_embedding():
+@pytest.mark.parametrize("tuner", TUNERS)
+def test_sparse_embedding_matches_dense_embedding(tuner):
     results = []
     for sparse in (False, True):
         torch.manual_seed(0)
         embedding = nn.Embedding(20, 4, sparse=sparse).double()
-        opt = YellowFin(embedding.parameters(), sparsity_correction=True)
+        opt = _yf(embedding.parameters(), tuner, sparsity_correction=True)
         generator = torch.Generator().manual_seed(1)
         for _ in range(10):
             ids = torch.randint(0, 20, (6,), generator=generator)
@@ -463,6 +590,7 @@ def test_dtensor_parameters_are_refused_with_a_pointer_to_the_sharded_optimizer(
 PATHS = [{"foreach": False}, {"foreach": True}, {"fused": True}]
 
 
+@pytest.mark.parametrize("tuner", TUNERS)
 @pytest.mark.parametrize("path", PATHS, ids=str)
 @pytest.mark.parametrize(
     "kwargs, error, name",
@@ -480,9 +608,9 @@ PATHS = [{"foreach": False}, {"foreach": True}, {"fused": True}]
     ],
     ids=str,
 )
-def test_inputs_of_the_wrong_type_or_range_are_refused_clearly(path, kwargs, error, name):
+def test_inputs_of_the_wrong_type_or_range_are_refused_clearly(path, kwargs, error, name, tuner):
     with pytest.raises(error, match=name) as raised:
-        YellowFin(make_model().parameters(), **path, **kwargs)
+        _yf(make_model().parameters(), tuner, **path, **kwargs)
     assert "allowed" in str(raised.value)
 
 
@@ -496,9 +624,9 @@ def test_the_same_tensor_twice_in_one_group_is_refused(path):
         opt.add_param_group({"params": [p, p]})
 
 
-def _trained(steps=5, **options):
+def _trained(tuner, steps=5, **options):
     model, data = make_model(), make_data()
-    opt = YellowFin(model.parameters(), **options)
+    opt = _yf(model.parameters(), tuner, **options)
     train(model, opt, data, steps=steps)
     return model, opt
 
@@ -520,6 +648,7 @@ def _poison_buffer(saved):
     saved["state"][0]["momentum_buffer"][0, 0] = float("inf")
 
 
+@pytest.mark.parametrize("tuner", TUNERS)
 @pytest.mark.parametrize(
     "corrupt, error",
     [(_poison_tuner(field), ValueError) for field in YellowFin(make_model().parameters()).state_dict()["tuners"][0]]
@@ -534,9 +663,9 @@ def _poison_buffer(saved):
         (_poison_buffer, ValueError),
     ],
 )
-def test_state_dict_with_invalid_values_is_refused_and_changes_nothing(corrupt, error):
-    model, opt = _trained(foreach=True)
-    saved = copy.deepcopy(_trained(steps=7, foreach=True)[1].state_dict())
+def test_state_dict_with_invalid_values_is_refused_and_changes_nothing(corrupt, error, tuner):
+    model, opt = _trained(tuner, foreach=True)
+    saved = copy.deepcopy(_trained(tuner, steps=7, foreach=True)[1].state_dict())
     corrupt(saved)
     before, stats, groups = [t.clone() for t in flat_state(opt)], opt.stats(), copy.deepcopy(opt.param_groups)
     with pytest.raises(error):
@@ -548,28 +677,66 @@ def test_state_dict_with_invalid_values_is_refused_and_changes_nothing(corrupt, 
     ]
 
 
-@pytest.mark.parametrize("option", sorted(YellowFin(make_model().parameters()).defaults))
-def test_state_dict_saved_before_an_option_existed_loads_with_its_default_and_steps(option):
-    model, opt = _trained()
-    saved = opt.state_dict()
-    for group in saved["param_groups"]:
-        del group[option]
-    resumed_model = copy.deepcopy(model)
-    resumed = YellowFin(resumed_model.parameters())
+# What a group saved without an option ran, where that is not the option's default today: before the tuner option
+# existed every group ran the reference; a scale-free group saved before step_rule existed ran the secant rule, before
+# relative_clip no relative clip, before clip_trigger a clip that acted at its own level (the group's relative_clip).
+RAN_BEFORE_THE_OPTION = {
+    ("reference", "tuner"): "reference",
+    ("scale_free", "step_rule"): "secant",
+    ("scale_free", "relative_clip"): math.inf,
+    ("scale_free", "clip_trigger"): 3.0,
+}
+# (the clip_trigger case saves a relative clip of its own, 3, so that "its own level" is not the default 2)
+SAVED_WITH = {("scale_free", "clip_trigger"): {"relative_clip": 3.0}}
+OPTIONS = sorted(YellowFin(make_model().parameters()).defaults)
+
+
+def _options_of(groups):
+    return [{name: value for name, value in group.items() if name != "params"} for group in groups]
+
+
+# (A scale-free group always names its tuner: no scale-free checkpoint was saved before the tuner option existed.)
+@pytest.mark.parametrize("tuner, option", [(tuner, option) for tuner in TUNERS for option in OPTIONS
+                                           if (tuner, option) != ("scale_free", "tuner")])
+def test_state_dict_saved_before_an_option_existed_loads_with_its_default_and_steps(tuner, option):
+    # A checkpoint saved before ``option`` existed lacks it: it loads with the option's default, or with what the
+    # group ran where that differs, into the optimizer a user resuming writes today, YellowFin(params), and steps
+    # exactly as the same checkpoint naming that value does.
+    model, opt = _trained(tuner, **SAVED_WITH.get((tuner, option), {}))
+    saved = copy.deepcopy(opt.state_dict())
+    assert all(group["tuner"] == tuner for group in saved["param_groups"])
+    ran = RAN_BEFORE_THE_OPTION.get((tuner, option), YellowFin(make_model().parameters()).defaults[option])
+    naming = copy.deepcopy(saved)
+    for old, named in zip(saved["param_groups"], naming["param_groups"]):
+        del old[option]
+        named[option] = ran
+    resumed_model, named_model = copy.deepcopy(model), copy.deepcopy(model)
+    resumed, named = YellowFin(resumed_model.parameters()), YellowFin(named_model.parameters())
     resumed.load_state_dict(saved)
-    assert resumed.param_groups[0][option] == YellowFin(make_model().parameters()).defaults[option]
+    named.load_state_dict(naming)
+    assert resumed.param_groups[0][option] == ran
+    assert resumed.param_groups[0]["tuner"] == tuner
+    assert _options_of(resumed.param_groups) == _options_of(named.param_groups)
     train(resumed_model, resumed, make_data(), steps=2)
+    train(named_model, named, make_data(), steps=2)
     assert resumed.stats()["step"] == 7
     assert all(torch.isfinite(p).all() for p in resumed_model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(resumed_model.parameters(), named_model.parameters()))
+    assert resumed.stats() == named.stats()
 
 
-@pytest.mark.parametrize("options", [{"foreach": False}, {"foreach": True},
-                                     {"foreach": True, "nesterov": True, "weight_decay": 0.1}], ids=str)
-def test_complex_parameter_steps_like_its_real_view_twin(options):
-    (z, opt), (twin, twin_opt) = complex_and_real_twin(**options)
+@pytest.mark.parametrize("tuner, options", [
+    (tuner, options) for tuner in TUNERS
+    for options in [{"foreach": False}, {"foreach": True}, {"foreach": True, "weight_decay": 0.1}]
+] + [("reference", {"foreach": True, "nesterov": True, "weight_decay": 0.1})], ids=str)
+def test_complex_parameter_steps_like_its_real_view_twin(tuner, options):
+    (z, opt), (twin, twin_opt) = complex_and_real_twin(tuner=tuner, **options)
     torch.testing.assert_close(torch.view_as_real(z.detach()), twin.detach(), rtol=1e-12, atol=1e-12)
     assert opt.stats() == pytest.approx(twin_opt.stats(), rel=1e-12)
     assert opt.state[z]["momentum_buffer"].dtype == torch.complex128
+    if tuner == "scale_free":
+        assert opt.state[z]["initial_param"].dtype == torch.complex128
+        assert torch.equal(torch.view_as_real(opt.state[z]["initial_param"]), twin_opt.state[twin]["initial_param"])
 
 
 def test_complex_parameter_with_sparse_gradient_is_refused_clearly():
@@ -586,7 +753,7 @@ def test_state_dict_whose_groups_disagree_on_a_shared_tuner_is_refused():
     saved["param_groups"][1]["beta"] = 0.9
     with pytest.raises(ValueError, match="shared tuner"):
         opt.load_state_dict(saved)
-    assert opt.param_groups[1]["beta"] is None  # unchanged: the default, the tuner's own memory
+    assert opt.param_groups[1]["beta"] == 0.99  # unchanged: the memory the group resolved from the tuner's default
 
 
 def test_reference_variant_pins_the_authors_settings_and_takes_overrides():
@@ -594,7 +761,7 @@ def test_reference_variant_pins_the_authors_settings_and_takes_overrides():
     group = YellowFin.reference_variant([p]).param_groups[0]
     pinned = dict(beta=0.999, curvature_window=20, eps=1e-6, initial_lr=1e-4, initial_momentum=0.0,
                   adaptive_clipping=True, slow_start=True, update_first=False, curvature_smoothing="log",
-                  smooth_tuned=False)
+                  smooth_tuned=False, tuner="reference", step_rule=None, relative_clip=None, clip_trigger=None)
     assert {name: group[name] for name in pinned} == pinned
     overridden = YellowFin.reference_variant([p], slow_start=False, nesterov=True).param_groups[0]
     assert overridden["slow_start"] is False and overridden["nesterov"] is True and overridden["beta"] == 0.999

@@ -10,7 +10,7 @@ import torch._dynamo
 
 from yellowfin import YellowFin
 from helpers import (
-    complex_and_real_twin, flat_state, host_reads_forbidden, make_data, make_model, run_with_holes,
+    TUNERS, complex_and_real_twin, flat_state, host_reads_forbidden, make_data, make_model, run_with_holes,
     train_after_zero_gradients, train_with_scaled_loss,
 )
 
@@ -81,9 +81,10 @@ def test_the_reference_keeps_its_recorded_trajectories(name):
     assert values == pytest.approx(expected, rel=1e-13, abs=0.0)
 
 
-def test_multi_tensor_matches_the_single_tensor_reference():
-    params_loop, opt_loop = run_with_holes(foreach=False)
-    params_fast, opt_fast = run_with_holes(foreach=True)
+@pytest.mark.parametrize("tuner", TUNERS)
+def test_multi_tensor_matches_the_single_tensor_reference(tuner):
+    params_loop, opt_loop = run_with_holes(foreach=False, tuner=tuner)
+    params_fast, opt_fast = run_with_holes(foreach=True, tuner=tuner)
     for a, b in zip(params_loop, params_fast):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
     for a, b in zip(flat_state(opt_loop), flat_state(opt_fast)):
@@ -91,20 +92,25 @@ def test_multi_tensor_matches_the_single_tensor_reference():
     assert opt_loop.stats()["step"] == 25
 
 
+FUSED_OPTIONS = {"weight_decay": 1e-2, "decoupled_weight_decay": True, "maximize": True, "sparsity_correction": True}
+
+
+# Nesterov is the reference's alone (the scale-free tuner refuses it): the scale-free tuner takes the other options.
 @pytest.mark.parametrize(
-    "dtype, rtol, options",
+    "tuner, dtype, rtol, options",
     [
-        (torch.float64, 1e-12, {}),
-        (torch.float32, 1e-6, {}),
-        (torch.float64, 1e-12, {"nesterov": True, "weight_decay": 1e-2, "decoupled_weight_decay": True,
-                                "maximize": True, "sparsity_correction": True}),
+        (tuner, dtype, rtol, options) for tuner in TUNERS for dtype, rtol, options in (
+            (torch.float64, 1e-12, {}),
+            (torch.float32, 1e-6, {}),
+            (torch.float64, 1e-12, {**FUSED_OPTIONS, "nesterov": True} if tuner == "reference" else FUSED_OPTIONS),
+        )
     ],
-    ids=["float64", "float32", "float64-options"],
+    ids=[f"{tuner}-{case}" for tuner in TUNERS for case in ("float64", "float32", "float64-options")],
 )
-def test_fused_matches_the_per_tensor_reference(dtype, rtol, options):
+def test_fused_matches_the_per_tensor_reference(tuner, dtype, rtol, options):
     # Frozen layer, a 0-dim parameter, gradients missing on some steps, one NaN step.
-    params_ref, opt_ref = run_with_holes(dtype, steps=12, nan_at=4, foreach=False, **options)
-    params_fused, opt_fused = run_with_holes(dtype, steps=12, nan_at=4, fused=True, **options)
+    params_ref, opt_ref = run_with_holes(dtype, steps=12, nan_at=4, foreach=False, tuner=tuner, **options)
+    params_fused, opt_fused = run_with_holes(dtype, steps=12, nan_at=4, fused=True, tuner=tuner, **options)
     assert opt_fused.stats()["skipped_steps"] == 1 and opt_fused.stats()["step"] == 11
     for a, b in zip(params_ref, params_fused):
         torch.testing.assert_close(b, a, rtol=rtol, atol=0.0)
@@ -113,9 +119,9 @@ def test_fused_matches_the_per_tensor_reference(dtype, rtol, options):
         torch.testing.assert_close(b, a, rtol=rtol, atol=rtol * 1e-3)
 
 
-def _fused_training(steps, around_step):
+def _fused_training(steps, around_step, tuner):
     model, (x, y) = make_model(), make_data()
-    opt = YellowFin(model.parameters(), fused=True)
+    opt = YellowFin(model.parameters(), tuner=tuner, fused=True)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     for step in range(steps):
         opt.zero_grad()
@@ -131,19 +137,21 @@ def _fused_training(steps, around_step):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_fused_steps_compile_once_without_graph_breaks():
+@pytest.mark.parametrize("tuner", TUNERS)
+def test_fused_steps_compile_once_without_graph_breaks(tuner):
     torch._dynamo.utils.counters.clear()
 
     def after_the_first_step_no_recompiles(step):
         return torch._dynamo.config.patch(error_on_recompile=step > 0)
 
-    _fused_training(8, after_the_first_step_no_recompiles)
+    _fused_training(8, after_the_first_step_no_recompiles, tuner)
     # A graph break would mean a data-dependent branch, i.e. a host read, inside the kernels.
     assert not torch._dynamo.utils.counters["graph_break"]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3  # both passes and the scalar step
 
 
-def test_fused_step_code_never_reads_tensors_on_the_host():
+@pytest.mark.parametrize("tuner", TUNERS)
+def test_fused_step_code_never_reads_tensors_on_the_host(tuner):
     # Dynamo guards on the Tensor methods that the host-read guard patches, so the code of the
     # fused step is checked as it runs eagerly; the compiled graphs are checked above.
     def eager_and_host_reads_forbidden(step):
@@ -152,13 +160,14 @@ def test_fused_step_code_never_reads_tensors_on_the_host():
         stack.enter_context(host_reads_forbidden())
         return stack
 
-    _fused_training(6, eager_and_host_reads_forbidden)
+    _fused_training(6, eager_and_host_reads_forbidden, tuner)
 
 
-def test_fused_keeps_gradients_of_norm_1e30_in_range():
+@pytest.mark.parametrize("tuner", TUNERS)
+def test_fused_keeps_gradients_of_norm_1e30_in_range(tuner):
     # The kernels accumulate in float64, like the reference: nothing overflows, nothing is skipped.
     p = torch.randn(5, requires_grad=True)
-    opt = YellowFin([p], fused=True)
+    opt = YellowFin([p], tuner=tuner, fused=True)
     generator = torch.Generator().manual_seed(0)
     for _ in range(12):
         p.grad = 1e30 * torch.randn(5, generator=generator)
@@ -173,22 +182,25 @@ def test_fused_and_foreach_together_are_refused():
         YellowFin(make_model().parameters(), foreach=True, fused=True)
 
 
-def test_fused_bounds_a_loss_scaled_by_1e20_like_the_reference():
-    loop_params, loop = train_with_scaled_loss(1e20, dtype=torch.float32, foreach=False)
-    fused_params, fused = train_with_scaled_loss(1e20, dtype=torch.float32, fused=True)
+@pytest.mark.parametrize("tuner", TUNERS)
+def test_fused_bounds_a_loss_scaled_by_1e20_like_the_reference(tuner):
+    loop_params, loop = train_with_scaled_loss(1e20, dtype=torch.float32, foreach=False, tuner=tuner)
+    fused_params, fused = train_with_scaled_loss(1e20, dtype=torch.float32, fused=True, tuner=tuner)
     assert fused.stats()["skipped_steps"] == 0 and fused.stats()["step"] == 10
     for a, b in zip(loop_params, fused_params):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=0.0)
 
 
-def test_fused_all_zero_gradients_are_no_tuner_steps():
-    fresh_params, fresh = train_after_zero_gradients(0, steps=10, fused=True)
-    params, opt = train_after_zero_gradients(100, steps=10, fused=True)
+@pytest.mark.parametrize("tuner", TUNERS)
+def test_fused_all_zero_gradients_are_no_tuner_steps(tuner):
+    fresh_params, fresh = train_after_zero_gradients(0, steps=10, fused=True, tuner=tuner)
+    params, opt = train_after_zero_gradients(100, steps=10, fused=True, tuner=tuner)
     assert opt.stats() == fresh.stats()
     assert all(torch.equal(a, b) for a, b in zip(params, fresh_params))
 
 
-def test_fused_complex_parameter_steps_like_its_real_view_twin():
-    (z, opt), (twin, _) = complex_and_real_twin(steps=30, fused=True)
+@pytest.mark.parametrize("tuner", TUNERS)
+def test_fused_complex_parameter_steps_like_its_real_view_twin(tuner):
+    (z, opt), (twin, _) = complex_and_real_twin(steps=30, fused=True, tuner=tuner)
     torch.testing.assert_close(torch.view_as_real(z.detach()), twin.detach(), rtol=1e-12, atol=1e-12)
     assert opt.stats()["step"] == 30

@@ -6,6 +6,7 @@ metric, checkpoints that resume, skipped steps, per-group tuning, host reads and
 for both in tests/test_scale_free.py.)"""
 
 import copy
+import math
 import sys
 from pathlib import Path
 
@@ -165,7 +166,7 @@ def test_complex_parameters_step_as_their_real_twins():
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(precondition="adam"), "tuner='scale_free'"),  # the reference tuner measures in the loss's units
+    (dict(tuner="reference", precondition="adam"), "tuner='scale_free'"),  # the reference measures in the loss's units
     (dict(tuner="scale_free", step_rule="secant", precondition="adam"), "step_rule='dog'"),
     (dict(tuner="scale_free", step_rule="dowg", precondition="adam"), "step_rule='dog'"),  # (diverged there)
     (dict(tuner="scale_free", precondition="adam", relative_clip=2.0), "relative_clip"),  # (measured without)
@@ -177,6 +178,18 @@ def test_settings_it_cannot_run_are_refused(options, message):
     model, _, _ = mlp_problem()
     with pytest.raises(ValueError, match=message):
         YellowFin(model.parameters(), **options)
+
+
+def test_the_default_tuner_takes_the_preconditioner_and_the_reference_does_not():
+    # The default is the scale-free tuner, so precondition="adam" alone builds the preconditioned tuner with its
+    # own rule and no clip; the reference (reference_variant) refuses it.
+    model, _, _ = mlp_problem()
+    group = YellowFin(model.parameters(), precondition="adam").param_groups[0]
+    assert group["tuner"] == "scale_free" and group["step_rule"] == "dog"
+    assert group["relative_clip"] == math.inf and group["clip_trigger"] == math.inf
+    assert YellowFin._settings(group) == YellowFin._settings(preconditioned(model.parameters()).param_groups[0])
+    with pytest.raises(ValueError, match="tuner='scale_free'"):
+        YellowFin.reference_variant(model.parameters(), precondition="adam")
 
 
 def test_sparse_gradients_are_refused():

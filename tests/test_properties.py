@@ -6,12 +6,13 @@ one that never stopped."""
 
 import io
 
+import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from yellowfin import YellowFin
-from helpers import flat_state
+from helpers import TUNER_BUFFERS, TUNERS, created_buffer, flat_state
 
 SHAPES = [(3,), (2, 2), ()]  # the trainable parameters; a fourth, frozen one never has a gradient
 
@@ -85,9 +86,13 @@ def _check_sequence(sequence, dtype, seed, **options):
         after = opt.state_dict()
         if poisoned or no_information:
             assert all(torch.equal(a, b) for a, b in zip(before_params, params))
-            for index, buffers in after["state"].items():  # buffers created by this step stay zero
+            # Buffers created by this step hold what creation put there: zeros, and x_0 = the parameter (the
+            # scale-free tuner's initial_param). (State index i is params[i]: the frozen parameter has none.)
+            for index, buffers in after["state"].items():
+                assert set(buffers) == TUNER_BUFFERS[options["tuner"]]
                 for name, value in buffers.items():
-                    assert torch.equal(value, before["state"].get(index, {}).get(name, torch.zeros_like(value)))
+                    expected = before["state"].get(index, {}).get(name, created_buffer(name, before_params[index]))
+                    assert torch.equal(value, expected), name
             skipped = int(after["tuners"][0]["skipped_steps"]) - int(before["tuners"][0]["skipped_steps"])
             assert skipped == (1 if poisoned else 0)
             for name, value in after["tuners"][0].items():
@@ -101,12 +106,17 @@ def _check_sequence(sequence, dtype, seed, **options):
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sequence=steps, dtype=st.sampled_from([torch.float32, torch.float64]), foreach=st.booleans(),
        seed=st.integers(0, 2**16))
-def test_invariants_on_the_reference_and_foreach_paths(sequence, dtype, foreach, seed):
-    _check_sequence(sequence, dtype, seed, foreach=foreach)
+# (two float32 gradients of 1e30 in a row: their products with the momentum exceed float32's range)
+@example(sequence=[{"gradients": [("dense", 30)] * len(SHAPES), "poison": None, "checkpoint": False}] * 2,
+         dtype=torch.float32, foreach=True, seed=0)
+@pytest.mark.parametrize("tuner", TUNERS)
+def test_invariants_on_the_reference_and_foreach_paths(tuner, sequence, dtype, foreach, seed):
+    _check_sequence(sequence, dtype, seed, tuner=tuner, foreach=foreach)
 
 
 # The fused path compiles its kernels once (fixed shapes and dtype), then each example is quick.
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sequence=steps, seed=st.integers(0, 2**16))
-def test_invariants_on_the_fused_path(sequence, seed):
-    _check_sequence(sequence, torch.float64, seed, fused=True)
+@pytest.mark.parametrize("tuner", TUNERS)
+def test_invariants_on_the_fused_path(tuner, sequence, seed):
+    _check_sequence(sequence, torch.float64, seed, tuner=tuner, fused=True)

@@ -6,6 +6,7 @@ reference."""
 import copy
 import io
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch._dynamo
 from torch import nn
 
 from yellowfin import YellowFin
-from yellowfin.state import DEFAULT_RELATIVE_CLIP, SCALE_FREE_FIELDS
+from yellowfin.state import DEFAULT_RELATIVE_CLIP, SCALE_FREE_FIELDS, TunerSettings
 from helpers import flat_state, host_reads_forbidden, run_with_holes
 
 FLAVOURS = {"single_tensor": dict(foreach=False), "multi_tensor": {}, "compiled": dict(fused=True)}
@@ -204,16 +205,19 @@ def test_stats_report_the_distance_and_the_secant_curvature():
     _, _, opt = train(lambda params: YellowFin(params, tuner="scale_free", step_rule="secant"), steps=40)
     stats = opt.stats()
     assert stats["distance"] > 0.0 and stats["secant_curvature"] > 0.0
-    _, _, default = train(lambda params: YellowFin(params, tuner="scale_free"), steps=40)
+    _, _, default = train(YellowFin, steps=40)  # the library's default: the scale-free tuner's DoWG rule
+    assert default.param_groups[0]["tuner"] == "scale_free" and default.param_groups[0]["step_rule"] == "dowg"
     assert default.stats()["distance"] > 0.0 and default.stats()["secant_curvature"] >= 0.0  # (a diagnostic there)
-    _, _, reference = train(YellowFin, steps=2)
+    _, _, reference = train(YellowFin.reference_variant, steps=2)
     assert "distance" not in reference.stats() and "secant_curvature" not in reference.stats()
 
 
 def test_only_the_scale_free_tuner_keeps_the_initial_parameters():
     _, model, opt = train(lambda params: YellowFin(params, tuner="scale_free"), steps=3)
-    _, reference_model, reference = train(YellowFin, steps=3)
+    _, default_model, default = train(YellowFin, steps=3)  # (the default is the scale-free tuner: it pays too)
+    _, reference_model, reference = train(YellowFin.reference_variant, steps=3)
     assert all("initial_param" in opt.state[p] for p in model.parameters())
+    assert all("initial_param" in default.state[p] for p in default_model.parameters())
     assert not any("initial_param" in reference.state[p] for p in reference_model.parameters())
 
 
@@ -255,19 +259,50 @@ def test_a_state_dict_round_trip_continues_identically(metric):
     assert torch.equal(flat(model), expected)
 
 
-def test_a_checkpoint_from_before_the_scale_free_tuner_loads():
-    # (and from before the preconditioned one: neither the tuner's fields nor the groups' options existed)
-    _, model, opt = train(YellowFin, steps=5)
-    old = opt.state_dict()
-    for tuner in old["tuners"]:
-        for name in SCALE_FREE_FIELDS:
-            del tuner[name]
-    for group in old["param_groups"]:
-        del group["tuner"], group["precondition"]
-    restored = YellowFin(model.parameters())
-    restored.load_state_dict(old)
-    for a, b in zip(flat_state(opt), flat_state(restored)):
-        assert torch.equal(a, b)
+# The group options that came with the scale-free tuner or after it (a checkpoint written before them names none).
+OPTIONS_SINCE_THE_SCALE_FREE_TUNER = ("tuner", "step_rule", "precondition", "relative_clip", "clip_trigger", "average")
+
+
+@pytest.mark.parametrize("load_into", ["reference_variant", "default"])
+def test_a_checkpoint_from_before_the_scale_free_tuner_loads(load_into):
+    # A checkpoint as the library wrote it before the scale-free tuner (and the preconditioned one) existed: its
+    # tuners hold none of their fields (nor the staleness, which came after), its groups none of their options, and
+    # it ran the reference, the only tuner then. As for torch's optimizers the saved groups' options win, so it loads
+    # as the reference and continues the reference's run into either optimizer, the default (scale-free) one too.
+    expected, _, _ = train(YellowFin.reference_variant, steps=10)
+    model, x, y = mlp_problem()
+    opt = YellowFin.reference_variant(model.parameters())
+    for step in range(10):
+        if step == 5:
+            saved, before = opt.state_dict(), flat_state(opt)
+            old = copy.deepcopy(saved)  # (a state_dict shares the optimizer's tensors)
+            for tuner in old["tuners"]:
+                for name in (*SCALE_FREE_FIELDS, "staleness"):
+                    del tuner[name]
+            for group in old["param_groups"]:
+                for name in OPTIONS_SINCE_THE_SCALE_FREE_TUNER:
+                    del group[name]
+            assert not any("initial_param" in state for state in old["state"].values())
+            if load_into == "default":
+                opt = YellowFin(model.parameters())
+                assert opt.param_groups[0]["tuner"] == "scale_free"  # (what it would run without the checkpoint)
+            else:
+                opt = YellowFin.reference_variant(model.parameters())
+            opt.load_state_dict(old)
+            group = opt.param_groups[0]
+            assert group["tuner"] == "reference" and group["beta"] == 0.999
+            assert all(group[name] is None for name in ("step_rule", "precondition", "relative_clip", "clip_trigger"))
+            assert group["average"] is False
+            assert YellowFin._settings(group) == YellowFin._settings(saved["param_groups"][0])
+            after = flat_state(opt)  # (the reference's scale-free fields and staleness are zeros, as restored)
+            assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before))
+        rows = (torch.arange(16) + 16 * step) % 64
+        opt.zero_grad()
+        ((model(x[rows]) - y[rows]) ** 2).mean().backward()
+        opt.step()
+    assert not any("initial_param" in opt.state[p] for p in model.parameters())  # (it stepped as the reference)
+    assert "distance" not in opt.stats()
+    assert torch.equal(flat(model), expected)
 
 
 @pytest.mark.parametrize("field", ["grad_sq_sum", "staleness"])
@@ -327,20 +362,33 @@ def test_per_group_tuning_tunes_each_group_in_its_own_units(metric):
 def test_groups_may_choose_their_tuner_only_with_per_group_tuning():
     model, _, _ = mlp_problem()
     params = list(model.parameters())
-    groups = [{"params": params[:2], "tuner": "scale_free"}, {"params": params[2:]}]
+    # (the default, scale-free, for the first group; the second chooses the reference)
+    groups = [{"params": params[:2]}, {"params": params[2:], "tuner": "reference"}]
     opt = YellowFin(groups, per_group_tuning=True)
+    assert [group["tuner"] for group in opt.param_groups] == ["scale_free", "reference"]
     assert "distance" in opt.stats(0) and "distance" not in opt.stats(1)
     with pytest.raises(ValueError, match="share its settings"):
         YellowFin(groups)
+    # and the other way round: a scale-free group among the reference's
+    groups = [{"params": params[:2], "tuner": "scale_free"}, {"params": params[2:]}]
+    opt = YellowFin(groups, tuner="reference", per_group_tuning=True)
+    assert [group["tuner"] for group in opt.param_groups] == ["scale_free", "reference"]
+    assert "distance" in opt.stats(0) and "distance" not in opt.stats(1)
+    with pytest.raises(ValueError, match="share its settings"):
+        YellowFin(groups, tuner="reference")
 
 
 @pytest.mark.parametrize("options", [
     dict(nesterov=True), dict(update_first=True), dict(smooth_tuned=True), dict(curvature_smoothing="linear"),
 ])
-def test_options_of_the_reference_alone_are_refused(options):
+@pytest.mark.parametrize("tuner", [dict(tuner="scale_free"), {}], ids=["scale_free", "default"])
+def test_options_of_the_reference_alone_are_refused(options, tuner):
+    # (by the scale-free tuner, the default too; the reference takes them)
     model, _, _ = mlp_problem()
-    with pytest.raises(ValueError, match="scale_free"):
-        YellowFin(model.parameters(), tuner="scale_free", **options)
+    [(name, value)] = options.items()
+    with pytest.raises(ValueError, match=re.escape(f"{name}={value!r} is an option of tuner='reference'")):
+        YellowFin(model.parameters(), **tuner, **options)
+    assert YellowFin.reference_variant(model.parameters(), **options).param_groups[0][name] == value
 
 
 def test_nesterov_is_refused_in_an_added_group_too():
@@ -354,18 +402,23 @@ def test_nesterov_is_refused_in_an_added_group_too():
 def test_the_step_rule_and_clip_are_the_scale_free_tuners_and_each_group_names_what_it_runs():
     p, q = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
     plain = YellowFin([p], tuner="scale_free")
+    default = YellowFin([p])  # the library's default is the scale-free tuner: its group names the same
     assert plain.param_groups[0]["step_rule"] == "dowg"  # the plain metric's default
     assert YellowFin([p], tuner="scale_free", precondition="adam").param_groups[0]["step_rule"] == "dog"  # Adam's
-    assert YellowFin([p]).param_groups[0]["step_rule"] is None  # the reference has none
+    assert YellowFin([p], tuner="reference").param_groups[0]["step_rule"] is None  # the reference has none
+    assert YellowFin.reference_variant([p]).param_groups[0]["step_rule"] is None
     assert plain.defaults["step_rule"] is None  # (so that a group in the other metric picks its own default)
-    mixed = YellowFin([{"params": [p]}, {"params": [q], "tuner": "scale_free"}], per_group_tuning=True)
+    mixed = YellowFin([{"params": [p], "tuner": "reference"}, {"params": [q]}], per_group_tuning=True)
     assert [group["step_rule"] for group in mixed.param_groups] == [None, "dowg"]
     assert plain.state_dict()["param_groups"][0]["step_rule"] == "dowg"
     assert plain.param_groups[0]["relative_clip"] == DEFAULT_RELATIVE_CLIP[None]
     assert YellowFin([p], tuner="scale_free", precondition="adam").param_groups[0]["relative_clip"] == math.inf
-    assert YellowFin([p]).param_groups[0]["relative_clip"] is None
+    assert YellowFin([p], tuner="reference").param_groups[0]["relative_clip"] is None
+    assert YellowFin([p], relative_clip=1.5).param_groups[0]["relative_clip"] == 1.5  # (the default takes it)
     with pytest.raises(ValueError, match="relative_clip"):
-        YellowFin([p], relative_clip=2.0)  # the reference clips its own way
+        YellowFin([p], tuner="reference", relative_clip=2.0)  # the reference clips its own way
+    with pytest.raises(ValueError, match="relative_clip"):
+        YellowFin.reference_variant([p], relative_clip=2.0)
     for bad in (0.0, -1.0, math.nan):
         with pytest.raises(ValueError, match="relative_clip"):
             YellowFin([p], tuner="scale_free", relative_clip=bad)
@@ -373,9 +426,13 @@ def test_the_step_rule_and_clip_are_the_scale_free_tuners_and_each_group_names_w
         YellowFin([p], tuner="scale_free", relative_clip="2")
     assert plain.param_groups[0]["clip_trigger"] == pytest.approx(10.0)  # 1 / sqrt(1 - 0.99), the group's memory
     assert YellowFin([p], tuner="scale_free", beta=0.9).param_groups[0]["clip_trigger"] == pytest.approx(10**0.5)
-    assert YellowFin([p]).param_groups[0]["clip_trigger"] is None
+    assert YellowFin([p], tuner="reference").param_groups[0]["clip_trigger"] is None
+    for name in ("tuner", "step_rule", "relative_clip", "clip_trigger"):
+        assert default.param_groups[0][name] == plain.param_groups[0][name], name
+    assert YellowFin._settings(default.param_groups[0]) == YellowFin._settings(plain.param_groups[0])
+    assert YellowFin([p], step_rule="dog").param_groups[0]["step_rule"] == "dog"  # (the default takes one)
     with pytest.raises(ValueError, match="step_rule"):
-        YellowFin([p], step_rule="dog")  # the reference has no step rule to choose
+        YellowFin([p], tuner="reference", step_rule="dog")  # the reference has no step rule to choose
     with pytest.raises(ValueError, match="step_rule"):
         YellowFin([p], tuner="scale_free", step_rule="secants")
 
@@ -484,12 +541,18 @@ def test_an_unknown_tuner_is_refused():
 
 def test_each_tuner_has_its_own_memory_unless_beta_is_given():
     p, q = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
-    assert YellowFin._settings(YellowFin([p]).param_groups[0]).beta == 0.999
+    assert YellowFin._settings(YellowFin([p], tuner="reference").param_groups[0]).beta == 0.999
     assert YellowFin._settings(YellowFin([p], tuner="scale_free").param_groups[0]).beta == 0.99
+    assert YellowFin._settings(YellowFin([p]).param_groups[0]).beta == 0.99  # the default: the scale-free tuner's
+    assert TunerSettings().tuner == "scale_free" and TunerSettings().beta == 0.99
     assert YellowFin._settings(YellowFin([p], tuner="scale_free", beta=0.9).param_groups[0]).beta == 0.9
-    opt = YellowFin([p], per_group_tuning=True)
+    assert YellowFin._settings(YellowFin([p], tuner="reference", beta=0.9).param_groups[0]).beta == 0.9
+    opt = YellowFin([p], tuner="reference", per_group_tuning=True)
     opt.add_param_group({"params": [q], "tuner": "scale_free"})  # a group that picks the other tuner later
     assert [YellowFin._settings(group).beta for group in opt.param_groups] == [0.999, 0.99]
+    opt = YellowFin([q], per_group_tuning=True)
+    opt.add_param_group({"params": [p], "tuner": "reference"})  # and the other way round
+    assert [YellowFin._settings(group).beta for group in opt.param_groups] == [0.99, 0.999]
 
 
 def test_reference_variant_pins_the_reference_tuner():

@@ -110,13 +110,13 @@ def test_slow_start_ramps_over_ten_windows():
 def test_tune_uses_initial_values_at_first_step_and_smooths_in_paper_variant():
     estimates = (torch.tensor(1.0, dtype=torch.float64), torch.tensor(100.0, dtype=torch.float64),
                  torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
-    settings = TunerSettings(initial_lr=0.3, initial_momentum=0.2)
+    settings = TunerSettings(tuner="reference", initial_lr=0.3, initial_momentum=0.2)
     mu, lr = tuning.tune(estimates, 0.0, 0.2, 0.3, settings)
     assert (float(mu), float(lr)) == (0.2, 0.3)
     solved_mu, solved_lr = tuning.single_step(*estimates, eps=settings.eps)
     mu, lr = tuning.tune(estimates, 1000.0, 0.2, 0.3, settings)
     assert float(mu) == float(solved_mu) and float(lr) == float(solved_lr)
-    smooth = TunerSettings(smooth_tuned=True, slow_start=False, beta=0.9)
+    smooth = TunerSettings(tuner="reference", smooth_tuned=True, slow_start=False, beta=0.9)
     mu, lr = tuning.tune(estimates, 5.0, 0.2, 0.3, smooth)
     assert float(mu) == pytest.approx(0.9 * 0.2 + 0.1 * float(solved_mu))
     assert float(lr) == pytest.approx(0.9 * 0.3 + 0.1 * float(solved_lr))
@@ -135,7 +135,7 @@ def test_gradient_gates_skip_a_non_finite_gradient_and_pass_over_an_all_zero_one
 
 
 def test_clip_norm_alone_scales_the_gradient_to_the_clip_norm():
-    settings = TunerSettings(clip_norm=2.0, adaptive_clipping=False)
+    settings = TunerSettings(tuner="reference", clip_norm=2.0, adaptive_clipping=False)
     scale, update_scale = tuning.clipping_scales(100.0, 1.0, True, settings)
     assert float(scale) * 10.0 == pytest.approx(2.0) and float(update_scale) == 1.0
     scale, update_scale = tuning.clipping_scales(1.0, 1.0, True, settings)
@@ -143,7 +143,7 @@ def test_clip_norm_alone_scales_the_gradient_to_the_clip_norm():
 
 
 def test_adaptive_clipping_bounds_the_statistics_by_ten_and_the_update_by_one_sqrt_h_max():
-    settings = TunerSettings()
+    settings = TunerSettings(tuner="reference")
     scale, update_scale = tuning.clipping_scales(1e6, 4.0, True, settings)  # ||g|| = 1000, sqrt(h_max) = 2
     assert float(scale) * 1000.0 == pytest.approx(20.0)
     assert float(scale * update_scale) * 1000.0 == pytest.approx(2.0)
@@ -195,8 +195,9 @@ def test_the_relative_clip_acts_only_above_its_trigger_which_defaults_to_the_mem
     # the clip off: no trigger either; the reference and Adam's metric take none
     assert TunerSettings(tuner="scale_free", relative_clip=math.inf).clip_trigger == math.inf
     assert TunerSettings(tuner="scale_free", precondition="adam").clip_trigger == math.inf
-    assert TunerSettings().clip_trigger is None
-    for options, error in ((dict(clip_trigger=10.0), ValueError),
+    assert TunerSettings(tuner="reference").clip_trigger is None
+    assert TunerSettings().clip_trigger == settings.clip_trigger  # (the default tuner is the scale-free one)
+    for options, error in ((dict(tuner="reference", clip_trigger=10.0), ValueError),
                            (dict(tuner="scale_free", precondition="adam", clip_trigger=10.0), ValueError),
                            (dict(tuner="scale_free", clip_trigger=0.0), ValueError),
                            (dict(tuner="scale_free", clip_trigger=math.nan), ValueError),
@@ -207,7 +208,7 @@ def test_the_relative_clip_acts_only_above_its_trigger_which_defaults_to_the_mem
 
 def test_adaptive_clipping_after_clip_norm_clips_to_its_own_threshold():
     # ||g|| = 1000, clip_norm 10, sqrt(100 h_max) = 1: the statistics see norm 1 (not 1000 / 10 = 100).
-    settings = TunerSettings(clip_norm=10.0)
+    settings = TunerSettings(tuner="reference", clip_norm=10.0)
     scale, update_scale = tuning.clipping_scales(1e6, 0.01, True, settings)
     assert float(scale) * 1000.0 == pytest.approx(1.0)
     assert float(scale * update_scale) * 1000.0 == pytest.approx(0.1)

@@ -88,13 +88,19 @@ def averaged_sq_norm(
     """||decay * gbar + weight * g||^2 from ||gbar||^2, <gbar, g> and ||g||^2.
 
     This lets one pass over memory reduce everything the tuner needs before the average is written.
-    A cross term that overflowed in low precision is brought back inside its Cauchy-Schwarz bound.
     """
-    bound = torch.sqrt(avg_sq_norm * sq_norm)
-    cross = torch.where(torch.isnan(cross), 0.0, cross)
-    cross = torch.minimum(torch.maximum(cross, -bound), bound)
+    cross = within_cauchy_schwarz(cross, avg_sq_norm, sq_norm)
     value = decay**2 * avg_sq_norm + 2.0 * decay * weight * cross + weight**2 * sq_norm
     return torch.clamp(value, min=0.0)
+
+
+def within_cauchy_schwarz(dot: Tensor, sq_norm_a: Tensor, sq_norm_b: Tensor) -> Tensor:
+    """A dot product <a, b> brought back inside its bound ||a|| ||b||, from the float64 squared norms: the
+    multi-tensor passes form a dot's products in the tensors' dtype, which can overflow (to inf, or NaN where
+    +inf meets -inf) in low precision where the norms, accumulated in float64, do not."""
+    bound = torch.sqrt(sq_norm_a * sq_norm_b)
+    dot = torch.where(torch.isnan(dot), 0.0, dot)
+    return torch.minimum(torch.maximum(dot, -bound), bound)
 
 
 def ema(average: Tensor, value: Tensor, beta: float) -> Tensor:

@@ -28,7 +28,7 @@ from torch.optim import Optimizer
 
 from . import measurements, passes, tuning
 from .measurements import Sums
-from .state import SECANT_UNDER_STALENESS, TunerSettings, TunerState, check_bool, check_number
+from .state import DEFAULT_TUNER, SECANT_UNDER_STALENESS, TunerSettings, TunerState, check_bool, check_number
 
 try:  # (torch builds without distributed support have no DTensor)
     from torch.distributed.tensor import DTensor as _DTensor
@@ -111,7 +111,8 @@ class YellowFin(Optimizer):
             &\rule{110mm}{0.4pt}                                                          \\[-1.ex]
        \end{aligned}
 
-    The box shows the default (reference) behaviour. All vectors are over every parameter of one tuning
+    The box shows the authors' algorithm (:meth:`reference_variant`, ``tuner="reference"``); the default
+    tuner, ``tuner="scale_free"``, keeps its structure and replaces its estimates (below). All vectors are over every parameter of one tuning
     scope (all groups, or each group with ``per_group_tuning=True``); :math:`c = \infty` unless
     ``clip_norm`` is set. ``curvature_smoothing="linear"`` averages the extremes themselves instead of
     their logs, ``slow_start=False`` drops the factor :math:`\min(1, (t+1)/(10w))`,
@@ -121,8 +122,10 @@ class YellowFin(Optimizer):
     ``update_first=True`` updates with :math:`(\mu_{t-1}, \alpha_{t-1})` instead of
     :math:`(\mu_t, \alpha_t)`; :meth:`paper_variant` sets the paper's choices. ``stats()`` reports
     :math:`t, \mu_t, \alpha_t, h_{\min}, h_{\max}, C, D, o, m`. The algorithm, each step explained:
-    docs/algorithm.md §1-§6. ``tuner="scale_free"`` replaces the tuning by one whose every estimate is in
-    loss and parameter units, so that the trajectory does not depend on the loss scale (§8); its
+    docs/algorithm.md §1-§6. The default, ``tuner="scale_free"``, replaces the tuning by one whose every estimate
+    is in loss and parameter units, so that the trajectory does not depend on the loss scale (§8); it has no slow
+    start, no :math:`\alpha_0`, :math:`\mu_0` or adaptive clipping, and clips the gradient it applies relative to
+    its running RMS instead (``relative_clip``, ``clip_trigger``); its
     ``step_rule`` takes the step from DoWG's (``"dowg"``, the default), from DoG's, whose sum weighs every
     gradient alike (``"dog"``, the default with ``precondition="adam"``) or from a secant curvature (``"secant"``);
     with ``precondition="adam"`` it measures and steps in Adam's diagonal metric instead (§9). ``average=True``
@@ -166,7 +169,7 @@ class YellowFin(Optimizer):
         update_first: bool = False,
         curvature_smoothing: str = "log",
         smooth_tuned: bool = False,
-        tuner: str = "reference",
+        tuner: str = DEFAULT_TUNER,
         step_rule: str | None = None,
         precondition: str | None = None,
         relative_clip: float | None = None,
@@ -205,8 +208,8 @@ class YellowFin(Optimizer):
     @classmethod
     def reference_variant(cls, params: Iterable, **overrides) -> "YellowFin":
         """The authors' algorithm as their reference implementation runs it, for reproduction
-        (docs/algorithm.md §5-§6): today's defaults, pinned here so that they keep this meaning
-        when the library's defaults improve on them."""
+        (docs/algorithm.md §5-§6): the library's defaults until the scale-free tuner replaced them,
+        pinned here so that they keep this meaning."""
         options = dict(_REFERENCE_OPTIONS)
         options.update(overrides)
         return cls(params, **options)
@@ -216,7 +219,7 @@ class YellowFin(Optimizer):
         """Algorithm 1 of the paper: update with the previous (mu, alpha), then measure and tune;
         linear curvature smoothing; mu and alpha smoothed; no slow start, no clipping; alpha_0 = 1."""
         options = dict(
-            update_first=True, curvature_smoothing="linear", smooth_tuned=True,
+            _REFERENCE_OPTIONS, update_first=True, curvature_smoothing="linear", smooth_tuned=True,
             slow_start=False, adaptive_clipping=False, initial_lr=1.0,
         )
         options.update(overrides)
@@ -238,7 +241,10 @@ class YellowFin(Optimizer):
             # (torch only warns; the per-tensor and multi-tensor paths would update such a tensor once and twice)
             raise ValueError("a parameter group lists the same tensor more than once: list each parameter once")
         settings = _check_group({**self.defaults, **param_group})
-        if settings.scale_free:  # the group names its rule and clip: a checkpoint keeps them when a default changes
+        # The group names its memory (and a scale-free group its rule and clip): a checkpoint keeps them when a
+        # default changes.
+        param_group["beta"] = settings.beta
+        if settings.scale_free:
             param_group.update(step_rule=settings.step_rule, relative_clip=settings.relative_clip,
                                clip_trigger=settings.clip_trigger)
         if not self.per_group_tuning and self.param_groups:
@@ -658,11 +664,14 @@ def _update(batch: _Batch, coefficients: tuning.UpdateCoefficients, floor: Tenso
 
 
 def _resolved_options_of_old_groups(saved: dict) -> dict:
-    """What a scale-free group saved without naming them ran: the step rule "secant" if it was saved before
+    """What a group saved without naming them ran: the reference tuner if saved before the tuner option existed;
+    for a scale-free group, the step rule "secant" if it was saved before
     step_rule existed, "dog" if with step_rule=None while that meant DoG's rule; no relative clip if saved before
     relative_clip existed; a clip that acts at its own level if saved before clip_trigger existed. {} for any other
     group."""
-    if saved.get("tuner") != "scale_free":
+    if "tuner" not in saved:  # saved before the option existed, when every tuner was the reference
+        return {"tuner": "reference"}
+    if saved["tuner"] != "scale_free":
         return {}
     resolved = {}
     if "step_rule" not in saved:
@@ -709,8 +718,9 @@ def _check_group(group: dict) -> TunerSettings:
         raise ValueError(f"fused=True is not available with precondition={settings.precondition!r} (it has the "
                          "single-tensor and multi-tensor flavours): use foreach=None or foreach=False")
     if settings.scale_free and group["nesterov"]:
-        raise ValueError("nesterov=True is not supported with tuner='scale_free': its secant curvature is measured "
-                         "along heavy-ball steps; use nesterov=False")
+        raise ValueError("nesterov=True is an option of tuner='reference': the scale-free tuner's step rules were "
+                         "derived and measured on heavy-ball steps only; use nesterov=False, or "
+                         "YellowFin.reference_variant(params, nesterov=True)")
     return settings
 
 

@@ -94,8 +94,10 @@ def reduce_multi_tensor(
     The norms accumulate in float64, as on the other flavours: in float32 a gradient of norm above
     ~1.8e19 would overflow and be skipped (and one below ~1e-23 would read as zero) where the others
     apply it. (On CUDA the kernel reads float32 and accumulates in float64; on CPU torch converts each
-    tensor, which costs about a quarter of a step.) The cross term stays a float32 dot: where it
-    overflows, ``measurements.averaged_sq_norm`` brings it back inside its Cauchy-Schwarz bound.
+    tensor, which costs about a quarter of a step.) The dots' products stay in the tensors' dtype (float64
+    products cost the scale-free reduction 15% on CPU and change every run's rounding): where one overflows,
+    at gradient norms near float32's limit, ``measurements.within_cauchy_schwarz`` brings the dot back inside
+    its bound, finite but no longer exact, so that there this flavour departs from the per-tensor one.
     """
     rows = []
     extra = () if trajectory is None else tuple(trajectory)

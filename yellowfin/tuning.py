@@ -333,6 +333,9 @@ def tune_step(state: TunerState, sums: Sums, settings: TunerSettings) -> tuple[T
     """
     finite, applied = gradient_gates(sums.sq_norm)
     sq_norm = torch.where(finite, sums.sq_norm, 0.0)
+    if settings.scale_free:  # (sum lr <g, v> is bounded by the roots of sum ||g||^2 and sum lr^2 ||v||^2)
+        sums = sums._replace(grad_dot_step=measurements.within_cauchy_schwarz(
+            sums.grad_dot_step, sums.sq_norm, sums.step_sq_norm))
     density = torch.ones_like(sq_norm)
     if settings.sparsity_correction:
         density = sums.nonzero / torch.clamp(sums.numel, min=1.0)

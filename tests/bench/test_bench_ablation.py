@@ -11,6 +11,7 @@ from yellowfin.bench import results as results_io
 from yellowfin.bench.runner import SuiteConfig, run_suite
 from yellowfin.bench.variants import VARIANT_SPECS, VARIANTS, Variant, get_variant, register_variant
 from yellowfin.cli import EXIT_BAD_INPUT, main
+from yellowfin.state import TunerSettings
 
 STEPS = 5
 
@@ -114,17 +115,25 @@ def test_variants_build_what_they_say():
     def settings(optimizer):  # what the tuner runs with (beta=None reads as the tuner's own memory)
         return YellowFin._settings(optimizer.param_groups[0])
 
-    def options(optimizer):  # every group option but beta, which the reference pins and the default leaves None
-        return {name: value for name, value in optimizer.defaults.items() if name != "beta"}
-
-    assert settings(get_variant("reference").build(params)) == settings(YellowFin(params))  # today's defaults
-    assert options(get_variant("reference").build(params)) == options(YellowFin(params))
+    reference, default = YellowFin.reference_variant(params), YellowFin(params)
+    # "reference" builds the authors' algorithm, pinned; "default" builds whatever YellowFin() does, which is now the
+    # scale-free tuner with its DoWG rule and relative clip: the two differ.
+    assert get_variant("reference").build(params).defaults == reference.defaults
+    assert settings(get_variant("reference").build(params)) == settings(reference)
+    assert settings(reference).tuner == "reference" and settings(reference).beta == 0.999
+    assert get_variant("default").build(params).defaults == default.defaults
+    assert settings(get_variant("default").build(params)) == settings(default) == TunerSettings()
+    assert settings(default).tuner == "scale_free" and settings(default).step_rule == "dowg"
+    assert settings(default).beta == 0.99 and settings(default).relative_clip == 2.0
+    assert settings(default) == settings(YellowFin(params, tuner="scale_free"))
+    assert settings(default) != settings(reference)
     assert get_variant("paper").build(params).defaults == YellowFin.paper_variant(params).defaults
-    no_ramp = settings(get_variant("no_slow_start").build(params))
-    assert no_ramp == dataclasses.replace(settings(YellowFin(params)), slow_start=False)
-    assert options(get_variant("no_slow_start").build(params)) == {**options(YellowFin(params)), "slow_start": False}
+    # The single changes are made on top of the reference, whatever the defaults.
+    no_ramp = get_variant("no_slow_start").build(params)
+    assert settings(no_ramp) == dataclasses.replace(settings(reference), slow_start=False)
+    assert no_ramp.defaults == {**reference.defaults, "slow_start": False}
     assert settings(get_variant("scale_free").build(params)).beta == 0.999  # the variant pins its memory
-    scale_free_default = settings(YellowFin(params, tuner="scale_free"))
+    scale_free_default = settings(default)
     # Every scale-free variant pins the rule and clip it was measured with; the clipped DoWG variant is the
     # scale-free default (with the average, which only changes the point handed out).
     assert settings(get_variant("scale_free").build(params)).step_rule == "secant"

@@ -359,7 +359,7 @@ def test_bad_numbers_are_refused_with_what_is_allowed(tmp_path, monkeypatch, cap
     (["bench", "mnist_cnn"], "unknown task mnist_cnn; choose from quadratic, digits_mlp, fmnist_resnet, char_lstm, "
                              "logreg, autoencoder, fmnist_resnet8"),
     (["bench", "quadratic", "--optimizers", "adam", "lion", "sophia"], "unknown optimizers lion, sophia; choose from "
-                                                                       "yellowfin, sgd_momentum, adam"),
+                                                                       "yellowfin, yellowfin_reference, sgd_momentum, adam"),
 ])
 def test_unknown_names_list_the_known_ones(tmp_path, monkeypatch, capsys, train_calls, argv, message):
     monkeypatch.chdir(tmp_path)

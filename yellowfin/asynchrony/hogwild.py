@@ -122,7 +122,8 @@ class Hogwild(WorkerProcesses):
     Arguments:
         model: trained in place (its parameters are moved to shared memory).
         loss_fn(model, batch) -> scalar; batch_factory(worker_id, seed) -> endless batch iterator.
-        tuner: "yellowfin" (default), a callable params -> YellowFin-like optimizer, or None for fixed
+        tuner: "yellowfin" (default: ``YellowFin.reference_variant``, the tuner Hogwild takes), a callable
+            params -> YellowFin-like optimizer, or None for fixed
             ``lr``/``momentum`` (plain Hogwild momentum SGD).
         closed_loop: attach the sensor and controller (``sensor_step`` and ``gain`` as in
             :func:`closed_loop_for`).
@@ -144,8 +145,10 @@ class Hogwild(WorkerProcesses):
         numel = sum(p.numel() for p in self.params)
 
         if tuner == "yellowfin":
+            # The reference: the scale-free default calibrates its step on the distance its own parameters travel,
+            # and the tuner here steps a copy of them (refuse_under_asynchrony says so to whoever passes it).
             from yellowfin import YellowFin
-            tuner = YellowFin
+            tuner = YellowFin.reference_variant
         # The tuner steps a private copy of the parameters: it is only there to measure and tune.
         self.shadow = [p.detach().clone().requires_grad_(True) for p in self.params]
         self.tuner = tuner(self.shadow) if tuner is not None else None
