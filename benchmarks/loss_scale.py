@@ -43,6 +43,7 @@ OUT_DIR = Path(__file__).resolve().parent / "results-loss-scale"
 
 BUILDERS: dict[str, Builder] = {
     "yellowfin": lambda params: YellowFin(params),  # its defaults, as a new user would
+    "yellowfin_reference": lambda params: YellowFin.reference_variant(params),  # the authors' algorithm
     "adam_lr1e-2": lambda params: torch.optim.Adam(params, lr=1e-2),
 }
 

@@ -49,8 +49,8 @@ def is_closed_loop(method: str) -> bool:
 
 
 def make_optimizer(method: str, params, lr: float | None = None, momentum: float = 0.0):
-    if method.startswith("yellowfin"):
-        return YellowFin(params)
+    if method.startswith("yellowfin"):  # the authors' reference, as these experiments were first run
+        return YellowFin.reference_variant(params)
     if method in SCALE_FREE_METHODS:
         return YellowFin(params, **SCALE_FREE_METHODS[method])
     if method == "adam":

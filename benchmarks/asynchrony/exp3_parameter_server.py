@@ -48,9 +48,9 @@ def main(scale_free: bool = False):
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     task = get_task("char_lstm")
-    options = {"tuner": "scale_free"} if scale_free else {}
+    options = {"tuner": "scale_free" if scale_free else "reference"}
     name = "exp3_parameter_server_scale_free.json" if scale_free else "exp3_parameter_server.json"
-    results = {"task": "char_lstm", "updates": UPDATES, "tuner": options.get("tuner", "reference"), "runs": []}
+    results = {"task": "char_lstm", "updates": UPDATES, "tuner": options["tuner"], "runs": []}
     for num_workers, closed in [run for run in RUNS if run[1]] if scale_free else RUNS:
         model = task.make_model(0)
         numel = sum(p.numel() for p in model.parameters())

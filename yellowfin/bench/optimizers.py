@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from ..state import DEFAULT_TUNER
+
 UNTUNED, TUNED, CONTROL = "untuned", "tuned", "control"
 
 
@@ -56,6 +58,12 @@ def _yellowfin(params: Iterable, lr: float | None = None) -> torch.optim.Optimiz
     from yellowfin import YellowFin
 
     return YellowFin(params)  # defaults, never tuned: that is the point of the library
+
+
+def _yellowfin_reference(params: Iterable, lr: float | None = None) -> torch.optim.Optimizer:
+    from yellowfin import YellowFin
+
+    return YellowFin.reference_variant(params)  # the authors' algorithm, kept in every table beside the default
 
 
 def _sgd_momentum(params: Iterable, lr: float | None = None) -> torch.optim.Optimizer:
@@ -107,8 +115,12 @@ class YellowFinAverage:
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     spec.name: spec
     for spec in (
-        OptimizerSpec("yellowfin", "YellowFin (defaults)", UNTUNED, _yellowfin, records_tuner_trace=True,
-                      every_seed=True, highlight=True),
+        # (results files written before the default became the scale-free tuner hold the reference's runs under
+        # "yellowfin" and its control's under "sgd_yf_step"; they were renamed to the two reference names below)
+        OptimizerSpec("yellowfin", "YellowFin (defaults)", UNTUNED, _yellowfin, hyper={"tuner": DEFAULT_TUNER},
+                      records_tuner_trace=True, every_seed=True, highlight=True),
+        OptimizerSpec("yellowfin_reference", "YellowFin (the authors' reference)", UNTUNED, _yellowfin_reference,
+                      hyper={"tuner": "reference"}, records_tuner_trace=True, every_seed=True),
         OptimizerSpec("sgd_momentum", "Momentum SGD (0.9, tuned lr)", TUNED, _sgd_momentum, hyper={"momentum": 0.9}),
         OptimizerSpec("adam", "Adam (tuned lr)", TUNED, _adam, hyper={"betas": [0.9, 0.999]}),
         OptimizerSpec("schedulefree_sgd", "Schedule-Free SGD", UNTUNED,
@@ -127,6 +139,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
                       hyper={"averaging": "PolynomialDecayAverager(gamma=8)"}, averager=_dog_averager),
         OptimizerSpec("sgd_yf_step", "SGD with YF's step a/(1-mu)", CONTROL, plain_sgd, hyper={"momentum": 0.0},
                       replays="yellowfin"),
+        OptimizerSpec("sgd_yf_reference_step", "SGD with the reference's step a/(1-mu)", CONTROL, plain_sgd,
+                      hyper={"momentum": 0.0}, replays="yellowfin_reference"),
     )
 }
 DEFAULT_OPTIMIZERS = tuple(OPTIMIZERS)
