@@ -38,19 +38,19 @@ TRAFFIC = {"sgd": 5, "adam": 7, "yellowfin": 9}
 def optimizers(params, device):
     """name -> (constructor, traffic family). Peers that are not installed are left out."""
     makers = {
+        # the default, the scale-free tuner (docs/algorithm.md §8): the reference's passes with more sums in pass 1,
+        # and x_0 to read
+        "yellowfin (loop)": (lambda: YellowFin(params, foreach=False), None),
+        "yellowfin (foreach)": (lambda: YellowFin(params, foreach=True), None),
+        "yellowfin (fused)": (lambda: YellowFin(params, fused=True), None),
+        # the authors' algorithm (the bandwidth model's "yellowfin" row counts its traffic)
         "yellowfin reference (loop)": (lambda: YellowFin.reference_variant(params, foreach=False), "yellowfin"),
         "yellowfin reference (foreach)": (lambda: YellowFin.reference_variant(params, foreach=True), "yellowfin"),
         "yellowfin reference (fused)": (lambda: YellowFin.reference_variant(params, fused=True), "yellowfin"),
-        # the scale-free tuners (docs/algorithm.md §8, §9; the default and the preconditioned one): more sums in
-        # pass 1, and x_0 (and P) to read
-        "yellowfin scale_free (foreach)": (lambda: YellowFin(params, tuner="scale_free"), None),
         # the iterate average (§10): one more lerp over x and xbar after the update
-        "yellowfin scale_free average=True (foreach)": (
-            lambda: YellowFin(params, tuner="scale_free", average=True), None),
-        "yellowfin precondition=adam (loop)": (
-            lambda: YellowFin(params, tuner="scale_free", precondition="adam", foreach=False), None),
-        "yellowfin precondition=adam (foreach)": (
-            lambda: YellowFin(params, tuner="scale_free", precondition="adam"), None),
+        "yellowfin average=True (foreach)": (lambda: YellowFin(params, average=True), None),
+        "yellowfin precondition=adam (loop)": (lambda: YellowFin(params, precondition="adam", foreach=False), None),
+        "yellowfin precondition=adam (foreach)": (lambda: YellowFin(params, precondition="adam"), None),
         "sgd momentum (loop)": (lambda: torch.optim.SGD(params, lr=1e-6, momentum=0.9, foreach=False), "sgd"),
         "sgd momentum (foreach)": (lambda: torch.optim.SGD(params, lr=1e-6, momentum=0.9, foreach=True), "sgd"),
         "adam (loop)": (lambda: torch.optim.Adam(params, lr=1e-6, foreach=False), "adam"),
@@ -252,8 +252,8 @@ def main(argv=None) -> None:
             started = time.perf_counter()
             rows = measure(count, layout, device, rounds, warmup=3)
             results.extend(rows)
-            yf = next(r for r in rows if r["optimizer"] == "yellowfin reference (fused)")
-            print(f"{count / 1e6:g}M {layout}: {time.perf_counter() - started:.0f} s; yellowfin reference (fused) "
+            yf = next(r for r in rows if r["optimizer"] == "yellowfin (fused)")
+            print(f"{count / 1e6:g}M {layout}: {time.perf_counter() - started:.0f} s; yellowfin (fused) "
                   f"{yf['median_ms']:.1f} ms = {yf['vs_fused_adam']:.2f}x fused Adam, "
                   f"{yf['vs_sgd_momentum']:.2f}x momentum SGD", flush=True)
     record = dict(
