@@ -86,6 +86,17 @@ def test_the_trajectory_does_not_depend_on_the_loss_scale(flavour, step_rule):
         assert relative_difference(scaled, unscaled) < 1e-6, loss_scale
 
 
+def test_the_default_as_a_user_builds_it_does_not_depend_on_the_loss_scale():
+    # Issue 12's test, on YellowFin(params) with no option at all: 300 steps in float64, c from 1e-4 to 1e4.
+    unscaled, _, opt = train(YellowFin)
+    assert opt.param_groups[0]["tuner"] == "scale_free" and opt.stats()["step"] == 300
+    for loss_scale in (1e-4, 1e-2, 1e2, 1e4):
+        scaled, _, _ = train(YellowFin, loss_scale=loss_scale)
+        assert relative_difference(scaled, unscaled) < 1e-6, loss_scale
+    reference, _, _ = train(YellowFin.reference_variant)
+    assert relative_difference(unscaled, reference) > 1e-3  # (a different tuner: the check above is not vacuous)
+
+
 def test_the_relative_clip_acts_and_keeps_the_trajectory_free_of_the_loss_scale():
     # (a clip and trigger far tighter than the defaults, so that it acts on this small problem's gradients)
     def clipped(params):
