@@ -55,6 +55,13 @@ def test_closed_loop_yellowfin_hogwild_tunes_shared_mu_and_alpha():
     assert regression_eval_loss(model) < before
     state = hogwild.state_dict()
     assert state["controller"]["calls"] == report["tuned_gradients"]
+    # The staleness of every gradient the tuner saw is counted, reported and told to the tuner (which, being
+    # the reference, ignores it); with two workers each is at most the updates of the whole run.
+    counts = report["staleness_counts"]
+    assert sum(counts.values()) == report["tuned_gradients"] and all(0 <= tau < 600 for tau in counts)
+    assert report["mean_staleness"] == pytest.approx(sum(tau * n for tau, n in counts.items()) / sum(counts.values()))
+    assert stats["staleness"] == pytest.approx(report["mean_staleness"])
+    assert hogwild.tuner.param_groups[0]["tuner"] == "reference"  # Hogwild's default tuner
 
 
 def test_checkpoint_carries_buffers_tuner_and_controller_and_a_resumed_run_continues(tmp_path):

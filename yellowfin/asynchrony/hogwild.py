@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..files import load_all_or_nothing, load_checkpoint_file, save_checkpoint_file
-from ..tuned import refuse_under_asynchrony
+from ..tuned import mean_staleness, refuse_under_asynchrony, report_staleness
 from .controller import closed_loop_for
 from .flat import flat_parameters, gradient_problem, load_gradients, loss_and_flat_gradient, split_like
 from .sensor import MomentumSensor, lr_outside_correction, random_coordinate_subset
@@ -61,6 +61,8 @@ class _Shared:
         self.ring_alpha = torch.zeros(ring_size, dtype=torch.float64).share_memory_()
         self.mail_grad = torch.zeros(num_workers, numel).share_memory_()
         self.mail_version = torch.zeros(num_workers, dtype=torch.int64).share_memory_()
+        # updates other workers applied between the mailed gradient's read and its own update
+        self.mail_staleness = torch.zeros(num_workers, dtype=torch.int64).share_memory_()
         self.mail_loss = torch.zeros(num_workers, dtype=torch.float64).share_memory_()
         self.mail_flag = torch.zeros(num_workers, dtype=torch.int64).share_memory_()
         self.rejected = torch.zeros(num_workers, dtype=torch.int64).share_memory_()  # one writer each
@@ -95,6 +97,7 @@ def _hogwild_worker(worker_id: int, model: nn.Module, loss_fn, batch_factory, se
         if int(shared.mail_flag[worker_id]) == EMPTY:  # never wait for the tuner
             shared.mail_grad[worker_id] = flat_grad
             shared.mail_version[worker_id] = version
+            shared.mail_staleness[worker_id] = new_version - 1 - version
             shared.mail_loss[worker_id] = loss
             shared.mail_flag[worker_id] = FULL
 
@@ -163,6 +166,7 @@ class Hogwild(WorkerProcesses):
             self.sensor = self.controller.sensor
         subset = self.sensor.subset if self.sensor is not None else random_coordinate_subset(
             numel, sensor_subset, seed)
+        self.staleness_counts: dict[int, int] = {}  # of the gradients the tuner saw
         self.shared = _Shared(self._ctx, self.params, self.num_workers, subset, ring_size)
         self.shared.hyper[0] = momentum
         self.shared.hyper[1] = lr
@@ -218,7 +222,10 @@ class Hogwild(WorkerProcesses):
         grad = self.shared.mail_grad[worker_id].clone()
         version = int(self.shared.mail_version[worker_id])
         loss = float(self.shared.mail_loss[worker_id])
+        staleness = int(self.shared.mail_staleness[worker_id])
         self.shared.mail_flag[worker_id] = EMPTY  # (workers mail only gradients they applied: finite ones)
+        self.staleness_counts[staleness] = self.staleness_counts.get(staleness, 0) + 1
+        report_staleness(self.tuner, self.staleness_counts)
         load_gradients(self.shadow, grad)
         self.tuner.step()
         if self.sensor is not None:
@@ -286,7 +293,9 @@ class Hogwild(WorkerProcesses):
             lock.release()
 
     def report(self) -> dict:
+        counts = dict(sorted(self.staleness_counts.items()))
         return {"version": self.version, "tuned_gradients": self.tuned_gradients, "rejected": self.rejected,
+                "staleness_counts": counts, "mean_staleness": mean_staleness(counts),
                 "mu": float(self.shared.hyper[0]), "alpha": float(self.shared.hyper[1]),
                 "mu_hat": self.sensor.estimate if self.sensor is not None else None,
                 "momentum_offset": self.controller.offset if self.controller is not None else None,
