@@ -11,7 +11,7 @@ from yellowfin.tuning import AVERAGE_POWER
 from helpers import complex_and_real_twin, run_with_holes
 from test_scale_free import flat, mlp_problem, train
 
-TUNERS = {"reference": {}, "scale_free": dict(tuner="scale_free"),
+TUNERS = {"reference": dict(tuner="reference"), "scale_free": dict(tuner="scale_free"),
           "preconditioned": dict(tuner="scale_free", precondition="adam")}
 FLAVOURS = {"single_tensor": dict(foreach=False), "multi_tensor": {}, "compiled": dict(fused=True)}
 
