@@ -112,10 +112,10 @@ class YellowFin(Optimizer):
        \end{aligned}
 
     The box shows the authors' algorithm (:meth:`reference_variant`, ``tuner="reference"``); the default
-    tuner, ``tuner="scale_free"``, keeps its structure and replaces its estimates (below). All vectors are over every parameter of one tuning
-    scope (all groups, or each group with ``per_group_tuning=True``); :math:`c = \infty` unless
-    ``clip_norm`` is set. ``curvature_smoothing="linear"`` averages the extremes themselves instead of
-    their logs, ``slow_start=False`` drops the factor :math:`\min(1, (t+1)/(10w))`,
+    tuner, ``tuner="scale_free"``, keeps its structure and replaces its estimates (below). All vectors are
+    over every parameter of one tuning scope (all groups, or each group with ``per_group_tuning=True``);
+    :math:`c = \infty` unless ``clip_norm`` is set. ``curvature_smoothing="linear"`` averages the extremes
+    themselves instead of their logs, ``slow_start=False`` drops the factor :math:`\min(1, (t+1)/(10w))`,
     ``adaptive_clipping=False`` keeps :math:`s = \min(1, c / \lVert g_t \rVert)` and :math:`u = 1`,
     ``sparsity_correction=True`` rescales :math:`h_{\min}, h_{\max}, C, D` by the gradient density,
     ``smooth_tuned=True`` averages :math:`\mu_t` and :math:`\alpha_t` with :math:`\beta`, and

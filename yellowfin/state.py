@@ -183,9 +183,9 @@ DEFAULT_STEP_RULE = {None: "dowg", "adam": "dog"}
 DEFAULT_RELATIVE_CLIP = {None: 2.0, "adam": math.inf}
 SCALE_FREE_EPS = 1e-30
 # Why the secant rule cannot run on stale gradients (refused by the asynchronous systems and by set_staleness).
-SECANT_UNDER_STALENESS = ("step_rule='secant' cannot run under asynchrony, on stale gradients: its secant pairs each "
-                          "gradient with the last step, which a gradient computed tau versions ago breaks; use the default "
-                          "step rule")
+SECANT_UNDER_STALENESS = ("step_rule='secant' cannot run under asynchrony, on stale gradients: its secant pairs "
+                          "each gradient with the last step, which a gradient computed tau versions ago breaks; use "
+                          "the default step rule")
 # TunerSettings.precondition: the metrics the scale-free tuner can measure and step in besides the plain one.
 PRECONDITIONERS = ("adam",)
 

@@ -36,7 +36,7 @@ def _reference(params: Iterable, **overrides: Any) -> torch.optim.Optimizer:
 def _default(params: Iterable, **overrides: Any) -> torch.optim.Optimizer:
     from yellowfin import YellowFin
 
-    return YellowFin(params, **overrides)  # whatever YellowFin() does now (the scale-free tuner since it replaced the reference)
+    return YellowFin(params, **overrides)  # whatever YellowFin() does now (the scale-free tuner since the switch)
 
 
 def _paper(params: Iterable, **overrides: Any) -> torch.optim.Optimizer:
