@@ -286,9 +286,10 @@ def test_host_read_guard_catches_a_sync():
 @pytest.mark.parametrize("foreach", [False, True])
 def test_a_float32_dot_that_overflows_leaves_the_state_finite_and_the_checkpoint_loadable(foreach):
     # g * v overflows float32 (1e17 * 1e22 > 3.4e38) where ||g||^2 and ||v||^2, in float64, do not: the
-    # multi-tensor dot <g, v> is bounded back inside ||g|| ||v||, so the secant's running sums stay finite.
+    # multi-tensor dot <g, v> is bounded back inside ||g|| ||v||, so the secant's running sums stay finite. (Only
+    # the secant rule forms that dot.)
     p = torch.zeros((), requires_grad=True)
-    opt = YellowFin([p], foreach=foreach)
+    opt = YellowFin([p], step_rule="secant", foreach=foreach)
     for value in (1e17, 1e22, 1.0):
         p.grad = torch.tensor(value)
         opt.step()

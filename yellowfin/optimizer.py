@@ -581,7 +581,8 @@ class _Batch(NamedTuple):
         """What the scale-free tuner's sums read of the tensors at ``indices`` (None for the reference)."""
         if not self.initial_params or self.second_moments:
             return None
-        return passes.Trajectory(self.params, self.initial_params, self.momenta).pick(indices)
+        momenta = self.momenta if self.group["step_rule"] == "secant" else None  # (only the secant reads v)
+        return passes.Trajectory(self.params, self.initial_params, momenta).pick(indices)
 
 
 # What a parameter's state holds once it has stepped (x_0, kept by the scale-free tuners, is made when missing).
@@ -748,6 +749,6 @@ def _record(state: TunerState, settings: TunerSettings) -> dict:
         values["distance"] = float(state.distance)
     if settings.preconditioned:
         values["signal"] = float(state.signal_avg)
-    elif settings.scale_free:
+    elif settings.scale_free and settings.step_rule == "secant":  # (the only rule that measures it)
         values["secant_curvature"] = float(state.secant_curvature)
     return values

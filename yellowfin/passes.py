@@ -40,14 +40,16 @@ from .tuning import UpdateCoefficients
 # --------------------------------------------------------------------------------- pass 1: reduce
 class Trajectory(NamedTuple):
     """What the scale-free tuner's sums read besides g and gbar (``Sums.grad_dot_step`` and after), one entry
-    per gradient: where each parameter is, where it started, and the momentum buffer it moves along."""
+    per gradient: where each parameter is, where it started, and the momentum buffer it moves along. ``momenta``
+    is None where no secant is measured (every step rule but ``"secant"``): its two sums, <g, v> and ||v||^2,
+    then stay zero, and pass 1 reads neither v nor computes them."""
 
     params: list[Tensor]
     initial_params: list[Tensor]
-    momenta: list[Tensor]
+    momenta: list[Tensor] | None
 
     def pick(self, indices) -> "Trajectory":
-        return Trajectory(*([tensors[i] for i in indices] for tensors in self))
+        return Trajectory(*(None if tensors is None else [tensors[i] for i in indices] for tensors in self))
 
 
 def reduce_single_tensor(
@@ -56,7 +58,7 @@ def reduce_single_tensor(
     """The ``Sums`` vector of the tensors, one tensor at a time, all in float64 (dense or sparse)."""
     rows = []
     for index, (grad, grad_avg) in enumerate(zip(grads, grad_avgs)):
-        momentum_buffer = trajectory.momenta[index] if trajectory is not None else None
+        momentum_buffer = trajectory.momenta[index] if trajectory is not None and trajectory.momenta else None
         if grad.is_sparse:
             grad = grad.coalesce()
             values, avg_values = grad._values(), grad_avg.sparse_mask(grad)._values()
@@ -73,15 +75,16 @@ def reduce_single_tensor(
             numel=values.new_full((), float(grad_avg.numel())),
         )
         if trajectory is not None:
-            v = momentum_buffer.to(torch.float64)
             x, x0 = trajectory.params[index].to(torch.float64), trajectory.initial_params[index].to(torch.float64)
             row = row._replace(
-                grad_dot_step=torch.sum(values * momentum_values.to(torch.float64)),
-                step_sq_norm=torch.sum(v * v),
                 grad_sq_norm_lr=row.sq_norm,
                 displacement_sq=torch.sum((x - x0) ** 2),
                 initial_param_sq_norm=torch.sum(x0 * x0),
             )
+            if momentum_buffer is not None:
+                v = momentum_buffer.to(torch.float64)
+                row = row._replace(grad_dot_step=torch.sum(values * momentum_values.to(torch.float64)),
+                                   step_sq_norm=torch.sum(v * v))
         rows.append(row.vector())
     return add_sums(rows)
 
@@ -100,7 +103,7 @@ def reduce_multi_tensor(
     its bound, finite but no longer exact, so that there this flavour departs from the per-tensor one.
     """
     rows = []
-    extra = () if trajectory is None else tuple(trajectory)
+    extra = () if trajectory is None else tuple(tensors for tensors in trajectory if tensors is not None)
     for grads, grad_avgs, *extra in _by_device_and_dtype(grads, grad_avgs, *extra):
         count = float(sum(g.numel() for g in grads))
         if grads[0].dtype in (torch.float16, torch.bfloat16):
@@ -117,16 +120,16 @@ def reduce_multi_tensor(
             numel=cross.new_full((), count),
         )
         if trajectory is not None:
-            params, initial_params, momenta = extra
-            # The secant is a difference of two such dots: products in the tensors' dtype, sums in float64.
-            grad_dot_step = torch.stack([torch.sum(g * v, dtype=torch.float64) for g, v in zip(grads, momenta)])
+            params, initial_params, *momenta = extra
             row = row._replace(
-                grad_dot_step=grad_dot_step.sum(),
-                step_sq_norm=_sq_norm(momenta),
                 grad_sq_norm_lr=row.sq_norm,
                 displacement_sq=_sq_norm(torch._foreach_sub(params, initial_params)),
                 initial_param_sq_norm=_sq_norm(initial_params),
             )
+            if momenta:
+                # The secant is a difference of two such dots: products in the tensors' dtype, sums in float64.
+                grad_dot_step = torch.stack([torch.sum(g * v, dtype=torch.float64) for g, v in zip(grads, momenta[0])])
+                row = row._replace(grad_dot_step=grad_dot_step.sum(), step_sq_norm=_sq_norm(momenta[0]))
         rows.append(row.vector())
     return add_sums(rows)
 
@@ -141,14 +144,16 @@ def reduce_compiled(
     """The ``Sums`` vector of dense tensors, with compiled kernels per device and dtype, accumulated in
     float64 inside the kernel (so it costs what a float32 read costs and keeps the reference's range)."""
     rows = []
-    extra = () if trajectory is None else tuple(trajectory)
+    secant = trajectory is not None and trajectory.momenta is not None
+    extra = () if trajectory is None else tuple(tensors for tensors in trajectory if tensors is not None)
     for grads, grad_avgs, *extra in _by_device_and_dtype(grads, grad_avgs, *extra):
         count = float(sum(g.numel() for g in grads))
         grads, grad_avgs = _at_least_1d(grads), _at_least_1d(grad_avgs)
         extra = [_at_least_1d(tensors) for tensors in extra]
         total = None
         for part in _chunks(len(grads)):
-            part_trajectory = Trajectory(*(tensors[part] for tensors in extra)) if extra else None
+            part_trajectory = Trajectory(*(tensors[part] for tensors in extra), *(() if secant else (None,))) \
+                if extra else None
             row = _compiled_sums(grads[part], grad_avgs[part], count_nonzero, part_trajectory)
             total = row if total is None else total + row
         # The kernel leaves numel at zero (a count of a dynamic shape would be a graph input of its own).
@@ -169,9 +174,12 @@ def _sums_kernel(
             nonzero=(grad != 0).sum().to(torch.float64) if count_nonzero else g.new_zeros(()),
         )
         if trajectory is not None:
-            x, x0, v = (tensors[index].to(torch.float64) for tensors in trajectory)
-            row = row._replace(grad_dot_step=(g * v).sum(), step_sq_norm=(v * v).sum(), grad_sq_norm_lr=row.sq_norm,
-                               displacement_sq=((x - x0) ** 2).sum(), initial_param_sq_norm=(x0 * x0).sum())
+            x, x0 = trajectory.params[index].to(torch.float64), trajectory.initial_params[index].to(torch.float64)
+            row = row._replace(grad_sq_norm_lr=row.sq_norm, displacement_sq=((x - x0) ** 2).sum(),
+                               initial_param_sq_norm=(x0 * x0).sum())
+            if trajectory.momenta is not None:
+                v = trajectory.momenta[index].to(torch.float64)
+                row = row._replace(grad_dot_step=(g * v).sum(), step_sq_norm=(v * v).sum())
         row = row.vector()
         total = row if total is None else total + row
     return total

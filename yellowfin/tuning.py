@@ -184,6 +184,10 @@ def tune_scale_free(
         return measured.replace(mu=torch.where(started, sqrt_mu**2, 0.0),
                                 alpha=staleness_scale * torch.where(started, alpha_dog, first_step), distance=distance,
                                 grad_sq_sum=grad_sq_sum, metric_mean=sums.metric_sum / sums.numel)
+    if settings.step_rule in ("dog", "dowg"):  # (no secant is measured: pass 1 left its sums out)
+        return measured.replace(mu=torch.where(started, sqrt_mu**2, 0.0),
+                                alpha=staleness_scale * torch.where(started, alpha_dog, first_step), distance=distance,
+                                grad_sq_sum=grad_sq_sum)
     secant_avg, step_sq_avg, secant_curvature = measurements.measure_secant(
         state, sums, measured.grad_var, settings.beta
     )
@@ -194,10 +198,7 @@ def tune_scale_free(
     )
     # For a quadratic ||g|| = h d: h_min ~ sqrt(h_min proxy) / d.
     alpha_distance = contraction * distance / torch.sqrt(measured.h_min)
-    if settings.step_rule in ("dog", "dowg"):
-        alpha = alpha_dog
-    else:
-        alpha = torch.minimum(torch.minimum(alpha_secant, MAX_STEP_GROWTH * state.alpha), alpha_distance)
+    alpha = torch.minimum(torch.minimum(alpha_secant, MAX_STEP_GROWTH * state.alpha), alpha_distance)
     return measured.replace(
         mu=torch.where(started, sqrt_mu**2, 0.0), alpha=staleness_scale * torch.where(started, alpha, first_step),
         distance=distance, secant_num_avg=secant_avg, secant_den_avg=step_sq_avg, secant_curvature=secant_curvature,
@@ -333,7 +334,7 @@ def tune_step(state: TunerState, sums: Sums, settings: TunerSettings) -> tuple[T
     """
     finite, applied = gradient_gates(sums.sq_norm)
     sq_norm = torch.where(finite, sums.sq_norm, 0.0)
-    if settings.scale_free:  # (sum lr <g, v> is bounded by the roots of sum ||g||^2 and sum lr^2 ||v||^2)
+    if settings.step_rule == "secant":  # (sum lr <g, v> is bounded by the roots of sum ||g||^2 and sum lr^2 ||v||^2)
         sums = sums._replace(grad_dot_step=measurements.within_cauchy_schwarz(
             sums.grad_dot_step, sums.sq_norm, sums.step_sq_norm))
     density = torch.ones_like(sq_norm)
@@ -382,7 +383,7 @@ def tune_step(state: TunerState, sums: Sums, settings: TunerSettings) -> tuple[T
     if settings.preconditioned:  # (the next step's signal reads this one's <g, v> through the momentum it applied)
         new_state = new_state.replace(
             carried_grad_dot_momentum=coefficients.momentum * new_state.carried_grad_dot_momentum)
-    elif settings.scale_free:
+    elif settings.step_rule == "secant":  # (what the next step's secant needs of this one)
         new_state = remember_step(new_state, sums, coefficients.momentum, coefficients.grad_scale)
     new_state = new_state.select(applied, state).replace(
         skipped_steps=state.skipped_steps + (~finite).to(torch.float64)
