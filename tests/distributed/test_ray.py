@@ -123,6 +123,16 @@ def test_closed_loop_yellowfin_trains_at_the_server(local_ray):
     assert ray_problems.eval_loss(model) < 0.05 * initial
 
 
+def test_the_first_run_starts_when_every_worker_is_up(local_ray):
+    # A run of a few updates is over before a worker process that is still starting could join it: the first run
+    # waits for all of them, so that both take part from the first update.
+    with _trainer(closed_loop=False, optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.01)) as trainer:
+        report = trainer.run(6, timeout=RUN_TIMEOUT_S)
+        pids = list(trainer.worker_pids().values())
+    _wait_until_gone(pids, "worker actors of a trainer that was shut down")
+    assert report["version"] == 6 and set(report["applied_per_worker"]) == {0, 1}
+
+
 def _wait_for(condition, what):
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while not condition():

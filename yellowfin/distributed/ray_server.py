@@ -197,6 +197,7 @@ class RayAsyncTrainer:
         self.workers = [worker_class.remote(i, self.server, self._model_ref, loss_fn, batch_factory, seed)
                         for i in range(self.num_workers)]
         self.lost_workers: list[int] = []
+        self._workers_started = False
 
     def __enter__(self):
         return self
@@ -216,8 +217,17 @@ class RayAsyncTrainer:
             target = ray.get(self.server.set_target.remote(num_updates), timeout=timeout)
         except ray.exceptions.GetTimeoutError:
             raise TimeoutError(f"Ray parameter server did not answer within {timeout}s") from None
-        runs = {worker.run.remote(): worker_id for worker_id, worker in enumerate(self.workers)
-                if worker_id not in self.lost_workers}
+        live = [(worker_id, worker) for worker_id, worker in enumerate(self.workers)
+                if worker_id not in self.lost_workers]
+        if not self._workers_started:
+            # The first call waits (within the same timeout) until every worker process is up, so that all take part
+            # from the first update: one that is still starting would otherwise join only after a short run ended
+            # (a worker that failed to start is reported by the loop below).
+            wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+            started = [worker.pid.remote() for _, worker in live]
+            ray.wait(started, num_returns=len(started), timeout=wait_s)
+            self._workers_started = True
+        runs = {worker.run.remote(): worker_id for worker_id, worker in live}
         pending = list(runs)
         while pending:
             wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
