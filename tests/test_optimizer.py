@@ -9,12 +9,11 @@ import torch
 from torch import nn
 
 from yellowfin import YellowFin
-from helpers import complex_and_real_twin, flat_state, loss_of, make_data, make_model, run_with_holes, train
+from helpers import TUNERS, complex_and_real_twin, flat_state, loss_of, make_data, make_model, run_with_holes, train
 
-# The two tuners: the authors' reference algorithm (YellowFin.reference_variant, the default until the scale-free
-# tuner replaced it) and the scale-free tuner (the default, docs/algorithm.md §8). A generic optimizer property runs
-# on both; a test of the authors' algorithm itself builds the reference explicitly.
-TUNERS = ["reference", "scale_free"]
+# A generic optimizer property runs on both tuners (helpers.TUNERS): the authors' reference algorithm
+# (YellowFin.reference_variant, the default until the scale-free tuner replaced it) and the scale-free tuner (the
+# default, docs/algorithm.md §8); a test of the authors' algorithm itself builds the reference explicitly.
 
 
 def _yf(params, tuner, **options):

@@ -144,7 +144,6 @@ def reduce_compiled(
     """The ``Sums`` vector of dense tensors, with compiled kernels per device and dtype, accumulated in
     float64 inside the kernel (so it costs what a float32 read costs and keeps the reference's range)."""
     rows = []
-    secant = trajectory is not None and trajectory.momenta is not None
     extra = () if trajectory is None else tuple(tensors for tensors in trajectory if tensors is not None)
     for grads, grad_avgs, *extra in _by_device_and_dtype(grads, grad_avgs, *extra):
         count = float(sum(g.numel() for g in grads))
@@ -152,8 +151,10 @@ def reduce_compiled(
         extra = [_at_least_1d(tensors) for tensors in extra]
         total = None
         for part in _chunks(len(grads)):
-            part_trajectory = Trajectory(*(tensors[part] for tensors in extra), *(() if secant else (None,))) \
-                if extra else None
+            part_trajectory = None
+            if extra:  # (as in reduce_multi_tensor: the momenta only where the secant is measured)
+                params, initial_params, *momenta = (tensors[part] for tensors in extra)
+                part_trajectory = Trajectory(params, initial_params, momenta[0] if momenta else None)
             row = _compiled_sums(grads[part], grad_avgs[part], count_nonzero, part_trajectory)
             total = row if total is None else total + row
         # The kernel leaves numel at zero (a count of a dynamic shape would be a graph input of its own).
