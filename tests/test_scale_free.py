@@ -185,6 +185,46 @@ def test_the_first_step_moves_dogs_initial_distance_without_momentum(step_rule, 
     assert opt.stats()["mu"] == 0.0 and opt.stats()["distance"] == pytest.approx(moved, rel=1e-12)
 
 
+# ||x_0|| is measured once per x_0 buffer and kept outside the state (the passes no longer read x_0 for it): after a
+# first step that is skipped, an x_0 replaced through a checkpoint, a copy or a pickle must be the one the start
+# reads. Here x_0 becomes (1 + 1e-4) x, so that ||x - x_0|| stays below the start and the start alone sets the step.
+@pytest.mark.parametrize("metric", sorted(METRICS))
+@pytest.mark.parametrize("carry", ["load_state_dict", "deepcopy", "pickle"])
+def test_the_start_reads_the_initial_parameters_that_the_state_holds_now(metric, carry):
+    model, x, y = mlp_problem()
+    opt = YellowFin(model.parameters(), **METRICS[metric])
+    ((model(x) - y) ** 2).mean().backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    opt.step()  # skipped: x_0 is kept (and its norm measured), the tuner has not started
+    assert opt.stats()["skipped_steps"] == 1
+    with torch.no_grad():
+        for p in model.parameters():
+            opt.state[p]["initial_param"].mul_(1.0 + 1e-4)
+    saved = copy.deepcopy(opt.state_dict())
+    if carry == "load_state_dict":
+        opt.load_state_dict(copy.deepcopy(saved))  # (a loaded state holds the dict's own tensors)
+    elif carry == "deepcopy":
+        model, opt = copy.deepcopy((model, opt))
+    else:
+        buffer = io.BytesIO()
+        torch.save((model, opt), buffer)
+        buffer.seek(0)
+        model, opt = torch.load(buffer, weights_only=False)
+    # The same state loaded into an optimizer that has measured nothing yet.
+    twin = copy.deepcopy(model)
+    twin_opt = YellowFin(twin.parameters(), **METRICS[metric])
+    twin_opt.load_state_dict(saved)
+    start = flat(model)
+    for m, o in ((model, opt), (twin, twin_opt)):
+        o.zero_grad()
+        ((m(x) - y) ** 2).mean().backward()
+        o.step()
+    assert torch.equal(flat(model), flat(twin))
+    if metric == "plain":  # (in Adam's metric the start is carried into the metric's units as well)
+        moved = float((flat(model) - start).norm())
+        assert moved == pytest.approx(1e-3 * (1.0 + (1.0 + 1e-4) * float(start.norm())), rel=1e-12)
+
+
 STABILITY_CASES = {**METRICS, "plain_dog": dict(tuner="scale_free", step_rule="dog")}
 
 

@@ -37,7 +37,7 @@ class Sums(NamedTuple):
     step_sq_norm: Tensor  # sum lr^2 ||v||^2
     grad_sq_norm_lr: Tensor  # sum lr ||g||^2
     displacement_sq: Tensor  # ||x - x_0||^2
-    initial_param_sq_norm: Tensor  # ||x_0||^2
+    initial_param_sq_norm: Tensor  # ||x_0||^2 (not read from x_0 by the passes: from the norms the optimizer keeps)
     # Read by the preconditioned tuner only (zeros otherwise). In its metric M (docs/algorithm.md §9) sq_norm is
     # ||g||^2_(M^-1) = sum g^2 / M and displacement_sq is ||x - x_0||^2_M = sum M (x - x_0)^2; besides those:
     grad_dot_momentum: Tensor  # <g / sqrt(M), v>, with v the momentum buffer before this step's update

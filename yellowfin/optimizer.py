@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import measurements, passes, tuning
 from .measurements import Sums
@@ -202,6 +203,10 @@ class YellowFin(Optimizer):
         self.shard_group = shard_group
         self._tuners: list[TunerState] = []
         self._averaged_out = False  # True inside averaged(): the parameters hold the averages
+        # ||x_0|| of each x_0 buffer, measured once: only the scale-free tuner's start reads it, and measuring it at
+        # every step cost a float64 norm per step (a quarter of pass 1 on CPU). Keyed weakly by the buffer itself,
+        # so that a buffer replaced (load_state_dict) is measured again; not part of the state dict or a pickle.
+        self._initial_norms = WeakTensorKeyDictionary()
         super().__init__(params, defaults)
         self._tuners = [TunerState.initial(self._settings(groups[0]), _device_of(groups)) for groups in self._scopes()]
 
@@ -327,6 +332,7 @@ class YellowFin(Optimizer):
         """The group's parameters that have a gradient, their gradients (after maximize and
         coupled weight decay), and their buffers (``_BUFFERS``), created on first use."""
         params, grads, grad_avgs, momenta, initial_params, second_moments, steps = ([] for _ in range(7))
+        initial_norms = []
         averaged_params, averages = [], []  # every parameter whose average is kept, with a gradient this step or not
         scale_free = group["tuner"] == "scale_free"
         preconditioned = group["precondition"] is not None
@@ -372,6 +378,8 @@ class YellowFin(Optimizer):
                 values.append(tensor)
             if preconditioned:
                 steps.append(state["step"])
+            if scale_free:
+                initial_norms.append(self._initial_norm(state["initial_param"]))
             if group["average"]:
                 if "averaged_param" not in state:
                     # Its value so far: a parameter that first gets a gradient late has stood still until now.
@@ -379,7 +387,18 @@ class YellowFin(Optimizer):
                 averaged_params.append(tensors[0])  # (p, or its real view)
                 averages.append(_real_view(state["averaged_param"]))
         return _Batch(group, params, grads, grad_avgs, momenta, _flavour(group), initial_params,
-                      second_moments, steps, averaged_params, averages)
+                      second_moments, steps, averaged_params, averages, initial_norms)
+
+    def _initial_norm(self, initial_param: Tensor) -> Tensor:
+        """||x_0|| of one parameter's x_0 buffer, in float64 (of its real view where it is complex)."""
+        if "_initial_norms" not in self.__dict__:  # (an unpickled optimizer)
+            self._initial_norms = WeakTensorKeyDictionary()
+        norm = self._initial_norms.get(initial_param)
+        if norm is None:
+            # (the kernel that the multi-tensor pass used for these norms before they were kept)
+            norm = torch._foreach_norm([_real_view(initial_param)], 2, dtype=torch.float64)[0]
+            self._initial_norms[initial_param] = norm
+        return norm
 
     # ----------------------------------------------------------------------------- the average
     @contextlib.contextmanager
@@ -572,6 +591,7 @@ class _Batch(NamedTuple):
     steps: list[Tensor]  # P's counts, likewise
     averaged_params: list[Tensor]  # with average=True: the parameters whose average is kept, with a gradient or not
     averages: list[Tensor]  # their averages (else both empty)
+    initial_norms: list[Tensor]  # ||x_0|| of each parameter in ``params``, for the scale-free tuner only (else empty)
 
     def preconditioned(self) -> passes.Preconditioned:
         """What the preconditioned tuner's passes read besides g (every tensor: _collect refuses sparse ones)."""
@@ -633,7 +653,8 @@ def _reduce(batch: _Batch, settings: TunerSettings, floor: Tensor | None) -> Ten
     """Pass 1 for one batch: its ``Sums`` vector (reads g and gbar, and x, x_0, v for the scale-free
     tuner; writes nothing)."""
     if settings.preconditioned:
-        return _PRECONDITIONED_PASSES[batch.flavour][0](batch.grads, batch.preconditioned(), floor)
+        sums = Sums.from_vector(_PRECONDITIONED_PASSES[batch.flavour][0](batch.grads, batch.preconditioned(), floor))
+        return sums._replace(initial_param_sq_norm=_sq_sum(batch.initial_norms)).vector()
     own, reference = _split_sparse(batch)
     rows = []
     for indices, reduce in ((own, _PASSES[batch.flavour][0]), (reference, passes.reduce_single_tensor)):
@@ -642,8 +663,14 @@ def _reduce(batch: _Batch, settings: TunerSettings, floor: Tensor | None) -> Ten
                                count_nonzero=settings.sparsity_correction, trajectory=batch.trajectory(indices)))
     sums = passes.add_sums(rows)
     if settings.scale_free:
-        sums = Sums.from_vector(sums).weighted_by_lr(batch.group["lr"]).vector()
+        sums = Sums.from_vector(sums).weighted_by_lr(batch.group["lr"])
+        sums = sums._replace(initial_param_sq_norm=_sq_sum(batch.initial_norms)).vector()
     return sums
+
+
+def _sq_sum(norms: list[Tensor]) -> Tensor:
+    """The sum of the squared norms (||x_0||^2 over tensors from each one's ||x_0||)."""
+    return torch.stack(norms).square().sum()
 
 
 def _update(batch: _Batch, coefficients: tuning.UpdateCoefficients, floor: Tensor | None) -> None:

@@ -76,11 +76,7 @@ def reduce_single_tensor(
         )
         if trajectory is not None:
             x, x0 = trajectory.params[index].to(torch.float64), trajectory.initial_params[index].to(torch.float64)
-            row = row._replace(
-                grad_sq_norm_lr=row.sq_norm,
-                displacement_sq=torch.sum((x - x0) ** 2),
-                initial_param_sq_norm=torch.sum(x0 * x0),
-            )
+            row = row._replace(grad_sq_norm_lr=row.sq_norm, displacement_sq=torch.sum((x - x0) ** 2))
             if momentum_buffer is not None:
                 v = momentum_buffer.to(torch.float64)
                 row = row._replace(grad_dot_step=torch.sum(values * momentum_values.to(torch.float64)),
@@ -122,9 +118,7 @@ def reduce_multi_tensor(
         if trajectory is not None:
             params, initial_params, *momenta = extra
             row = row._replace(
-                grad_sq_norm_lr=row.sq_norm,
-                displacement_sq=_sq_norm(torch._foreach_sub(params, initial_params)),
-                initial_param_sq_norm=_sq_norm(initial_params),
+                grad_sq_norm_lr=row.sq_norm, displacement_sq=_sq_norm(torch._foreach_sub(params, initial_params)),
             )
             if momenta:
                 # The secant is a difference of two such dots: products in the tensors' dtype, sums in float64.
@@ -176,8 +170,7 @@ def _sums_kernel(
         )
         if trajectory is not None:
             x, x0 = trajectory.params[index].to(torch.float64), trajectory.initial_params[index].to(torch.float64)
-            row = row._replace(grad_sq_norm_lr=row.sq_norm, displacement_sq=((x - x0) ** 2).sum(),
-                               initial_param_sq_norm=(x0 * x0).sum())
+            row = row._replace(grad_sq_norm_lr=row.sq_norm, displacement_sq=((x - x0) ** 2).sum())
             if trajectory.momenta is not None:
                 v = trajectory.momenta[index].to(torch.float64)
                 row = row._replace(grad_dot_step=(g * v).sum(), step_sq_norm=(v * v).sum())
@@ -312,7 +305,6 @@ def reduce_preconditioned_single_tensor(grads: list[Tensor], tensors: Preconditi
             sq_norm=torch.sum(g * g / metric),
             numel=g.new_full((), float(g.numel())),
             displacement_sq=torch.sum(metric * (x - x0) ** 2),
-            initial_param_sq_norm=torch.sum(x0 * x0),
             grad_dot_momentum=torch.sum(g / torch.sqrt(metric) * v),
             metric_sum=torch.sum(metric),
         ).vector())
@@ -334,7 +326,6 @@ def reduce_preconditioned_multi_tensor(grads: list[Tensor], tensors: Preconditio
             sq_norm=_sq_norm(scaled_grads),
             numel=grad_dot_momentum.new_full((), float(sum(g.numel() for g in grads))),
             displacement_sq=_sq_norm(displacements),
-            initial_param_sq_norm=_sq_norm(initial_params),
             grad_dot_momentum=grad_dot_momentum.sum(),
             metric_sum=torch.stack(torch._foreach_norm(metrics, 1, dtype=torch.float64)).sum(),
         )
