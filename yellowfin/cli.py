@@ -108,6 +108,7 @@ def _bench(args: argparse.Namespace) -> int:
         task_options=_task_options(args),
         progress=not args.no_progress,
         command=args.command_line,
+        peers_on_every_seed=args.peers_on_every_seed,
     )
     outcome = _run_resumable(run_suite, config, results_dir)
     if outcome is None:
@@ -235,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                      quick="small budgets, one seed: the whole suite in minutes",
                      results="results directory (default benchmarks/results, or benchmarks/results-quick)",
                      listing="list tasks and optimizers, then exit")
+    bench.add_argument("--peers-on-every-seed", action="store_true",
+                       help="run the tuning-free peers on every seed (default: the first seed only, to save time)")
     bench.set_defaults(handler=_bench)
 
     ablate = sub.add_parser("ablate", help="YellowFin variants x tasks x seeds, and their table (resumes)")

@@ -93,6 +93,22 @@ def test_tuned_adam_and_dog_are_shown_beside_the_variants_when_their_runs_exist(
     assert "| tuned Adam |" not in overview  # not run: no row
 
 
+def test_a_peers_row_names_how_many_seeds_it_ran_on_each_task(tmp_path):
+    suite_dir = tmp_path / "suite"
+    for task, seeds in (("quadratic", (0, 1)), ("digits_mlp", (0,))):
+        run_suite(SuiteConfig(tasks=[task], optimizers=["dog"], seeds=seeds, steps=STEPS, results_dir=suite_dir,
+                              progress=False, peers_on_every_seed=True), log=lambda message: None)
+    results_dir = tmp_path / "ablation"
+    config = ablation.AblationConfig(tasks=["quadratic"], variants=["reference"], seeds=(0,), steps=STEPS,
+                                     results_dir=results_dir, progress=False)
+    ablation.run_ablation(config, log=lambda message: None)
+    overview = ablation.write_table(results_dir, [suite_dir])[0].split("#### Overview")[1]
+    assert "| DoG (2 seeds) |" in overview  # (only the quadratic has variant runs)
+    ablation.run_ablation(dataclasses.replace(config, tasks=["quadratic", "digits_mlp"]), log=lambda message: None)
+    overview = ablation.write_table(results_dir, [suite_dir])[0].split("#### Overview")[1]
+    assert "| DoG (1-2 seeds) |" in overview
+
+
 def test_the_control_replays_its_variants_effective_step(tmp_path, monkeypatch):
     seen = []
     original_step = torch.optim.SGD.step

@@ -96,6 +96,19 @@ def test_suite_writes_one_file_per_run_and_resumes(tmp_path, tiny_task_options):
     assert again.ran == [] and len(again.skipped) == len(outcome.ran)
 
 
+@pytest.mark.parametrize("every_seed", [False, True])
+def test_the_tuning_free_peers_run_on_the_first_seed_unless_asked_for_every_seed(tmp_path, every_seed):
+    config = SuiteConfig(tasks=["quadratic"], optimizers=["dog", "yellowfin"], seeds=(1, 2), steps=4,
+                         results_dir=tmp_path, progress=False, peers_on_every_seed=every_seed)
+    outcome = run_suite(config, log=lambda message: None)
+    names = {p.name for p in outcome.ran}
+    peer_seeds = (1, 2) if every_seed else (1,)
+    assert names == ({f"dog_seed{s}_steps4.json" for s in peer_seeds}
+                     | {f"yellowfin_seed{s}_steps4.json" for s in (1, 2)})
+    assert len(outcome.ran) == runner.planned_run_count(config, resolve_optimizers(config.optimizers),
+                                                        [get_task("quadratic")])
+
+
 def test_interrupted_suite_keeps_finished_runs_and_resumes(tmp_path, tiny_task_options, monkeypatch):
     config = _config(tmp_path, tiny_task_options, tasks=["quadratic"])
     real_train_run = runner.train_run

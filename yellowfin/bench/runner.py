@@ -177,6 +177,7 @@ class SuiteConfig:
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per task name
     progress: bool = True
     command: str | None = None  # how the user started the suite, stored in every results file
+    peers_on_every_seed: bool = False  # the tuning-free peers on every seed too (default: the first seed only)
 
 
 @dataclass
@@ -249,7 +250,7 @@ def planned_run_count(config: SuiteConfig, specs: Sequence[OptimizerSpec], tasks
         for spec in specs:
             if spec.kind == TUNED:
                 count += len(task.lr_grids.get(spec.name, ())) + len(config.seeds) - 1
-            elif spec.kind == CONTROL or spec.every_seed:
+            elif spec.kind == CONTROL or spec.every_seed or config.peers_on_every_seed:
                 count += len(config.seeds)
             else:
                 count += 1
@@ -261,8 +262,9 @@ def run_suite(config: SuiteConfig, log: Callable[[str], None] | None = None) -> 
     first seed, then its best learning rate (by the validation metric) on the other seeds; then the control,
     which replays the step size from the YellowFin run of the same seed (run first if missing).
 
-    The tuning-free peers run on the first seed only, to fit the time budget; YellowFin, the tuned baselines
-    and the control run on every seed. A task whose data is missing is skipped (outcome.missing_data)."""
+    The tuning-free peers run on the first seed only, to fit the time budget, unless
+    ``config.peers_on_every_seed``; YellowFin, the tuned baselines and the control run on every seed. A task whose
+    data is missing is skipped (outcome.missing_data)."""
     return _Suite(config, log).run()
 
 
@@ -325,7 +327,7 @@ class _Suite:
                 self.say(f"{task.name}: {spec.name} lr={chosen:g} chosen on the validation split")
                 for seed in seeds[1:]:
                     self.execute(task, steps, spec, seed, chosen)
-            elif spec.kind == CONTROL or spec.every_seed:
+            elif spec.kind == CONTROL or spec.every_seed or config.peers_on_every_seed:
                 for seed in seeds:
                     self.execute(task, steps, spec, seed)
             else:
