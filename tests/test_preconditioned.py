@@ -110,6 +110,38 @@ def test_decoupled_weight_decay_shrinks_by_the_effective_step_as_adamw_does():
     torch.testing.assert_close(flat(twin) - flat(model), -eta * 0.1 * start, rtol=1e-9, atol=1e-17)
 
 
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+@pytest.mark.parametrize("gradient", ["nan", "zero"])
+def test_a_step_it_does_not_apply_changes_nothing_under_decoupled_weight_decay(flavour, gradient):
+    # Such a step applies momentum 1 and step 0, where the decay's effective step eta = step / (1 - momentum) is
+    # 0 / 0: the parameters must not shrink by it (nor turn NaN).
+    model, x, y = mlp_problem()
+    opt = preconditioned(model.parameters(), weight_decay=0.1, decoupled_weight_decay=True, **FLAVOURS[flavour])
+    for _ in range(5):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+
+    def everything_but_the_skip_count():
+        tuner = opt.tuner_state().replace(skipped_steps=torch.zeros((), dtype=torch.float64))
+        tensors = (*tuner.as_dict().values(), *(t for p in model.parameters() for t in opt.state[p].values()))
+        return [t.clone() for t in tensors]
+
+    before_params, before_state = flat(model), everything_but_the_skip_count()
+    opt.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    if gradient == "nan":
+        model[0].weight.grad[0, 0] = float("nan")
+    else:
+        for p in model.parameters():
+            p.grad.zero_()
+    opt.step()
+    assert opt.stats()["skipped_steps"] == (1 if gradient == "nan" else 0) and opt.stats()["step"] == 5
+    assert torch.equal(flat(model), before_params)
+    for a, b in zip(before_state, everything_but_the_skip_count()):
+        assert torch.equal(a, b)
+
+
 def test_a_checkpoint_restores_the_tuner_it_was_saved_with():
     # As for torch's optimizers, the saved groups' options win: a preconditioned checkpoint loaded into an optimizer
     # built without the option continues preconditioned.

@@ -339,7 +339,7 @@ def update_preconditioned_single_tensor(
 ) -> None:
     """Pass 2 of the preconditioned tuner, one tensor at a time: the reference."""
     step_size = c.step_size * lr
-    shrink = 1.0 - step_size / (1.0 - c.momentum) * decay
+    shrink = _decay_shrink(c, step_size, decay)
     for grad, param, _, momentum_buffer, second_moment, steps in zip(grads, *tensors):
         grad = _finite_grad(grad, c.finite)
         second_moment.copy_(torch.where(c.finite, next_second_moment(second_moment, grad), second_moment))
@@ -357,7 +357,7 @@ def update_preconditioned_multi_tensor(
 ) -> None:
     """Pass 2 of the preconditioned tuner with multi-tensor kernels, per device and dtype."""
     step_size = c.step_size * lr
-    shrink = 1.0 - step_size / (1.0 - c.momentum) * decay
+    shrink = _decay_shrink(c, step_size, decay)
     for grads, params, _, momenta, second_moments, steps in _by_device_and_dtype(grads, *tensors):
         device = params[0].device
         finite, momentum, grad_scale, lr_alpha, shrink_here = (
@@ -375,6 +375,12 @@ def update_preconditioned_multi_tensor(
         if decay != 0.0:
             torch._foreach_mul_(params, shrink_here)
         torch._foreach_addcmul_(params, torch._foreach_div(momenta, roots), [-lr_alpha] * len(params))
+
+
+def _decay_shrink(c: UpdateCoefficients, step_size: Tensor, decay: float) -> Tensor:
+    """1 - lr eta decay, the preconditioned tuner's decoupled decay (``step_size`` is lr times the tuned step). A
+    skipped step applies momentum 1 and step 0, where eta would be 0 / 0: it shrinks by 1 instead."""
+    return torch.where(c.finite, 1.0 - step_size / (1.0 - c.momentum) * decay, 1.0)
 
 
 # --------------------------------------------------------------------------------- helpers
