@@ -119,7 +119,7 @@ def test_fused_matches_the_per_tensor_reference(tuner, dtype, rtol, options):
         torch.testing.assert_close(b, a, rtol=rtol, atol=rtol * 1e-3)
 
 
-def _fused_training(steps, around_step, tuner):
+def _fused_training(steps, around_step, tuner, bad=float("inf")):
     model, (x, y) = make_model(), make_data()
     opt = YellowFin(model.parameters(), tuner=tuner, fused=True)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
@@ -127,7 +127,7 @@ def _fused_training(steps, around_step, tuner):
         opt.zero_grad()
         ((model(x) - y) ** 2).mean().backward()
         if step == 3:
-            model[0].weight.grad[0, 0] = float("inf")
+            model[0].weight.grad[0, 0] = bad
         if step == 4:
             opt.set_momentum_offset(-0.1)
         with around_step(step):
@@ -137,14 +137,16 @@ def _fused_training(steps, around_step, tuner):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+# (a NaN gradient makes NaN sums, which the scalar step must take without recompiling, as it takes Inf ones)
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 @pytest.mark.parametrize("tuner", TUNERS)
-def test_fused_steps_compile_once_without_graph_breaks(tuner):
+def test_fused_steps_compile_once_without_graph_breaks(tuner, bad):
     torch._dynamo.utils.counters.clear()
 
     def after_the_first_step_no_recompiles(step):
         return torch._dynamo.config.patch(error_on_recompile=step > 0)
 
-    _fused_training(8, after_the_first_step_no_recompiles, tuner)
+    _fused_training(8, after_the_first_step_no_recompiles, tuner, bad)
     # A graph break would mean a data-dependent branch, i.e. a host read, inside the kernels.
     assert not torch._dynamo.utils.counters["graph_break"]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3  # both passes and the scalar step

@@ -391,5 +391,16 @@ def tune_step(state: TunerState, sums: Sums, settings: TunerSettings) -> tuple[T
     return new_state, coefficients
 
 
+def _tune_step_of_vector(state: TunerState, sums: Tensor, settings: TunerSettings):
+    return tune_step(state, Sums.from_vector(sums), settings)
+
+
 # One graph of a few hundred scalar operations instead of as many eager kernel launches (``fused=True``).
-compiled_tune_step = torch.compile(tune_step)
+_compiled_tune_step_of_vector = torch.compile(_tune_step_of_vector)
+
+
+def compiled_tune_step(state: TunerState, sums: Sums, settings: TunerSettings) -> tuple[TunerState, UpdateCoefficients]:
+    """``tune_step`` compiled. The sums go in as their vector: dynamo makes every 0-dim float64 CPU input a symbolic
+    float whose guard rejects NaN, so sums that are NaN (a NaN gradient, or in Adam's metric an infinite one) would
+    recompile the step; the tuner's state never holds NaN (a skipped step keeps it), so it goes in as it is."""
+    return _compiled_tune_step_of_vector(state, sums.vector(), settings)
