@@ -506,6 +506,14 @@ class YellowFin(Optimizer):
         state_dict, tuners = self._checked_state_dict(state_dict)
         super().load_state_dict(state_dict)
         self._tuners = tuners
+        # torch casts a fused group's "step" to float32 (its fused optimizers' convention); the preconditioned tuner's
+        # counts of P debias the metric in float64, on their parameter's device, in every flavour.
+        saved_indices = (index for group in state_dict["param_groups"] for index in group["params"])
+        params = (p for group in self.param_groups for p in group["params"])
+        for index, p in zip(saved_indices, params):
+            count = state_dict.get("state", {}).get(index, {}).get("step")
+            if count is not None:
+                self.state[p]["step"] = count.to(dtype=torch.float64, device=p.device)
 
     def _checked_state_dict(self, state_dict: dict) -> tuple[dict, list[TunerState]]:
         """The state dict with missing group options filled in, and its tuners; raises ValueError
@@ -623,10 +631,11 @@ _AVERAGE_PASSES = {"single_tensor": passes.average_single_tensor, "multi_tensor"
                    "compiled": passes.average_multi_tensor}
 
 
-# The preconditioned tuner's passes: (reduce, update), for the flavours it has.
+# The preconditioned tuner's passes: (reduce, update), in the same three flavours.
 _PRECONDITIONED_PASSES = {
     "single_tensor": (passes.reduce_preconditioned_single_tensor, passes.update_preconditioned_single_tensor),
     "multi_tensor": (passes.reduce_preconditioned_multi_tensor, passes.update_preconditioned_multi_tensor),
+    "compiled": (passes.reduce_preconditioned_compiled, passes.update_preconditioned_compiled),
 }
 
 
@@ -742,9 +751,6 @@ def _check_group(group: dict) -> TunerSettings:
             check_bool(name, group[name])
     if group["foreach"] and group["fused"]:
         raise ValueError("foreach=True and fused=True are two implementations of the same step: choose one")
-    if settings.preconditioned and group["fused"]:
-        raise ValueError(f"fused=True is not available with precondition={settings.precondition!r} (it has the "
-                         "single-tensor and multi-tensor flavours): use foreach=None or foreach=False")
     if settings.scale_free and group["nesterov"]:
         raise ValueError("nesterov=True is an option of tuner='reference': the scale-free tuner's step rules were "
                          "derived and measured on heavy-ball steps only; use nesterov=False, or "

@@ -283,8 +283,9 @@ def average_multi_tensor(params: list[Tensor], averages: list[Tensor], weight: T
 #     x <- (1 - lr eta decay) x - lr step_size v / sqrt(M),   eta = step_size / (1 - momentum), AdamW's lr
 #
 # Pass 1 computes the same M from the P it would write, and reduces the sums in the metric. ``floor`` is M's eps
-# (``measurements.metric_floor``), one 0-dim tensor for the scope. Two flavours:
-# single-tensor (float64 sums, the reference) and multi-tensor; the metric is one function for both.
+# (``measurements.metric_floor``), one 0-dim tensor for the scope. The same three flavours as the passes above:
+# single-tensor (float64 sums, the reference), multi-tensor and compiled (``fused=True``); the metric is one
+# function for all three.
 class Preconditioned(NamedTuple):
     """The preconditioned tuner's tensors besides the gradients, one entry per gradient."""
 
@@ -377,6 +378,78 @@ def update_preconditioned_multi_tensor(
         torch._foreach_addcmul_(params, torch._foreach_div(momenta, roots), [-lr_alpha] * len(params))
 
 
+def reduce_preconditioned_compiled(grads: list[Tensor], tensors: Preconditioned, floor: Tensor) -> Tensor:
+    """The ``Sums`` vector in the metric, with compiled kernels per device and dtype: the metric and the sums in
+    float64 inside the kernel, as the reference computes them, in one read of the tensors (no float64 copies)."""
+    rows = []
+    for grads, params, initial_params, momenta, second_moments, steps in _by_device_and_dtype(grads, *tensors):
+        count = float(sum(g.numel() for g in grads))
+        floor_here = floor.to(grads[0].device)
+        lists = [_at_least_1d(t) for t in (grads, params, initial_params, momenta, second_moments, steps)]
+        total = None
+        for part in _chunks(len(grads)):
+            row = _compiled_preconditioned_sums(*(each[part] for each in lists), floor_here)
+            total = row if total is None else total + row
+        # (numel as in reduce_compiled: outside the kernel)
+        rows.append(Sums.from_vector(total)._replace(numel=total.new_full((), count)).vector())
+    return add_sums(rows)
+
+
+def _preconditioned_sums_kernel(
+    grads: list[Tensor], params: list[Tensor], initial_params: list[Tensor], momenta: list[Tensor],
+    second_moments: list[Tensor], steps: list[Tensor], floor: Tensor,
+) -> Tensor:
+    total = None
+    for grad, param, initial_param, momentum_buffer, second_moment, count in zip(
+        grads, params, initial_params, momenta, second_moments, steps
+    ):
+        g, x, x0, v, p = (t.to(torch.float64) for t in (grad, param, initial_param, momentum_buffer, second_moment))
+        metric = adam_metric(next_second_moment(p, g), count.reshape(()) + 1.0, floor)
+        row = Sums.zeros(g)._replace(
+            sq_norm=(g * g / metric).sum(),
+            displacement_sq=(metric * (x - x0) ** 2).sum(),
+            grad_dot_momentum=(g / torch.sqrt(metric) * v).sum(),
+            metric_sum=metric.sum(),
+        ).vector()
+        total = row if total is None else total + row
+    return total
+
+
+def update_preconditioned_compiled(
+    grads: list[Tensor], tensors: Preconditioned, floor: Tensor, c: UpdateCoefficients, *, lr: float | Tensor,
+    decay: float,
+) -> None:
+    """Pass 2 of the preconditioned tuner with compiled kernels, per device and dtype. Every coefficient is a 0-dim
+    tensor, so the tuned values (and a scheduled ``lr``) change without recompiling."""
+    step_size = c.step_size * lr
+    shrink = _decay_shrink(c, step_size, decay)
+    for grads, params, _, momenta, second_moments, steps in _by_device_and_dtype(grads, *tensors):
+        device = params[0].device
+        coefficients = tuple(x.to(device) for x in (floor, c.finite, c.momentum, c.grad_scale, step_size, shrink))
+        # (the counts too: the kernel increments them in place)
+        lists = [_at_least_1d(t) for t in (grads, params, momenta, second_moments, steps)]
+        for part in _chunks(len(params)):
+            _compiled_preconditioned_update(*(each[part] for each in lists), *coefficients)
+
+
+def _preconditioned_update_kernel(
+    grads: list[Tensor], params: list[Tensor], momenta: list[Tensor], second_moments: list[Tensor],
+    steps: list[Tensor], floor: Tensor, finite: Tensor, momentum: Tensor, grad_scale: Tensor, step_size: Tensor,
+    shrink: Tensor,
+) -> None:
+    for grad, param, momentum_buffer, second_moment, count in zip(grads, params, momenta, second_moments, steps):
+        g = torch.where(finite, grad, 0.0)
+        p = torch.where(finite, next_second_moment(second_moment, g), second_moment)
+        second_moment.copy_(p)
+        count_after = count + finite.to(count.dtype)
+        count.copy_(count_after)
+        # (the count 0-dim again: one of 1 element would promote a float32 metric to float64, unlike the reference)
+        root = torch.sqrt(adam_metric(p, count_after.reshape(()), floor))
+        v = momentum_buffer * momentum + g / root * grad_scale
+        momentum_buffer.copy_(v)
+        param.copy_(param * shrink + v / root * -step_size)
+
+
 def _decay_shrink(c: UpdateCoefficients, step_size: Tensor, decay: float) -> Tensor:
     """1 - lr eta decay, the preconditioned tuner's decoupled decay (``step_size`` is lr times the tuned step). A
     skipped step applies momentum 1 and step 0, where eta would be 0 / 0: it shrinks by 1 instead."""
@@ -386,6 +459,8 @@ def _decay_shrink(c: UpdateCoefficients, step_size: Tensor, decay: float) -> Ten
 # --------------------------------------------------------------------------------- helpers
 _compiled_sums = torch.compile(_sums_kernel)
 _compiled_update = torch.compile(_update_kernel)
+_compiled_preconditioned_sums = torch.compile(_preconditioned_sums_kernel)
+_compiled_preconditioned_update = torch.compile(_preconditioned_update_kernel)
 
 # Tensors go to the compiled kernels in chunks of at most CHUNK so that compile time stays bounded
 # for models with hundreds of parameters: after the first chunk, dynamo's automatic dynamic shapes
