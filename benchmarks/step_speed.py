@@ -51,6 +51,7 @@ def optimizers(params, device):
         "yellowfin average=True (foreach)": (lambda: YellowFin(params, average=True), None),
         "yellowfin precondition=adam (loop)": (lambda: YellowFin(params, precondition="adam", foreach=False), None),
         "yellowfin precondition=adam (foreach)": (lambda: YellowFin(params, precondition="adam"), None),
+        "yellowfin precondition=adam (fused)": (lambda: YellowFin(params, precondition="adam", fused=True), None),
         "sgd momentum (loop)": (lambda: torch.optim.SGD(params, lr=1e-6, momentum=0.9, foreach=False), "sgd"),
         "sgd momentum (foreach)": (lambda: torch.optim.SGD(params, lr=1e-6, momentum=0.9, foreach=True), "sgd"),
         "adam (loop)": (lambda: torch.optim.Adam(params, lr=1e-6, foreach=False), "adam"),
