@@ -391,7 +391,9 @@ def tune_step(state: TunerState, sums: Sums, settings: TunerSettings) -> tuple[T
     return new_state, coefficients
 
 
-def _tune_step_of_vector(state: TunerState, sums: Tensor, settings: TunerSettings):
+def _tune_step_of_vector(
+    state: TunerState, sums: Tensor, settings: TunerSettings
+) -> tuple[TunerState, UpdateCoefficients]:
     return tune_step(state, Sums.from_vector(sums), settings)
 
 
