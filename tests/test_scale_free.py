@@ -378,6 +378,13 @@ def test_a_scale_free_checkpoint_from_before_a_field_loads_with_it_at_zero(field
     assert restored.tuner_state().distance == opt.tuner_state().distance
 
 
+def everything_but_the_skip_count(opt, model) -> list[torch.Tensor]:
+    """Copies of the optimizer's tuner state (its skip count zeroed) and of every parameter's state."""
+    tuner = opt.tuner_state().replace(skipped_steps=torch.zeros((), dtype=torch.float64))
+    tensors = (*tuner.as_dict().values(), *(t for p in model.parameters() for t in opt.state[p].values()))
+    return [t.clone() for t in tensors]
+
+
 @pytest.mark.parametrize("metric", sorted(METRICS))
 def test_a_non_finite_gradient_changes_nothing(metric):
     model, x, y = mlp_problem()
@@ -387,19 +394,14 @@ def test_a_non_finite_gradient_changes_nothing(metric):
         ((model(x) - y) ** 2).mean().backward()
         opt.step()
 
-    def everything_but_the_skip_count():
-        tuner = opt.tuner_state().replace(skipped_steps=torch.zeros((), dtype=torch.float64))
-        tensors = (*tuner.as_dict().values(), *(t for p in model.parameters() for t in opt.state[p].values()))
-        return [t.clone() for t in tensors]
-
-    before_state, before_params = everything_but_the_skip_count(), flat(model)
+    before_state, before_params = everything_but_the_skip_count(opt, model), flat(model)
     opt.zero_grad()
     ((model(x) - y) ** 2).mean().backward()
     model[0].weight.grad[0, 0] = float("nan")
     opt.step()
     assert opt.stats()["skipped_steps"] == 1
     assert torch.equal(flat(model), before_params)
-    for a, b in zip(before_state, everything_but_the_skip_count()):
+    for a, b in zip(before_state, everything_but_the_skip_count(opt, model)):
         assert torch.equal(a, b)
 
 
