@@ -12,12 +12,17 @@ TUNERS = ("reference", "scale_free")
 # The buffers a plain (not preconditioned, not averaged) parameter's state holds once a step has seen its gradient:
 # the scale-free tuner keeps x_0, ``initial_param``, beside the reference's two.
 TUNER_BUFFERS = {"reference": {"grad_avg", "momentum_buffer"},
-                 "scale_free": {"grad_avg", "momentum_buffer", "initial_param"}}
+                 "scale_free": {"grad_avg", "momentum_buffer", "initial_param"},
+                 # precondition="adam": P, v, x_0 and P's count
+                 "preconditioned": {"second_moment", "momentum_buffer", "initial_param", "step"}}
 
 
 def created_buffer(name, param):
     """A per-parameter buffer as the first step that sees the parameter's gradient creates it, skipped or not:
-    ``initial_param`` (x_0) is the parameter as it stands then; every other buffer is zeros."""
+    ``initial_param`` (x_0) is the parameter as it stands then, ``step`` (the preconditioned tuner's count) a 0-dim
+    float64 zero; every other buffer is zeros."""
+    if name == "step":
+        return torch.zeros((), dtype=torch.float64, device=param.device)
     return param.detach().clone() if name == "initial_param" else torch.zeros_like(param)
 
 
