@@ -94,6 +94,8 @@ SETUPS = {
     # The preconditioned tuner's metric eps is relative to the whole scope's metric, so sharding cannot move it.
     "zero_adam": (make_mlp, regression_batch, {"tuner": "scale_free", "precondition": "adam"}),
     "fsdp_adam": (make_mlp, regression_batch, {"tuner": "scale_free", "precondition": "adam"}),
+    # ... and in its compiled flavour, whose kernels reduce each shard's tensors as the others do.
+    "zero_adam_fused": (make_mlp, regression_batch, {"tuner": "scale_free", "precondition": "adam", "fused": True}),
     # The iterate average is elementwise: each shard averages its own elements.
     "zero_average": (make_mlp, regression_batch, {"tuner": "scale_free", "average": True}),
     "fsdp_average": (make_mlp, regression_batch, {"tuner": "scale_free", "average": True}),
@@ -181,7 +183,7 @@ def run_scenario(scenario: str, rank: int) -> dict:
         ddp = DistributedDataParallel(model)
         optimizer = YellowFin(ddp.parameters(), **options)
         calls = _train(ddp, optimizer, batch_fn, rank, local_half=True)
-    elif scenario in ("zero", "zero_per_group", "zero_scale_free", "zero_adam", "zero_average"):
+    elif scenario in ("zero", "zero_per_group", "zero_scale_free", "zero_adam", "zero_adam_fused", "zero_average"):
         ddp = DistributedDataParallel(model)
         optimizer = zero_redundancy_yellowfin(param_groups(ddp.parameters(), scenario), **options)
         calls = _train(ddp, optimizer, batch_fn, rank, local_half=True)
