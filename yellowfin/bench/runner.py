@@ -244,13 +244,19 @@ class _Progress:
             self.suite.close()
 
 
+def _runs_every_seed(spec: OptimizerSpec, config: SuiteConfig) -> bool:
+    """An untuned optimizer's runs: every seed for YellowFin and the control, the first for the tuning-free peers
+    (unless ``config.peers_on_every_seed``)."""
+    return spec.kind == CONTROL or spec.every_seed or config.peers_on_every_seed
+
+
 def planned_run_count(config: SuiteConfig, specs: Sequence[OptimizerSpec], tasks: Sequence[Task]) -> int:
     count = 0
     for task in tasks:
         for spec in specs:
             if spec.kind == TUNED:
                 count += len(task.lr_grids.get(spec.name, ())) + len(config.seeds) - 1
-            elif spec.kind == CONTROL or spec.every_seed or config.peers_on_every_seed:
+            elif _runs_every_seed(spec, config):
                 count += len(config.seeds)
             else:
                 count += 1
@@ -327,7 +333,7 @@ class _Suite:
                 self.say(f"{task.name}: {spec.name} lr={chosen:g} chosen on the validation split")
                 for seed in seeds[1:]:
                     self.execute(task, steps, spec, seed, chosen)
-            elif spec.kind == CONTROL or spec.every_seed or config.peers_on_every_seed:
+            elif _runs_every_seed(spec, config):
                 for seed in seeds:
                     self.execute(task, steps, spec, seed)
             else:
