@@ -204,8 +204,9 @@ class YellowFin(Optimizer):
         self._tuners: list[TunerState] = []
         self._averaged_out = False  # True inside averaged(): the parameters hold the averages
         # ||x_0|| of each x_0 buffer, measured once: only the scale-free tuner's start reads it, and measuring it at
-        # every step cost a float64 norm per step (a quarter of pass 1 on CPU). Keyed weakly by the buffer itself,
-        # so that a buffer replaced (load_state_dict) is measured again; not part of the state dict or a pickle.
+        # every step cost a float64 norm per step (an eighth of the foreach step on CPU, docs/performance.md).
+        # Keyed weakly by the buffer itself, so that a buffer replaced (load_state_dict) is measured again; not part
+        # of the state dict or a pickle.
         self._initial_norms = WeakTensorKeyDictionary()
         super().__init__(params, defaults)
         self._tuners = [TunerState.initial(self._settings(groups[0]), _device_of(groups)) for groups in self._scopes()]
@@ -660,26 +661,22 @@ def _split_sparse(batch: _Batch) -> tuple[list[int], list[int]]:
 
 def _reduce(batch: _Batch, settings: TunerSettings, floor: Tensor | None) -> Tensor:
     """Pass 1 for one batch: its ``Sums`` vector (reads g and gbar, and x, x_0, v for the scale-free
-    tuner; writes nothing)."""
+    tuner; writes nothing). ||x_0||^2 comes from the norms the optimizer keeps, not from the pass."""
     if settings.preconditioned:
         sums = Sums.from_vector(_PRECONDITIONED_PASSES[batch.flavour][0](batch.grads, batch.preconditioned(), floor))
-        return sums._replace(initial_param_sq_norm=_sq_sum(batch.initial_norms)).vector()
-    own, reference = _split_sparse(batch)
-    rows = []
-    for indices, reduce in ((own, _PASSES[batch.flavour][0]), (reference, passes.reduce_single_tensor)):
-        if indices:
-            rows.append(reduce([batch.grads[i] for i in indices], [batch.grad_avgs[i] for i in indices],
-                               count_nonzero=settings.sparsity_correction, trajectory=batch.trajectory(indices)))
-    sums = passes.add_sums(rows)
-    if settings.scale_free:
-        sums = Sums.from_vector(sums).weighted_by_lr(batch.group["lr"])
-        sums = sums._replace(initial_param_sq_norm=_sq_sum(batch.initial_norms)).vector()
-    return sums
-
-
-def _sq_sum(norms: list[Tensor]) -> Tensor:
-    """The sum of the squared norms (||x_0||^2 over tensors from each one's ||x_0||)."""
-    return torch.stack(norms).square().sum()
+    else:
+        own, reference = _split_sparse(batch)
+        rows = []
+        for indices, reduce in ((own, _PASSES[batch.flavour][0]), (reference, passes.reduce_single_tensor)):
+            if indices:
+                rows.append(reduce([batch.grads[i] for i in indices], [batch.grad_avgs[i] for i in indices],
+                                   count_nonzero=settings.sparsity_correction, trajectory=batch.trajectory(indices)))
+        sums = Sums.from_vector(passes.add_sums(rows))
+        if not settings.scale_free:
+            return sums.vector()
+        sums = sums.weighted_by_lr(batch.group["lr"])
+    # (the sum of the kept norms' squares, in the order the multi-tensor pass summed them when it took them)
+    return sums._replace(initial_param_sq_norm=torch.stack(batch.initial_norms).square().sum()).vector()
 
 
 def _update(batch: _Batch, coefficients: tuning.UpdateCoefficients, floor: Tensor | None) -> None:
