@@ -499,7 +499,11 @@ class AdamMetricTuner(torch.optim.Optimizer):
                  max_growth: float = 2.0, start_distance: float = 1e-6, signal: str = "average",
                  step: str = "distance_secant", without_momentum: bool = False, dog_weights: str = "uniform"):
         super().__init__(params, {})
-        if dog_weights not in ("uniform", "distance", "recent"):  # as FlatTuner's dog_weights
+        # "distance_neutral": DoWG divided by sqrt(2). With the distance growing as sqrt(t) (a random walk: in Adam's
+        # metric each coordinate moves about one step a step, whether the run makes progress or not), DoG's step
+        # d_t / sqrt(t G) reproduces itself (neutral) and DoWG's d_t^2 / sqrt(sum d_s^2 G), with sum d_s^2 = t d_t^2 / 2,
+        # grows by sqrt(2) each time it is measured: the division makes DoWG's fixed point under diffusion DoG's.
+        if dog_weights not in ("uniform", "distance", "recent", "distance_neutral"):  # as FlatTuner's dog_weights
             raise ValueError(f"unknown dog_weights {dog_weights!r}")
         self.dog_weights, self.recent_sq = dog_weights, 0.0
         self.params = [p for group in self.param_groups for p in group["params"]]
@@ -603,14 +607,17 @@ class AdamMetricTuner(torch.optim.Optimizer):
         self.s_avg = (1.0 - weight) * self.s_avg + weight * s
         self.q_avg = (1.0 - weight) * self.q_avg + weight * q
         h = self.s_avg / self.q_avg if self.q_avg > 0.0 and self.s_avg > 0.0 else math.inf
-        self.grad_sq_sum += (self.distance**2 if self.dog_weights == "distance" else 1.0) * float(sums.sq_norm)
+        by_distance = self.dog_weights in ("distance", "distance_neutral")
+        self.grad_sq_sum += (self.distance**2 if by_distance else 1.0) * float(sums.sq_norm)
         self.recent_sq += float(tuning.average_weight(self.steps)) * (float(sums.sq_norm) - self.recent_sq)
         if self.steps == 1:  # DoG's first move, without momentum
             mu, alpha = 0.0, self.distance / math.sqrt(float(sums.sq_norm))
         elif self.step_rule == "dog":
             mu = 0.0 if self.without_momentum else sqrt_mu**2
-            weight = self.distance**2 if self.dog_weights == "distance" else 1.0
+            weight = self.distance**2 if by_distance else 1.0
             alpha = (1.0 - mu) * math.sqrt(weight) * self.distance / math.sqrt(self.grad_sq_sum)
+            if self.dog_weights == "distance_neutral":
+                alpha /= math.sqrt(2.0)
             if self.dog_weights == "recent":
                 alpha = (1.0 - mu) * self.distance / math.sqrt(self.steps * self.recent_sq)
         else:
@@ -643,6 +650,8 @@ ADAM_METRIC_VARIANTS = {"adam_metric_ds": {}, "adam_metric_ds_memory_0.999": dic
                         "adam_metric_dog_start_1e-3": dict(step="dog", signal="lag_one_resolved", start_distance=1e-3),
                         "adam_metric_dowg_start_1e-3": dict(step="dog", signal="lag_one_resolved", start_distance=1e-3,
                                                             dog_weights="distance"),
+                        "adam_metric_dowg_neutral": dict(step="dog", signal="lag_one_resolved", start_distance=1e-3,
+                                                         dog_weights="distance_neutral"),
                         "adam_metric_dog_recent": dict(step="dog", signal="lag_one_resolved", start_distance=1e-3,
                                                        dog_weights="recent"),
                         # its control: the same rule in the same metric without momentum
