@@ -120,9 +120,9 @@ def test_the_reference_trajectory_does_depend_on_the_loss_scale():
     assert relative_difference(scaled, unscaled) > 1e-3
 
 
-@pytest.mark.parametrize("options", [dict(step_rule="dog"), dict(step_rule="dowg"),
+@pytest.mark.parametrize("options", [dict(step_rule="dog"), dict(step_rule="dowg"), dict(step_rule="dowg_neutral"),
                                      dict(step_rule="dowg", relative_clip=1.1, clip_trigger=1.1)],
-                         ids=["dog", "dowg", "dowg_clipped"])
+                         ids=["dog", "dowg", "dowg_neutral", "dowg_clipped"])
 @pytest.mark.parametrize("flavour", ["multi_tensor", "compiled"])
 def test_the_flavours_give_the_single_tensor_numbers(flavour, options):
     # Frozen layer, a 0-dim parameter, two groups with different lr, gradients missing on some steps, a NaN step.
@@ -173,7 +173,40 @@ def test_the_adam_metric_prototype_does_not_depend_on_the_loss_scale_either():
         assert relative_difference(scaled, unscaled) < 1e-6, loss_scale
 
 
-@pytest.mark.parametrize("step_rule, start", [("dog", 1e-3), ("dowg", 1e-3), ("secant", 1e-6)])
+def effective_steps_on_a_random_walk(steps=1000, at=(100, 1000), **options):
+    """The effective step alpha / (1 - mu) at the steps ``at`` of a run on gradients of pure noise (the loss
+    <xi_t, x> with a fresh xi_t ~ N(0, I) each step: nothing to follow, so the distance from x_0 grows as a random
+    walk's); float64, 1000 coordinates, so that ||x - x_0|| is close to its expectation."""
+    x = torch.zeros(1000, dtype=torch.float64, requires_grad=True)
+    opt = YellowFin([x], **options)
+    generator = torch.Generator().manual_seed(0)
+    effective = {}
+    for step in range(1, steps + 1):
+        x.grad = torch.randn(1000, dtype=torch.float64, generator=generator)
+        opt.step()
+        if step in at:
+            effective[step] = opt.stats()["alpha"] / (1.0 - opt.stats()["mu"])
+    return [effective[step] for step in at]
+
+
+# DoG's step d_t / sqrt(t G) reproduces itself when d_t grows as sqrt(t), and so does DoWG's divided by sqrt(2)
+# (sum_s d_s^2 = t d_t^2 / 2): noise alone neither grows nor shrinks them. Undivided, DoWG's grows by about
+# sqrt(2) each time it is measured, as it does in Adam's metric, where nothing in the gradients checks it.
+@pytest.mark.parametrize("options", [dict(step_rule="dog"), dict(step_rule="dowg_neutral"),
+                                     dict(step_rule="dog", precondition="adam"),
+                                     dict(step_rule="dowg_neutral", precondition="adam")],
+                         ids=["dog", "dowg_neutral", "adam-dog", "adam-dowg_neutral"])
+def test_noise_alone_leaves_the_neutral_rules_step_where_it_is(options):
+    early, late = effective_steps_on_a_random_walk(tuner="scale_free", relative_clip=math.inf, **options)
+    assert 0.9 < late / early < 1.1
+
+
+def test_noise_alone_runs_dowgs_step_away():
+    early, late = effective_steps_on_a_random_walk(tuner="scale_free", step_rule="dowg", relative_clip=math.inf)
+    assert late / early > 1e3
+
+
+@pytest.mark.parametrize("step_rule, start", [("dog", 1e-3), ("dowg", 1e-3), ("dowg_neutral", 1e-3), ("secant", 1e-6)])
 def test_the_first_step_moves_dogs_initial_distance_without_momentum(step_rule, start):
     model, x, y = mlp_problem()
     before = flat(model)

@@ -175,7 +175,7 @@ def measure(state: TunerState, sample: GradientSample, settings: TunerSettings) 
 # (docs/tuner.md §7.1, §8.2): a first move of 0.1% of the parameters' norm (in Adam's metric, of each weight) is
 # still far below the distance a training run travels, which is what DoG's start must stay below. Chosen once on
 # the suite. The secant rule keeps the 1e-6 it was measured with.
-INITIAL_DISTANCE = {"dog": 1e-3, "dowg": 1e-3, "secant": 1e-6}
+INITIAL_DISTANCE = {"dog": 1e-3, "dowg": 1e-3, "dowg_neutral": 1e-3, "secant": 1e-6}
 
 
 def distance_travelled(state: TunerState, sums: Sums, settings: TunerSettings) -> Tensor:

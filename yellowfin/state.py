@@ -101,9 +101,10 @@ class TunerSettings:
         if self.precondition is not None:
             _check(self.precondition in PRECONDITIONERS, "precondition", self.precondition,
                    "None or " + " or ".join(map(repr, PRECONDITIONERS)))
-            if not self.scale_free or self.step_rule != "dog":
+            if not self.scale_free or self.step_rule not in PRECONDITIONED_STEP_RULES:
                 raise ValueError(f"precondition={self.precondition!r} is an option of tuner='scale_free' with "
-                                 f"step_rule='dog'; got tuner={self.tuner!r}, step_rule={self.step_rule!r}")
+                                 f"step_rule='dog' or 'dowg_neutral'; got tuner={self.tuner!r}, "
+                                 f"step_rule={self.step_rule!r}")
             for name in ("relative_clip", "clip_trigger"):  # (measured in the plain metric only)
                 if math.isfinite(getattr(self, name)):
                     raise ValueError(f"{name}={getattr(self, name)!r} is an option of the plain metric; "
@@ -169,11 +170,13 @@ TUNERS = ("reference", "scale_free")
 DEFAULT_BETA = {"reference": 0.999, "scale_free": 0.99}
 # The scale-free tuner's step rules (TunerSettings.step_rule), and each metric's default. In the plain metric "dowg":
 # at full budgets ahead of "dog" on five of seven tasks and level on two, stable near interpolation like it, where
-# "secant" diverges (docs/tuner.md §8.1, §10). In Adam's metric "dog", the only rule it takes: DoWG diverged there,
-# because the preconditioner normalizes away the gradient growth that holds DoWG's step in check (§10).
+# "secant" diverges (docs/tuner.md §8.1, §10). In Adam's metric "dog": DoWG diverged there, because the
+# preconditioner normalizes away the gradient growth that holds DoWG's step in check (§10); "dowg_neutral" (DoWG's
+# step divided by sqrt(2), tuning.tune_scale_free) does not need that check.
 # A parameter group stores the rule it resolved (YellowFin.add_param_group), so that a checkpoint keeps its rule
 # when a default changes.
-STEP_RULES = ("dog", "dowg", "secant")
+STEP_RULES = ("dog", "dowg", "dowg_neutral", "secant")
+PRECONDITIONED_STEP_RULES = ("dog", "dowg_neutral")
 DEFAULT_STEP_RULE = {None: "dowg", "adam": "dog"}
 # The scale-free tuner's relative clip (TunerSettings.relative_clip) when none is given, by metric. 2 in the plain
 # metric, the one value screened for the cut: the autoencoder's escape from its plateau cut to twice the RMS turned

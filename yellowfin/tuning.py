@@ -135,6 +135,8 @@ def tune(estimates, step, previous_mu, previous_alpha, settings) -> tuple[Tensor
 # --------------------------------------------------------------------------------- the scale-free tuner
 # The step may grow by at most this factor per step (from DoG's first move, as fast as the estimates allow).
 MAX_STEP_GROWTH = 2.0
+# step_rule="dowg_neutral": DoWG's step times this, 1 / sqrt(2), derived (tune_scale_free), not chosen.
+NEUTRAL_DOWG_FACTOR = 1.0 / math.sqrt(2.0)
 
 
 def tune_scale_free(
@@ -170,13 +172,19 @@ def tune_scale_free(
     # DoWG weighs each ||g_s||^2 by the squared distance d_s^2 reached when it came, so that the large gradients of
     # a start from a tiny distance count for little once the run has moved; its step d^2 / sqrt(sum d_s^2 ||g_s||^2)
     # has DoG's units (parameter over gradient).
-    distance_weighted = settings.step_rule == "dowg"
+    distance_weighted = settings.step_rule in ("dowg", "dowg_neutral")
     grad_sq_sum = state.grad_sq_sum + (distance**2 * sample.sq_norm if distance_weighted else sample.sq_norm)
     first_step = distance / torch.sqrt(sample.sq_norm)  # DoG's start: move exactly d, without momentum
     # DoG's step as the effective step: the momentum spreads it as alpha = (1 - mu) d / sqrt(sum ||g||^2). An
     # absolute curvature is what SingleStep's alpha = (1 - sqrt mu)^2 / h_min needs and what gradients measure worst
     # (the secant is mostly the last gradient's own noise), so the scale comes from the distance travelled instead.
     alpha_dog = (1.0 - sqrt_mu**2) * (distance**2 if distance_weighted else distance) / torch.sqrt(grad_sq_sum)
+    if settings.step_rule == "dowg_neutral":
+        # A run whose distance grows as a random walk's (d_s^2 = s d_1^2: noise, not progress) leaves DoG's step where
+        # it is, d_t / sqrt(t G), but raises DoWG's by sqrt(2), since sum_s d_s^2 = t d_t^2 / 2: nothing but the
+        # gradients' growth checks that, and Adam's metric normalizes it away. Divided by sqrt(2), DoWG keeps its
+        # weights and DoG's neutral fixed point (docs/algorithm.md §9).
+        alpha_dog = alpha_dog * NEUTRAL_DOWG_FACTOR
     # (under asynchrony, the step the tuner asks for is cut for the gradients' delay; the distance measured next
     # is then the movement this cut step causes)
     staleness_scale = staleness_step_scale(state.staleness)
@@ -184,7 +192,7 @@ def tune_scale_free(
         return measured.replace(mu=torch.where(started, sqrt_mu**2, 0.0),
                                 alpha=staleness_scale * torch.where(started, alpha_dog, first_step), distance=distance,
                                 grad_sq_sum=grad_sq_sum, metric_mean=sums.metric_sum / sums.numel)
-    if settings.step_rule in ("dog", "dowg"):  # (no secant is measured: pass 1 left its sums out)
+    if settings.step_rule in ("dog", "dowg", "dowg_neutral"):  # (no secant is measured: pass 1 left its sums out)
         return measured.replace(mu=torch.where(started, sqrt_mu**2, 0.0),
                                 alpha=staleness_scale * torch.where(started, alpha_dog, first_step), distance=distance,
                                 grad_sq_sum=grad_sq_sum)

@@ -138,6 +138,14 @@ for _variant in (
             overrides={"tuner": "scale_free", **_UNCLIPPED, "step_rule": "dog", "beta": 0.99, "average": True}),
     Variant("scale_free_adam_average", "scale_free_adam, evaluated at its iterates' polynomial average (t^8 weights)",
             overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "beta": 0.99, "average": True}),
+    Variant("scale_free_adam_dowg_neutral", "scale_free_adam with DoWG's weights and DoG's neutral fixed point: "
+            "effective step d^2 / sqrt(2 sum d_t^2 ||g_t||^2) in Adam's metric",
+            overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "step_rule": "dowg_neutral",
+                       "beta": 0.99}),
+    Variant("scale_free_adam_dowg_neutral_average", "scale_free_adam_dowg_neutral, evaluated at its iterates' "
+            "polynomial average (t^8 weights)",
+            overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "step_rule": "dowg_neutral",
+                       "beta": 0.99, "average": True}),
     Variant("scale_free_adam_beta_0.999", "scale_free_adam with a memory of ~1000 steps, which resolves a 10x "
             "smaller signal (a higher bound on mu)",
             overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "beta": 0.999}),
@@ -162,6 +170,12 @@ for _variant in (
     Variant("control_scale_free_dowg_clip_trigger",
             "plain SGD replaying scale_free_dowg_clip_trigger_average's effective step",
             control_of="scale_free_dowg_clip_trigger_average"),
+    # The default (scale_free_dowg_clip_trigger_average) with DoWG's step made neutral under noise (divided by sqrt 2,
+    # docs/algorithm.md §8 step 7): the change measured alone in the plain metric.
+    Variant("scale_free_dowg_neutral_clip_trigger_average",
+            "scale_free_dowg_clip_trigger_average with DoWG's step divided by sqrt(2) (neutral under noise)",
+            overrides={"tuner": "scale_free", "step_rule": "dowg_neutral", "relative_clip": 2.0,
+                       "clip_trigger": outlier_trigger(0.99), "beta": 0.99, "average": True}),
 ):
     register_variant(_variant)
 DEFAULT_VARIANTS = (REFERENCE, "paper", "control")
