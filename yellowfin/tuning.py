@@ -276,6 +276,28 @@ def gradient_gates(sq_norm) -> tuple[Tensor, Tensor]:
     return finite, finite & (sq_norm > 0.0)
 
 
+def relative_clip_acts(settings: TunerSettings) -> bool:
+    """Whether the scale-free tuner's relative clip of the update is on (it is off in Adam's metric by default)."""
+    return settings.scale_free and math.isfinite(settings.relative_clip) and math.isfinite(settings.clip_trigger)
+
+
+def relative_clip_mean_square(state: TunerState, settings: TunerSettings) -> Tensor:
+    """The running mean of ||g||^2 over the steps before the next one (``state.step`` of them, debiased), which the
+    relative clip measures a gradient against."""
+    started = state.step >= 1.0
+    return state.grad_sq_avg / torch.where(started, measurements.debias_factor(state.step - 1.0, settings.beta), 1.0)
+
+
+def relative_clip_levels(grad_sq_mean, started, settings: TunerSettings, staleness=0.0) -> tuple[Tensor, Tensor]:
+    """(trigger, level): the relative clip as absolute gradient norms. A gradient whose norm (after ``clip_norm``)
+    exceeds ``trigger`` is applied with norm ``level``; the trigger is infinite before the first step (nothing seen
+    yet). One place for the levels, so that a system whose workers apply the update themselves (Hogwild) clips as
+    the tuner's own step would (``clipping_scales``)."""
+    rms = torch.sqrt(_f64(grad_sq_mean))
+    trigger = torch.where(_f64(staleness) > 0.0, settings.relative_clip, settings.clip_trigger)
+    return torch.where(torch.as_tensor(started), trigger * rms, math.inf), settings.relative_clip * rms
+
+
 def clipping_scales(sq_norm, h_max, started, settings: TunerSettings,
                     grad_sq_mean=None, staleness=0.0) -> tuple[Tensor, Tensor]:
     """(s, u): the factor on g for the statistics and the update (s), and the extra factor for the
@@ -296,12 +318,10 @@ def clipping_scales(sq_norm, h_max, started, settings: TunerSettings,
     if settings.clip_norm is not None:
         scale = torch.where(norm > settings.clip_norm, settings.clip_norm / norm, 1.0)
     update_scale = torch.ones_like(norm)
-    if settings.scale_free and math.isfinite(settings.relative_clip) and math.isfinite(settings.clip_trigger):
-        rms = torch.sqrt(_f64(grad_sq_mean))
-        trigger = torch.where(_f64(staleness) > 0.0, settings.relative_clip, settings.clip_trigger)
-        clipped = started & (scale * norm > trigger * rms)
-        cut = torch.minimum(settings.relative_clip * rms / torch.where(clipped, scale * norm, 1.0),
-                            torch.ones_like(norm))
+    if relative_clip_acts(settings):
+        trigger, level = relative_clip_levels(grad_sq_mean, started, settings, staleness)
+        clipped = scale * norm > trigger
+        cut = torch.minimum(level / torch.where(clipped, scale * norm, 1.0), torch.ones_like(norm))
         update_scale = torch.where(clipped, cut, 1.0)
     # (not for the scale-free tuner: its thresholds h_max are the reference's squared-gradient proxies)
     if settings.adaptive_clipping and not settings.scale_free:
@@ -351,9 +371,7 @@ def tune_step(state: TunerState, sums: Sums, settings: TunerSettings) -> tuple[T
 
     # Clipping factors, from the previous step's curvature range.
     started = state.step >= 1.0
-    # (the relative clip's mean square of the steps before, state.step of them; only the scale-free tuner reads it)
-    grad_sq_mean = state.grad_sq_avg / torch.where(
-        started, measurements.debias_factor(state.step - 1.0, settings.beta), 1.0) if settings.scale_free else None
+    grad_sq_mean = relative_clip_mean_square(state, settings) if settings.scale_free else None
     scale, update_scale = clipping_scales(sq_norm, state.h_max, started, settings, grad_sq_mean, state.staleness)
     curvature_sample = scale**2 * sq_norm
 
