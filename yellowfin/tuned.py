@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from . import tuning
 from .state import SECANT_UNDER_STALENESS
 
 
@@ -18,30 +19,72 @@ def is_tuner(optimizer) -> bool:
 
 
 def refuse_under_asynchrony(optimizer, num_workers: int, closed_loop: bool = False,
-                            tunes_the_run: bool = True) -> None:
-    """Refuse a tuner where it cannot run on stale gradients (with more than one worker).
+                            workers_apply_heavy_ball: bool = False) -> None:
+    """Refuse a tuner where it cannot run on stale gradients (with more than one worker), or where the system applies
+    an update other than the tuner's.
 
     The scale-free tuner runs under asynchrony only with its step cut for the gradients' mean staleness (the
     system reports it: ``report_staleness``) and with the closed loop on the momentum (docs/tuner.md §10, "Under
     staleness"): uncut, its step ran away with 4 and 8 workers; cut but open-loop, it failed with round-robin
     staleness. Its secant rule pairs each gradient with the last step, which a gradient computed tau versions ago
-    breaks, so it is refused. ``tunes_the_run=False``: the tuner steps a copy of the parameters of its own
-    (Hogwild), so the distance the scale-free step is calibrated on is not the run's, and it is refused.
+    breaks, so it is refused. ``workers_apply_heavy_ball=True`` (Hogwild): the workers, not the tuner, apply the
+    update, as heavy ball in the plain metric with the tuner's (mu, alpha) and its clip of the gradient
+    (``update_clip_levels``), v <- m v + s g; x <- x - alpha v, and nothing else; a tuner whose update is another
+    is refused there with any number of workers (``_refuse_other_updates``).
     """
-    if num_workers <= 1 or not is_tuner(optimizer):
+    if not is_tuner(optimizer):
+        return
+    if workers_apply_heavy_ball:
+        _refuse_other_updates(optimizer)
+    if num_workers <= 1:
         return
     rules = {group.get("step_rule") for group in optimizer.param_groups if group.get("tuner") == "scale_free"}
     if not rules:
         return
-    if not tunes_the_run:
-        raise ValueError("tuner='scale_free' cannot tune Hogwild: the tuner steps a copy of the parameters of its "
-                         "own, and the scale-free step is calibrated on the distance its parameters travel, which "
-                         "is not the run's; use the default tuner here")
     if "secant" in rules:
         raise ValueError(SECANT_UNDER_STALENESS)
     if not closed_loop:
         raise ValueError("tuner='scale_free' runs under asynchrony only with closed_loop=True: open-loop, its step "
-                         "failed under round-robin staleness even cut for the delay (docs/tuner.md §10)")
+                         "failed under round-robin staleness even cut for the delay (docs/tuner.md §10); pass "
+                         "closed_loop=True, or use YellowFin.reference_variant for an open-loop run")
+
+
+def _refuse_other_updates(optimizer) -> None:
+    """Refuse a tuner whose update is not plain heavy ball with one (mu, alpha), for workers that apply only that."""
+    groups = optimizer.param_groups
+    if any(group.get("precondition") for group in groups):
+        raise ValueError("precondition='adam' cannot tune Hogwild: its workers apply heavy ball in the plain metric, "
+                         "and the preconditioned tuner's step is for x <- x - alpha M^(-1/2) v in Adam's metric, whose "
+                         "second moment M every worker would have to share and update; use the plain metric (the "
+                         "default tuner) in Hogwild, or the parameter server")
+    for option, wrong in (("nesterov", True), ("maximize", True)):
+        if any(group.get(option) == wrong for group in groups):
+            raise ValueError(f"{option}=True cannot tune Hogwild: its workers apply plain heavy ball "
+                             "(v <- m v + g; x <- x - alpha v)")
+    if any(group.get("weight_decay", 0.0) != 0.0 for group in groups):
+        raise ValueError("weight_decay cannot tune Hogwild: its workers apply plain heavy ball on the gradient alone "
+                         "(v <- m v + g; x <- x - alpha v); add the decay to the loss instead")
+    if len({group.get("lr", 1.0) for group in groups}) > 1 or (
+            getattr(optimizer, "per_group_tuning", False) and len(groups) > 1):
+        raise ValueError("Hogwild's workers apply one (mu, alpha) to every parameter: use one tuning scope and one lr "
+                         "multiplier for all parameter groups")
+
+
+def update_clip_levels(optimizer) -> tuple[float, float, float]:
+    """(clip_norm, trigger, level): how the tuner's next step would scale the gradient it applies, as absolute norms.
+    A gradient of norm above ``clip_norm`` is cut to it (the manual clip, any tuner); then, if its norm exceeds
+    ``trigger``, it is applied with norm ``level`` (the scale-free tuner's relative clip, ``tuning.clipping_scales``).
+    Infinite where a clip does not act. For systems whose workers apply the update themselves (Hogwild)."""
+    if not hasattr(optimizer, "tuner_state"):
+        return math.inf, math.inf, math.inf
+    settings = optimizer._settings(optimizer.param_groups[0])
+    clip_norm = math.inf if settings.clip_norm is None else float(settings.clip_norm)
+    if not tuning.relative_clip_acts(settings):
+        return clip_norm, math.inf, math.inf
+    state = optimizer.tuner_state(0)
+    trigger, level = tuning.relative_clip_levels(tuning.relative_clip_mean_square(state, settings), state.step >= 1.0,
+                                                 settings, state.staleness)
+    return clip_norm, float(trigger), float(level)
 
 
 def mean_staleness(staleness_counts) -> float:

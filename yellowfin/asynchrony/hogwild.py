@@ -1,11 +1,24 @@
 """Hogwild!: workers update one shared-memory model and one shared momentum buffer without locks.
 
-Each worker loops: read mu and alpha from shared tensors, compute a gradient on the shared model (which
-other workers keep changing underneath it), then apply heavy ball in place: v <- mu v + g; x <- x - alpha v.
-The tuner (the calling process) owns mu and alpha: it samples workers' gradients from per-worker mailboxes,
-feeds them to a YellowFin instance that only measures and tunes (it steps a private copy of the parameters
-that nobody uses), and writes the tuned (applied) mu and alpha back to shared memory. With
-``closed_loop=True`` a momentum sensor and controller correct mu for the momentum asynchrony adds.
+Each worker loops: read mu, alpha and the clip levels from shared tensors, compute a gradient on the shared
+model (which other workers keep changing underneath it), then apply heavy ball in place: v <- mu v + s g;
+x <- x - alpha v, with s the factor the tuner's own step would put on g (its clip). The tuner (the calling process)
+owns mu, alpha and the clip levels: it reads every gradient the workers apply from per-worker mailboxes, feeds
+each to a YellowFin instance that only measures and tunes, and writes the tuned (applied) mu and alpha and the clip
+levels back to shared memory. With ``closed_loop=True`` a momentum sensor and controller correct mu for the
+momentum asynchrony adds.
+
+What the scale-free tuner (the default, DoWG's step) needs of the run, and how it gets it:
+- the distance the run has travelled, ||x - x_0||: the tuner steps a private copy of the parameters (the shadow),
+  which is set to the shared model just before each of its steps, so it measures the shared model's distance from
+  x_0 (the shared model's parameters when the tuner first stepped, before anything moved them: its step is 0 until
+  then); what its own step does to the shadow is overwritten before the next;
+- every applied gradient, once: its step divides by the root of a sum over the gradients, and a tuner that saw a
+  fraction f of them would step 1/sqrt(f) too far (a single mailbox per worker, skipped when full, let it see 7% on
+  the tests' regression problem). So each worker has a ring of ``mail_slots`` mailboxes and waits for a free one
+  before it computes a gradient: Hogwild runs no faster than its tuner steps;
+- its clip: the tuner writes the levels at which its next step would cut the gradient (``update_clip_levels``) and
+  each worker applies that cut (``clip_scale``) to the gradient it applies; it mails the gradient as it came.
 
 Sensing needs iterates indexed by version: after its update a worker takes a version number from a shared
 counter and stores a snapshot of the sensor's coordinates in a ring buffer slot for that version, with the
@@ -19,13 +32,14 @@ alpha it used. Those snapshots are taken while others write, so they are approxi
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
 from torch import nn
 
 from ..files import load_all_or_nothing, load_checkpoint_file, save_checkpoint_file
-from ..tuned import mean_staleness, refuse_under_asynchrony, report_staleness
+from ..tuned import mean_staleness, refuse_under_asynchrony, report_staleness, update_clip_levels
 from .controller import closed_loop_for
 from .flat import flat_parameters, gradient_problem, load_gradients, loss_and_flat_gradient, split_like
 from .sensor import MomentumSensor, lr_outside_correction, random_coordinate_subset
@@ -33,24 +47,35 @@ from .workers import StopSignal, WorkerProcesses, prepare_worker
 
 logger = logging.getLogger(__name__)
 
-EMPTY, FULL = 0, 1
 
-
-def heavy_ball_in_place(params, buffers, grads, mu: float, alpha: float) -> None:
-    """v <- mu v + g; x <- x - alpha v, in place and without locks (lr-outside form)."""
+def heavy_ball_in_place(params, buffers, grads, mu: float, alpha: float, grad_scale: float = 1.0) -> None:
+    """v <- mu v + s g; x <- x - alpha v, in place and without locks (lr-outside form; s = ``grad_scale``)."""
     with torch.no_grad():
         for p, v, g in zip(params, buffers, grads):
-            v.mul_(mu).add_(g)
+            v.mul_(mu).add_(g, alpha=grad_scale)
             p.sub_(alpha * v)
+
+
+def clip_scale(grad_norm: float, levels) -> float:
+    """The factor s on a gradient of norm ``grad_norm`` that the tuner's step would apply, from the absolute levels
+    (clip_norm, trigger, level) it wrote (``tuned.update_clip_levels``): the manual clip to ``clip_norm``, then, above
+    ``trigger``, the relative clip to norm ``level``. As ``tuning.clipping_scales`` (tested against it)."""
+    clip_norm, trigger, level = (float(x) for x in levels)
+    scale = clip_norm / grad_norm if grad_norm > clip_norm else 1.0
+    if scale * grad_norm > trigger:
+        scale *= min(level / (scale * grad_norm), 1.0)
+    return scale
 
 
 class _Shared:
     """Everything the processes share, in one picklable bundle."""
 
-    def __init__(self, ctx, params, num_workers: int, subset: torch.Tensor, ring_size: int):
+    def __init__(self, ctx, params, num_workers: int, subset: torch.Tensor, ring_size: int, mail_slots: int):
         numel = sum(p.numel() for p in params)
         self.buffers = [torch.zeros_like(p).share_memory_() for p in params]
         self.hyper = torch.zeros(2, dtype=torch.float64).share_memory_()        # mu, alpha
+        # clip_norm, trigger, level of the tuner's clip (tuned.update_clip_levels); inf: none
+        self.clip = torch.full((3,), math.inf, dtype=torch.float64).share_memory_()
         # Updates applied. Read without a lock; the lock only hands out unique version numbers.
         self.counter = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.counter_lock = ctx.Lock()
@@ -59,12 +84,18 @@ class _Shared:
         self.ring = torch.zeros(ring_size, subset.numel(), dtype=torch.float64).share_memory_()
         self.ring_version = torch.full((ring_size,), -1, dtype=torch.int64).share_memory_()
         self.ring_alpha = torch.zeros(ring_size, dtype=torch.float64).share_memory_()
-        self.mail_grad = torch.zeros(num_workers, numel).share_memory_()
-        self.mail_version = torch.zeros(num_workers, dtype=torch.int64).share_memory_()
+        # One ring of mailboxes per worker (single writer, single reader): the worker fills slot written % slots
+        # and then counts it in mail_written; the tuner empties slot read % slots and then counts it in mail_read.
+        # mail_slots = 0: nobody reads (no tuner), and nothing is mailed.
+        self.mail_grad = torch.zeros(num_workers, mail_slots, numel).share_memory_()
+        self.mail_version = torch.zeros(num_workers, mail_slots, dtype=torch.int64).share_memory_()
         # updates other workers applied between the mailed gradient's read and its own update
-        self.mail_staleness = torch.zeros(num_workers, dtype=torch.int64).share_memory_()
-        self.mail_loss = torch.zeros(num_workers, dtype=torch.float64).share_memory_()
-        self.mail_flag = torch.zeros(num_workers, dtype=torch.int64).share_memory_()
+        self.mail_staleness = torch.zeros(num_workers, mail_slots, dtype=torch.int64).share_memory_()
+        self.mail_loss = torch.zeros(num_workers, mail_slots, dtype=torch.float64).share_memory_()
+        self.mail_written = torch.zeros(num_workers, dtype=torch.int64).share_memory_()
+        self.mail_read = torch.zeros(num_workers, dtype=torch.int64).share_memory_()
+        # 1 while a worker waits (for the limit to rise or for a free mailbox) and has nothing in flight
+        self.waiting = torch.zeros(num_workers, dtype=torch.int64).share_memory_()
         self.rejected = torch.zeros(num_workers, dtype=torch.int64).share_memory_()  # one writer each
         self.stop = StopSignal()
 
@@ -73,9 +104,17 @@ def _hogwild_worker(worker_id: int, model: nn.Module, loss_fn, batch_factory, se
                     shared: _Shared) -> None:
     params, batches = prepare_worker(model, batch_factory, worker_id, seed)
     ring_size = shared.ring.shape[0]
+    slots = shared.mail_grad.shape[1]
     while not shared.stop.should_stop():  # also exits if the tuner process is gone
+        # (cleared before the checks, so that the tuner never reads "waiting" from a worker about to compute)
+        shared.waiting[worker_id] = 0
         if int(shared.counter[0]) >= int(shared.limit[0]):
+            shared.waiting[worker_id] = 1
             time.sleep(0.001)
+            continue
+        if slots and int(shared.mail_written[worker_id]) - int(shared.mail_read[worker_id]) >= slots:
+            shared.waiting[worker_id] = 1  # the tuner must see every gradient applied: wait for a free mailbox
+            time.sleep(0.0002)
             continue
         version = int(shared.counter[0])
         mu, alpha = float(shared.hyper[0]), float(shared.hyper[1])
@@ -85,7 +124,8 @@ def _hogwild_worker(worker_id: int, model: nn.Module, loss_fn, batch_factory, se
         if gradient_problem(flat_numpy, flat_numpy.size, flat_numpy.dtype) is not None:
             shared.rejected[worker_id] += 1  # one NaN applied would poison the shared model for good
             continue
-        heavy_ball_in_place(params, shared.buffers, grads, mu, alpha)
+        scale = clip_scale(float(torch.linalg.vector_norm(flat_grad, dtype=torch.float64)), shared.clip)
+        heavy_ball_in_place(params, shared.buffers, grads, mu, alpha, scale)
         new_version = _take_version(shared)
         if new_version is None:
             return
@@ -94,12 +134,14 @@ def _hogwild_worker(worker_id: int, model: nn.Module, loss_fn, batch_factory, se
         shared.ring[slot] = flat_parameters(params)[shared.subset].double()
         shared.ring_alpha[slot] = alpha
         shared.ring_version[slot] = new_version
-        if int(shared.mail_flag[worker_id]) == EMPTY:  # never wait for the tuner
-            shared.mail_grad[worker_id] = flat_grad
-            shared.mail_version[worker_id] = version
-            shared.mail_staleness[worker_id] = new_version - 1 - version
-            shared.mail_loss[worker_id] = loss
-            shared.mail_flag[worker_id] = FULL
+        if slots:  # (a free mailbox was waited for above, and only this worker fills its ring)
+            written = int(shared.mail_written[worker_id])
+            box = written % slots
+            shared.mail_grad[worker_id, box] = flat_grad
+            shared.mail_version[worker_id, box] = version
+            shared.mail_staleness[worker_id, box] = new_version - 1 - version
+            shared.mail_loss[worker_id, box] = loss
+            shared.mail_written[worker_id] = written + 1
 
 
 def _take_version(shared: _Shared) -> int | None:
@@ -125,11 +167,16 @@ class Hogwild(WorkerProcesses):
     Arguments:
         model: trained in place (its parameters are moved to shared memory).
         loss_fn(model, batch) -> scalar; batch_factory(worker_id, seed) -> endless batch iterator.
-        tuner: "yellowfin" (default: ``YellowFin.reference_variant``, the tuner Hogwild takes), a callable
-            params -> YellowFin-like optimizer, or None for fixed
-            ``lr``/``momentum`` (plain Hogwild momentum SGD).
+        tuner: "yellowfin" (default: ``YellowFin``, the library's default tuner, which with more than one worker
+            runs only with ``closed_loop=True``, as in the other systems; for an open-loop run pass
+            ``tuner=YellowFin.reference_variant``), a callable params -> YellowFin-like optimizer, or None for fixed
+            ``lr``/``momentum`` (plain Hogwild momentum SGD). The workers apply plain heavy ball, so a tuner in
+            Adam's metric (``precondition="adam"``), with Nesterov's form, weight decay or several (mu, alpha) is
+            refused (``tuned.refuse_under_asynchrony``).
         closed_loop: attach the sensor and controller (``sensor_step`` and ``gain`` as in
             :func:`closed_loop_for`).
+        mail_slots: mailboxes per worker; a worker waits for a free one before it computes, so that the tuner sees
+            every gradient applied (more slots absorb the tuner's pauses, at the cost of a tuner further behind).
         replace_dead_workers, max_restarts, restart_window: as for the parameter server (a worker that
             dies more often than its budget allows stops the run with ``WorkerFailed``).
     """
@@ -137,25 +184,26 @@ class Hogwild(WorkerProcesses):
     def __init__(self, model: nn.Module, loss_fn, batch_factory, num_workers: int = 4,
                  tuner="yellowfin", lr: float = 0.01, momentum: float = 0.0, closed_loop: bool = False,
                  sensor_step: str = "algorithmic", gain: float = 0.01, sensor_subset: int = 512,
-                 seed: int = 0, ring_size: int = 512, start_method: str = "fork",
+                 seed: int = 0, ring_size: int = 512, mail_slots: int = 4, start_method: str = "fork",
                  join_timeout: float = 5.0, replace_dead_workers: bool = True, max_restarts: int = 3,
                  restart_window: float = 60.0):
         super().__init__(num_workers, seed, loss_fn, batch_factory, start_method, join_timeout,
                          replace_dead_workers, max_restarts, restart_window)
+        if isinstance(mail_slots, bool) or not isinstance(mail_slots, int) or mail_slots < 1:
+            raise ValueError(f"invalid mail_slots={mail_slots!r}: allowed is an integer >= 1")
         self.model = model
         model.share_memory()
         self.params = [p for p in model.parameters() if p.requires_grad]
         numel = sum(p.numel() for p in self.params)
 
         if tuner == "yellowfin":
-            # The reference: the scale-free default calibrates its step on the distance its own parameters travel,
-            # and the tuner here steps a copy of them (refuse_under_asynchrony says so to whoever passes it).
             from yellowfin import YellowFin
-            tuner = YellowFin.reference_variant
-        # The tuner steps a private copy of the parameters: it is only there to measure and tune.
+            tuner = YellowFin
+        # The tuner steps a private copy of the parameters (the shadow), set to the shared model before each of its
+        # steps: it measures and tunes, and what its step does to the copy is dropped.
         self.shadow = [p.detach().clone().requires_grad_(True) for p in self.params]
         self.tuner = tuner(self.shadow) if tuner is not None else None
-        refuse_under_asynchrony(self.tuner, num_workers, closed_loop, tunes_the_run=False)
+        refuse_under_asynchrony(self.tuner, num_workers, closed_loop, workers_apply_heavy_ball=True)
         self.controller = None
         self.sensor: MomentumSensor | None = None
         if closed_loop:
@@ -166,8 +214,9 @@ class Hogwild(WorkerProcesses):
             self.sensor = self.controller.sensor
         subset = self.sensor.subset if self.sensor is not None else random_coordinate_subset(
             numel, sensor_subset, seed)
-        self.staleness_counts: dict[int, int] = {}  # of the gradients the tuner saw
-        self.shared = _Shared(self._ctx, self.params, self.num_workers, subset, ring_size)
+        self.staleness_counts: dict[int, int] = {}  # of the gradients the tuner saw: every one applied
+        self.shared = _Shared(self._ctx, self.params, self.num_workers, subset, ring_size,
+                              mail_slots if self.tuner is not None else 0)
         self.shared.hyper[0] = momentum
         self.shared.hyper[1] = lr
         if self.tuner is not None:
@@ -191,7 +240,8 @@ class Hogwild(WorkerProcesses):
 
     def _start_worker(self, worker_id: int) -> None:
         seed = self._next_seed(worker_id)
-        self.shared.mail_flag[worker_id] = EMPTY
+        # (a replacement appends to its predecessor's mailboxes, whose mailed gradients the tuner still reads)
+        self.shared.waiting[worker_id] = 0
         self._launch(worker_id, f"yellowfin-hogwild-{worker_id}", _hogwild_worker,
                      (worker_id, self.model, self.loss_fn, self.batch_factory, seed, self.shared))
 
@@ -203,8 +253,14 @@ class Hogwild(WorkerProcesses):
     def _write_tuned(self) -> None:
         tuned = self.tuner.stats(0)
         multiplier = float(self.tuner.param_groups[0].get("lr", 1.0))
+        alpha = multiplier * float(tuned["alpha"])
+        if tuned["step"] == 0 and self.tuner.param_groups[0].get("tuner") == "scale_free":
+            # The scale-free tuner's first step is DoG's start, set by its first gradient; until then nothing moves,
+            # so that its x_0 (taken at that step) is the model the run started from.
+            alpha = 0.0
         self.shared.hyper[0] = float(tuned["applied_momentum"])
-        self.shared.hyper[1] = multiplier * float(tuned["alpha"])
+        self.shared.hyper[1] = alpha
+        self.shared.clip.copy_(torch.tensor(update_clip_levels(self.tuner), dtype=torch.float64))
 
     def _sense(self, version: int, grad: torch.Tensor) -> None:
         ring_size = self.shared.ring.shape[0]
@@ -218,16 +274,26 @@ class Hogwild(WorkerProcesses):
         correction = lr_outside_correction(alpha_prev, alpha_s) if self.sensor.lr_outside else 1.0
         self.sensor.observe_triplet(x_prev, x_s, x_next, grad[self.shared.subset], alpha_s, correction)
 
-    def _tune_on(self, worker_id: int) -> None:
-        grad = self.shared.mail_grad[worker_id].clone()
-        version = int(self.shared.mail_version[worker_id])
-        loss = float(self.shared.mail_loss[worker_id])
-        staleness = int(self.shared.mail_staleness[worker_id])
-        self.shared.mail_flag[worker_id] = EMPTY  # (workers mail only gradients they applied: finite ones)
-        self.staleness_counts[staleness] = self.staleness_counts.get(staleness, 0) + 1
-        report_staleness(self.tuner, self.staleness_counts)
+    def _step_tuner(self, grad: torch.Tensor) -> None:
+        """One tuner step on ``grad``, measured at the shared model: the scale-free tuner's distance is the run's."""
+        with torch.no_grad():
+            for shadow, p in zip(self.shadow, self.params):
+                shadow.copy_(p)
         load_gradients(self.shadow, grad)
         self.tuner.step()
+
+    def _tune_on(self, worker_id: int) -> None:
+        """Tune on the oldest gradient in ``worker_id``'s mailboxes (which the caller has seen written)."""
+        read = int(self.shared.mail_read[worker_id])
+        box = read % self.shared.mail_grad.shape[1]
+        grad = self.shared.mail_grad[worker_id, box].clone()
+        version = int(self.shared.mail_version[worker_id, box])
+        loss = float(self.shared.mail_loss[worker_id, box])
+        staleness = int(self.shared.mail_staleness[worker_id, box])
+        self.shared.mail_read[worker_id] = read + 1  # (workers mail only gradients they applied: finite ones)
+        self.staleness_counts[staleness] = self.staleness_counts.get(staleness, 0) + 1
+        report_staleness(self.tuner, self.staleness_counts)
+        self._step_tuner(grad)
         if self.sensor is not None:
             self._sense(version, grad)
         if self.controller is not None:
@@ -240,25 +306,38 @@ class Hogwild(WorkerProcesses):
                            "alpha": float(self.shared.hyper[1]),
                            "mu_hat": self.sensor.estimate if self.sensor is not None else None})
 
+    def _read_mail(self) -> int:
+        """Tune on every gradient mailed so far, one worker's at a time in turn; returns how many."""
+        if self.tuner is None:
+            return 0
+        pending = (self.shared.mail_written - self.shared.mail_read).tolist()
+        tuned = 0
+        while any(count > 0 for count in pending):
+            for worker_id, count in enumerate(pending):
+                if count > 0:
+                    self._tune_on(worker_id)
+                    pending[worker_id] -= 1
+                    tuned += 1
+        return tuned
+
     def run(self, num_updates: int, timeout: float | None = None) -> dict:
-        """Let the workers apply ``num_updates`` more updates while this process tunes."""
+        """Let the workers apply ``num_updates`` more updates while this process tunes; returns once the workers
+        are idle and the tuner has read every gradient they mailed."""
         self.start()
         target = self.version + int(num_updates)
         self.shared.limit[0] = target
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.version < target:
+        while True:
             if deadline is not None and time.monotonic() > deadline:
                 self.shared.limit[0] = self.version
                 raise TimeoutError(f"hogwild reached {self.version} of {target} updates")
             self._check_workers()
-            full = (self.shared.mail_flag == FULL).nonzero().flatten().tolist()
-            if self.tuner is None:
-                for worker_id in full:
-                    self.shared.mail_flag[worker_id] = EMPTY
-            else:
-                for worker_id in full:
-                    self._tune_on(worker_id)
-            if not full:
+            # (read before the mail: a worker marks itself waiting only after its last gradient is mailed)
+            idle = self.version >= target and all(int(self.shared.waiting[w]) for w in self._workers)
+            tuned = self._read_mail()
+            if idle and not tuned:
+                break
+            if not tuned:
                 time.sleep(0.0005)
         rejected = self.rejected
         if rejected > self._rejected_reported:
@@ -306,13 +385,16 @@ class Hogwild(WorkerProcesses):
                 "momentum_buffers": [b.clone() for b in self.shared.buffers],
                 "tuner": self.tuner.state_dict() if self.tuner is not None else None,
                 "controller": self.controller.state_dict() if self.controller is not None else None,
-                "hyper": self.shared.hyper.clone()}
+                "hyper": self.shared.hyper.clone(), "staleness_counts": dict(self.staleness_counts),
+                "tuned_gradients": self.tuned_gradients}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore model, shared momentum buffers, tuner and controller (call while no run is going on).
+        """Restore model, shared momentum buffers, tuner, controller and the staleness counts (call while no run is
+        going on). The tuner's x_0 is the saved run's (in its state); the shadow and the clip levels follow from the
+        model and the tuner, and gradients mailed but not yet read are dropped.
 
         All or nothing: everything is checked first; if any part does not fit, it raises and nothing
-        (model, buffers, tuner, controller, version counter, mu and alpha) has changed."""
+        (model, buffers, tuner, controller, version counter, mu and alpha, counts) has changed."""
         if (state.get("controller") is None) != (self.controller is None):
             raise ValueError("checkpoint and this Hogwild disagree on whether the loop is closed")
         try:
@@ -324,7 +406,10 @@ class Hogwild(WorkerProcesses):
                 loads.append((self.tuner, state["tuner"]))
             if self.controller is not None:
                 loads.append((self.controller, state["controller"]))
-        except (KeyError, TypeError, ValueError) as error:
+            # (absent from checkpoints saved before they were kept: counted afresh)
+            staleness_counts = {int(k): int(v) for k, v in (state.get("staleness_counts") or {}).items()}
+            tuned_gradients = int(state.get("tuned_gradients", 0))
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise ValueError(f"not a Hogwild checkpoint: {error!r}") from error
         shapes = [tuple(b.shape) for b in self.shared.buffers]
         if len(buffers) != len(shapes) or any(
@@ -335,6 +420,8 @@ class Hogwild(WorkerProcesses):
             raise ValueError("checkpoint 'hyper' must be a tensor of (mu, alpha)")
         if version < 0:
             raise ValueError(f"checkpoint version {version} is negative")
+        if tuned_gradients < 0 or any(tau < 0 or count < 0 for tau, count in staleness_counts.items()):
+            raise ValueError("checkpoint staleness counts and tuned gradients must be >= 0")
         with torch.no_grad():
             load_all_or_nothing(loads)  # the model loads in place: it stays in shared memory
             for buffer, saved in zip(self.shared.buffers, buffers):
@@ -346,6 +433,9 @@ class Hogwild(WorkerProcesses):
         self.shared.limit[0] = version
         if hyper is not None:
             self.shared.hyper.copy_(hyper)
+        self.shared.mail_read.copy_(self.shared.mail_written)
+        self.staleness_counts = staleness_counts
+        self.tuned_gradients = tuned_gradients
         if self.tuner is not None:
             self._write_tuned()
 
