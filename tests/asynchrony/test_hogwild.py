@@ -114,13 +114,14 @@ def test_closed_loop_yellowfin_hogwild_tunes_shared_mu_and_alpha_on_every_gradie
         assert regression_eval_loss(model) < before
 
 
-def _mail(hogwild, worker_id, grad, version, staleness=0):
-    """Put a gradient in a worker's mailboxes, as the worker does after applying it."""
+def _mail(hogwild, worker_id, grad, version):
+    """Put a gradient read at ``version`` in a worker's mailboxes, as the worker does after applying it (and counting
+    its update)."""
     written = int(hogwild.shared.mail_written[worker_id])
     box = written % hogwild.shared.mail_grad.shape[1]
     hogwild.shared.mail_grad[worker_id, box] = grad
     hogwild.shared.mail_version[worker_id, box] = version
-    hogwild.shared.mail_staleness[worker_id, box] = staleness
+    hogwild.shared.counter[0] += 1
     hogwild.shared.mail_written[worker_id] = written + 1
 
 
@@ -152,12 +153,14 @@ def test_the_scale_free_tuner_measures_the_distance_of_the_shared_model():
             p.add_(0.3)
     moved = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
     _mail(hogwild, 1, 0.5 * grad, version=1)
-    _mail(hogwild, 0, -grad, version=2, staleness=1)
+    _mail(hogwild, 0, -grad, version=1)  # read before the other's update was counted, and tuned after it
     assert hogwild._read_mail() == 2
     assert seen == [True, True, True]
     assert torch.equal(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), moved)
     assert hogwild.tuner.stats()["distance"] == pytest.approx(float((moved - x0).norm()), rel=1e-5)
-    assert hogwild.report()["tuned_gradients"] == 3 and hogwild.staleness_counts == {0: 2, 1: 1}
+    # The staleness counts every update applied between a gradient's read and the tuner's step on it: the second
+    # gradient was tuned on after the third was applied (counter 3), the third had missed one update.
+    assert hogwild.report()["tuned_gradients"] == 3 and hogwild.staleness_counts == {0: 1, 1: 2}
 
 
 def test_checkpoint_carries_buffers_tuner_and_controller_and_a_resumed_run_continues(tmp_path):
@@ -304,4 +307,8 @@ def test_the_default_tuner_runs_open_loop_with_one_worker():
     hogwild = Hogwild(make_regression_model(0), regression_loss, regression_batches, num_workers=1)
     with hogwild:
         report = hogwild.run(50, timeout=60)
-    assert report["tuned_gradients"] == report["version"] >= 50 and report["staleness_counts"] == {0: 50}
+    assert report["tuned_gradients"] == report["version"] >= 50
+    # One worker has no other to wait for, but it runs ahead of the tuner by at most its mailboxes (4): the tuner's
+    # step hears of its updates that late, and counts it.
+    assert sum(report["staleness_counts"].values()) == report["version"]
+    assert all(0 <= tau <= 3 for tau in report["staleness_counts"])

@@ -89,8 +89,6 @@ class _Shared:
         # mail_slots = 0: nobody reads (no tuner), and nothing is mailed.
         self.mail_grad = torch.zeros(num_workers, mail_slots, numel).share_memory_()
         self.mail_version = torch.zeros(num_workers, mail_slots, dtype=torch.int64).share_memory_()
-        # updates other workers applied between the mailed gradient's read and its own update
-        self.mail_staleness = torch.zeros(num_workers, mail_slots, dtype=torch.int64).share_memory_()
         self.mail_loss = torch.zeros(num_workers, mail_slots, dtype=torch.float64).share_memory_()
         self.mail_written = torch.zeros(num_workers, dtype=torch.int64).share_memory_()
         self.mail_read = torch.zeros(num_workers, dtype=torch.int64).share_memory_()
@@ -139,7 +137,6 @@ def _hogwild_worker(worker_id: int, model: nn.Module, loss_fn, batch_factory, se
             box = written % slots
             shared.mail_grad[worker_id, box] = flat_grad
             shared.mail_version[worker_id, box] = version
-            shared.mail_staleness[worker_id, box] = new_version - 1 - version
             shared.mail_loss[worker_id, box] = loss
             shared.mail_written[worker_id] = written + 1
 
@@ -289,8 +286,13 @@ class Hogwild(WorkerProcesses):
         grad = self.shared.mail_grad[worker_id, box].clone()
         version = int(self.shared.mail_version[worker_id, box])
         loss = float(self.shared.mail_loss[worker_id, box])
-        staleness = int(self.shared.mail_staleness[worker_id, box])
         self.shared.mail_read[worker_id] = read + 1  # (workers mail only gradients they applied: finite ones)
+        # The staleness is the delay with which the tuner's step hears of the run: the updates applied between the
+        # gradient's read and this tuner step, not only those before its own update. The workers have applied the
+        # gradient already, with a step tuned on older ones, and the scale-free step calibrates on the movement it
+        # causes: counted only to its own update, the tuner's lag behind the workers went uncut, and on the digits
+        # MLP its step ran away even with one worker (docs/asynchrony.md, "Hogwild").
+        staleness = max(self.version - 1 - version, 0)
         self.staleness_counts[staleness] = self.staleness_counts.get(staleness, 0) + 1
         report_staleness(self.tuner, self.staleness_counts)
         self._step_tuner(grad)
