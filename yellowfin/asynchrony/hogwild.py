@@ -286,13 +286,15 @@ class Hogwild(WorkerProcesses):
         grad = self.shared.mail_grad[worker_id, box].clone()
         version = int(self.shared.mail_version[worker_id, box])
         loss = float(self.shared.mail_loss[worker_id, box])
-        self.shared.mail_read[worker_id] = read + 1  # (workers mail only gradients they applied: finite ones)
         # The staleness is the delay with which the tuner's step hears of the run: the updates applied between the
         # gradient's read and this tuner step, not only those before its own update. The workers have applied the
         # gradient already, with a step tuned on older ones, and the scale-free step calibrates on the movement it
         # causes: counted only to its own update, the tuner's lag behind the workers went uncut, and on the digits
         # MLP its step ran away even with one worker (docs/asynchrony.md, "Hogwild").
         staleness = max(self.version - 1 - version, 0)
+        # (the version is read before the mailbox is freed: a worker waiting for it cannot then add an update, so with
+        # one worker the staleness stays below mail_slots)
+        self.shared.mail_read[worker_id] = read + 1  # (workers mail only gradients they applied: finite ones)
         self.staleness_counts[staleness] = self.staleness_counts.get(staleness, 0) + 1
         report_staleness(self.tuner, self.staleness_counts)
         self._step_tuner(grad)
