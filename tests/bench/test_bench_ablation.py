@@ -55,6 +55,19 @@ def test_a_variant_whose_setting_is_infinite_writes_its_results_file(tmp_path):
     assert record["hyper"]["relative_clip"] == "inf" and float(record["hyper"]["relative_clip"]) == math.inf
 
 
+def test_a_description_with_norms_stays_in_its_cell(tmp_path):
+    # scale_free_dog's description holds ||g||: unescaped, each pipe would start a new cell of the table.
+    assert "||" in VARIANTS["scale_free_dog"].description
+    results_dir = tmp_path / "ablation"
+    _ablate(results_dir, ["scale_free_dog"], seeds=(0,))
+    table, _ = ablation.write_table(results_dir, baseline_dirs=[])
+    lines = table.splitlines()
+    header = next(line for line in lines if line.startswith("| variant | what it changes |"))
+    row = next(line for line in lines if line.startswith("| scale_free_dog |"))
+    cells = [line.replace("\\|", "").count("|") for line in (header, row)]
+    assert cells[0] == cells[1]
+
+
 def test_the_overview_puts_every_variant_on_every_task_in_one_row(tmp_path):
     results_dir = tmp_path / "ablation"
     _ablate(results_dir, ["reference", "paper"])

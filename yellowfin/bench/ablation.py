@@ -144,7 +144,9 @@ def ablation_table(summaries: Sequence[TaskSummary]) -> str:
             speedups = [_fmt(value, ".2f").replace("n/a", "never") if against in summary.optimizers
                         else "no baseline results" for value, against in ((row.speedup, BASELINE),
                                                                           (row.speedup_vs_adam, ADAM))]
-            lines.append(f"| {row.name} | {row.description} | {seeds} | {final} | {' | '.join(speedups)} |")
+            # (a description's norms, ||g||, would end the cell: markdown reads an escaped pipe as text)
+            description = row.description.replace("|", "\\|")
+            lines.append(f"| {row.name} | {description} | {seeds} | {final} | {' | '.join(speedups)} |")
         lines.append("")
     return "\n".join(lines) if lines else "No ablation results found.\n"
 
