@@ -183,6 +183,26 @@ def test_a_checkpoint_restores_the_tuner_it_was_saved_with():
     assert torch.equal(flat(model), expected)
 
 
+def test_a_checkpoint_saved_under_dogs_rule_keeps_running_it_after_the_default_changed():
+    # Adam's metric took DoG's rule by default before the neutral DoWG rule; the group stored the rule it resolved,
+    # so a checkpoint saved then resumes DoG's run exactly, in an optimizer built with today's default.
+    expected, _, _ = train(lambda params: preconditioned(params, step_rule="dog"), steps=40)
+    model, x, y = mlp_problem()
+    opt = preconditioned(model.parameters(), step_rule="dog")
+    for step in range(40):
+        if step == 20:
+            saved = copy.deepcopy(opt.state_dict())
+            opt = preconditioned(model.parameters())
+            assert opt.param_groups[0]["step_rule"] == "dowg_neutral"
+            opt.load_state_dict(saved)
+            assert opt.param_groups[0]["step_rule"] == "dog"
+        rows = (torch.arange(16) + 16 * step) % 64
+        opt.zero_grad()
+        ((model(x[rows]) - y[rows]) ** 2).mean().backward()
+        opt.step()
+    assert torch.equal(flat(model), expected)
+
+
 def test_a_checkpoint_whose_buffers_do_not_fit_its_tuner_is_refused():
     _, model, opt = train(preconditioned, steps=3)
     saved = opt.state_dict()
@@ -239,7 +259,7 @@ def test_the_default_tuner_takes_the_preconditioner_and_the_reference_does_not()
     # own rule and no clip; the reference (reference_variant) refuses it.
     model, _, _ = mlp_problem()
     group = YellowFin(model.parameters(), precondition="adam").param_groups[0]
-    assert group["tuner"] == "scale_free" and group["step_rule"] == "dog"
+    assert group["tuner"] == "scale_free" and group["step_rule"] == "dowg_neutral"
     assert group["relative_clip"] == math.inf and group["clip_trigger"] == math.inf
     assert YellowFin._settings(group) == YellowFin._settings(preconditioned(model.parameters()).param_groups[0])
     with pytest.raises(ValueError, match="tuner='scale_free'"):

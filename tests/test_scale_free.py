@@ -498,7 +498,8 @@ def test_the_step_rule_and_clip_are_the_scale_free_tuners_and_each_group_names_w
     plain = YellowFin([p], tuner="scale_free")
     default = YellowFin([p])  # the library's default is the scale-free tuner: its group names the same
     assert plain.param_groups[0]["step_rule"] == "dowg"  # the plain metric's default
-    assert YellowFin([p], tuner="scale_free", precondition="adam").param_groups[0]["step_rule"] == "dog"  # Adam's
+    adam = YellowFin([p], tuner="scale_free", precondition="adam")
+    assert adam.param_groups[0]["step_rule"] == "dowg_neutral"  # Adam's metric's
     assert YellowFin([p], tuner="reference").param_groups[0]["step_rule"] is None  # the reference has none
     assert YellowFin.reference_variant([p]).param_groups[0]["step_rule"] is None
     assert plain.defaults["step_rule"] is None  # (so that a group in the other metric picks its own default)

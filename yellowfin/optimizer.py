@@ -127,8 +127,9 @@ class YellowFin(Optimizer):
     is in loss and parameter units, so that the trajectory does not depend on the loss scale (§8); it has no slow
     start, no :math:`\alpha_0`, :math:`\mu_0` or adaptive clipping, and clips the gradient it applies relative to
     its running RMS instead (``relative_clip``, ``clip_trigger``); its
-    ``step_rule`` takes the step from DoWG's (``"dowg"``, the default), from DoG's, whose sum weighs every
-    gradient alike (``"dog"``, the default with ``precondition="adam"``) or from a secant curvature (``"secant"``);
+    ``step_rule`` takes the step from DoWG's (``"dowg"``, the default), from DoWG's divided by sqrt(2), which noise
+    alone neither grows nor shrinks (``"dowg_neutral"``, the default with ``precondition="adam"``), from DoG's, whose
+    sum weighs every gradient alike (``"dog"``), or from a secant curvature (``"secant"``);
     with ``precondition="adam"`` it measures and steps in Adam's diagonal metric instead (§9). ``average=True``
     keeps the iterates' polynomial average beside them, for any tuner, and :meth:`averaged` puts it in the
     parameters while you evaluate (§10): the trajectory is the same, the point you hand out is the average.

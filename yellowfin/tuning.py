@@ -154,7 +154,8 @@ def tune_scale_free(
     with "secant", alpha is the smaller of the secant step
     (the curvature along the last steps, ``measurements.measure_secant``) and the distance step. Preconditioned
     (``settings.precondition``), every norm is the metric's, the signal is read from the momentum buffer
-    (``measurements.measure_signal_lag_one``; ``grad_scale`` is the factor on g in v) and the rule is DoG's (§9).
+    (``measurements.measure_signal_lag_one``; ``grad_scale`` is the factor on g in v), by default with the
+    "dowg_neutral" rule, DoWG's step divided by sqrt(2) (§9).
     """
     started = state.step >= 1.0
     kappa = torch.sqrt(measured.h_max / measured.h_min)

@@ -128,16 +128,18 @@ for _variant in (
     # (it replays the runs with the average, whose trajectory is scale_free_dowg's bit for bit: those are the runs kept)
     Variant("control_scale_free_dowg", "plain SGD replaying scale_free_dowg's effective step alpha/(1-mu)",
             control_of="scale_free_dowg_average"),
-    # The preconditioned tuner (docs/algorithm.md §9): the DoG rule in Adam's metric. (Its control, the same step in
-    # that metric without momentum, is the research harness's control_adam_metric_dog.)
+    # The preconditioned tuner (docs/algorithm.md §9) as first measured: the DoG rule in Adam's metric. (Its control,
+    # the same step in that metric without momentum, is the research harness's control_adam_metric_dog.)
     Variant("scale_free_adam", "the DoG rule in Adam's metric: tuned mu and step, three buffers per parameter",
-            overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "beta": 0.99}),
+            overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "step_rule": "dog", "beta": 0.99}),
     # The same two tuners handing out their iterates' polynomial average (average=True; docs/algorithm.md §10): the
     # trajectory is theirs, the evaluated point (the quadratic's exact loss, val and test) is the average.
     Variant("scale_free_dog_average", "scale_free_dog, evaluated at its iterates' polynomial average (t^8 weights)",
             overrides={"tuner": "scale_free", **_UNCLIPPED, "step_rule": "dog", "beta": 0.99, "average": True}),
     Variant("scale_free_adam_average", "scale_free_adam, evaluated at its iterates' polynomial average (t^8 weights)",
-            overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "beta": 0.99, "average": True}),
+            overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "step_rule": "dog", "beta": 0.99,
+                       "average": True}),
+    # The preconditioned tuner's default since (docs/tuner.md §12): the neutral DoWG rule.
     Variant("scale_free_adam_dowg_neutral", "scale_free_adam with DoWG's weights and DoG's neutral fixed point: "
             "effective step d^2 / sqrt(2 sum d_t^2 ||g_t||^2) in Adam's metric",
             overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "step_rule": "dowg_neutral",
@@ -148,7 +150,7 @@ for _variant in (
                        "beta": 0.99, "average": True}),
     Variant("scale_free_adam_beta_0.999", "scale_free_adam with a memory of ~1000 steps, which resolves a 10x "
             "smaller signal (a higher bound on mu)",
-            overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "beta": 0.999}),
+            overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "step_rule": "dog", "beta": 0.999}),
     # The relative clip of the update (relative_clip=2: the applied gradient's norm at most twice the running RMS;
     # docs/tuner.md §10), on both DoG rules, handing out the average, and their controls; as first measured, it acted
     # on every gradient above that level (clip_trigger=2).
