@@ -189,7 +189,7 @@ def tune_scale_free(
     # (under asynchrony, the step the tuner asks for is cut for the gradients' delay; the distance measured next
     # is then the movement this cut step causes)
     staleness_scale = staleness_step_scale(state.staleness)
-    if settings.preconditioned:  # (the DoG rule, in the metric; no secant is measured there)
+    if settings.preconditioned:  # (the DoG or neutral DoWG rule, in the metric; no secant is measured there)
         return measured.replace(mu=torch.where(started, sqrt_mu**2, 0.0),
                                 alpha=staleness_scale * torch.where(started, alpha_dog, first_step), distance=distance,
                                 grad_sq_sum=grad_sq_sum, metric_mean=sums.metric_sum / sums.numel)
