@@ -11,8 +11,13 @@ ran with the same commands into benchmarks/results-five-seeds, e.g. for the char
     yellowfin ablate char_lstm --variants scale_free_dowg_clip_average scale_free_dowg_average \\
         scale_free_dowg_clip_trigger_average --seeds 3 4 --results benchmarks/results-five-seeds
 
-Prints, per task, the final smoothed training loss per seed (the ablation's measure), the means, and each
-variant's paired differences.
+The preconditioned tuner's two rules (docs/tuner.md §12) ran on seeds 3 and 4 of every task the same way:
+
+    yellowfin ablate <the seven tasks> --variants scale_free_adam_dowg_neutral scale_free_adam --seeds 3 4 \\
+        --results benchmarks/results-five-seeds
+
+Prints, per task, the final smoothed training loss per seed (the ablation's measure), the means, each variant's
+paired differences against tuned momentum SGD, and the neutral DoWG rule's against DoG's in Adam's metric.
 
     python benchmarks/five_seeds.py
 """
@@ -33,7 +38,11 @@ VARIANTS = {
     "DoWG rule + average, unclipped (first measured)": "scale_free_dowg_average",
     "DoWG rule + relative clip + average (trigger 2)": "scale_free_dowg_clip_average",
     "DoWG rule + relative clip + average (trigger 10)": "scale_free_dowg_clip_trigger_average",
+    "Adam's metric, DoG rule": "scale_free_adam",
+    "Adam's metric, neutral DoWG rule": "scale_free_adam_dowg_neutral",
 }
+# Paired differences printed beside those against tuned momentum SGD: (run, minus run).
+PAIRS = (("Adam's metric, neutral DoWG rule", "Adam's metric, DoG rule"),)
 TASKS = {  # task: (steps, tuned momentum SGD's learning rate, the variants run on five seeds)
     "char_lstm": (1500, "1", tuple(VARIANTS)),
     "fmnist_resnet": (300, "0.03", tuple(VARIANTS)[1:]),
@@ -72,10 +81,13 @@ def main() -> int:
             cells = " | ".join("–" if v is None else f"{v:.4f}" for v in values)
             known = [v for v in values if v is not None]
             print(f"| {run} | {cells} | {statistics.fmean(known):.4f} ± {statistics.stdev(known):.4f} |")
-        for run in variants:
-            pairs = [(a, b) for a, b in zip(finals[run], finals[TUNED]) if a is not None and b is not None]
+        comparisons = [(run, TUNED) for run in variants] + [pair for pair in PAIRS if set(pair) <= set(variants)]
+        for run, other in comparisons:
+            pairs = [(a, b) for a, b in zip(finals[run], finals[other]) if a is not None and b is not None]
+            if len(pairs) < 2:
+                continue
             differences = [a - b for a, b in pairs]
-            print(f"{run} minus {TUNED}, per seed: " + ", ".join(f"{d:+.4f}" for d in differences)
+            print(f"{run} minus {other}, per seed: " + ", ".join(f"{d:+.4f}" for d in differences)
                   + f"; mean {statistics.fmean(differences):+.4f} ± "
                   f"{statistics.stdev(differences) / len(differences) ** 0.5:.4f} (standard error)")
     return 0
