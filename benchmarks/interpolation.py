@@ -33,6 +33,9 @@ OPTIMIZERS = {
     "scale_free_secant": lambda params: YellowFin(params, tuner="scale_free", step_rule="secant",
                                                   relative_clip=math.inf),
     "scale_free_dowg": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg", relative_clip=math.inf),
+    # the preconditioned tuner with each of its rules (the neutral DoWG rule is its default, docs/tuner.md §12)
+    "scale_free_adam_dog": lambda params: YellowFin(params, precondition="adam", step_rule="dog"),
+    "scale_free_adam_dowg_neutral": lambda params: YellowFin(params, precondition="adam", step_rule="dowg_neutral"),
     "reference": lambda params: YellowFin.reference_variant(params),
     "sgd_momentum_lr0.1": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
 }
