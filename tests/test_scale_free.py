@@ -201,6 +201,16 @@ def test_noise_alone_leaves_the_neutral_rules_step_where_it_is(options):
     assert 0.9 < late / early < 1.1
 
 
+# A constant lr multiplier c turns the neutral fixed point into a power law alpha ~ t^gamma: with the walk's
+# d_t^2 ~ c^2 t^(2 gamma + 1) / (2 gamma + 1), DoG's rule holds gamma = (c^2 - 1) / 2 and the neutral DoWG rule
+# gamma = (c^2 - 1) / (2 - c^2) (docs/algorithm.md §8, "The lr multiplier").
+@pytest.mark.parametrize("step_rule, exponent", [("dog", (0.25 - 1.0) / 2.0), ("dowg_neutral", (0.25 - 1.0) / 1.75)])
+def test_a_multiplier_below_one_anneals_the_neutral_rules_step_as_a_power_law(step_rule, exponent):
+    early, late = effective_steps_on_a_random_walk(steps=3000, at=(300, 3000), tuner="scale_free", lr=0.5,
+                                                   step_rule=step_rule, relative_clip=math.inf)
+    assert math.log10(late / early) == pytest.approx(exponent, abs=0.02)
+
+
 def test_noise_alone_runs_dowgs_step_away():
     early, late = effective_steps_on_a_random_walk(tuner="scale_free", step_rule="dowg", relative_clip=math.inf)
     assert late / early > 1e3
