@@ -70,13 +70,6 @@ def _refuse_other_updates(optimizer) -> None:
                          "multiplier for all parameter groups")
 
 
-def needs_every_gradient(optimizer) -> bool:
-    """Whether a tuner that only measures (Hogwild's) must see every gradient the system applies: the scale-free
-    tuner's step divides by the root of a sum over them, so a sample would inflate it; the reference's estimates are
-    running averages, which a sample of the gradients serves as well."""
-    return is_tuner(optimizer) and any(group.get("tuner") == "scale_free" for group in optimizer.param_groups)
-
-
 def update_clip_levels(optimizer) -> tuple[float, float, float]:
     """(clip_norm, trigger, level): how the tuner's next step would scale the gradient it applies, as absolute norms.
     A gradient of norm above ``clip_norm`` is cut to it (the manual clip, any tuner); then, if its norm exceeds

@@ -16,9 +16,7 @@ What the scale-free tuner (the default, DoWG's step) needs of the run, and how i
 - every applied gradient, once: its step divides by the root of a sum over the gradients, and a tuner that saw a
   fraction f of them would step 1/sqrt(f) too far (a single mailbox per worker, skipped when full, let it see 7% on
   the tests' regression problem). So each worker has a ring of ``mail_slots`` mailboxes and waits for a free one
-  before it computes a gradient: Hogwild runs no faster than its tuner steps. The reference's estimates are
-  running averages, which a sample serves as well: for it the workers never wait, and mail a gradient only when a
-  mailbox is free (``tuned.needs_every_gradient``);
+  before it computes a gradient: Hogwild runs no faster than its tuner steps;
 - its clip: the tuner writes the levels at which its next step would cut the gradient (``update_clip_levels``) and
   each worker applies that cut (``clip_scale``) to the gradient it applies; it mails the gradient as it came.
 
@@ -41,8 +39,7 @@ import torch
 from torch import nn
 
 from ..files import load_all_or_nothing, load_checkpoint_file, save_checkpoint_file
-from ..tuned import (mean_staleness, needs_every_gradient, refuse_under_asynchrony, report_staleness,
-                     update_clip_levels)
+from ..tuned import mean_staleness, refuse_under_asynchrony, report_staleness, update_clip_levels
 from .controller import closed_loop_for
 from .flat import flat_parameters, gradient_problem, load_gradients, loss_and_flat_gradient, split_like
 from .sensor import MomentumSensor, lr_outside_correction, random_coordinate_subset
@@ -97,9 +94,6 @@ class _Shared:
         self.mail_read = torch.zeros(num_workers, dtype=torch.int64).share_memory_()
         # 1 while a worker waits (for the limit to rise or for a free mailbox) and has nothing in flight
         self.waiting = torch.zeros(num_workers, dtype=torch.int64).share_memory_()
-        # 1: a worker waits for a free mailbox before it computes (the tuner reads every gradient); 0: it mails a
-        # gradient when a mailbox is free and otherwise leaves it unread (the tuner samples)
-        self.every_gradient = torch.ones(1, dtype=torch.int64).share_memory_()
         self.rejected = torch.zeros(num_workers, dtype=torch.int64).share_memory_()  # one writer each
         self.stop = StopSignal()
 
@@ -116,8 +110,7 @@ def _hogwild_worker(worker_id: int, model: nn.Module, loss_fn, batch_factory, se
             shared.waiting[worker_id] = 1
             time.sleep(0.001)
             continue
-        if (slots and int(shared.every_gradient[0])
-                and int(shared.mail_written[worker_id]) - int(shared.mail_read[worker_id]) >= slots):
+        if slots and int(shared.mail_written[worker_id]) - int(shared.mail_read[worker_id]) >= slots:
             shared.waiting[worker_id] = 1  # the tuner must see every gradient applied: wait for a free mailbox
             time.sleep(0.0002)
             continue
@@ -139,8 +132,7 @@ def _hogwild_worker(worker_id: int, model: nn.Module, loss_fn, batch_factory, se
         shared.ring[slot] = flat_parameters(params)[shared.subset].double()
         shared.ring_alpha[slot] = alpha
         shared.ring_version[slot] = new_version
-        # (with every_gradient a free mailbox was waited for above; only this worker fills its ring)
-        if slots and int(shared.mail_written[worker_id]) - int(shared.mail_read[worker_id]) < slots:
+        if slots:  # (a free mailbox was waited for above, and only this worker fills its ring)
             written = int(shared.mail_written[worker_id])
             box = written % slots
             shared.mail_grad[worker_id, box] = flat_grad
@@ -180,9 +172,8 @@ class Hogwild(WorkerProcesses):
             refused (``tuned.refuse_under_asynchrony``).
         closed_loop: attach the sensor and controller (``sensor_step`` and ``gain`` as in
             :func:`closed_loop_for`).
-        mail_slots: mailboxes per worker. For the scale-free tuner a worker waits for a free one before it computes,
-            so that the tuner sees every gradient applied (more slots absorb the tuner's pauses, at the cost of a tuner
-            further behind); for the reference it never waits, and mails a gradient only into a free mailbox.
+        mail_slots: mailboxes per worker; a worker waits for a free one before it computes, so that the tuner sees
+            every gradient applied (more slots absorb the tuner's pauses, at the cost of a tuner further behind).
         replace_dead_workers, max_restarts, restart_window: as for the parameter server (a worker that
             dies more often than its budget allows stops the run with ``WorkerFailed``).
     """
@@ -225,7 +216,6 @@ class Hogwild(WorkerProcesses):
                               mail_slots if self.tuner is not None else 0)
         self.shared.hyper[0] = momentum
         self.shared.hyper[1] = lr
-        self.shared.every_gradient[0] = int(needs_every_gradient(self.tuner))
         if self.tuner is not None:
             self._write_tuned()
 
