@@ -67,7 +67,8 @@ def main() -> int:
             result = run(task, tuner, seed)
             runs.append(result)
             print(f"{tuner:10s} seed {seed}: last-50 loss {result['final_loss']:.4f}, "
-                  f"val loss {result['val_loss']:.4f}, staleness {result['mean_staleness']:.2f}, tuned {result['tuned_fraction']:.3f}, "
+                  f"val loss {result['val_loss']:.4f}, staleness {result['mean_staleness']:.2f}, "
+                  f"tuned {result['tuned_fraction']:.3f}, "
                   f"mu {result['applied_momentum']:.3f}, alpha {result['alpha']:.3g}, "
                   f"{result['updates_per_second']:.0f} updates/s", flush=True)
             save_json({"updates": UPDATES, "workers": WORKERS, "seeds": list(SEEDS), "runs": runs},
