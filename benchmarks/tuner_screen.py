@@ -502,7 +502,8 @@ class AdamMetricTuner(torch.optim.Optimizer):
         # "distance_neutral": DoWG divided by sqrt(2). With the distance growing as sqrt(t) (a random walk: in Adam's
         # metric each coordinate moves about one step a step, whether the run makes progress or not), DoG's step
         # d_t / sqrt(t G) reproduces itself (neutral) and DoWG's d_t^2 / sqrt(sum d_s^2 G), with
-        # sum d_s^2 = t d_t^2 / 2, grows by sqrt(2) each time it is measured: the division makes DoWG's fixed point under diffusion DoG's.
+        # sum d_s^2 = t d_t^2 / 2, grows by sqrt(2) each time it is measured: the division makes DoWG's fixed point
+        # under diffusion DoG's.
         if dog_weights not in ("uniform", "distance", "recent", "distance_neutral"):  # as FlatTuner's dog_weights
             raise ValueError(f"unknown dog_weights {dog_weights!r}")
         self.dog_weights, self.recent_sq = dog_weights, 0.0
