@@ -148,6 +148,12 @@ for _variant in (
             "polynomial average (t^8 weights)",
             overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "step_rule": "dowg_neutral",
                        "beta": 0.99, "average": True}),
+    # A diagnostic, not a candidate: a constant lr factor c > 1 on a neutral rule grows its step as a power of t
+    # (c = 1.1: about t^0.27, docs/algorithm.md §8, "The lr multiplier"): is the autoencoder's gap the step's level?
+    Variant("scale_free_adam_dowg_neutral_lr_1.1", "scale_free_adam_dowg_neutral with lr=1.1: its step grows "
+            "about as t^0.27 where the gradients are noise (a diagnostic)",
+            overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "step_rule": "dowg_neutral",
+                       "beta": 0.99, "lr": 1.1}),
     Variant("scale_free_adam_beta_0.999", "scale_free_adam with a memory of ~1000 steps, which resolves a 10x "
             "smaller signal (a higher bound on mu)",
             overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "step_rule": "dog", "beta": 0.999}),
