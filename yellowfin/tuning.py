@@ -193,7 +193,7 @@ def tune_scale_free(
         return measured.replace(mu=torch.where(started, sqrt_mu**2, 0.0),
                                 alpha=staleness_scale * torch.where(started, alpha_dog, first_step), distance=distance,
                                 grad_sq_sum=grad_sq_sum, metric_mean=sums.metric_sum / sums.numel)
-    if settings.step_rule in ("dog", "dowg", "dowg_neutral"):  # (no secant is measured: pass 1 left its sums out)
+    if settings.step_rule != "secant":  # (the DoG family: no secant is measured, pass 1 left its sums out)
         return measured.replace(mu=torch.where(started, sqrt_mu**2, 0.0),
                                 alpha=staleness_scale * torch.where(started, alpha_dog, first_step), distance=distance,
                                 grad_sq_sum=grad_sq_sum)
