@@ -164,43 +164,40 @@ def test_a_step_it_does_not_apply_changes_nothing_under_decoupled_weight_decay(f
         assert torch.equal(a, b)
 
 
-def test_a_checkpoint_restores_the_tuner_it_was_saved_with():
-    # As for torch's optimizers, the saved groups' options win: a preconditioned checkpoint loaded into an optimizer
-    # built without the option continues preconditioned.
-    expected, _, _ = train(preconditioned, steps=30)
+def resumed_halfway(make_optimizer, make_resumed, steps):
+    """The MLP trained for ``steps`` steps by ``make_optimizer``'s optimizer, whose state is loaded halfway into
+    ``make_resumed``'s, which takes the rest; returns (flat parameters, the resumed optimizer)."""
     model, x, y = mlp_problem()
-    opt = preconditioned(model.parameters())
-    for step in range(30):
-        if step == 15:
-            saved = opt.state_dict()
-            opt = YellowFin(model.parameters(), tuner="scale_free")
+    opt = make_optimizer(model.parameters())
+    for step in range(steps):
+        if step == steps // 2:
+            saved = copy.deepcopy(opt.state_dict())
+            opt = make_resumed(model.parameters())
             opt.load_state_dict(saved)
-            assert opt.param_groups[0]["precondition"] == "adam"
         rows = (torch.arange(16) + 16 * step) % 64
         opt.zero_grad()
         ((model(x[rows]) - y[rows]) ** 2).mean().backward()
         opt.step()
-    assert torch.equal(flat(model), expected)
+    return flat(model), opt
+
+
+def test_a_checkpoint_restores_the_tuner_it_was_saved_with():
+    # As for torch's optimizers, the saved groups' options win: a preconditioned checkpoint loaded into an optimizer
+    # built without the option continues preconditioned.
+    expected, _, _ = train(preconditioned, steps=30)
+    params, opt = resumed_halfway(preconditioned, lambda p: YellowFin(p, tuner="scale_free"), steps=30)
+    assert opt.param_groups[0]["precondition"] == "adam"
+    assert torch.equal(params, expected)
 
 
 def test_a_checkpoint_saved_under_dogs_rule_keeps_running_it_after_the_default_changed():
     # Adam's metric took DoG's rule by default before the neutral DoWG rule; the group stored the rule it resolved,
     # so a checkpoint saved then resumes DoG's run exactly, in an optimizer built with today's default.
-    expected, _, _ = train(lambda params: preconditioned(params, step_rule="dog"), steps=40)
-    model, x, y = mlp_problem()
-    opt = preconditioned(model.parameters(), step_rule="dog")
-    for step in range(40):
-        if step == 20:
-            saved = copy.deepcopy(opt.state_dict())
-            opt = preconditioned(model.parameters())
-            assert opt.param_groups[0]["step_rule"] == "dowg_neutral"
-            opt.load_state_dict(saved)
-            assert opt.param_groups[0]["step_rule"] == "dog"
-        rows = (torch.arange(16) + 16 * step) % 64
-        opt.zero_grad()
-        ((model(x[rows]) - y[rows]) ** 2).mean().backward()
-        opt.step()
-    assert torch.equal(flat(model), expected)
+    assert preconditioned([torch.zeros(1, requires_grad=True)]).param_groups[0]["step_rule"] == "dowg_neutral"
+    expected, _, _ = train(lambda p: preconditioned(p, step_rule="dog"), steps=40)
+    params, opt = resumed_halfway(lambda p: preconditioned(p, step_rule="dog"), preconditioned, steps=40)
+    assert opt.param_groups[0]["step_rule"] == "dog"
+    assert torch.equal(params, expected)
 
 
 def test_a_checkpoint_whose_buffers_do_not_fit_its_tuner_is_refused():
