@@ -35,6 +35,10 @@ unit-consistent one (docs/tuner.md explains why):
 ``AdamMetricTuner`` runs the ``distance_secant`` rule in Adam's metric (issue 13's first screen; docs/tuner.md §7),
 or with ``step="dog"`` the ``snr_dog`` rule there (``without_momentum=True``: its control).
 
+- ``dog_weights="anchor_<schedule>"``: DoG's rule measured about a moving anchor, a running average of the
+  iterates, instead of x_0 (docs/tuner.md §13): neutral under noise, it anneals where the run is confined.
+- ``monotone=True`` (Adam's metric): the effective step never falls below its largest value so far.
+
     python benchmarks/tuner_screen.py --tasks quadratic --variants distance_secant --seeds 0 1 2
     python benchmarks/tuner_screen.py --table       # rewrite screen.md from every results file present
 
@@ -152,6 +156,8 @@ VARIANTS: dict[str, dict] = {
                                              clip_update_only=True, clip_mean_includes_current=True),
     "snr_dog_update_clip_2": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99,
                                   start_distance=1e-3, relative_clip=2.0, clip_update_only=True),
+    "snr_anchor_uniform": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99,
+                               start_distance=1e-3, dog_weights="anchor_uniform"),
     "snr_dog_recent": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99, start_distance=1e-3,
                            dog_weights="recent"),
     # its control: plain SGD on snr_dog's effective step, which is DoG's step (without DoG's iterate average)
@@ -219,9 +225,12 @@ class FlatTuner(torch.optim.Optimizer):
         # dog_weights="recent": t times the polynomial (t^8) average of ||g_s||^2 in place of the sum, the weights of
         # the iterate average (yellowfin.tuning.average_weight): the step forgets the run's first gradients as the
         # average forgets its first iterates, without a horizon. Same units, same first step.
-        if dog_weights not in ("uniform", "distance", "recent"):
+        # dog_weights="anchor_uniform": DoG's rule about the iterates' running average instead of x0, as
+        # AdamMetricTuner's (its comment derives it)
+        if dog_weights not in ("uniform", "distance", "recent", "anchor_uniform"):
             raise ValueError(f"unknown dog_weights {dog_weights!r}")
         self.dog_weights, self.recent_sq, self.dog_steps = dog_weights, 0.0, 0
+        self.anchor_sum = 0.0
         if (alpha_units not in ("gradient", "distance", "secant", "distance_secant", "dog")
                 or momentum_rule not in ("reference", "snr", "along_momentum") or kappa not in ("squared", "norm")):
             raise ValueError(f"unknown switch in {alpha_units!r}, {momentum_rule!r}, {kappa!r}")
@@ -253,9 +262,11 @@ class FlatTuner(torch.optim.Optimizer):
         self.tuner = TunerState.initial(self.settings)
         self.params = [p for group in self.param_groups for p in group["params"]]
         self.x0 = self._flat(p.detach() for p in self.params).clone()
+        self.anchor_point = self.x0.clone() if dog_weights.startswith("anchor") else None
         self.grad_avg = torch.zeros_like(self.x0)
         self.velocity = torch.zeros_like(self.x0)
         self.distance = start_distance * (1.0 + float(self.x0.norm()))
+        self.distance_floor = self.distance
         self.trace: dict[str, list[float]] = {"mu": [], "alpha": [], "effective_lr": []}
         if relative_clip < math.inf:
             self.trace["clipped"] = []  # 1 on a step whose gradient the relative clip cut, else 0
@@ -370,6 +381,13 @@ class FlatTuner(torch.optim.Optimizer):
                 self.previous_step = self.distance / float(g.norm())
                 return torch.zeros((), dtype=torch.float64), torch.tensor(self.distance / float(g.norm()))
             effective_step = math.sqrt(weight) * self.distance / math.sqrt(self.grad_sq_sum)
+            if self.anchor_point is not None:
+                w = 1.0 / self.dog_steps
+                self.anchor_point.lerp_(x, w)
+                self.anchor_sum = (1.0 - w) ** 2 * (self.anchor_sum + float(g.dot(g)))
+                r_floor = self.distance_floor
+                r = max(r_floor, float((x - self.anchor_point).norm()))
+                effective_step = r / math.sqrt(max(self.anchor_sum, 1e-300))
             if self.dog_weights == "recent":
                 effective_step = self.distance / math.sqrt(self.dog_steps * self.recent_sq)
             if self.previous_step < math.inf:
@@ -497,21 +515,37 @@ class AdamMetricTuner(torch.optim.Optimizer):
 
     def __init__(self, params, beta: float = 0.99, second_moment_beta: float = 0.999, relative_eps: float = 1e-8,
                  max_growth: float = 2.0, start_distance: float = 1e-6, signal: str = "average",
-                 step: str = "distance_secant", without_momentum: bool = False, dog_weights: str = "uniform"):
+                 step: str = "distance_secant", without_momentum: bool = False, dog_weights: str = "uniform",
+                 monotone: bool = False):
         super().__init__(params, {})
+        # monotone: the effective step alpha / (1 - mu) never falls below its largest value so far (as Prodigy's,
+        # whose distance estimate only grows and whose denominator is a running average, not a sum): the rule
+        # sets the level, and nothing anneals it
+        self.monotone, self.effective_max = monotone, 0.0
         # "distance_neutral": DoWG divided by sqrt(2). With the distance growing as sqrt(t) (a random walk: in Adam's
         # metric each coordinate moves about one step a step, whether the run makes progress or not), DoG's step
         # d_t / sqrt(t G) reproduces itself (neutral) and DoWG's d_t^2 / sqrt(sum d_s^2 G), with
         # sum d_s^2 = t d_t^2 / 2, grows by sqrt(2) each time it is measured: the division makes DoWG's fixed point
         # under diffusion DoG's.
-        if dog_weights not in ("uniform", "distance", "recent", "distance_neutral"):  # as FlatTuner's dog_weights
+        # "anchor_<schedule>": DoG's rule with x0 replaced by a moving anchor, an average of the iterates
+        # (xbar_t = xbar_(t-1) + w_t (x_t - xbar_(t-1)); "ema": w_t the tuner's bias-corrected memory, "poly": the
+        # polynomial average's (gamma 8), "uniform": 1/t). The distance r_t = ||x_t - xbar_t|| is not kept at its
+        # maximum. The denominator S_t = (1 - w_t)^2 (S_(t-1) + G_t) is what r_t^2 would be, step for step, if the
+        # iterate did a random walk of unit step and gradient norms G: e_t = (1 - w_t)(e_(t-1) + xi_t). So the step
+        # r_t / sqrt(S_t) is neutral under noise (w = 0 is DoG); where the iterate drifts, r grows faster than the
+        # walk and the step with it; where it returns towards its average (near a minimum, or oscillating), r falls
+        # below the walk's and the step falls: the level is found by the window, not set by the start.
+        anchors = ("anchor_ema", "anchor_poly", "anchor_uniform")
+        if dog_weights not in ("uniform", "distance", "recent", "distance_neutral", *anchors):
             raise ValueError(f"unknown dog_weights {dog_weights!r}")
         self.dog_weights, self.recent_sq = dog_weights, 0.0
+        self.anchor_sum = 0.0
         self.params = [p for group in self.param_groups for p in group["params"]]
         self.settings = TunerSettings(slow_start=False, beta=beta, eps=1e-30, adaptive_clipping=False)
         self.tuner = TunerState.initial(self.settings)
         self.second_moment_beta, self.relative_eps, self.max_growth = second_moment_beta, relative_eps, max_growth
         self.x0 = FlatTuner._flat(p.detach() for p in self.params).clone()
+        self.anchor = self.x0.clone() if dog_weights.startswith("anchor") else None
         self.x_prev, self.g_prev = self.x0.clone(), None
         self.second_moment = torch.zeros_like(self.x0)
         self.grad_avg = torch.zeros_like(self.x0)  # in x coordinates; its y norm is taken with this step's metric
@@ -611,8 +645,19 @@ class AdamMetricTuner(torch.optim.Optimizer):
         by_distance = self.dog_weights in ("distance", "distance_neutral")
         self.grad_sq_sum += (self.distance**2 if by_distance else 1.0) * float(sums.sq_norm)
         self.recent_sq += float(tuning.average_weight(self.steps)) * (float(sums.sq_norm) - self.recent_sq)
+        if self.anchor is not None:
+            schedule = self.dog_weights.removeprefix("anchor_")
+            w = {"ema": (1.0 - beta) / (1.0 - beta**self.steps), "poly": 9.0 / (self.steps + 8.0),
+                 "uniform": 1.0 / self.steps}[schedule]
+            self.anchor.lerp_(x, w)
+            self.anchor_sum = (1.0 - w) ** 2 * (self.anchor_sum + float(sums.sq_norm))
+            r_floor = self.distance_start * (1.0 + float(self.x0.norm())) * float(torch.sqrt(metric.mean()))
+            anchor_distance = max(r_floor, float(torch.sqrt((metric * (x - self.anchor) ** 2).sum())))
         if self.steps == 1:  # DoG's first move, without momentum
             mu, alpha = 0.0, self.distance / math.sqrt(float(sums.sq_norm))
+        elif self.anchor is not None:
+            mu = 0.0 if self.without_momentum else sqrt_mu**2
+            alpha = (1.0 - mu) * anchor_distance / math.sqrt(max(self.anchor_sum, 1e-300))
         elif self.step_rule == "dog":
             mu = 0.0 if self.without_momentum else sqrt_mu**2
             weight = self.distance**2 if by_distance else 1.0
@@ -626,6 +671,9 @@ class AdamMetricTuner(torch.optim.Optimizer):
             alpha_secant = contraction * kappa / h if math.isfinite(h) else math.inf
             alpha_distance = contraction * self.distance / math.sqrt(float(state.h_min))
             alpha = min(alpha_secant, self.max_growth * self.alpha_prev, alpha_distance)
+        if self.monotone:
+            self.effective_max = max(self.effective_max, alpha / (1.0 - mu))
+            alpha = (1.0 - mu) * self.effective_max
         self.x_prev, self.g_prev, self.alpha_prev, self.tuner = x.clone(), g.clone(), alpha, state
         self.velocity.mul_(mu).add_(g / torch.sqrt(metric))
         self.weight_sum = mu * self.weight_sum + 1.0
@@ -653,6 +701,15 @@ ADAM_METRIC_VARIANTS = {"adam_metric_ds": {}, "adam_metric_ds_memory_0.999": dic
                                                             dog_weights="distance"),
                         "adam_metric_dowg_neutral": dict(step="dog", signal="lag_one_resolved", start_distance=1e-3,
                                                          dog_weights="distance_neutral"),
+                        "adam_metric_dowg_neutral_monotone": dict(step="dog", signal="lag_one_resolved",
+                                                                  start_distance=1e-3, dog_weights="distance_neutral",
+                                                                  monotone=True),
+                        "adam_metric_anchor_ema": dict(step="dog", signal="lag_one_resolved", start_distance=1e-3,
+                                                       dog_weights="anchor_ema"),
+                        "adam_metric_anchor_poly": dict(step="dog", signal="lag_one_resolved", start_distance=1e-3,
+                                                        dog_weights="anchor_poly"),
+                        "adam_metric_anchor_uniform": dict(step="dog", signal="lag_one_resolved",
+                                                           start_distance=1e-3, dog_weights="anchor_uniform"),
                         "adam_metric_dog_recent": dict(step="dog", signal="lag_one_resolved", start_distance=1e-3,
                                                        dog_weights="recent"),
                         # its control: the same rule in the same metric without momentum

@@ -216,6 +216,49 @@ def test_noise_alone_runs_dowgs_step_away():
     assert late / early > 1e3
 
 
+def prototype_anchor_steps(make_tuner, curvature, steps, at):
+    """The research prototype's effective steps at the steps ``at`` on the loss curvature/2 ||x||^2 + <xi_t, x>
+    (xi_t ~ N(0, I) fresh each step; curvature 0: pure noise), float64, 1000 coordinates, from x_0 = 1."""
+    x = torch.ones(1000, dtype=torch.float64, requires_grad=True)
+    opt = make_tuner([x])
+    generator = torch.Generator().manual_seed(0)
+    effective = {}
+    for step in range(1, steps + 1):
+        x.grad = curvature * x.detach() + torch.randn(1000, dtype=torch.float64, generator=generator)
+        opt.step()
+        if step in at:
+            effective[step] = opt.trace["effective_lr"][-1]
+    return [effective[step] for step in at]
+
+
+def anchor_tuners():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from tuner_screen import ADAM_METRIC_VARIANTS, VARIANTS, AdamMetricTuner, FlatTuner
+
+    return {"plain": lambda params: FlatTuner(params, **VARIANTS["snr_anchor_uniform"]),
+            "plain-without-momentum": lambda params: FlatTuner(params, **VARIANTS["snr_anchor_uniform"],
+                                                               without_momentum=True),
+            "adam": lambda params: AdamMetricTuner(params, **ADAM_METRIC_VARIANTS["adam_metric_anchor_uniform"])}
+
+
+# DoG measured about the iterates' running average (docs/tuner.md §13): its denominator is what the squared
+# distance to the average would be under a random walk, so noise alone leaves the step where it is ...
+@pytest.mark.parametrize("flavour", ["plain", "adam"])
+def test_noise_alone_leaves_the_anchor_rules_step_where_it_is(flavour):
+    early, late = prototype_anchor_steps(anchor_tuners()[flavour], 0.0, 1000, (100, 1000))
+    assert 0.9 < late / early < 1.1
+
+
+# ... and near a minimum, where the iterate returns to its average, it anneals the step as c / (h t), the schedule
+# of the O(1/t) rate, which needs c > 1/2 (measured: c about 2.2 at step 3000, falling slowly towards 2); DoG's own
+# rule anneals as 1 / sqrt(t) there, 1.7 times from step 1000 to 3000 where 1/t is 3 times.
+def test_near_a_minimum_the_anchor_rule_anneals_as_one_over_t():
+    curvature = 1.0
+    middle, late = prototype_anchor_steps(anchor_tuners()["plain-without-momentum"], curvature, 3000, (1000, 3000))
+    assert middle / late > 2.5
+    assert 0.5 < late * 3000 * curvature < 4.0
+
+
 @pytest.mark.parametrize("step_rule, start", [("dog", 1e-3), ("dowg", 1e-3), ("dowg_neutral", 1e-3), ("secant", 1e-6)])
 def test_the_first_step_moves_dogs_initial_distance_without_momentum(step_rule, start):
     model, x, y = mlp_problem()
