@@ -178,6 +178,28 @@ TASK_STEPS = {"quadratic": 3000, "digits_mlp": 600, "logreg": 2000, "char_lstm":
 LOSS_SCALES = (1e-4, 1.0, 1e4)
 
 
+class MovingAnchor:
+    """DoG's step measured about a moving anchor, a running average of the iterates, instead of x0 (docs/tuner.md
+    §13): xbar_t = xbar_(t-1) + w_t (x_t - xbar_(t-1)), r_t = ||x_t - xbar_t|| (not kept at its maximum). Since
+    e_t = x_t - xbar_t = (1 - w_t)(e_(t-1) + xi_t), the sum S_t = (1 - w_t)^2 (S_(t-1) + G_t) is what r_t^2 would be,
+    step for step, if the iterate did a random walk of unit step and gradient norms^2 G: the step r_t / sqrt(S_t)
+    is neutral under noise (w = 0 is DoG). Where the iterate drifts, r grows faster than the walk and the step with
+    it; where it returns towards its average (near a minimum, or oscillating), r falls below the walk's and the step
+    falls (as c / (h t) near a minimum with the uniform average)."""
+
+    def __init__(self, x0: torch.Tensor):
+        self.point, self.walk_sum = x0.clone(), 0.0
+
+    def effective_step(self, x: torch.Tensor, weight: float, sq_norm: float, floor: float,
+                       metric: torch.Tensor | None = None) -> float:
+        """Move the anchor towards x by ``weight``, take in the gradient's squared norm, return r / sqrt(S)."""
+        self.point.lerp_(x, weight)
+        self.walk_sum = (1.0 - weight) ** 2 * (self.walk_sum + sq_norm)
+        offset_sq = (x - self.point) ** 2
+        r = float(torch.sqrt((offset_sq if metric is None else metric * offset_sq).sum()))
+        return max(floor, r) / math.sqrt(max(self.walk_sum, 1e-300))
+
+
 class FlatTuner(torch.optim.Optimizer):
     """The reference tuner on a flat float64 copy of the parameters, with one decision switchable at a time."""
 
@@ -225,12 +247,11 @@ class FlatTuner(torch.optim.Optimizer):
         # dog_weights="recent": t times the polynomial (t^8) average of ||g_s||^2 in place of the sum, the weights of
         # the iterate average (yellowfin.tuning.average_weight): the step forgets the run's first gradients as the
         # average forgets its first iterates, without a horizon. Same units, same first step.
-        # dog_weights="anchor_uniform": DoG's rule about the iterates' running average instead of x0, as
-        # AdamMetricTuner's (its comment derives it)
+        # dog_weights="anchor_uniform": DoG's rule about the iterates' uniform running average instead of x0
+        # (MovingAnchor)
         if dog_weights not in ("uniform", "distance", "recent", "anchor_uniform"):
             raise ValueError(f"unknown dog_weights {dog_weights!r}")
         self.dog_weights, self.recent_sq, self.dog_steps = dog_weights, 0.0, 0
-        self.anchor_sum = 0.0
         if (alpha_units not in ("gradient", "distance", "secant", "distance_secant", "dog")
                 or momentum_rule not in ("reference", "snr", "along_momentum") or kappa not in ("squared", "norm")):
             raise ValueError(f"unknown switch in {alpha_units!r}, {momentum_rule!r}, {kappa!r}")
@@ -262,7 +283,7 @@ class FlatTuner(torch.optim.Optimizer):
         self.tuner = TunerState.initial(self.settings)
         self.params = [p for group in self.param_groups for p in group["params"]]
         self.x0 = self._flat(p.detach() for p in self.params).clone()
-        self.anchor_point = self.x0.clone() if dog_weights.startswith("anchor") else None
+        self.anchor_point = MovingAnchor(self.x0) if dog_weights.startswith("anchor") else None
         self.grad_avg = torch.zeros_like(self.x0)
         self.velocity = torch.zeros_like(self.x0)
         self.distance = start_distance * (1.0 + float(self.x0.norm()))
@@ -382,12 +403,8 @@ class FlatTuner(torch.optim.Optimizer):
                 return torch.zeros((), dtype=torch.float64), torch.tensor(self.distance / float(g.norm()))
             effective_step = math.sqrt(weight) * self.distance / math.sqrt(self.grad_sq_sum)
             if self.anchor_point is not None:
-                w = 1.0 / self.dog_steps
-                self.anchor_point.lerp_(x, w)
-                self.anchor_sum = (1.0 - w) ** 2 * (self.anchor_sum + float(g.dot(g)))
-                r_floor = self.distance_floor
-                r = max(r_floor, float((x - self.anchor_point).norm()))
-                effective_step = r / math.sqrt(max(self.anchor_sum, 1e-300))
+                effective_step = self.anchor_point.effective_step(x, 1.0 / self.dog_steps, float(g.dot(g)),
+                                                                  self.distance_floor)
             if self.dog_weights == "recent":
                 effective_step = self.distance / math.sqrt(self.dog_steps * self.recent_sq)
             if self.previous_step < math.inf:
@@ -527,25 +544,18 @@ class AdamMetricTuner(torch.optim.Optimizer):
         # d_t / sqrt(t G) reproduces itself (neutral) and DoWG's d_t^2 / sqrt(sum d_s^2 G), with
         # sum d_s^2 = t d_t^2 / 2, grows by sqrt(2) each time it is measured: the division makes DoWG's fixed point
         # under diffusion DoG's.
-        # "anchor_<schedule>": DoG's rule with x0 replaced by a moving anchor, an average of the iterates
-        # (xbar_t = xbar_(t-1) + w_t (x_t - xbar_(t-1)); "ema": w_t the tuner's bias-corrected memory, "poly": the
-        # polynomial average's (gamma 8), "uniform": 1/t). The distance r_t = ||x_t - xbar_t|| is not kept at its
-        # maximum. The denominator S_t = (1 - w_t)^2 (S_(t-1) + G_t) is what r_t^2 would be, step for step, if the
-        # iterate did a random walk of unit step and gradient norms G: e_t = (1 - w_t)(e_(t-1) + xi_t). So the step
-        # r_t / sqrt(S_t) is neutral under noise (w = 0 is DoG); where the iterate drifts, r grows faster than the
-        # walk and the step with it; where it returns towards its average (near a minimum, or oscillating), r falls
-        # below the walk's and the step falls: the level is found by the window, not set by the start.
+        # "anchor_<schedule>": DoG's rule about a moving anchor (MovingAnchor), its weights w_t: "ema" the tuner's
+        # bias-corrected memory, "poly" the polynomial average's (gamma 8), "uniform" 1/t
         anchors = ("anchor_ema", "anchor_poly", "anchor_uniform")
         if dog_weights not in ("uniform", "distance", "recent", "distance_neutral", *anchors):
             raise ValueError(f"unknown dog_weights {dog_weights!r}")
         self.dog_weights, self.recent_sq = dog_weights, 0.0
-        self.anchor_sum = 0.0
         self.params = [p for group in self.param_groups for p in group["params"]]
         self.settings = TunerSettings(slow_start=False, beta=beta, eps=1e-30, adaptive_clipping=False)
         self.tuner = TunerState.initial(self.settings)
         self.second_moment_beta, self.relative_eps, self.max_growth = second_moment_beta, relative_eps, max_growth
         self.x0 = FlatTuner._flat(p.detach() for p in self.params).clone()
-        self.anchor = self.x0.clone() if dog_weights.startswith("anchor") else None
+        self.anchor = MovingAnchor(self.x0) if dog_weights.startswith("anchor") else None
         self.x_prev, self.g_prev = self.x0.clone(), None
         self.second_moment = torch.zeros_like(self.x0)
         self.grad_avg = torch.zeros_like(self.x0)  # in x coordinates; its y norm is taken with this step's metric
@@ -649,15 +659,13 @@ class AdamMetricTuner(torch.optim.Optimizer):
             schedule = self.dog_weights.removeprefix("anchor_")
             w = {"ema": (1.0 - beta) / (1.0 - beta**self.steps), "poly": 9.0 / (self.steps + 8.0),
                  "uniform": 1.0 / self.steps}[schedule]
-            self.anchor.lerp_(x, w)
-            self.anchor_sum = (1.0 - w) ** 2 * (self.anchor_sum + float(sums.sq_norm))
             r_floor = self.distance_start * (1.0 + float(self.x0.norm())) * float(torch.sqrt(metric.mean()))
-            anchor_distance = max(r_floor, float(torch.sqrt((metric * (x - self.anchor) ** 2).sum())))
+            anchor_step = self.anchor.effective_step(x, w, float(sums.sq_norm), r_floor, metric)
         if self.steps == 1:  # DoG's first move, without momentum
             mu, alpha = 0.0, self.distance / math.sqrt(float(sums.sq_norm))
         elif self.anchor is not None:
             mu = 0.0 if self.without_momentum else sqrt_mu**2
-            alpha = (1.0 - mu) * anchor_distance / math.sqrt(max(self.anchor_sum, 1e-300))
+            alpha = (1.0 - mu) * anchor_step
         elif self.step_rule == "dog":
             mu = 0.0 if self.without_momentum else sqrt_mu**2
             weight = self.distance**2 if by_distance else 1.0
@@ -701,6 +709,10 @@ ADAM_METRIC_VARIANTS = {"adam_metric_ds": {}, "adam_metric_ds_memory_0.999": dic
                                                             dog_weights="distance"),
                         "adam_metric_dowg_neutral": dict(step="dog", signal="lag_one_resolved", start_distance=1e-3,
                                                          dog_weights="distance_neutral"),
+                        # DoG's first move ten times larger (r_eps = 1e-2 (1 + ||x0||)): does the start set the level?
+                        "adam_metric_dowg_neutral_start_1e-2": dict(step="dog", signal="lag_one_resolved",
+                                                                    start_distance=1e-2,
+                                                                    dog_weights="distance_neutral"),
                         "adam_metric_dowg_neutral_monotone": dict(step="dog", signal="lag_one_resolved",
                                                                   start_distance=1e-3, dog_weights="distance_neutral",
                                                                   monotone=True),
