@@ -546,7 +546,7 @@ class AdamMetricTuner(torch.optim.Optimizer):
         # under diffusion DoG's.
         # "anchor_<schedule>": DoG's rule about a moving anchor (MovingAnchor), its weights w_t: "ema" the tuner's
         # bias-corrected memory, "poly" the polynomial average's (gamma 8), "uniform" 1/t
-        anchors = ("anchor_ema", "anchor_poly", "anchor_uniform")
+        anchors = ("anchor_ema", "anchor_poly", "anchor_uniform", "anchor_half")
         if dog_weights not in ("uniform", "distance", "recent", "distance_neutral", *anchors):
             raise ValueError(f"unknown dog_weights {dog_weights!r}")
         self.dog_weights, self.recent_sq = dog_weights, 0.0
@@ -658,7 +658,7 @@ class AdamMetricTuner(torch.optim.Optimizer):
         if self.anchor is not None:
             schedule = self.dog_weights.removeprefix("anchor_")
             w = {"ema": (1.0 - beta) / (1.0 - beta**self.steps), "poly": 9.0 / (self.steps + 8.0),
-                 "uniform": 1.0 / self.steps}[schedule]
+                 "uniform": 1.0 / self.steps, "half": 0.5 / self.steps}[schedule]
             r_floor = self.distance_start * (1.0 + float(self.x0.norm())) * float(torch.sqrt(metric.mean()))
             anchor_step = self.anchor.effective_step(x, w, float(sums.sq_norm), r_floor, metric)
         if self.steps == 1:  # DoG's first move, without momentum
@@ -720,6 +720,10 @@ ADAM_METRIC_VARIANTS = {"adam_metric_ds": {}, "adam_metric_ds_memory_0.999": dic
                                                        dog_weights="anchor_ema"),
                         "adam_metric_anchor_poly": dict(step="dog", signal="lag_one_resolved", start_distance=1e-3,
                                                         dog_weights="anchor_poly"),
+                        # between DoG (w = 0) and the uniform anchor (w = 1/t): the anchor keeps a memory of x0
+                        # that fades as t^(-1/2)
+                        "adam_metric_anchor_half": dict(step="dog", signal="lag_one_resolved", start_distance=1e-3,
+                                                        dog_weights="anchor_half"),
                         "adam_metric_anchor_uniform": dict(step="dog", signal="lag_one_resolved",
                                                            start_distance=1e-3, dog_weights="anchor_uniform"),
                         "adam_metric_dog_recent": dict(step="dog", signal="lag_one_resolved", start_distance=1e-3,
