@@ -113,6 +113,9 @@ VARIANTS: dict[str, dict] = {
     # DoWG's distance-weighted sum in place of DoG's (docs/tuner.md §10)
     "snr_dowg_start_1e-3": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99, start_distance=1e-3,
                                 dog_weights="distance"),
+    # the same with DoG's first move ten times larger (docs/tuner.md §13: a lead from Adam's metric)
+    "snr_dowg_start_1e-2": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99, start_distance=1e-2,
+                                dog_weights="distance"),
     # the sum of ||g||^2 as t times its recent (polynomial, t^8) average (docs/tuner.md §10)
     "snr_dowg": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99, dog_weights="distance"),
     "snr_dog_mu_floor_0.9": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99,
