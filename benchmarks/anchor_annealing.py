@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -24,17 +25,25 @@ OUT = Path(__file__).resolve().parent / "results-anchor-annealing" / "annealing.
 AT = (100, 300, 1000, 3000, 10000, 30000)
 
 
-def eta_t_h(variant: str, curvature: float, steps: int = AT[-1], seed: int = 0) -> dict[int, float]:
+def effective_steps(make_tuner: Callable, curvature: float, at: tuple[int, ...], seed: int = 0) -> list[float]:
+    """A prototype tuner's effective steps at the steps ``at`` on curvature/2 ||x||^2 + <xi_t, x> (curvature 0:
+    gradients of pure noise, a random walk), float64, 1000 coordinates, from x_0 = 1."""
     x = torch.ones(1000, dtype=torch.float64, requires_grad=True)
-    opt = FlatTuner([x], **VARIANTS[variant], without_momentum=True)
+    opt = make_tuner([x])
     generator = torch.Generator().manual_seed(seed)
-    out = {}
-    for step in range(1, steps + 1):
+    effective = {}
+    for step in range(1, max(at) + 1):
         x.grad = curvature * x.detach() + torch.randn(1000, dtype=torch.float64, generator=generator)
         opt.step()
-        if step in AT:
-            out[step] = opt.trace["effective_lr"][-1] * step * curvature
-    return out
+        if step in at:
+            effective[step] = opt.trace["effective_lr"][-1]
+    return [effective[step] for step in at]
+
+
+def eta_t_h(variant: str, curvature: float) -> dict[int, float]:
+    """c = eta t h at the steps AT for a FlatTuner variant without momentum."""
+    steps = effective_steps(lambda params: FlatTuner(params, **VARIANTS[variant], without_momentum=True), curvature, AT)
+    return {t: eta * t * curvature for t, eta in zip(AT, steps)}
 
 
 def main() -> int:

@@ -548,7 +548,7 @@ class AdamMetricTuner(torch.optim.Optimizer):
         # sum d_s^2 = t d_t^2 / 2, grows by sqrt(2) each time it is measured: the division makes DoWG's fixed point
         # under diffusion DoG's.
         # "anchor_<schedule>": DoG's rule about a moving anchor (MovingAnchor), its weights w_t: "ema" the tuner's
-        # bias-corrected memory, "poly" the polynomial average's (gamma 8), "uniform" 1/t
+        # bias-corrected memory, "poly" the polynomial average's (gamma 8), "uniform" 1/t, "half" 1/(2t)
         anchors = ("anchor_ema", "anchor_poly", "anchor_uniform", "anchor_half")
         if dog_weights not in ("uniform", "distance", "recent", "distance_neutral", *anchors):
             raise ValueError(f"unknown dog_weights {dog_weights!r}")
@@ -563,7 +563,7 @@ class AdamMetricTuner(torch.optim.Optimizer):
         self.second_moment = torch.zeros_like(self.x0)
         self.grad_avg = torch.zeros_like(self.x0)  # in x coordinates; its y norm is taken with this step's metric
         self.velocity = torch.zeros_like(self.x0)  # in y coordinates
-        self.distance_start = start_distance
+        self.start_length = start_distance * (1.0 + float(self.x0.norm()))  # DoG's r_eps in [x], before the metric
         self.distance = 0.0
         self.s_avg = self.q_avg = 0.0
         self.alpha_prev, self.steps = 0.0, 0
@@ -643,8 +643,7 @@ class AdamMetricTuner(torch.optim.Optimizer):
         sqrt_mu = max(float(tuning.cubic_root(snr)), (root_kappa - 1.0) / (root_kappa + 1.0))
         contraction = (1.0 - sqrt_mu) ** 2
         if self.steps == 1:  # DoG's r_eps, 1e-6 (1 + ||x0||) in [x], carried into y by the metric's mean scale
-            self.distance = (self.distance_start * (1.0 + float(self.x0.norm()))
-                             * float(torch.sqrt(metric.mean())))
+            self.distance = self.start_length * float(torch.sqrt(metric.mean()))
         self.distance = max(self.distance, float(torch.sqrt((metric * (x - self.x0) ** 2).sum())))
         weight = (1.0 - beta) / (1.0 - beta**self.steps)
         dx = x - self.x_prev
@@ -662,7 +661,7 @@ class AdamMetricTuner(torch.optim.Optimizer):
             schedule = self.dog_weights.removeprefix("anchor_")
             w = {"ema": (1.0 - beta) / (1.0 - beta**self.steps), "poly": 9.0 / (self.steps + 8.0),
                  "uniform": 1.0 / self.steps, "half": 0.5 / self.steps}[schedule]
-            r_floor = self.distance_start * (1.0 + float(self.x0.norm())) * float(torch.sqrt(metric.mean()))
+            r_floor = self.start_length * float(torch.sqrt(metric.mean()))
             anchor_step = self.anchor.effective_step(x, w, float(sums.sq_norm), r_floor, metric)
         if self.steps == 1:  # DoG's first move, without momentum
             mu, alpha = 0.0, self.distance / math.sqrt(float(sums.sq_norm))

@@ -217,18 +217,12 @@ def test_noise_alone_runs_dowgs_step_away():
 
 
 def prototype_anchor_steps(make_tuner, curvature, steps, at):
-    """The research prototype's effective steps at the steps ``at`` on the loss curvature/2 ||x||^2 + <xi_t, x>
-    (xi_t ~ N(0, I) fresh each step; curvature 0: pure noise), float64, 1000 coordinates, from x_0 = 1."""
-    x = torch.ones(1000, dtype=torch.float64, requires_grad=True)
-    opt = make_tuner([x])
-    generator = torch.Generator().manual_seed(0)
-    effective = {}
-    for step in range(1, steps + 1):
-        x.grad = curvature * x.detach() + torch.randn(1000, dtype=torch.float64, generator=generator)
-        opt.step()
-        if step in at:
-            effective[step] = opt.trace["effective_lr"][-1]
-    return [effective[step] for step in at]
+    """The research prototype's effective steps on benchmarks/anchor_annealing.py's noisy quadratic."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from anchor_annealing import effective_steps
+
+    assert max(at) == steps
+    return effective_steps(make_tuner, curvature, at)
 
 
 def anchor_tuners():
