@@ -16,7 +16,7 @@ import torch._dynamo
 from torch import nn
 
 from yellowfin import YellowFin
-from yellowfin.state import DEFAULT_RELATIVE_CLIP, SCALE_FREE_FIELDS, TunerSettings
+from yellowfin.state import DEFAULT_INITIAL_DISTANCE, DEFAULT_RELATIVE_CLIP, SCALE_FREE_FIELDS, TunerSettings
 from helpers import flat_state, host_reads_forbidden, run_with_holes
 
 FLAVOURS = {"single_tensor": dict(foreach=False), "multi_tensor": {}, "compiled": dict(fused=True)}
@@ -253,11 +253,17 @@ def test_near_a_minimum_the_anchor_rule_anneals_as_one_over_t():
     assert 0.5 < late * 3000 * curvature < 4.0
 
 
-@pytest.mark.parametrize("step_rule, start", [("dog", 1e-3), ("dowg", 1e-3), ("dowg_neutral", 1e-3), ("secant", 1e-6)])
-def test_the_first_step_moves_dogs_initial_distance_without_momentum(step_rule, start):
+# The first move is r (1 + ||x_0||), r = initial_distance: by default 1e-3, 1e-6 for the secant rule; any r given.
+@pytest.mark.parametrize("step_rule, start, options", [
+    ("dog", 1e-3, {}), ("dowg", 1e-3, {}), ("dowg_neutral", 1e-3, {}), ("secant", 1e-6, {}),
+    ("dog", 2e-2, {"initial_distance": 2e-2}), ("dowg", 2e-2, {"initial_distance": 2e-2}),
+    ("dowg_neutral", 1e-4, {"initial_distance": 1e-4}), ("secant", 1e-3, {"initial_distance": 1e-3}),
+], ids=str)
+def test_the_first_step_moves_dogs_initial_distance_without_momentum(step_rule, start, options):
     model, x, y = mlp_problem()
     before = flat(model)
-    opt = YellowFin(model.parameters(), tuner="scale_free", step_rule=step_rule)
+    opt = YellowFin(model.parameters(), tuner="scale_free", step_rule=step_rule, **options)
+    assert opt.param_groups[0]["initial_distance"] == start
     ((model(x) - y) ** 2).mean().backward()
     opt.step()
     moved = float((flat(model) - before).norm())
@@ -399,7 +405,8 @@ def test_a_state_dict_round_trip_continues_identically(metric, flavour):
 
 
 # The group options that came with the scale-free tuner or after it (a checkpoint written before them names none).
-OPTIONS_SINCE_THE_SCALE_FREE_TUNER = ("tuner", "step_rule", "precondition", "relative_clip", "clip_trigger", "average")
+OPTIONS_SINCE_THE_SCALE_FREE_TUNER = ("tuner", "step_rule", "precondition", "relative_clip", "clip_trigger",
+                                      "initial_distance", "average")
 
 
 @pytest.mark.parametrize("load_into", ["reference_variant", "default"])
@@ -430,7 +437,8 @@ def test_a_checkpoint_from_before_the_scale_free_tuner_loads(load_into):
             opt.load_state_dict(old)
             group = opt.param_groups[0]
             assert group["tuner"] == "reference" and group["beta"] == 0.999
-            assert all(group[name] is None for name in ("step_rule", "precondition", "relative_clip", "clip_trigger"))
+            assert all(group[name] is None
+                       for name in ("step_rule", "precondition", "relative_clip", "clip_trigger", "initial_distance"))
             assert group["average"] is False
             assert YellowFin._settings(group) == YellowFin._settings(saved["param_groups"][0])
             after = flat_state(opt)  # (the reference's scale-free fields and staleness are zeros, as restored)
@@ -569,7 +577,7 @@ def test_the_step_rule_and_clip_are_the_scale_free_tuners_and_each_group_names_w
     assert plain.param_groups[0]["clip_trigger"] == pytest.approx(10.0)  # 1 / sqrt(1 - 0.99), the group's memory
     assert YellowFin([p], tuner="scale_free", beta=0.9).param_groups[0]["clip_trigger"] == pytest.approx(10**0.5)
     assert YellowFin([p], tuner="reference").param_groups[0]["clip_trigger"] is None
-    for name in ("tuner", "step_rule", "relative_clip", "clip_trigger"):
+    for name in ("tuner", "step_rule", "relative_clip", "clip_trigger", "initial_distance"):
         assert default.param_groups[0][name] == plain.param_groups[0][name], name
     assert YellowFin._settings(default.param_groups[0]) == YellowFin._settings(plain.param_groups[0])
     assert YellowFin([p], step_rule="dog").param_groups[0]["step_rule"] == "dog"  # (the default takes one)
@@ -577,6 +585,20 @@ def test_the_step_rule_and_clip_are_the_scale_free_tuners_and_each_group_names_w
         YellowFin([p], tuner="reference", step_rule="dog")  # the reference has no step rule to choose
     with pytest.raises(ValueError, match="step_rule"):
         YellowFin([p], tuner="scale_free", step_rule="secants")
+    # The first move: each rule's default, resolved and named by the group; the reference has none.
+    assert plain.param_groups[0]["initial_distance"] == DEFAULT_INITIAL_DISTANCE["dowg"]
+    assert adam.param_groups[0]["initial_distance"] == DEFAULT_INITIAL_DISTANCE["dowg_neutral"]
+    assert YellowFin([p], step_rule="secant").param_groups[0]["initial_distance"] == DEFAULT_INITIAL_DISTANCE["secant"]
+    assert YellowFin([p], initial_distance=0.05).param_groups[0]["initial_distance"] == 0.05
+    assert plain.defaults["initial_distance"] is None  # (so that a group with another rule picks its own default)
+    assert YellowFin([p], tuner="reference").param_groups[0]["initial_distance"] is None
+    with pytest.raises(ValueError, match="initial_distance"):
+        YellowFin([p], tuner="reference", initial_distance=1e-3)  # the reference starts from initial_lr
+    for bad in (0.0, -1e-3, math.inf, math.nan):
+        with pytest.raises(ValueError, match="initial_distance"):
+            YellowFin([p], initial_distance=bad)
+    with pytest.raises(TypeError, match="initial_distance"):
+        YellowFin([p], initial_distance="1e-3")
 
 
 @pytest.mark.parametrize("option, saved_as, ran, now", [
@@ -584,6 +606,7 @@ def test_the_step_rule_and_clip_are_the_scale_free_tuners_and_each_group_names_w
     ("step_rule", None, "dog", "dowg"),  # saved while None meant DoG's rule
     ("relative_clip", "absent", math.inf, 1.1),  # saved before relative_clip existed: no clipping
     ("clip_trigger", "absent", 1.1, 5.0),  # saved before clip_trigger existed: the clip acted at its own level
+    ("initial_distance", "absent", 1e-3, 1e-2),  # saved before initial_distance existed: DoWG's start was 1e-3
 ])
 def test_a_scale_free_checkpoint_that_does_not_name_an_option_keeps_what_it_ran(option, saved_as, ran, now):
     # (the clip tightened to 1.1, so that it acts on this small problem: what the trigger changes shows)

@@ -169,22 +169,13 @@ def measure(state: TunerState, sample: GradientSample, settings: TunerSettings) 
 
 
 # --------------------------------------------------------------------------------- scale-free tuner
-# The distance from x_0 starts at this fraction of (1 + ||x_0||), per step rule: DoG's r_eps, the first step's
-# length. DoG's own 1e-6 cost the DoG rule ~80 of a 300-step ResNet budget before the loss moved (its step grows by
-# ~1.15 a step); from 1e-3 it was better on every network screened, in either metric, and level on the quadratic
-# (docs/tuner.md §7.1, §8.2): a first move of 0.1% of the parameters' norm (in Adam's metric, of each weight) is
-# still far below the distance a training run travels, which is what DoG's start must stay below. Chosen once on
-# the suite. The secant rule keeps the 1e-6 it was measured with.
-INITIAL_DISTANCE = {"dog": 1e-3, "dowg": 1e-3, "dowg_neutral": 1e-3, "secant": 1e-6}
-
-
 def distance_travelled(state: TunerState, sums: Sums, settings: TunerSettings) -> Tensor:
-    """d = max(d_prev, ||x - x_0||), from r (1 + ||x_0||) at t = 0 (DoG's start, r = INITIAL_DISTANCE of the step
-    rule): a parameter-unit length.
+    """d = max(d_prev, ||x - x_0||), from r (1 + ||x_0||) at t = 0 (DoG's start, r = settings.initial_distance):
+    a parameter-unit length.
 
     Preconditioned, the norm is the metric's (``sums.displacement_sq`` holds ||x - x_0||^2_M), and the start is
     carried into its units by the root of the metric's mean."""
-    initial = INITIAL_DISTANCE[settings.step_rule] * (1.0 + torch.sqrt(sums.initial_param_sq_norm))
+    initial = settings.initial_distance * (1.0 + torch.sqrt(sums.initial_param_sq_norm))
     if settings.preconditioned:
         initial = initial * torch.sqrt(sums.metric_sum / sums.numel)
     previous = torch.where(state.step >= 1.0, state.distance, initial)

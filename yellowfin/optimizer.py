@@ -143,7 +143,7 @@ class YellowFin(Optimizer):
             ``weight_decay``, ``decoupled_weight_decay``, ``nesterov``, ``maximize``, ``foreach``,
             ``fused``, ``per_group_tuning``, ``sparsity_correction``, ``update_first``,
             ``curvature_smoothing``, ``smooth_tuned``, ``tuner``, ``step_rule``, ``precondition``,
-            ``average``, ``shard_group``): their
+            ``relative_clip``, ``clip_trigger``, ``initial_distance``, ``average``, ``shard_group``): their
             defaults, ranges and meaning are listed once, in docs/algorithm.md §7.1.
     """
 
@@ -176,6 +176,7 @@ class YellowFin(Optimizer):
         precondition: str | None = None,
         relative_clip: float | None = None,
         clip_trigger: float | None = None,
+        initial_distance: float | None = None,
         average: bool = False,
         shard_group=None,
         **unknown,
@@ -190,12 +191,13 @@ class YellowFin(Optimizer):
             initial_momentum=initial_momentum, adaptive_clipping=adaptive_clipping, slow_start=slow_start,
             clip_norm=clip_norm, sparsity_correction=sparsity_correction, update_first=update_first,
             curvature_smoothing=curvature_smoothing, smooth_tuned=smooth_tuned, tuner=tuner, step_rule=step_rule,
-            precondition=precondition, relative_clip=relative_clip, clip_trigger=clip_trigger, average=average,
+            precondition=precondition, relative_clip=relative_clip, clip_trigger=clip_trigger,
+            initial_distance=initial_distance, average=average,
         )
-        # (beta, step_rule and the clip as given: None stays None, so that each group's tuner picks its own)
+        # (beta, step_rule, the clip and the first move as given: None stays None, so that each group's tuner picks its own)
         defaults = dict(
             vars(settings), beta=beta, step_rule=step_rule, relative_clip=relative_clip, clip_trigger=clip_trigger,
-            lr=lr,
+            initial_distance=initial_distance, lr=lr,
             weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, nesterov=nesterov,
             maximize=maximize, foreach=foreach, fused=fused,
         )
@@ -248,12 +250,12 @@ class YellowFin(Optimizer):
             # (torch only warns; the per-tensor and multi-tensor paths would update such a tensor once and twice)
             raise ValueError("a parameter group lists the same tensor more than once: list each parameter once")
         settings = _check_group({**self.defaults, **param_group})
-        # The group names its memory (and a scale-free group its rule and clip): a checkpoint keeps them when a
+        # The group names its memory (and a scale-free group its rule, clip and first move): a checkpoint keeps them when a
         # default changes.
         param_group["beta"] = settings.beta
         if settings.scale_free:
             param_group.update(step_rule=settings.step_rule, relative_clip=settings.relative_clip,
-                               clip_trigger=settings.clip_trigger)
+                               clip_trigger=settings.clip_trigger, initial_distance=settings.initial_distance)
         if not self.per_group_tuning and self.param_groups:
             shared = self._settings(self.param_groups[0])
             if settings != shared:
@@ -702,8 +704,8 @@ def _resolved_options_of_old_groups(saved: dict) -> dict:
     """What a group saved without naming them ran: the reference tuner if saved before the tuner option existed;
     for a scale-free group, the step rule "secant" if it was saved before
     step_rule existed, "dog" if with step_rule=None while that meant DoG's rule; no relative clip if saved before
-    relative_clip existed; a clip that acts at its own level if saved before clip_trigger existed. {} for any other
-    group."""
+    relative_clip existed; a clip that acts at its own level if saved before clip_trigger existed; the first move its
+    rule had (1e-6 for the secant rule, else 1e-3) if saved before initial_distance existed. {} for any other group."""
     if "tuner" not in saved:  # saved before the option existed, when every tuner was the reference
         return {"tuner": "reference"}
     if saved["tuner"] != "scale_free":
@@ -717,6 +719,8 @@ def _resolved_options_of_old_groups(saved: dict) -> dict:
         resolved["relative_clip"] = math.inf
     if saved.get("clip_trigger") is None:
         resolved["clip_trigger"] = resolved.get("relative_clip", saved.get("relative_clip"))
+    if saved.get("initial_distance") is None:  # (it acts on the first step only: for a checkpoint saved before one)
+        resolved["initial_distance"] = 1e-6 if resolved.get("step_rule", saved["step_rule"]) == "secant" else 1e-3
     return resolved
 
 

@@ -166,9 +166,15 @@ def test_variants_build_what_they_say():
     # Every scale-free variant pins the rule and clip it was measured with; the clipped DoWG variant is the
     # scale-free default (with the average, which only changes the point handed out).
     assert settings(get_variant("scale_free").build(params)).step_rule == "secant"
-    for name, rule in (("scale_free_beta_0.99", "secant"), ("scale_free_dog", "dog"), ("scale_free_dowg", "dowg")):
+    for name, rule, start in (("scale_free_beta_0.99", "secant", 1e-6), ("scale_free_dog", "dog", 1e-3),
+                              ("scale_free_dowg", "dowg", 1e-3)):
         assert settings(get_variant(name).build(params)) == dataclasses.replace(
-            scale_free_default, step_rule=rule, relative_clip=math.inf, clip_trigger=math.inf)
+            scale_free_default, step_rule=rule, relative_clip=math.inf, clip_trigger=math.inf, initial_distance=start)
+    # ... and its first move, so that a new default start leaves what each variant's runs measured as it was.
+    for variant in VARIANTS.values():
+        if variant.overrides.get("tuner") == "scale_free":
+            assert variant.overrides["initial_distance"] == (1e-6 if variant.overrides["step_rule"] == "secant"
+                                                             else 1e-2 if "start_1e-2" in variant.name else 1e-3)
     clipped = settings(get_variant("scale_free_dowg_clip_average").build(params))
     assert clipped == dataclasses.replace(scale_free_default, average=True, clip_trigger=2.0)  # (as first measured)
     triggered = settings(get_variant("scale_free_dowg_clip_trigger_average").build(params))

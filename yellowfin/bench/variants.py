@@ -13,6 +13,7 @@ The control is a variant too: plain SGD replaying the reference variant's effect
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from dataclasses import dataclass, field
@@ -97,6 +98,18 @@ def get_variant(name: str) -> Variant:
 
 # The scale-free variants measured before the relative clip existed run without it, whatever its default becomes.
 _UNCLIPPED = {"relative_clip": math.inf}
+# ... and every scale-free variant starts with the first move it was measured with (initial_distance, by its rule),
+# whatever the default becomes.
+_MEASURED_INITIAL_DISTANCE = {"dog": 1e-3, "dowg": 1e-3, "dowg_neutral": 1e-3, "secant": 1e-6}
+
+
+def _pinned_start(variant: Variant) -> Variant:
+    overrides = variant.overrides
+    if overrides.get("tuner") != "scale_free" or "initial_distance" in overrides:
+        return variant
+    start = _MEASURED_INITIAL_DISTANCE[overrides["step_rule"]]
+    return dataclasses.replace(variant, overrides={**overrides, "initial_distance": start})
+
 
 for _variant in (
     Variant(REFERENCE, "the authors' algorithm as the library implements it today (the faithful reference)"),
@@ -184,6 +197,17 @@ for _variant in (
             "scale_free_dowg_clip_trigger_average with DoWG's step divided by sqrt(2) (neutral under noise)",
             overrides={"tuner": "scale_free", "step_rule": "dowg_neutral", "relative_clip": 2.0,
                        "clip_trigger": outlier_trigger(0.99), "beta": 0.99, "average": True}),
+    # Each metric's default with a first move ten times larger, r_eps = 1e-2 (initial_distance; docs/tuner.md §13):
+    # the prototype's lead (the late step level is the same; the runs leave the start sooner).
+    Variant("scale_free_dowg_clip_trigger_start_1e-2_average",
+            "scale_free_dowg_clip_trigger_average with a first move of 1e-2 (1 + ||x_0||) instead of 1e-3",
+            overrides={"tuner": "scale_free", "step_rule": "dowg", "relative_clip": 2.0,
+                       "clip_trigger": outlier_trigger(0.99), "beta": 0.99, "average": True,
+                       "initial_distance": 1e-2}),
+    Variant("scale_free_adam_dowg_neutral_start_1e-2", "scale_free_adam_dowg_neutral with a first move of 1e-2 "
+            "(1 + ||x_0||) in Adam's metric instead of 1e-3",
+            overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "step_rule": "dowg_neutral",
+                       "beta": 0.99, "initial_distance": 1e-2}),
 ):
-    register_variant(_variant)
+    register_variant(_pinned_start(_variant))
 DEFAULT_VARIANTS = (REFERENCE, "paper", "control")
