@@ -1,5 +1,6 @@
 import dataclasses
 import math
+import re
 import statistics
 
 import pytest
@@ -171,10 +172,12 @@ def test_variants_build_what_they_say():
         assert settings(get_variant(name).build(params)) == dataclasses.replace(
             scale_free_default, step_rule=rule, relative_clip=math.inf, clip_trigger=math.inf, initial_distance=start)
     # ... and its first move, so that a new default start leaves what each variant's runs measured as it was.
+    # (the variants named "..._start_<r>..." measure another start r)
     for variant in VARIANTS.values():
         if variant.overrides.get("tuner") == "scale_free":
-            assert variant.overrides["initial_distance"] == (1e-6 if variant.overrides["step_rule"] == "secant"
-                                                             else 1e-2 if "start_1e-2" in variant.name else 1e-3)
+            named = re.search(r"_start_([0-9.e-]+?)(_|$)", variant.name)
+            measured = 1e-6 if variant.overrides["step_rule"] == "secant" else 1e-3
+            assert variant.overrides["initial_distance"] == (float(named.group(1)) if named else measured)
     clipped = settings(get_variant("scale_free_dowg_clip_average").build(params))
     assert clipped == dataclasses.replace(scale_free_default, average=True, clip_trigger=2.0)  # (as first measured)
     triggered = settings(get_variant("scale_free_dowg_clip_trigger_average").build(params))

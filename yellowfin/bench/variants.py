@@ -199,15 +199,18 @@ for _variant in (
                        "clip_trigger": outlier_trigger(0.99), "beta": 0.99, "average": True}),
     # Each metric's default with a first move ten times larger, r_eps = 1e-2 (initial_distance; docs/tuner.md §13):
     # the prototype's lead (the late step level is the same; the runs leave the start sooner).
-    Variant("scale_free_dowg_clip_trigger_start_1e-2_average",
-            "scale_free_dowg_clip_trigger_average with a first move of 1e-2 (1 + ||x_0||) instead of 1e-3",
-            overrides={"tuner": "scale_free", "step_rule": "dowg", "relative_clip": 2.0,
-                       "clip_trigger": outlier_trigger(0.99), "beta": 0.99, "average": True,
-                       "initial_distance": 1e-2}),
-    Variant("scale_free_adam_dowg_neutral_start_1e-2", "scale_free_adam_dowg_neutral with a first move of 1e-2 "
-            "(1 + ||x_0||) in Adam's metric instead of 1e-3",
-            overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "step_rule": "dowg_neutral",
-                       "beta": 0.99, "initial_distance": 1e-2}),
+    # (and 3e-2, to see how sensitive the runs are to the constant around it)
+    *(variant for start in ("1e-2", "3e-2") for variant in (
+        Variant(f"scale_free_dowg_clip_trigger_start_{start}_average",
+                f"scale_free_dowg_clip_trigger_average with a first move of {start} (1 + ||x_0||) instead of 1e-3",
+                overrides={"tuner": "scale_free", "step_rule": "dowg", "relative_clip": 2.0,
+                           "clip_trigger": outlier_trigger(0.99), "beta": 0.99, "average": True,
+                           "initial_distance": float(start)}),
+        Variant(f"scale_free_adam_dowg_neutral_start_{start}", f"scale_free_adam_dowg_neutral with a first move of "
+                f"{start} (1 + ||x_0||) in Adam's metric instead of 1e-3",
+                overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "step_rule": "dowg_neutral",
+                           "beta": 0.99, "initial_distance": float(start)}),
+    )),
 ):
     register_variant(_pinned_start(_variant))
 DEFAULT_VARIANTS = (REFERENCE, "paper", "control")
