@@ -11,13 +11,17 @@ ran with the same commands into benchmarks/results-five-seeds, e.g. for the char
     yellowfin ablate char_lstm --variants scale_free_dowg_clip_average scale_free_dowg_average \\
         scale_free_dowg_clip_trigger_average --seeds 3 4 --results benchmarks/results-five-seeds
 
-The preconditioned tuner's two rules (docs/tuner.md §12) ran on seeds 3 and 4 of every task the same way:
+The preconditioned tuner's two rules (docs/tuner.md §12) ran on seeds 3 and 4 of every task the same way, and so
+did each metric's default with the first move 1e-2 (§13):
 
     yellowfin ablate <the seven tasks> --variants scale_free_adam_dowg_neutral scale_free_adam --seeds 3 4 \\
         --results benchmarks/results-five-seeds
+    yellowfin ablate <the seven tasks> --variants scale_free_dowg_clip_trigger_start_1e-2_average \\
+        scale_free_adam_dowg_neutral_start_1e-2 --seeds 3 4 --results benchmarks/results-five-seeds
 
 Prints, per task, the final smoothed training loss per seed (the ablation's measure), the means, each variant's
-paired differences against tuned momentum SGD, and the neutral DoWG rule's against DoG's in Adam's metric.
+paired differences against tuned momentum SGD, the neutral DoWG rule's against DoG's in Adam's metric, and the
+first move 1e-2 against 1e-3 in each metric.
 
     python benchmarks/five_seeds.py
 """
@@ -40,9 +44,15 @@ VARIANTS = {
     "DoWG rule + relative clip + average (trigger 10)": "scale_free_dowg_clip_trigger_average",
     "Adam's metric, DoG rule": "scale_free_adam",
     "Adam's metric, neutral DoWG rule": "scale_free_adam_dowg_neutral",
+    "DoWG rule + relative clip + average (trigger 10), first move 1e-2":
+        "scale_free_dowg_clip_trigger_start_1e-2_average",
+    "Adam's metric, neutral DoWG rule, first move 1e-2": "scale_free_adam_dowg_neutral_start_1e-2",
 }
 # Paired differences printed beside those against tuned momentum SGD: (run, minus run).
-PAIRS = (("Adam's metric, neutral DoWG rule", "Adam's metric, DoG rule"),)
+PAIRS = (("Adam's metric, neutral DoWG rule", "Adam's metric, DoG rule"),
+         ("DoWG rule + relative clip + average (trigger 10), first move 1e-2",
+          "DoWG rule + relative clip + average (trigger 10)"),
+         ("Adam's metric, neutral DoWG rule, first move 1e-2", "Adam's metric, neutral DoWG rule"))
 TASKS = {  # task: (steps, tuned momentum SGD's learning rate, the variants run on five seeds)
     "char_lstm": (1500, "1", tuple(VARIANTS)),
     "fmnist_resnet": (300, "0.03", tuple(VARIANTS)[1:]),

@@ -35,7 +35,19 @@ OPTIMIZERS = {
     "scale_free_dowg": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg", relative_clip=math.inf),
     # the preconditioned tuner with each of its rules (the neutral DoWG rule is its default, docs/tuner.md §12)
     "scale_free_adam_dog": lambda params: YellowFin(params, precondition="adam", step_rule="dog"),
-    "scale_free_adam_dowg_neutral": lambda params: YellowFin(params, precondition="adam", step_rule="dowg_neutral"),
+    "scale_free_adam_dowg_neutral": lambda params: YellowFin(params, precondition="adam", step_rule="dowg_neutral",
+                                                             initial_distance=1e-3),
+    # the defaults with their relative clip (docs/tuner.md §10), DoWG's and the neutral rule in the plain metric, and
+    # each metric's with the larger first move of §14
+    "scale_free_dowg_clip": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg",
+                                                     initial_distance=1e-3),
+    "scale_free_dowg_clip_start_1e-2": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg",
+                                                                initial_distance=1e-2),
+    "scale_free_dowg_neutral_clip": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg_neutral",
+                                                             initial_distance=1e-3),
+    "scale_free_adam_dowg_neutral_start_1e-2": lambda params: YellowFin(params, precondition="adam",
+                                                                        step_rule="dowg_neutral",
+                                                                        initial_distance=1e-2),
     "reference": lambda params: YellowFin.reference_variant(params),
     "sgd_momentum_lr0.1": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
 }

@@ -41,7 +41,10 @@ class HeavyBall(torch.optim.Optimizer):
 SCALE_FREE_METHODS = {  # (their defaults; under asynchrony the relative clip acts at its own level)
     "scale_free_closed": dict(tuner="scale_free"),
     "scale_free_adam_closed": dict(tuner="scale_free", precondition="adam", step_rule="dog"),  # (as first measured)
-    "scale_free_adam_neutral_closed": dict(tuner="scale_free", precondition="adam", step_rule="dowg_neutral"),
+    # (the neutral rule as measured, from the first move 1e-3; its default start since is 1e-2, docs/tuner.md §14)
+    "scale_free_adam_neutral_closed": dict(tuner="scale_free", precondition="adam", step_rule="dowg_neutral",
+                                           initial_distance=1e-3),
+    "scale_free_adam_default_closed": dict(tuner="scale_free", precondition="adam"),  # (Adam's metric's defaults)
 }
 
 

@@ -8,10 +8,12 @@ grid is extended past that edge (at most twice, extend_edges). Target loss = the
 training loss; we report iterations each method needs to reach it (plot_all.py adds a looser common target).
 
     python benchmarks/asynchrony/exp2_closed_vs_open_loop.py [fmnist_resnet|char_lstm|all] [seed] [--extend-only]
-        [--add-scale-free]
+        [--add-scale-free] [--only METHOD]
 Writes exp2_<task>.json (seed 0, the default) or exp2_<task>_seed<seed>.json; plot_all.py draws the
 figures and the summary. --extend-only adds the edge extensions to an existing results file; --add-scale-free
-adds the scale-free tuner's closed-loop runs, in both metrics (common.SCALE_FREE_METHODS), to one.
+adds the scale-free tuner's closed-loop runs, in both metrics (common.SCALE_FREE_METHODS), to one. --only METHOD
+runs one of those alone into a file of its own, exp2_<task>[_seed<seed>]_<METHOD>.json, beside the results file
+(whose summary it leaves as it is).
 """
 
 import json
@@ -72,14 +74,25 @@ def summarize(results):
     return summary
 
 
-def main(names, seed=0, extend_only=False, add_scale_free=False):
+def main(names, seed=0, extend_only=False, add_scale_free=False, only=None):
     """``extend_only``: load the results file and only add the edge extensions (for a file written before
-    extend_edges existed); ``add_scale_free``: load it and only add the scale-free tuner's runs."""
+    extend_edges existed); ``add_scale_free``: load it and only add the scale-free tuner's runs; ``only``: run that
+    scale-free method alone, into a file of its own."""
+    if only is not None and only not in SCALE_FREE_METHODS:
+        raise SystemExit(f"--only {only!r}: choose one of {', '.join(SCALE_FREE_METHODS)}")
     torch.set_num_threads(1)
     for name in names:
         setup = SETUPS[name]
         task = get_task(name, **setup["options"])
         filename = f"exp2_{name}.json" if seed == 0 else f"exp2_{name}_seed{seed}.json"
+        if only is not None:
+            run = simulate(task, only, NUM_WORKERS, setup["steps"], seed=seed, staleness="fixed")
+            run["smoothed"] = smooth(run.pop("losses"))
+            run["final"] = run["smoothed"][-1]
+            print(name, only, f"final {run['final']:.4f}", f"{run['seconds']:.0f}s", flush=True)
+            save_json({"task": name, "num_workers": NUM_WORKERS, "staleness": "fixed", "seed": seed, "runs": [run]},
+                      filename.replace(".json", f"_{only}.json"))
+            continue
         if extend_only or add_scale_free:
             with open(os.path.join(HERE, filename)) as f:
                 results = json.load(f)
@@ -116,7 +129,15 @@ def main(names, seed=0, extend_only=False, add_scale_free=False):
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    argv = sys.argv[1:]
+    only = None
+    if "--only" in argv:
+        at = argv.index("--only")
+        if at + 1 >= len(argv):
+            raise SystemExit("--only needs a method name")
+        only = argv.pop(at + 1)
+        argv.pop(at)
+    args = [a for a in argv if not a.startswith("--")]
     which = args[0] if args else "all"
     main(list(SETUPS) if which == "all" else [which], int(args[1]) if len(args) > 1 else 0,
-         extend_only="--extend-only" in sys.argv, add_scale_free="--add-scale-free" in sys.argv)
+         extend_only="--extend-only" in argv, add_scale_free="--add-scale-free" in argv, only=only)

@@ -23,7 +23,8 @@ update acting at its own level) in place of the DoG rule as first measured; ``--
 clip's trigger at 1 / sqrt(1 - beta) times the running RMS, but under staleness the clip acts at its own level);
 ``--rule trigger`` the same with the trigger kept under staleness, the measurement behind that exception; ``--rule
 adam`` the preconditioned tuner (``precondition="adam"``) with DoG's rule, ``--rule adam_neutral`` with the neutral
-DoWG rule (``step_rule="dowg_neutral"``).
+DoWG rule (``step_rule="dowg_neutral"``) from the first move 1e-3 as measured, ``--rule adam_default`` Adam's
+metric's defaults (the neutral rule from the first move 1e-2).
 
 ``--estimate instant`` steers the closed loops by the sensor's per-observation estimate (an average of each
 observation's median ratio, which forgets the largest moves) instead of its default time-averaged one, for the
@@ -63,7 +64,9 @@ RULES = {"dog": dict(tuner="scale_free", step_rule="dog", relative_clip=math.inf
          "trigger": dict(tuner="scale_free")}
 STALENESS_BLIND_CLIP = ("trigger",)  # rules whose clip is run as if the gradients were fresh
 RULES["adam"] = dict(tuner="scale_free", precondition="adam", step_rule="dog")  # (its rule when first measured)
-RULES["adam_neutral"] = dict(tuner="scale_free", precondition="adam", step_rule="dowg_neutral")
+# (the neutral rule as measured, from the first move 1e-3; "adam_default" is Adam's metric's default since, from 1e-2)
+RULES["adam_neutral"] = dict(tuner="scale_free", precondition="adam", step_rule="dowg_neutral", initial_distance=1e-3)
+RULES["adam_default"] = dict(tuner="scale_free", precondition="adam")
 CONFIGS = {  # name: (scale-free tuner or the reference (None), closed loop, the step under staleness)
     "reference_closed": (None, True, "as_is"),
     "open": ("scale_free", False, "uncut"),

@@ -211,6 +211,10 @@ for _variant in (
                 overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "step_rule": "dowg_neutral",
                            "beta": 0.99, "initial_distance": float(start)}),
     )),
+    Variant("scale_free_adam_dowg_neutral_start_1e-2_average", "scale_free_adam_dowg_neutral_start_1e-2, evaluated at "
+            "its iterates' polynomial average (t^8 weights)",
+            overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "step_rule": "dowg_neutral",
+                       "beta": 0.99, "initial_distance": 1e-2, "average": True}),
 ):
     register_variant(_pinned_start(_variant))
 DEFAULT_VARIANTS = (REFERENCE, "paper", "control")
