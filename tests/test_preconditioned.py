@@ -65,20 +65,23 @@ def test_the_compiled_flavour_gives_the_single_tensor_numbers(dtype, rtol, optio
     params, opt = run_with_holes(dtype, steps=20, nan_at=4, fused=True, **PRECONDITIONED, **options)
     assert opt.param_groups[0]["fused"] and opt.param_groups[0]["precondition"] == "adam"
     assert opt.stats()["skipped_steps"] == 1 and opt.stats()["step"] == 19
-    for a, b in zip(params_ref, params):
-        torch.testing.assert_close(b, a, rtol=rtol, atol=0.0)
-    for a, b in zip(flat_state(opt_ref), flat_state(opt)):
-        # Buffers that pass through zero are compared to the parameters' scale.
-        torch.testing.assert_close(b, a, rtol=rtol, atol=rtol * 1e-3)
+    # An entry that passes near zero (x - step with both ~0.1) carries the rounding of its operands, one ulp at their
+    # scale, so each tensor is compared to its own scale as well (in float32 an entry of 4e-4 differed by 2^-27).
+    for a, b in zip([*params_ref, *flat_state(opt_ref)], [*params, *flat_state(opt)]):
+        torch.testing.assert_close(b, a, rtol=rtol, atol=rtol * float(a.detach().abs().max()))
 
 
-@pytest.mark.parametrize("step_rule, variant", [("dog", "adam_metric_dog_start_1e-3"),
-                                                ("dowg_neutral", "adam_metric_dowg_neutral")])
-def test_matches_the_flat_prototype(step_rule, variant):
+# (the neutral rule's default start is 1e-2, the prototype's adam_metric_dowg_neutral screened from 1e-3)
+@pytest.mark.parametrize("step_rule, options, variant", [
+    ("dog", {}, "adam_metric_dog_start_1e-3"),
+    ("dowg_neutral", {"initial_distance": 1e-3}, "adam_metric_dowg_neutral"),
+    ("dowg_neutral", {}, "adam_metric_dowg_neutral_start_1e-2"),
+], ids=str)
+def test_matches_the_flat_prototype(step_rule, options, variant):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from tuner_screen import ADAM_METRIC_VARIANTS, AdamMetricTuner
 
-    library, _, opt = train(lambda params: preconditioned(params, step_rule=step_rule, foreach=False))
+    library, _, opt = train(lambda params: preconditioned(params, step_rule=step_rule, foreach=False, **options))
     prototype, _, flat_tuner = train(lambda params: AdamMetricTuner(params, **ADAM_METRIC_VARIANTS[variant]))
     # The same algorithm; the prototype's metric eps is relative to this step's mean over the flat vector, the
     # library's to the last step's (so that it is known before the first pass): a difference of 1e-8 of the metric.
@@ -109,7 +112,7 @@ def test_the_first_step_is_adams_sign_step_of_dogs_initial_distance():
         torch.testing.assert_close(move, -scale * grad.sign(), rtol=1e-8, atol=0.0)
     numel = sum(g.numel() for g in grads)
     root_mean = (sum(float(g.abs().sum()) for g in grads) / numel) ** 0.5
-    start = 1e-3 * (1.0 + float(torch.cat([b.flatten() for b in before]).norm())) * root_mean
+    start = 1e-2 * (1.0 + float(torch.cat([b.flatten() for b in before]).norm())) * root_mean  # (its rule's start)
     assert opt.stats()["distance"] == pytest.approx(start, rel=1e-12)
     metric_length = sum(float((g.abs() * m * m).sum()) for g, m in zip(grads, moves)) ** 0.5
     assert metric_length == pytest.approx(start, rel=1e-8) and opt.stats()["mu"] == 0.0

@@ -138,6 +138,7 @@ def test_the_flavours_give_the_single_tensor_numbers(flavour, options):
 @pytest.mark.parametrize("options, variant", [
     (dict(step_rule="dog", relative_clip=math.inf), "snr_dog_start_1e-3"),
     (dict(step_rule="dowg", relative_clip=math.inf), "snr_dowg_start_1e-3"),
+    (dict(step_rule="dowg", relative_clip=math.inf, initial_distance=1e-2), "snr_dowg_start_1e-2"),
     (dict(step_rule="secant", relative_clip=math.inf), "ds_memory_0.99"),
     # (a clip and trigger tighter than the defaults, so that it acts on this small problem's gradients)
     (dict(step_rule="dog", relative_clip=1.1, clip_trigger=1.1), "snr_dog_update_clip_2"),
@@ -253,9 +254,10 @@ def test_near_a_minimum_the_anchor_rule_anneals_as_one_over_t():
     assert 0.5 < late * 3000 * curvature < 4.0
 
 
-# The first move is r (1 + ||x_0||), r = initial_distance: by default 1e-3, 1e-6 for the secant rule; any r given.
+# The first move is r (1 + ||x_0||), r = initial_distance: by default 1e-3, 1e-2 for the neutral DoWG rule, 1e-6 for
+# the secant rule; any r given.
 @pytest.mark.parametrize("step_rule, start, options", [
-    ("dog", 1e-3, {}), ("dowg", 1e-3, {}), ("dowg_neutral", 1e-3, {}), ("secant", 1e-6, {}),
+    ("dog", 1e-3, {}), ("dowg", 1e-3, {}), ("dowg_neutral", 1e-2, {}), ("secant", 1e-6, {}),
     ("dog", 2e-2, {"initial_distance": 2e-2}), ("dowg", 2e-2, {"initial_distance": 2e-2}),
     ("dowg_neutral", 1e-4, {"initial_distance": 1e-4}), ("secant", 1e-3, {"initial_distance": 1e-3}),
 ], ids=str)
