@@ -29,7 +29,8 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import measurements, passes, tuning
 from .measurements import Sums
-from .state import DEFAULT_TUNER, SECANT_UNDER_STALENESS, TunerSettings, TunerState, check_bool, check_number
+from .state import (DEFAULT_TUNER, INITIAL_DISTANCE_BEFORE_THE_OPTION, SECANT_UNDER_STALENESS, TunerSettings,
+                    TunerState, check_bool, check_number)
 
 try:  # (torch builds without distributed support have no DTensor)
     from torch.distributed.tensor import DTensor as _DTensor
@@ -194,7 +195,8 @@ class YellowFin(Optimizer):
             precondition=precondition, relative_clip=relative_clip, clip_trigger=clip_trigger,
             initial_distance=initial_distance, average=average,
         )
-        # (beta, step_rule, the clip and the first move as given: None stays None, so that each group's tuner picks its own)
+        # (beta, step_rule, the clip and the first move as given: None stays None, so that each group's tuner picks
+        # its own)
         defaults = dict(
             vars(settings), beta=beta, step_rule=step_rule, relative_clip=relative_clip, clip_trigger=clip_trigger,
             initial_distance=initial_distance, lr=lr,
@@ -250,8 +252,8 @@ class YellowFin(Optimizer):
             # (torch only warns; the per-tensor and multi-tensor paths would update such a tensor once and twice)
             raise ValueError("a parameter group lists the same tensor more than once: list each parameter once")
         settings = _check_group({**self.defaults, **param_group})
-        # The group names its memory (and a scale-free group its rule, clip and first move): a checkpoint keeps them when a
-        # default changes.
+        # The group names its memory (and a scale-free group its rule, clip and first move): a checkpoint keeps them
+        # when a default changes.
         param_group["beta"] = settings.beta
         if settings.scale_free:
             param_group.update(step_rule=settings.step_rule, relative_clip=settings.relative_clip,
@@ -705,7 +707,7 @@ def _resolved_options_of_old_groups(saved: dict) -> dict:
     for a scale-free group, the step rule "secant" if it was saved before
     step_rule existed, "dog" if with step_rule=None while that meant DoG's rule; no relative clip if saved before
     relative_clip existed; a clip that acts at its own level if saved before clip_trigger existed; the first move its
-    rule had (1e-6 for the secant rule, else 1e-3) if saved before initial_distance existed. {} for any other group."""
+    rule had then if saved before initial_distance existed. {} for any other group."""
     if "tuner" not in saved:  # saved before the option existed, when every tuner was the reference
         return {"tuner": "reference"}
     if saved["tuner"] != "scale_free":
@@ -720,7 +722,8 @@ def _resolved_options_of_old_groups(saved: dict) -> dict:
     if saved.get("clip_trigger") is None:
         resolved["clip_trigger"] = resolved.get("relative_clip", saved.get("relative_clip"))
     if saved.get("initial_distance") is None:  # (it acts on the first step only: for a checkpoint saved before one)
-        resolved["initial_distance"] = 1e-6 if resolved.get("step_rule", saved["step_rule"]) == "secant" else 1e-3
+        rule = resolved.get("step_rule", saved["step_rule"])
+        resolved["initial_distance"] = INITIAL_DISTANCE_BEFORE_THE_OPTION[rule]
     return resolved
 
 

@@ -209,6 +209,9 @@ DEFAULT_RELATIVE_CLIP = {None: 2.0, "adam": math.inf}
 # plain metric's default) keeps 1e-3: 1e-2 gained four tasks there too, but its runs on a separable problem ran away
 # on 3 seeds of 20 against 1 of 20 (benchmarks/interpolation.py). The secant rule keeps the 1e-6 it was measured with.
 DEFAULT_INITIAL_DISTANCE = {"dog": 1e-3, "dowg": 1e-3, "dowg_neutral": 1e-2, "secant": 1e-6}
+# ... and the first move each rule ran with before the option existed: what a checkpoint saved then resumes with, and
+# what the bench variants measured then keep.
+INITIAL_DISTANCE_BEFORE_THE_OPTION = {"dog": 1e-3, "dowg": 1e-3, "dowg_neutral": 1e-3, "secant": 1e-6}
 SCALE_FREE_EPS = 1e-30
 # Why the secant rule cannot run on stale gradients (refused by the asynchronous systems and by set_staleness).
 SECANT_UNDER_STALENESS = ("step_rule='secant' cannot run under asynchrony, on stale gradients: its secant pairs "

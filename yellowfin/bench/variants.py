@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from yellowfin.bench.optimizers import CONTROL, UNTUNED, OptimizerSpec, YellowFinAverage, plain_sgd
-from yellowfin.state import outlier_trigger
+from yellowfin.state import INITIAL_DISTANCE_BEFORE_THE_OPTION, outlier_trigger
 
 SPEC_PREFIX = "yf_"
 REFERENCE = "reference"
@@ -98,16 +98,15 @@ def get_variant(name: str) -> Variant:
 
 # The scale-free variants measured before the relative clip existed run without it, whatever its default becomes.
 _UNCLIPPED = {"relative_clip": math.inf}
-# ... and every scale-free variant starts with the first move it was measured with (initial_distance, by its rule),
-# whatever the default becomes.
-_MEASURED_INITIAL_DISTANCE = {"dog": 1e-3, "dowg": 1e-3, "dowg_neutral": 1e-3, "secant": 1e-6}
+# ... and every scale-free variant without a start of its own starts with the first move it was measured with, its
+# rule's before initial_distance existed, whatever the default becomes.
 
 
 def _pinned_start(variant: Variant) -> Variant:
     overrides = variant.overrides
     if overrides.get("tuner") != "scale_free" or "initial_distance" in overrides:
         return variant
-    start = _MEASURED_INITIAL_DISTANCE[overrides["step_rule"]]
+    start = INITIAL_DISTANCE_BEFORE_THE_OPTION[overrides["step_rule"]]
     return dataclasses.replace(variant, overrides={**overrides, "initial_distance": start})
 
 
