@@ -12,16 +12,18 @@ ran with the same commands into benchmarks/results-five-seeds, e.g. for the char
         scale_free_dowg_clip_trigger_average --seeds 3 4 --results benchmarks/results-five-seeds
 
 The preconditioned tuner's two rules (docs/tuner.md §12) ran on seeds 3 and 4 of every task the same way, and so
-did each metric's default with the first move 1e-2 (§13):
+did each metric's default with the first move 1e-2 and the neutral rule times sqrt(1.5) (§14):
 
     yellowfin ablate <the seven tasks> --variants scale_free_adam_dowg_neutral scale_free_adam --seeds 3 4 \\
         --results benchmarks/results-five-seeds
     yellowfin ablate <the seven tasks> --variants scale_free_dowg_clip_trigger_start_1e-2_average \\
         scale_free_adam_dowg_neutral_start_1e-2 --seeds 3 4 --results benchmarks/results-five-seeds
+    yellowfin ablate <the seven tasks> --variants scale_free_dowg_neutral_lr_1.22_clip_trigger_average --seeds 3 4 \\
+        --results benchmarks/results-five-seeds
 
 Prints, per task, the final smoothed training loss per seed (the ablation's measure), the means, each variant's
-paired differences against tuned momentum SGD, the neutral DoWG rule's against DoG's in Adam's metric, and the
-first move 1e-2 against 1e-3 in each metric.
+paired differences against tuned momentum SGD, the neutral DoWG rule's against DoG's in Adam's metric, the
+first move 1e-2 against 1e-3 in each metric, and the neutral rule times sqrt(1.5) against the plain default.
 
     python benchmarks/five_seeds.py
 """
@@ -47,12 +49,16 @@ VARIANTS = {
     "DoWG rule + relative clip + average (trigger 10), first move 1e-2":
         "scale_free_dowg_clip_trigger_start_1e-2_average",
     "Adam's metric, neutral DoWG rule, first move 1e-2": "scale_free_adam_dowg_neutral_start_1e-2",
+    "neutral DoWG rule times sqrt(1.5) + relative clip + average":
+        "scale_free_dowg_neutral_lr_1.22_clip_trigger_average",
 }
 # Paired differences printed beside those against tuned momentum SGD: (run, minus run).
 PAIRS = (("Adam's metric, neutral DoWG rule", "Adam's metric, DoG rule"),
          ("DoWG rule + relative clip + average (trigger 10), first move 1e-2",
           "DoWG rule + relative clip + average (trigger 10)"),
-         ("Adam's metric, neutral DoWG rule, first move 1e-2", "Adam's metric, neutral DoWG rule"))
+         ("Adam's metric, neutral DoWG rule, first move 1e-2", "Adam's metric, neutral DoWG rule"),
+         ("neutral DoWG rule times sqrt(1.5) + relative clip + average",
+          "DoWG rule + relative clip + average (trigger 10)"))
 TASKS = {  # task: (steps, tuned momentum SGD's learning rate, the variants run on five seeds)
     "char_lstm": (1500, "1", tuple(VARIANTS)),
     "fmnist_resnet": (300, "0.03", tuple(VARIANTS)[1:]),

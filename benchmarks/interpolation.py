@@ -45,6 +45,10 @@ OPTIMIZERS = {
                                                                 initial_distance=1e-2),
     "scale_free_dowg_neutral_clip": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg_neutral",
                                                              initial_distance=1e-3),
+    # the neutral rule times sqrt(1.5), between it and DoWG (docs/tuner.md §14)
+    "scale_free_dowg_neutral_lr_1.22_clip": lambda params: YellowFin(params, tuner="scale_free",
+                                                                     step_rule="dowg_neutral", lr=math.sqrt(1.5),
+                                                                     initial_distance=1e-3),
     "scale_free_adam_dowg_neutral_start_1e-2": lambda params: YellowFin(params, precondition="adam",
                                                                         step_rule="dowg_neutral",
                                                                         initial_distance=1e-2),

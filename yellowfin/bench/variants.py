@@ -214,6 +214,13 @@ for _variant in (
             "its iterates' polynomial average (t^8 weights)",
             overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "step_rule": "dowg_neutral",
                        "beta": 0.99, "initial_distance": 1e-2, "average": True}),
+    # The neutral rule times c, with c^2 = 1.5 (lr=sqrt(1.5)): DoWG is the neutral rule times sqrt(2), whose step grows
+    # without bound where the gradients are noise; times c it grows as t^((c^2-1)/(2-c^2)) = t there (docs/algorithm.md
+    # §8, "The lr multiplier"; docs/tuner.md §14): between the neutral rule's fixed point and DoWG's runaway.
+    Variant("scale_free_dowg_neutral_lr_1.22_clip_trigger_average",
+            "scale_free_dowg_neutral_clip_trigger_average with lr=sqrt(1.5): its step grows about as t under noise",
+            overrides={"tuner": "scale_free", "step_rule": "dowg_neutral", "relative_clip": 2.0,
+                       "clip_trigger": outlier_trigger(0.99), "beta": 0.99, "average": True, "lr": math.sqrt(1.5)}),
 ):
     register_variant(_pinned_start(_variant))
 DEFAULT_VARIANTS = (REFERENCE, "paper", "control")
