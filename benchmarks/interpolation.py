@@ -68,7 +68,7 @@ def build(name: str):
     return OPTIMIZERS[name]
 
 
-def run(name: str, seed: int, steps: int, examples: int = 256, batch: int = 32) -> dict:
+def run(name: str, seed: int, steps: int, examples: int = 256, batch: int = 32, trace: bool = False) -> dict:
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn(examples, 20, generator=generator)
     labels = (inputs @ torch.randn(20, 4, generator=generator)).argmax(1)
@@ -83,6 +83,13 @@ def run(name: str, seed: int, steps: int, examples: int = 256, batch: int = 32) 
         loss.backward()
         optimizer.step()
         value = float(loss.detach())
+        if trace and step % 50 == 0:  # (what the tuner does as a run goes wrong: docs/tuner.md §14.1)
+            stats = optimizer.stats() if hasattr(optimizer, "stats") else {}
+            effective = stats["alpha"] / (1.0 - stats["mu"]) if stats else math.nan
+            grad_norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+            weights_norm = torch.cat([p.detach().flatten() for p in model.parameters()]).norm()
+            print(f"step {step}: batch loss {value:.3g}, ||g|| {float(grad_norm):.3g}, effective step "
+                  f"{effective:.3g}, ||x|| {float(weights_norm):.3g}", flush=True)
         if step >= 200:
             worst = max(worst, value) if math.isfinite(value) else math.inf
         if blew_up_at is None and not value < 10.0:
@@ -100,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS))
+    parser.add_argument("--trace", action="store_true",
+                        help="print the batch loss, gradient norm, effective step and weights' norm every 50 steps "
+                             "(a diagnostic: no results file is written)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -108,11 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.optimizers:
         results = []
         for seed in args.seeds:
-            record = run(name, seed, args.steps)
+            record = run(name, seed, args.steps, trace=args.trace)
             results.append(record)
             print(f"{name} seed {seed}: final loss {record['final_loss']}, worst batch loss after 200 steps "
                   f"{record['worst_batch_loss_after_200']}, first batch loss above 10 at step "
                   f"{record['first_loss_above_10']}", flush=True)
+        if args.trace:
+            continue
         path = OUT / f"{name.replace(':', '_')}.json"
         path.write_text(json.dumps({"steps": args.steps, "results": results}, indent=1) + "\n")
     return 0
