@@ -142,6 +142,12 @@ VARIANTS: dict[str, dict] = {
     "snr_dowg_update_clip_2_trigger_10": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99,
                                               start_distance=1e-3, dog_weights="distance", relative_clip=2.0,
                                               clip_update_only=True, clip_trigger=10.0),
+    # ... and its effective step held to growing at most as t from step 100 on (1 / (1 - memory)), where DoWG's
+    # own step outgrows that (docs/tuner.md §14.1: DoWG's runaway near interpolation)
+    "snr_dowg_update_clip_2_trigger_10_linear_100": dict(alpha_units="dog", momentum_rule="snr", kappa="norm",
+                                                         memory=0.99, start_distance=1e-3, dog_weights="distance",
+                                                         relative_clip=2.0, clip_update_only=True, clip_trigger=10.0,
+                                                         linear_growth_after=100),
     # the clip as a rate limit: what it cuts is carried to the next steps' updates, not dropped (clip_defers)
     "snr_dowg_update_clip_2_deferred": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99,
                                             start_distance=1e-3, dog_weights="distance", relative_clip=2.0,
@@ -214,7 +220,7 @@ class FlatTuner(torch.optim.Optimizer):
                  momentum_floor: float = 0.0, max_effective_step: float = math.inf,
                  step_growth: float = math.inf, relative_clip: float = math.inf, clip_update_only: bool = False,
                  clip_mean_includes_current: bool = False, clip_defers: bool = False,
-                 clip_trigger: float | None = None):
+                 clip_trigger: float | None = None, linear_growth_after: float = math.inf):
         super().__init__(params, {})
         # relative_clip: the gradient's norm clipped at that many times the root of the running mean of ||g||^2
         # (memory 0.99, debiased; from the second step on): a gradient far above every norm the step was calibrated
@@ -239,6 +245,10 @@ class FlatTuner(torch.optim.Optimizer):
         # step_growth lets the effective step grow at most by that factor a step, a bound that the movement the
         # step causes cannot undo, since it holds on the step itself and not on the distance.
         self.max_effective_step, self.step_growth, self.previous_step = max_effective_step, step_growth, math.inf
+        # linear_growth_after: from that many steps on, the effective step grows at most in proportion to t (eta_t / t
+        # never rises): the growth that a step rule bounded under noise allows (the neutral rule times sqrt(1.5),
+        # docs/tuner.md §14.1), imposed only where DoWG's own step outgrows it, as in its runaway near interpolation.
+        self.linear_growth_after, self.min_step_per_step = linear_growth_after, math.inf
         # momentum_floor: mu at least this after DoG's first move. At a given effective step eta, heavy ball is stable
         # in the stiff directions up to eta h < 2 (1 + mu) / (1 - mu): where DoG's step overshoots early (the
         # autoencoder's reaches 4x tuned SGD's within 20 steps while the momentum rule still says mu ~ 0.2), a high
@@ -413,6 +423,9 @@ class FlatTuner(torch.optim.Optimizer):
             if self.previous_step < math.inf:
                 effective_step = min(effective_step, self.step_growth * self.previous_step)
             effective_step = min(effective_step, self.max_effective_step)
+            if self.dog_steps >= self.linear_growth_after:
+                effective_step = min(effective_step, self.min_step_per_step * self.dog_steps)
+                self.min_step_per_step = min(self.min_step_per_step, effective_step / self.dog_steps)
             self.previous_step = effective_step
             if self.without_momentum:
                 return torch.zeros((), dtype=torch.float64), torch.tensor(effective_step, dtype=torch.float64)
