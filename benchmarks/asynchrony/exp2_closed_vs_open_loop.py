@@ -74,6 +74,13 @@ def summarize(results):
     return summary
 
 
+def finished(run):
+    """The run with its loss curve smoothed and its final smoothed loss, as the results files keep it."""
+    run["smoothed"] = smooth(run.pop("losses"))
+    run["final"] = run["smoothed"][-1]
+    return run
+
+
 def main(names, seed=0, extend_only=False, add_scale_free=False, only=None):
     """``extend_only``: load the results file and only add the edge extensions (for a file written before
     extend_edges existed); ``add_scale_free``: load it and only add the scale-free tuner's runs; ``only``: run that
@@ -86,9 +93,7 @@ def main(names, seed=0, extend_only=False, add_scale_free=False, only=None):
         task = get_task(name, **setup["options"])
         filename = f"exp2_{name}.json" if seed == 0 else f"exp2_{name}_seed{seed}.json"
         if only is not None:
-            run = simulate(task, only, NUM_WORKERS, setup["steps"], seed=seed, staleness="fixed")
-            run["smoothed"] = smooth(run.pop("losses"))
-            run["final"] = run["smoothed"][-1]
+            run = finished(simulate(task, only, NUM_WORKERS, setup["steps"], seed=seed, staleness="fixed"))
             print(name, only, f"final {run['final']:.4f}", f"{run['seconds']:.0f}s", flush=True)
             save_json({"task": name, "num_workers": NUM_WORKERS, "staleness": "fixed", "seed": seed, "runs": [run]},
                       filename.replace(".json", f"_{only}.json"))
@@ -101,9 +106,7 @@ def main(names, seed=0, extend_only=False, add_scale_free=False, only=None):
                        "setup": {k: v for k, v in setup.items()}, "runs": []}
 
         def record(run):
-            run["smoothed"] = smooth(run.pop("losses"))
-            run["final"] = run["smoothed"][-1]
-            results["runs"].append(run)
+            results["runs"].append(finished(run))
             print(name, run["method"], run["lr"], f"final {run['final']:.4f}", f"{run['seconds']:.0f}s",
                   flush=True)
             save_json(results, filename)
