@@ -276,9 +276,13 @@ class FlatTuner(torch.optim.Optimizer):
         # The distance variant grows its own step from r_eps, so it needs no ramp (DoG's warm-up).
         # The secant variant keeps every guard relative (eps far below any measured scale), so that only
         # the measurements, not the guards, decide: the loss-scale screen then tests the estimator itself.
+        # The reference's estimators are what every variant starts from (tuning.tune_step gives h_min, h_max and C),
+        # so the tuner is pinned: the library's default (the scale-free tuner) would also apply its relative clip
+        # to g through c.grad_scale, on top of any clip a variant has (docs/tuner.md §15).
         secant = alpha_units in ("secant", "distance_secant", "dog")
-        self.settings = (TunerSettings(slow_start=False, beta=memory, eps=1e-30, adaptive_clipping=False) if secant
-                         else TunerSettings(slow_start=alpha_units == "gradient", beta=memory))
+        self.settings = (TunerSettings(tuner="reference", slow_start=False, beta=memory, eps=1e-30,
+                                       adaptive_clipping=False) if secant
+                         else TunerSettings(tuner="reference", slow_start=alpha_units == "gradient", beta=memory))
         self.max_growth, self.anchor, self.curvature_memory = max_growth, anchor, curvature_memory
         if noise_correction not in (True, False, "relative"):
             raise ValueError(f"unknown noise_correction {noise_correction!r}")
@@ -567,7 +571,9 @@ class AdamMetricTuner(torch.optim.Optimizer):
             raise ValueError(f"unknown dog_weights {dog_weights!r}")
         self.dog_weights, self.recent_sq = dog_weights, 0.0
         self.params = [p for group in self.param_groups for p in group["params"]]
-        self.settings = TunerSettings(slow_start=False, beta=beta, eps=1e-30, adaptive_clipping=False)
+        # (the reference's estimators, pinned as in FlatTuner)
+        self.settings = TunerSettings(tuner="reference", slow_start=False, beta=beta, eps=1e-30,
+                                      adaptive_clipping=False)
         self.tuner = TunerState.initial(self.settings)
         self.second_moment_beta, self.relative_eps, self.max_growth = second_moment_beta, relative_eps, max_growth
         self.x0 = FlatTuner._flat(p.detach() for p in self.params).clone()

@@ -162,6 +162,27 @@ def test_matches_the_flat_prototype(options, variant):
         assert flat_tuner.clipped_steps > 0  # (so that the clip itself is compared)
 
 
+@pytest.mark.parametrize("variant", ["snr_dowg", "snr_dowg_update_clip_2_trigger_10"])
+def test_the_flat_prototype_applies_only_its_own_clip(variant):
+    # The prototype reads the reference's estimators from tuning.tune_step and applies its c.grad_scale; with the
+    # library's default tuner there, the library's relative clip acted on every variant too, and twice where a
+    # variant clips (docs/tuner.md §15). An outlier a hundred times the usual gradient, after 150 ordinary ones:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from tuner_screen import VARIANTS, FlatTuner
+
+    param = nn.Parameter(torch.zeros(8, dtype=torch.float64))
+    opt = FlatTuner([param], **VARIANTS[variant])
+    generator = torch.Generator().manual_seed(0)
+    for step in range(151):
+        before = opt.velocity.clone()
+        param.grad = torch.randn(8, dtype=torch.float64, generator=generator) * (100.0 if step == 150 else 1.0)
+        opt.step()
+    applied = (opt.velocity - opt.trace["mu"][-1] * before) / param.grad
+    own_clip = opt.update_factor  # (1 where the variant has no clip or it did not act)
+    assert (own_clip < 1.0) == ("clip" in variant)
+    torch.testing.assert_close(applied, torch.full_like(applied, own_clip), rtol=1e-12, atol=0.0)
+
+
 def test_the_adam_metric_prototype_does_not_depend_on_the_loss_scale_either():
     # Issue 13's first screen (docs/tuner.md §7): the same rule in Adam's metric keeps every estimate in
     # units that cancel, including Adam's epsilon (relative to the metric's mean) and DoG's start.
