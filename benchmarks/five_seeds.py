@@ -21,9 +21,15 @@ did each metric's default with the first move 1e-2 and the neutral rule times sq
     yellowfin ablate <the seven tasks> --variants scale_free_dowg_neutral_lr_1.22_clip_trigger_average --seeds 3 4 \\
         --results benchmarks/results-five-seeds
 
+and the plain default with DoWG's step held to linear growth (§15):
+
+    yellowfin ablate <the seven tasks> --variants scale_free_dowg_clip_trigger_growth_cap_average --seeds 3 4 \\
+        --results benchmarks/results-five-seeds
+
 Prints, per task, the final smoothed training loss per seed (the ablation's measure), the means, each variant's
 paired differences against tuned momentum SGD, the neutral DoWG rule's against DoG's in Adam's metric, the
-first move 1e-2 against 1e-3 in each metric, and the neutral rule times sqrt(1.5) against the plain default.
+first move 1e-2 against 1e-3 in each metric, and the neutral rule times sqrt(1.5) and the growth cap against the
+plain default.
 
     python benchmarks/five_seeds.py
 """
@@ -51,6 +57,8 @@ VARIANTS = {
     "Adam's metric, neutral DoWG rule, first move 1e-2": "scale_free_adam_dowg_neutral_start_1e-2",
     "neutral DoWG rule times sqrt(1.5) + relative clip + average":
         "scale_free_dowg_neutral_lr_1.22_clip_trigger_average",
+    "DoWG rule + relative clip + average (trigger 10), growth cap":
+        "scale_free_dowg_clip_trigger_growth_cap_average",
 }
 # Paired differences printed beside those against tuned momentum SGD: (run, minus run).
 PAIRS = (("Adam's metric, neutral DoWG rule", "Adam's metric, DoG rule"),
@@ -58,6 +66,8 @@ PAIRS = (("Adam's metric, neutral DoWG rule", "Adam's metric, DoG rule"),
           "DoWG rule + relative clip + average (trigger 10)"),
          ("Adam's metric, neutral DoWG rule, first move 1e-2", "Adam's metric, neutral DoWG rule"),
          ("neutral DoWG rule times sqrt(1.5) + relative clip + average",
+          "DoWG rule + relative clip + average (trigger 10)"),
+         ("DoWG rule + relative clip + average (trigger 10), growth cap",
           "DoWG rule + relative clip + average (trigger 10)"))
 TASKS = {  # task: (steps, tuned momentum SGD's learning rate, the variants run on five seeds)
     "char_lstm": (1500, "1", tuple(VARIANTS)),

@@ -72,6 +72,13 @@ class TunerSettings:
     # Adam's metric, carried into its units), a length relative to the parameters. It acts on the first step only
     # (afterwards d is the distance measured). None: the step rule's default (DEFAULT_INITIAL_DISTANCE).
     initial_distance: float | None = None
+    # Hold the scale-free tuner's effective step alpha / (1 - mu) to growing at most in proportion to t once the
+    # tuner's memory is full (from step 1 / (1 - beta) on, the least eta_s / s since then bounds eta_t / t): the
+    # growth that a step rule bounded under noise allows. DoWG's step grows without bound where the gradients are
+    # mostly noise and nothing else holds it (a run near interpolation, docs/tuner.md §15); where the gradients hold
+    # it, as on every task of the suite but one seed's plateau, it grows more slowly than t and the cap never acts.
+    # None: the step rule's default (DEFAULT_GROWTH_CAP).
+    growth_cap: bool | None = None
     # Keep the iterates' polynomial average (weights growing as t^AVERAGE_POWER, tuning.average_weight) in one more
     # buffer per parameter; ``YellowFin.averaged()`` puts it in the parameters for evaluation. It changes nothing
     # in the trajectory: it is the point to hand out, which under gradient noise is much closer to the optimum.
@@ -112,6 +119,13 @@ class TunerSettings:
                    "None or a finite number > 0")
         elif self.scale_free:
             object.__setattr__(self, "initial_distance", DEFAULT_INITIAL_DISTANCE[self.step_rule])
+        if self.growth_cap is not None:
+            if not self.scale_free:
+                raise ValueError(f"growth_cap={self.growth_cap!r} is an option of tuner='scale_free' (the reference "
+                                 "grows its step by its slow start)")
+            check_bool("growth_cap", self.growth_cap)
+        elif self.scale_free:
+            object.__setattr__(self, "growth_cap", DEFAULT_GROWTH_CAP[self.step_rule])
         if self.precondition is not None:
             _check(self.precondition in PRECONDITIONERS, "precondition", self.precondition,
                    "None or " + " or ".join(map(repr, PRECONDITIONERS)))
@@ -212,6 +226,12 @@ DEFAULT_INITIAL_DISTANCE = {"dog": 1e-3, "dowg": 1e-3, "dowg_neutral": 1e-2, "se
 # ... and the first move each rule ran with before the option existed: what a checkpoint saved then resumes with, and
 # what the bench variants measured then keep.
 INITIAL_DISTANCE_BEFORE_THE_OPTION = {"dog": 1e-3, "dowg": 1e-3, "dowg_neutral": 1e-3, "secant": 1e-6}
+# Whether the scale-free tuner's step is held to linear growth (TunerSettings.growth_cap) when none is given, by step
+# rule: for DoWG, whose step is the neutral rule's times sqrt(2) and so grows without bound under noise (docs/tuner.md
+# §14.1), on for the plain metric's default since §15 (a separable problem's runaway, 1 seed of 20, became a spike
+# that recovers; the suite unchanged). The DoG and neutral DoWG rules keep a constant step under noise, and the secant
+# rule bounds its own growth by the secant: off (each rule takes the cap when asked).
+DEFAULT_GROWTH_CAP = {"dog": False, "dowg": True, "dowg_neutral": False, "secant": False}
 SCALE_FREE_EPS = 1e-30
 # Why the secant rule cannot run on stale gradients (refused by the asynchronous systems and by set_staleness).
 SECANT_UNDER_STALENESS = ("step_rule='secant' cannot run under asynchrony, on stale gradients: its secant pairs "
@@ -281,6 +301,9 @@ class TunerState:
     signal_avg: Tensor  # the running mean of <g_t, g_(t-1)>, an estimate of ||E g||^2 (debiased as it is kept)
     carried_grad_dot_momentum: Tensor  # m_(t-1) <g_(t-1), v_(t-2)>, what <g_t, v_(t-1)> holds besides <g_t, g_(t-1)>
     metric_mean: Tensor  # the mean of the metric over the scope at the last step (its eps is relative to it)
+    # The growth cap's bound (TunerSettings.growth_cap): the least effective step per step, eta_s / s, since the
+    # tuner's memory filled; 0 before.
+    least_step_per_step: Tensor
 
     @classmethod
     def initial(cls, settings: TunerSettings, device: torch.device | str | None = None) -> "TunerState":
@@ -316,7 +339,8 @@ class TunerState:
         A checkpoint written before the tuned step was named ``alpha`` holds it as ``lr``, and one written
         before the scale-free tuner lacks its fields (a reference tuner's, which never reads them), or some of
         them (a scale-free tuner's from before ``grad_sq_sum``, which then restarts DoG's sum), and one written
-        before ``staleness`` was synchronous (staleness 0): all load.
+        before ``staleness`` was synchronous (staleness 0), and one written before ``least_step_per_step`` had no
+        growth cap (its groups resolve growth_cap=False): all load.
         """
         expected = {f.name for f in fields(cls)}
         if isinstance(values, dict) and "lr" in values and "alpha" not in values:
@@ -324,8 +348,9 @@ class TunerState:
         if isinstance(values, dict) and not set(SCALE_FREE_FIELDS) <= set(values):
             initial = cls.initial(settings)
             values = {**{name: getattr(initial, name) for name in SCALE_FREE_FIELDS}, **values}
-        if isinstance(values, dict) and "staleness" not in values:  # (saved before the field: synchronous)
-            values = {**values, "staleness": cls.initial(settings).staleness}
+        for name in ("staleness", "least_step_per_step"):  # (saved before the field: synchronous, no bound yet)
+            if isinstance(values, dict) and name not in values:
+                values = {**values, name: getattr(cls.initial(settings), name)}
         if not isinstance(values, dict) or set(values) != expected:
             got = sorted(values) if isinstance(values, dict) else type(values).__name__
             raise ValueError(f"tuner state must have exactly the fields {sorted(expected)}, got {got}")
@@ -362,5 +387,5 @@ _FIELD_RANGES = {
     name: (0.0, math.inf)
     for name in ("step", "skipped_steps", "curvatures", "grad_sq_avg", "grad_norm_avg", "dist_avg",
                  "h_min", "h_max", "grad_var", "dist", "alpha", "distance", "secant_den_avg", "secant_curvature",
-                 "prev_step_noise_weight", "grad_sq_sum", "metric_mean", "staleness")
+                 "prev_step_noise_weight", "grad_sq_sum", "metric_mean", "staleness", "least_step_per_step")
 } | {"density_avg": (0.0, 1.0), "mu": (-1.0, 1.0)}

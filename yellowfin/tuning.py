@@ -176,27 +176,30 @@ def tune_scale_free(
     distance_weighted = settings.step_rule in ("dowg", "dowg_neutral")
     grad_sq_sum = state.grad_sq_sum + (distance**2 * sample.sq_norm if distance_weighted else sample.sq_norm)
     first_step = distance / torch.sqrt(sample.sq_norm)  # DoG's start: move exactly d, without momentum
-    # DoG's step as the effective step: the momentum spreads it as alpha = (1 - mu) d / sqrt(sum ||g||^2). An
-    # absolute curvature is what SingleStep's alpha = (1 - sqrt mu)^2 / h_min needs and what gradients measure worst
-    # (the secant is mostly the last gradient's own noise), so the scale comes from the distance travelled instead.
-    alpha_dog = (1.0 - sqrt_mu**2) * (distance**2 if distance_weighted else distance) / torch.sqrt(grad_sq_sum)
-    if settings.step_rule == "dowg_neutral":
-        # A run whose distance grows as a random walk's (d_s^2 = s d_1^2: noise, not progress) leaves DoG's step where
-        # it is, d_t / sqrt(t G), but raises DoWG's by sqrt(2), since sum_s d_s^2 = t d_t^2 / 2: nothing but the
-        # gradients' growth checks that, and Adam's metric normalizes it away. Divided by sqrt(2), DoWG keeps its
-        # weights and DoG's neutral fixed point (docs/algorithm.md §9).
-        alpha_dog = alpha_dog * NEUTRAL_DOWG_FACTOR
+    mu = sqrt_mu**2
     # (under asynchrony, the step the tuner asks for is cut for the gradients' delay; the distance measured next
     # is then the movement this cut step causes)
     staleness_scale = staleness_step_scale(state.staleness)
-    if settings.preconditioned:  # (the DoG or neutral DoWG rule, in the metric; no secant is measured there)
-        return measured.replace(mu=torch.where(started, sqrt_mu**2, 0.0),
-                                alpha=staleness_scale * torch.where(started, alpha_dog, first_step), distance=distance,
-                                grad_sq_sum=grad_sq_sum, metric_mean=sums.metric_sum / sums.numel)
     if settings.step_rule != "secant":  # (the DoG family: no secant is measured, pass 1 left its sums out)
-        return measured.replace(mu=torch.where(started, sqrt_mu**2, 0.0),
-                                alpha=staleness_scale * torch.where(started, alpha_dog, first_step), distance=distance,
-                                grad_sq_sum=grad_sq_sum)
+        # DoG's step as the effective step: the momentum spreads it as alpha = (1 - mu) d / sqrt(sum ||g||^2). An
+        # absolute curvature is what SingleStep's alpha = (1 - sqrt mu)^2 / h_min needs and what gradients measure
+        # worst (the secant is mostly the last gradient's own noise), so the scale comes from the distance travelled.
+        effective_step = (distance**2 if distance_weighted else distance) / torch.sqrt(grad_sq_sum)
+        effective_step, least_step_per_step = cap_growth(effective_step, state, settings)
+        alpha = (1.0 - mu) * effective_step
+        if settings.step_rule == "dowg_neutral":
+            # A run whose distance grows as a random walk's (d_s^2 = s d_1^2: noise, not progress) leaves DoG's step
+            # where it is, d_t / sqrt(t G), but raises DoWG's by sqrt(2), since sum_s d_s^2 = t d_t^2 / 2: nothing but
+            # the gradients' growth checks that, and Adam's metric normalizes it away. Divided by sqrt(2), DoWG keeps
+            # its weights and DoG's neutral fixed point (docs/algorithm.md §9). (A constant factor: the growth cap's
+            # bound on eta_t / t, taken before it, is the same.)
+            alpha = alpha * NEUTRAL_DOWG_FACTOR
+        alpha = staleness_scale * torch.where(started, alpha, first_step)
+        new_state = measured.replace(mu=torch.where(started, mu, 0.0), alpha=alpha, distance=distance,
+                                     grad_sq_sum=grad_sq_sum, least_step_per_step=least_step_per_step)
+        if settings.preconditioned:  # (no secant is measured there either)
+            new_state = new_state.replace(metric_mean=sums.metric_sum / sums.numel)
+        return new_state
     secant_avg, step_sq_avg, secant_curvature = measurements.measure_secant(
         state, sums, measured.grad_var, settings.beta
     )
@@ -208,11 +211,33 @@ def tune_scale_free(
     # For a quadratic ||g|| = h d: h_min ~ sqrt(h_min proxy) / d.
     alpha_distance = contraction * distance / torch.sqrt(measured.h_min)
     alpha = torch.minimum(torch.minimum(alpha_secant, MAX_STEP_GROWTH * state.alpha), alpha_distance)
+    least_step_per_step = state.least_step_per_step
+    if settings.growth_cap:  # (on the effective step, as for the DoG family)
+        effective_step, least_step_per_step = cap_growth(alpha / (1.0 - mu), state, settings)
+        alpha = (1.0 - mu) * effective_step
     return measured.replace(
-        mu=torch.where(started, sqrt_mu**2, 0.0), alpha=staleness_scale * torch.where(started, alpha, first_step),
+        mu=torch.where(started, mu, 0.0), alpha=staleness_scale * torch.where(started, alpha, first_step),
         distance=distance, secant_num_avg=secant_avg, secant_den_avg=step_sq_avg, secant_curvature=secant_curvature,
-        grad_sq_sum=grad_sq_sum,
+        grad_sq_sum=grad_sq_sum, least_step_per_step=least_step_per_step,
     )
+
+
+def cap_growth(effective_step: Tensor, state: TunerState, settings: TunerSettings) -> tuple[Tensor, Tensor]:
+    """(the effective step held to linear growth, the bound's next value) where ``settings.growth_cap``: from step
+    m = 1 / (1 - beta) on (the tuner's memory full), eta_t <= t min_{m <= s < t} eta_s / s, with t counted from 1.
+
+    Why linear: a factor c on the neutral DoWG rule grows its step as t^((c^2 - 1) / (2 - c^2)) where the gradients
+    are mostly noise, linearly at c^2 = 1.5 and without bound at DoWG's c^2 = 2 (docs/tuner.md §14.1); linear growth
+    is what the bounded rules allow, imposed only where DoWG's own step outgrows it. Before the memory is full the
+    step grows as the start needs (geometrically, from DoG's first move)."""
+    if not settings.growth_cap:
+        return effective_step, state.least_step_per_step
+    t = state.step + 1.0
+    active = t >= round(1.0 / (1.0 - settings.beta))
+    bounded = active & (state.least_step_per_step > 0.0)  # (0: no bound yet, the first step of the memory sets it)
+    capped = torch.where(bounded, torch.minimum(effective_step, state.least_step_per_step * t), effective_step)
+    least = torch.where(bounded, torch.minimum(state.least_step_per_step, capped / t), capped / t)
+    return capped, torch.where(active, least, state.least_step_per_step)
 
 
 def staleness_step_scale(mean_staleness) -> Tensor:

@@ -98,16 +98,16 @@ def get_variant(name: str) -> Variant:
 
 # The scale-free variants measured before the relative clip existed run without it, whatever its default becomes.
 _UNCLIPPED = {"relative_clip": math.inf}
-# ... and every scale-free variant without a start of its own starts with the first move it was measured with, its
-# rule's before initial_distance existed, whatever the default becomes.
+# ... and every scale-free variant without a start or a growth cap of its own runs as it was measured: with its rule's
+# first move from before initial_distance existed, and without the growth cap, whatever the defaults become.
 
 
-def _pinned_start(variant: Variant) -> Variant:
+def _pinned_as_measured(variant: Variant) -> Variant:
     overrides = variant.overrides
-    if overrides.get("tuner") != "scale_free" or "initial_distance" in overrides:
+    if overrides.get("tuner") != "scale_free":
         return variant
-    start = INITIAL_DISTANCE_BEFORE_THE_OPTION[overrides["step_rule"]]
-    return dataclasses.replace(variant, overrides={**overrides, "initial_distance": start})
+    pinned = {"initial_distance": INITIAL_DISTANCE_BEFORE_THE_OPTION[overrides["step_rule"]], "growth_cap": False}
+    return dataclasses.replace(variant, overrides={**pinned, **overrides})
 
 
 for _variant in (
@@ -221,6 +221,15 @@ for _variant in (
             "scale_free_dowg_neutral_clip_trigger_average with lr=sqrt(1.5): its step grows about as t under noise",
             overrides={"tuner": "scale_free", "step_rule": "dowg_neutral", "relative_clip": 2.0,
                        "clip_trigger": outlier_trigger(0.99), "beta": 0.99, "average": True, "lr": math.sqrt(1.5)}),
+    # The default with DoWG's effective step held to linear growth once the memory is full (growth_cap; docs/tuner.md
+    # §15): the runaway near interpolation answered where DoWG's step outgrows t, and nowhere else.
+    Variant("scale_free_dowg_clip_trigger_growth_cap_average",
+            "scale_free_dowg_clip_trigger_average, its effective step growing at most as t from step 100 on",
+            overrides={"tuner": "scale_free", "step_rule": "dowg", "relative_clip": 2.0,
+                       "clip_trigger": outlier_trigger(0.99), "beta": 0.99, "average": True, "growth_cap": True}),
+    Variant("control_scale_free_dowg_clip_trigger_growth_cap",
+            "plain SGD replaying scale_free_dowg_clip_trigger_growth_cap_average's effective step",
+            control_of="scale_free_dowg_clip_trigger_growth_cap_average"),
 ):
-    register_variant(_pinned_start(_variant))
+    register_variant(_pinned_as_measured(_variant))
 DEFAULT_VARIANTS = (REFERENCE, "paper", "control")
