@@ -123,7 +123,7 @@ def test_the_reference_trajectory_does_depend_on_the_loss_scale():
 # (dowg_capped: a memory of 5 steps, so that the growth cap holds from step 5 of these 25)
 @pytest.mark.parametrize("options", [dict(step_rule="dog"), dict(step_rule="dowg"), dict(step_rule="dowg_neutral"),
                                      dict(step_rule="dowg", relative_clip=1.1, clip_trigger=1.1),
-                                     dict(step_rule="dowg", beta=0.8)],
+                                     dict(step_rule="dowg", beta=0.8, growth_cap=True)],
                          ids=["dog", "dowg", "dowg_neutral", "dowg_clipped", "dowg_capped"])
 @pytest.mark.parametrize("flavour", ["multi_tensor", "compiled"])
 def test_the_flavours_give_the_single_tensor_numbers(flavour, options):
@@ -139,15 +139,15 @@ def test_the_flavours_give_the_single_tensor_numbers(flavour, options):
 
 @pytest.mark.parametrize("options, variant", [
     (dict(step_rule="dog", relative_clip=math.inf), "snr_dog_start_1e-3"),
-    (dict(step_rule="dowg", relative_clip=math.inf, growth_cap=False), "snr_dowg_start_1e-3"),
-    (dict(step_rule="dowg", relative_clip=math.inf, initial_distance=1e-2, growth_cap=False), "snr_dowg_start_1e-2"),
+    (dict(step_rule="dowg", relative_clip=math.inf), "snr_dowg_start_1e-3"),
+    (dict(step_rule="dowg", relative_clip=math.inf, initial_distance=1e-2), "snr_dowg_start_1e-2"),
     (dict(step_rule="secant", relative_clip=math.inf), "ds_memory_0.99"),
     # (a clip and trigger tighter than the defaults, so that it acts on this small problem's gradients)
     (dict(step_rule="dog", relative_clip=1.1, clip_trigger=1.1), "snr_dog_update_clip_2"),
-    (dict(step_rule="dowg", relative_clip=1.1, clip_trigger=1.1, growth_cap=False), "snr_dowg_update_clip_2"),
-    (dict(step_rule="dowg", relative_clip=1.1, clip_trigger=1.3, growth_cap=False),
-     "snr_dowg_update_clip_2_trigger_10"),
-    (dict(step_rule="dowg", relative_clip=1.1, clip_trigger=1.3), "snr_dowg_update_clip_2_trigger_10_linear_100"),
+    (dict(step_rule="dowg", relative_clip=1.1, clip_trigger=1.1), "snr_dowg_update_clip_2"),
+    (dict(step_rule="dowg", relative_clip=1.1, clip_trigger=1.3), "snr_dowg_update_clip_2_trigger_10"),
+    (dict(step_rule="dowg", relative_clip=1.1, clip_trigger=1.3, growth_cap=True),
+     "snr_dowg_update_clip_2_trigger_10_linear_100"),
 ])
 def test_matches_the_flat_prototype(options, variant):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -164,9 +164,9 @@ def test_matches_the_flat_prototype(options, variant):
     assert opt.stats()["mu"] == pytest.approx(flat_tuner.trace["mu"][-1], rel=1e-6)
     if math.isfinite(options["relative_clip"]):
         assert flat_tuner.clipped_steps > 0  # (so that the clip itself is compared)
-    if options.get("growth_cap", True) and options["step_rule"] == "dowg":  # (and the cap: it acted)
-        uncapped, _, _ = train(lambda params: YellowFin(params, tuner="scale_free", foreach=False, growth_cap=False,
-                                                        **options))
+    if options.get("growth_cap"):  # (and the cap: it acted)
+        uncapped, _, _ = train(lambda params: YellowFin(params, tuner="scale_free", foreach=False,
+                                                        **{**options, "growth_cap": False}))
         assert relative_difference(library, uncapped) > 1e-5  # (a hundred times the match above)
 
 
@@ -241,16 +241,16 @@ def test_a_multiplier_below_one_anneals_the_neutral_rules_step_as_a_power_law(st
     assert math.log10(late / early) == pytest.approx(exponent, abs=0.02)
 
 
-def test_noise_alone_runs_dowgs_step_away_without_the_growth_cap():
-    early, late = effective_steps_on_a_random_walk(tuner="scale_free", step_rule="dowg", relative_clip=math.inf,
-                                                   growth_cap=False)
+def test_noise_alone_runs_dowgs_step_away():
+    early, late = effective_steps_on_a_random_walk(tuner="scale_free", step_rule="dowg", relative_clip=math.inf)
     assert late / early > 1e3
 
 
-# With it (DoWG's default) the step grows at most in proportion to t once the memory is full (step 100 at beta
-# 0.99): from step 100 to 1000, ten times at most, and on noise alone exactly that, since DoWG outgrows t there.
+# With the growth cap the step grows at most in proportion to t once the memory is full (step 100 at beta 0.99):
+# from step 100 to 1000, ten times at most, and on noise alone exactly that, since DoWG outgrows t there.
 def test_the_growth_cap_holds_dowgs_step_on_noise_to_linear_growth():
-    early, late = effective_steps_on_a_random_walk(tuner="scale_free", step_rule="dowg", relative_clip=math.inf)
+    early, late = effective_steps_on_a_random_walk(tuner="scale_free", step_rule="dowg", relative_clip=math.inf,
+                                                   growth_cap=True)
     assert late / early == pytest.approx(10.0, rel=1e-9)
 
 
@@ -626,7 +626,7 @@ def test_the_step_rule_and_clip_are_the_scale_free_tuners_and_each_group_names_w
     assert plain.param_groups[0]["clip_trigger"] == pytest.approx(10.0)  # 1 / sqrt(1 - 0.99), the group's memory
     assert YellowFin([p], tuner="scale_free", beta=0.9).param_groups[0]["clip_trigger"] == pytest.approx(10**0.5)
     assert YellowFin([p], tuner="reference").param_groups[0]["clip_trigger"] is None
-    for name in ("tuner", "step_rule", "relative_clip", "clip_trigger", "initial_distance", "growth_cap"):
+    for name in ("tuner", "step_rule", "relative_clip", "clip_trigger", "initial_distance"):
         assert default.param_groups[0][name] == plain.param_groups[0][name], name
     assert YellowFin._settings(default.param_groups[0]) == YellowFin._settings(plain.param_groups[0])
     assert YellowFin([p], step_rule="dog").param_groups[0]["step_rule"] == "dog"  # (the default takes one)
@@ -648,14 +648,11 @@ def test_the_step_rule_and_clip_are_the_scale_free_tuners_and_each_group_names_w
             YellowFin([p], initial_distance=bad)
     with pytest.raises(TypeError, match="initial_distance"):
         YellowFin([p], initial_distance="1e-3")
-    # The growth cap: DoWG's (the plain default's) only, resolved and named by the group; the reference has none.
-    assert plain.param_groups[0]["growth_cap"] is True and adam.param_groups[0]["growth_cap"] is False
-    assert YellowFin([p], step_rule="dog").param_groups[0]["growth_cap"] is False
+    # The growth cap: off for every rule unless asked; the reference has none.
+    assert plain.param_groups[0]["growth_cap"] is False and adam.param_groups[0]["growth_cap"] is False
     assert YellowFin([p], step_rule="dog", growth_cap=True).param_groups[0]["growth_cap"] is True
-    assert plain.defaults["growth_cap"] is None
-    assert YellowFin([p], tuner="reference").param_groups[0]["growth_cap"] is None
     with pytest.raises(ValueError, match="growth_cap"):
-        YellowFin([p], tuner="reference", growth_cap=False)
+        YellowFin([p], tuner="reference", growth_cap=True)
     with pytest.raises(TypeError, match="growth_cap"):
         YellowFin([p], growth_cap=1)
 

@@ -39,7 +39,7 @@ class HeavyBall(torch.optim.Optimizer):
 
 # The scale-free tuner's methods (closed-loop: it runs under asynchrony only so, its step cut for the staleness).
 SCALE_FREE_METHODS = {  # (their defaults; under asynchrony the relative clip acts at its own level)
-    "scale_free_closed": dict(tuner="scale_free", growth_cap=False),  # (as measured, before DoWG's growth cap)
+    "scale_free_closed": dict(tuner="scale_free"),
     "scale_free_adam_closed": dict(tuner="scale_free", precondition="adam", step_rule="dog"),  # (as first measured)
     # (the neutral rule as measured, from the first move 1e-3; its default start since is 1e-2, docs/tuner.md §14)
     "scale_free_adam_neutral_closed": dict(tuner="scale_free", precondition="adam", step_rule="dowg_neutral",

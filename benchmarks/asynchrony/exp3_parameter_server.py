@@ -48,8 +48,7 @@ def main(scale_free: bool = False):
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     task = get_task("char_lstm")
-    # (the scale-free tuner as measured, before DoWG's growth cap)
-    options = {"tuner": "scale_free", "growth_cap": False} if scale_free else {"tuner": "reference"}
+    options = {"tuner": "scale_free" if scale_free else "reference"}
     name = "exp3_parameter_server_scale_free.json" if scale_free else "exp3_parameter_server.json"
     results = {"task": "char_lstm", "updates": UPDATES, "tuner": options["tuner"], "runs": []}
     for num_workers, closed in [run for run in RUNS if run[1]] if scale_free else RUNS:

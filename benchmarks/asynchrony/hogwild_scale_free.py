@@ -12,7 +12,6 @@ momentum and step, and the updates per second (machine-dependent: a rough indica
 
 from __future__ import annotations
 
-import functools
 import statistics
 import sys
 import time
@@ -24,8 +23,7 @@ from yellowfin import YellowFin
 from yellowfin.asynchrony import Hogwild
 
 UPDATES, SEEDS, WORKERS = 2000, (0, 1, 2), 4
-# (the library's default as measured, before DoWG's growth cap, docs/tuner.md §15)
-TUNERS = {"reference": YellowFin.reference_variant, "scale_free": functools.partial(YellowFin, growth_cap=False)}
+TUNERS = {"reference": YellowFin.reference_variant, "scale_free": "yellowfin"}
 
 
 class TaskBatches:

@@ -57,12 +57,11 @@ from common import save_json
 STEPS, SEEDS, WORKERS = 600, (0, 1, 2), (1, 4, 8)
 RULES = {"dog": dict(tuner="scale_free", step_rule="dog", relative_clip=math.inf),  # (as first measured)
          # the defaults when first measured: the relative clip acted at its own level (clip_trigger=2)
-         "default": dict(tuner="scale_free", relative_clip=2.0, clip_trigger=2.0, growth_cap=False),
+         "default": dict(tuner="scale_free", relative_clip=2.0, clip_trigger=2.0),
          # today's defaults: the clip's trigger at 1 / sqrt(1 - beta) in synchronous training, its own level under
-         # staleness; "trigger" keeps the trigger under staleness too (the measurement behind that exception); both
-         # as measured, before DoWG's growth cap (docs/tuner.md §15)
-         "today": dict(tuner="scale_free", growth_cap=False),
-         "trigger": dict(tuner="scale_free", growth_cap=False)}
+         # staleness; "trigger" keeps the trigger under staleness too (the measurement behind that exception)
+         "today": dict(tuner="scale_free"),
+         "trigger": dict(tuner="scale_free")}
 STALENESS_BLIND_CLIP = ("trigger",)  # rules whose clip is run as if the gradients were fresh
 RULES["adam"] = dict(tuner="scale_free", precondition="adam", step_rule="dog")  # (its rule when first measured)
 # (the neutral rule as measured, from the first move 1e-3; "adam_default" is Adam's metric's default since, from 1e-2)
