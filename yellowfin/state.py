@@ -218,7 +218,8 @@ DEFAULT_RELATIVE_CLIP = {None: 2.0, "adam": math.inf}
 # full budgets, 3 seeds, ahead of 1e-3 or level on every task (the autoencoder reaches tuned Adam with it), with 3e-2
 # worse than 1e-2 on three tasks of seven (docs/tuner.md §14), a grid of three chosen once on the suite. DoWG (the
 # plain metric's default) keeps 1e-3: 1e-2 gained four tasks there at 3 seeds but only the ResNet-20 at five, and its
-# runs on a separable problem ran away on 3 seeds of 20 against 1 of 20 (benchmarks/interpolation.py). The secant rule keeps the 1e-6 it was measured with.
+# runs on a separable problem ran away on 3 seeds of 20 against 1 of 20 (benchmarks/interpolation.py). The secant
+# rule keeps the 1e-6 it was measured with.
 DEFAULT_INITIAL_DISTANCE = {"dog": 1e-3, "dowg": 1e-3, "dowg_neutral": 1e-2, "secant": 1e-6}
 # ... and the first move each rule ran with before the option existed: what a checkpoint saved then resumes with, and
 # what the bench variants measured then keep.
