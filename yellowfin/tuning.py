@@ -186,11 +186,8 @@ def tune_scale_free(
         # worst (the secant is mostly the last gradient's own noise), so the scale comes from the distance travelled.
         numerator = distance**2 if distance_weighted else distance
         alpha = (1.0 - mu) * numerator / torch.sqrt(grad_sq_sum)
-        least_step_per_step = state.least_step_per_step
-        if settings.growth_cap:  # (alpha as computed above wherever the cap does not bind: the same to the last bit)
-            effective_step = numerator / torch.sqrt(grad_sq_sum)
-            capped, least_step_per_step = cap_growth(effective_step, state, settings)
-            alpha = torch.where(capped < effective_step, (1.0 - mu) * capped, alpha)
+        alpha, least_step_per_step = cap_growth(
+            alpha, mu, state, settings, numerator / torch.sqrt(grad_sq_sum) if settings.growth_cap else None)
         if settings.step_rule == "dowg_neutral":
             # A run whose distance grows as a random walk's (d_s^2 = s d_1^2: noise, not progress) leaves DoG's step
             # where it is, d_t / sqrt(t G), but raises DoWG's by sqrt(2), since sum_s d_s^2 = t d_t^2 / 2: nothing but
@@ -215,11 +212,7 @@ def tune_scale_free(
     # For a quadratic ||g|| = h d: h_min ~ sqrt(h_min proxy) / d.
     alpha_distance = contraction * distance / torch.sqrt(measured.h_min)
     alpha = torch.minimum(torch.minimum(alpha_secant, MAX_STEP_GROWTH * state.alpha), alpha_distance)
-    least_step_per_step = state.least_step_per_step
-    if settings.growth_cap:  # (on the effective step, as for the DoG family)
-        effective_step = alpha / (1.0 - mu)
-        capped, least_step_per_step = cap_growth(effective_step, state, settings)
-        alpha = torch.where(capped < effective_step, (1.0 - mu) * capped, alpha)
+    alpha, least_step_per_step = cap_growth(alpha, mu, state, settings)
     return measured.replace(
         mu=torch.where(started, mu, 0.0), alpha=staleness_scale * torch.where(started, alpha, first_step),
         distance=distance, secant_num_avg=secant_avg, secant_den_avg=step_sq_avg, secant_curvature=secant_curvature,
@@ -227,20 +220,28 @@ def tune_scale_free(
     )
 
 
-def cap_growth(effective_step: Tensor, state: TunerState, settings: TunerSettings) -> tuple[Tensor, Tensor]:
-    """(the effective step held to linear growth, the bound's next value), for ``settings.growth_cap``: from step
-    m = 1 / (1 - beta) on (the tuner's memory full), eta_t <= t min_{m <= s < t} eta_s / s, with t counted from 1.
+def cap_growth(alpha: Tensor, mu: Tensor, state: TunerState, settings: TunerSettings,
+               effective_step: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(alpha, the bound's next value) with ``settings.growth_cap`` the effective step eta = alpha / (1 - mu) held to
+    linear growth: from step m = 1 / (1 - beta) on (the tuner's memory full), eta_t <= t min_{m <= s < t} eta_s / s,
+    with t counted from 1. Where the cap does not bind, alpha is returned as it came, to the last bit.
+    ``effective_step``: eta as the rule computes it, where that is not alpha / (1 - mu) to the last bit.
 
     Why linear: a factor c on the neutral DoWG rule grows its step as t^((c^2 - 1) / (2 - c^2)) where the gradients
     are mostly noise, linearly at c^2 = 1.5 and without bound at DoWG's c^2 = 2 (docs/tuner.md §14.1); linear growth
     is what the bounded rules allow, imposed only where DoWG's own step outgrows it. Before the memory is full the
     step grows as the start needs (geometrically, from DoG's first move)."""
+    if not settings.growth_cap:
+        return alpha, state.least_step_per_step
+    if effective_step is None:
+        effective_step = alpha / (1.0 - mu)
     t = state.step + 1.0
     active = t >= round(1.0 / (1.0 - settings.beta))
     bounded = active & (state.least_step_per_step > 0.0)  # (0: no bound yet, the first step of the memory sets it)
     capped = torch.where(bounded, torch.minimum(effective_step, state.least_step_per_step * t), effective_step)
     least = torch.where(bounded, torch.minimum(state.least_step_per_step, capped / t), capped / t)
-    return capped, torch.where(active, least, state.least_step_per_step)
+    alpha = torch.where(capped < effective_step, (1.0 - mu) * capped, alpha)
+    return alpha, torch.where(active, least, state.least_step_per_step)
 
 
 def staleness_step_scale(mean_staleness) -> Tensor:
