@@ -14,6 +14,8 @@ round-robin, tau = M - 1) staleness with M = 1, 4, 8 workers (``--workers``), se
   momentum), the ratio of the commanded to the realized effective step as the momentum sensor measures it;
 - ``open_cut`` / ``closed_cut``: the library's cut of the step for the mean staleness the simulator reports
   (``YellowFin.set_staleness``); ``closed_cut`` is what the library runs;
+- ``closed_cut_expected`` (a screen, docs/tuner.md §15.1): ``closed_cut`` with the reported staleness never below
+  the delay the schedule is expected to bring, M - 1, so that the cut acts from the first update;
 
 and the reference with its closed loop, for comparison. Writes benchmarks/asynchrony/scale_free_staleness*.json and
 prints the mean loss over the last 50 steps, the final applied momentum and effective step alpha / (1 - m).
@@ -77,6 +79,9 @@ CONFIGS = {  # name: (scale-free tuner or the reference (None), closed loop, the
     "closed_sensed_step": ("scale_free", True, "sensed"),
     "open_cut": ("scale_free", False, "cut"),
     "closed_cut": ("scale_free", True, "cut"),
+    # a screen: the cut from the first update for the delay the schedule is expected to bring (M - 1), where the
+    # library's systems report the mean of the delays applied so far (0 at the first update)
+    "closed_cut_expected": ("scale_free", True, "cut_expected"),
 }
 
 
@@ -89,7 +94,12 @@ def run(task, config: str, workers: int, seed: int, rule: str = "dog", schedule:
         optimizer = YellowFin.reference_variant(model.parameters())
     else:
         optimizer = YellowFin(model.parameters(), **options, lr=1.0 / workers if step == "lr_over_m" else 1.0)
-    if step != "cut":  # (the step as measured before the library cut it: the simulator's report goes nowhere)
+    if step == "cut_expected":  # (the simulator's report, but never below the expected delay)
+        reported = optimizer.set_staleness
+        optimizer.set_staleness = lambda mean_staleness, scope=None: reported(max(mean_staleness, workers - 1.0),
+                                                                               scope)
+        optimizer.set_staleness(0.0)
+    elif step != "cut":  # (the step as measured before the library cut it: the simulator's report goes nowhere)
         optimizer.set_staleness = lambda mean_staleness, scope=None: None
     sensors = []
     if step == "sensed" and not closed:
