@@ -46,17 +46,21 @@ SCALE_FREE_METHODS = {  # (their defaults; under asynchrony the relative clip ac
                                            initial_distance=1e-3),
     "scale_free_adam_default_closed": dict(tuner="scale_free", precondition="adam"),  # (Adam's metric's defaults)
 }
+# Screens (docs/tuner.md §15.1), run by --only alone: each metric's defaults with the staleness the system reports
+# never below the delay the schedule is expected to bring (M - 1), so that the step's cut acts from the first update.
+SCREEN_METHODS = {"scale_free_closed_expected": dict(tuner="scale_free"),
+                  "scale_free_adam_default_closed_expected": dict(tuner="scale_free", precondition="adam")}
 
 
 def is_closed_loop(method: str) -> bool:
-    return method.startswith("yellowfin_closed") or method in SCALE_FREE_METHODS
+    return method.startswith("yellowfin_closed") or method in SCALE_FREE_METHODS or method in SCREEN_METHODS
 
 
 def make_optimizer(method: str, params, lr: float | None = None, momentum: float = 0.0):
     if method.startswith("yellowfin"):  # the authors' reference, as these experiments were first run
         return YellowFin.reference_variant(params)
-    if method in SCALE_FREE_METHODS:
-        return YellowFin(params, **SCALE_FREE_METHODS[method])
+    if method in SCALE_FREE_METHODS or method in SCREEN_METHODS:
+        return YellowFin(params, **{**SCALE_FREE_METHODS, **SCREEN_METHODS}[method])
     if method == "adam":
         return torch.optim.Adam(params, lr=lr)
     if method == "sgd":
@@ -72,6 +76,10 @@ def simulate(task, method: str, num_workers: int, steps: int, seed: int = 0, lr:
     torch.manual_seed(seed)
     model = task.make_model(seed)
     optimizer = make_optimizer(method, model.parameters(), lr, momentum)
+    if method in SCREEN_METHODS:  # (the system's report, but never below the expected delay)
+        reported = optimizer.set_staleness
+        optimizer.set_staleness = lambda mean, scope=None: reported(max(mean, num_workers - 1.0), scope)
+        optimizer.set_staleness(0.0)
     numel = sum(p.numel() for p in model.parameters())
     sensor_list = []
     if sensors:

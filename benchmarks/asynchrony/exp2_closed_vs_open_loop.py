@@ -12,8 +12,8 @@ training loss; we report iterations each method needs to reach it (plot_all.py a
 Writes exp2_<task>.json (seed 0, the default) or exp2_<task>_seed<seed>.json; plot_all.py draws the
 figures and the summary. --extend-only adds the edge extensions to an existing results file; --add-scale-free
 adds the scale-free tuner's closed-loop runs, in both metrics (common.SCALE_FREE_METHODS), to one. --only METHOD
-runs one of those alone into a file of its own, exp2_<task>[_seed<seed>]_<METHOD>.json, beside the results file
-(whose summary it leaves as it is).
+runs one of those (or of common.SCREEN_METHODS) alone into a file of its own, exp2_<task>[_seed<seed>]_<METHOD>.json,
+beside the results file (whose summary it leaves as it is).
 """
 
 import json
@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from common import HERE, SCALE_FREE_METHODS, get_task, iterations_to, save_json, simulate, smooth
+from common import HERE, SCALE_FREE_METHODS, SCREEN_METHODS, get_task, iterations_to, save_json, simulate, smooth
 
 NUM_WORKERS = 16
 SETUPS = {
@@ -85,8 +85,8 @@ def main(names, seed=0, extend_only=False, add_scale_free=False, only=None):
     """``extend_only``: load the results file and only add the edge extensions (for a file written before
     extend_edges existed); ``add_scale_free``: load it and only add the scale-free tuner's runs; ``only``: run that
     scale-free method alone, into a file of its own."""
-    if only is not None and only not in SCALE_FREE_METHODS:
-        raise SystemExit(f"--only {only!r}: choose one of {', '.join(SCALE_FREE_METHODS)}")
+    if only is not None and only not in SCALE_FREE_METHODS and only not in SCREEN_METHODS:
+        raise SystemExit(f"--only {only!r}: choose one of {', '.join([*SCALE_FREE_METHODS, *SCREEN_METHODS])}")
     torch.set_num_threads(1)
     for name in names:
         setup = SETUPS[name]
