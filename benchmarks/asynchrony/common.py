@@ -52,6 +52,14 @@ SCREEN_METHODS = {"scale_free_closed_expected": dict(tuner="scale_free"),
                   "scale_free_adam_default_closed_expected": dict(tuner="scale_free", precondition="adam")}
 
 
+def report_at_least_the_expected_delay(optimizer, expected: float) -> None:
+    """The screens' staleness report (docs/tuner.md §15.1): what the system reports, but never below ``expected``,
+    from before the first update on, so that the step's cut acts from the first update."""
+    reported = optimizer.set_staleness
+    optimizer.set_staleness = lambda mean, scope=None: reported(max(mean, expected), scope)
+    optimizer.set_staleness(0.0)
+
+
 def is_closed_loop(method: str) -> bool:
     return method.startswith("yellowfin_closed") or method in SCALE_FREE_METHODS or method in SCREEN_METHODS
 
@@ -76,10 +84,8 @@ def simulate(task, method: str, num_workers: int, steps: int, seed: int = 0, lr:
     torch.manual_seed(seed)
     model = task.make_model(seed)
     optimizer = make_optimizer(method, model.parameters(), lr, momentum)
-    if method in SCREEN_METHODS:  # (the system's report, but never below the expected delay)
-        reported = optimizer.set_staleness
-        optimizer.set_staleness = lambda mean, scope=None: reported(max(mean, num_workers - 1.0), scope)
-        optimizer.set_staleness(0.0)
+    if method in SCREEN_METHODS:
+        report_at_least_the_expected_delay(optimizer, num_workers - 1.0)
     numel = sum(p.numel() for p in model.parameters())
     sensor_list = []
     if sensors:

@@ -54,7 +54,7 @@ from yellowfin import YellowFin, tuning
 from yellowfin.asynchrony import MomentumSensor, StalenessSimulator
 from yellowfin.bench.tasks import get_task
 
-from common import save_json
+from common import report_at_least_the_expected_delay, save_json
 
 STEPS, SEEDS, WORKERS = 600, (0, 1, 2), (1, 4, 8)
 RULES = {"dog": dict(tuner="scale_free", step_rule="dog", relative_clip=math.inf),  # (as first measured)
@@ -94,11 +94,8 @@ def run(task, config: str, workers: int, seed: int, rule: str = "dog", schedule:
         optimizer = YellowFin.reference_variant(model.parameters())
     else:
         optimizer = YellowFin(model.parameters(), **options, lr=1.0 / workers if step == "lr_over_m" else 1.0)
-    if step == "cut_expected":  # (the simulator's report, but never below the expected delay)
-        reported = optimizer.set_staleness
-        optimizer.set_staleness = lambda mean_staleness, scope=None: reported(max(mean_staleness, workers - 1.0),
-                                                                               scope)
-        optimizer.set_staleness(0.0)
+    if step == "cut_expected":
+        report_at_least_the_expected_delay(optimizer, workers - 1.0)
     elif step != "cut":  # (the step as measured before the library cut it: the simulator's report goes nowhere)
         optimizer.set_staleness = lambda mean_staleness, scope=None: None
     sensors = []
