@@ -46,6 +46,9 @@ OPTIMIZERS = {
     # DoWG's step held to linear growth from step 100 on (growth_cap, docs/tuner.md §15)
     "scale_free_dowg_clip_growth_cap": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg",
                                                                 initial_distance=1e-3, growth_cap=True),
+    # the distance held where the loss rises along the way travelled (hold_distance_uphill, docs/tuner.md §16)
+    "scale_free_dowg_clip_hold": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg",
+                                                          initial_distance=1e-3, hold_distance_uphill=True),
     "scale_free_dowg_neutral_clip": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg_neutral",
                                                              initial_distance=1e-3),
     # the neutral rule times sqrt(1.5), between it and DoWG (docs/tuner.md §14)

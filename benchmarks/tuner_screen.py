@@ -148,6 +148,13 @@ VARIANTS: dict[str, dict] = {
                                                          memory=0.99, start_distance=1e-3, dog_weights="distance",
                                                          relative_clip=2.0, clip_update_only=True, clip_trigger=10.0,
                                                          linear_growth_after=100),
+    # ... and its distance held wherever the run climbs along it (distance_needs_descent): the running mean of
+    # cos(g, x - x0) above 0 says the loss rises along the way travelled, so the growth of ||x - x0|| is the run
+    # leaving, not evidence that the solution lies farther (docs/tuner.md §16)
+    "snr_dowg_update_clip_2_trigger_10_descent": dict(alpha_units="dog", momentum_rule="snr", kappa="norm",
+                                                      memory=0.99, start_distance=1e-3, dog_weights="distance",
+                                                      relative_clip=2.0, clip_update_only=True, clip_trigger=10.0,
+                                                      distance_needs_descent=True),
     # the clip as a rate limit: what it cuts is carried to the next steps' updates, not dropped (clip_defers)
     "snr_dowg_update_clip_2_deferred": dict(alpha_units="dog", momentum_rule="snr", kappa="norm", memory=0.99,
                                             start_distance=1e-3, dog_weights="distance", relative_clip=2.0,
@@ -220,7 +227,8 @@ class FlatTuner(torch.optim.Optimizer):
                  momentum_floor: float = 0.0, max_effective_step: float = math.inf,
                  step_growth: float = math.inf, relative_clip: float = math.inf, clip_update_only: bool = False,
                  clip_mean_includes_current: bool = False, clip_defers: bool = False,
-                 clip_trigger: float | None = None, linear_growth_after: float = math.inf):
+                 clip_trigger: float | None = None, linear_growth_after: float = math.inf,
+                 distance_needs_descent: bool = False):
         super().__init__(params, {})
         # relative_clip: the gradient's norm clipped at that many times the root of the running mean of ||g||^2
         # (memory 0.99, debiased; from the second step on): a gradient far above every norm the step was calibrated
@@ -249,6 +257,10 @@ class FlatTuner(torch.optim.Optimizer):
         # never rises): the growth that a step rule bounded under noise allows (the neutral rule times sqrt(1.5),
         # docs/tuner.md §14.1), imposed only where DoWG's own step outgrows it, as in its runaway near interpolation.
         self.linear_growth_after, self.min_step_per_step = linear_growth_after, math.inf
+        # distance_needs_descent: DoG's distance max ||x - x0|| grows only while the running mean (the tuner's memory,
+        # debiased) of cos(g, x - x0) is at most 0, i.e. while the loss still falls along the way travelled. Where it
+        # rises, the distance is the run leaving (DoWG's runaway near interpolation), not a farther solution.
+        self.distance_needs_descent, self.climb_avg, self.climb_steps = distance_needs_descent, 0.0, 0
         # momentum_floor: mu at least this after DoG's first move. At a given effective step eta, heavy ball is stable
         # in the stiff directions up to eta h < 2 (1 + mu) / (1 - mu): where DoG's step overshoots early (the
         # autoencoder's reaches 4x tuned SGD's within 20 steps while the momentum rule still says mu ~ 0.2), a high
@@ -410,7 +422,14 @@ class FlatTuner(torch.optim.Optimizer):
             return mu, alpha
         x = self._flat(p.detach() for p in self.params)
         if self.alpha_units == "dog":
-            self.distance = max(self.distance, float((x - self.x0).norm()))
+            displacement = float((x - self.x0).norm())
+            if self.distance_needs_descent and displacement > 0.0:
+                self.climb_steps += 1
+                cosine = float(g.dot(x - self.x0)) / (float(g.norm()) * displacement)
+                self.climb_avg += (1.0 - self.settings.beta) * (cosine - self.climb_avg)
+            climbing = self.climb_avg / (1.0 - self.settings.beta ** max(self.climb_steps, 1)) > 0.0
+            if not (self.distance_needs_descent and climbing):
+                self.distance = max(self.distance, displacement)
             weight = self.distance**2 if self.dog_weights == "distance" else 1.0
             self.grad_sq_sum += weight * float(g.dot(g))
             self.dog_steps += 1

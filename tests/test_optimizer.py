@@ -565,6 +565,9 @@ def test_sparse_embedding_matches_dense_embedding(tuner):
         results.append((embedding.weight.detach().clone(), opt.stats()))
     assert torch.allclose(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
     assert results[0][1]["h_max"] == pytest.approx(results[1][1]["h_max"], rel=1e-12)
+    if "climb" in results[0][1]:  # (the scale-free tuner pairs a sparse gradient with the displacement at its rows)
+        assert results[0][1]["climb"] != 0.0
+        assert results[0][1]["climb"] == pytest.approx(results[1][1]["climb"], rel=1e-12)
 
 
 def test_dtensor_parameters_are_refused_with_a_pointer_to_the_sharded_optimizer():
@@ -763,7 +766,7 @@ def test_reference_variant_pins_the_authors_settings_and_takes_overrides():
     pinned = dict(beta=0.999, curvature_window=20, eps=1e-6, initial_lr=1e-4, initial_momentum=0.0,
                   adaptive_clipping=True, slow_start=True, update_first=False, curvature_smoothing="log",
                   smooth_tuned=False, tuner="reference", step_rule=None, relative_clip=None, clip_trigger=None,
-                  initial_distance=None, growth_cap=False)
+                  initial_distance=None, growth_cap=False, hold_distance_uphill=False)
     assert {name: group[name] for name in pinned} == pinned
     overridden = YellowFin.reference_variant([p], slow_start=False, nesterov=True).param_groups[0]
     assert overridden["slow_start"] is False and overridden["nesterov"] is True and overridden["beta"] == 0.999

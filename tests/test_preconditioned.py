@@ -40,11 +40,12 @@ def test_the_trajectory_does_not_depend_on_the_loss_scale(flavour, step_rule):
         assert relative_difference(scaled, unscaled) < 1e-6, loss_scale
 
 
-@pytest.mark.parametrize("step_rule", PRECONDITIONED_STEP_RULES)
-def test_the_multi_tensor_flavour_gives_the_single_tensor_numbers(step_rule):
+@pytest.mark.parametrize("options", [*(dict(step_rule=rule) for rule in PRECONDITIONED_STEP_RULES),
+                                     dict(hold_distance_uphill=True)], ids=str)
+def test_the_multi_tensor_flavour_gives_the_single_tensor_numbers(options):
     # Frozen layer, a 0-dim parameter, two groups with different lr, gradients missing on some steps, a NaN step.
-    params_ref, opt_ref = run_with_holes(steps=25, nan_at=4, foreach=False, step_rule=step_rule, **PRECONDITIONED)
-    params, opt = run_with_holes(steps=25, nan_at=4, step_rule=step_rule, **PRECONDITIONED)
+    params_ref, opt_ref = run_with_holes(steps=25, nan_at=4, foreach=False, **options, **PRECONDITIONED)
+    params, opt = run_with_holes(steps=25, nan_at=4, **options, **PRECONDITIONED)
     assert opt.stats()["skipped_steps"] == 1 and opt.stats()["step"] == 24
     for a, b in zip(params_ref, params):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=0.0)
@@ -57,7 +58,8 @@ def test_the_multi_tensor_flavour_gives_the_single_tensor_numbers(step_rule):
     (torch.float32, 1e-6, {}),
     (torch.float64, 1e-12, dict(weight_decay=1e-2, decoupled_weight_decay=True, maximize=True)),
     (torch.float64, 1e-12, dict(step_rule="dowg_neutral")),
-], ids=["float64", "float32", "float64-options", "float64-dowg_neutral"])
+    (torch.float64, 1e-12, dict(hold_distance_uphill=True)),
+], ids=["float64", "float32", "float64-options", "float64-dowg_neutral", "float64-held"])
 def test_the_compiled_flavour_gives_the_single_tensor_numbers(dtype, rtol, options):
     # fused=True runs the preconditioned tuner: frozen layer, a 0-dim parameter, two groups with different lr,
     # gradients missing on some steps, a NaN step.

@@ -123,8 +123,9 @@ def test_the_reference_trajectory_does_depend_on_the_loss_scale():
 # (dowg_capped: a memory of 5 steps, so that the growth cap holds from step 5 of these 25)
 @pytest.mark.parametrize("options", [dict(step_rule="dog"), dict(step_rule="dowg"), dict(step_rule="dowg_neutral"),
                                      dict(step_rule="dowg", relative_clip=1.1, clip_trigger=1.1),
-                                     dict(step_rule="dowg", beta=0.8, growth_cap=True)],
-                         ids=["dog", "dowg", "dowg_neutral", "dowg_clipped", "dowg_capped"])
+                                     dict(step_rule="dowg", beta=0.8, growth_cap=True),
+                                     dict(step_rule="dowg", hold_distance_uphill=True)],
+                         ids=["dog", "dowg", "dowg_neutral", "dowg_clipped", "dowg_capped", "dowg_held"])
 @pytest.mark.parametrize("flavour", ["multi_tensor", "compiled"])
 def test_the_flavours_give_the_single_tensor_numbers(flavour, options):
     # Frozen layer, a 0-dim parameter, two groups with different lr, gradients missing on some steps, a NaN step.
@@ -239,6 +240,70 @@ def test_a_multiplier_below_one_anneals_the_neutral_rules_step_as_a_power_law(st
     early, late = effective_steps_on_a_random_walk(steps=3000, at=(300, 3000), tuner="scale_free", lr=0.5,
                                                    step_rule=step_rule, relative_clip=math.inf)
     assert math.log10(late / early) == pytest.approx(exponent, abs=0.02)
+
+
+def noise_about_the_start(steps=1000, **options):
+    """The tuner's record after a run on the noisy quadratic 0.5 ||x||^2 + <xi_t, x> (a fresh xi_t ~ N(0, I) each
+    step) started at its minimum, x_0 = 0: every move is uphill, and the distance from x_0 only the noise's."""
+    x = torch.zeros(1000, dtype=torch.float64, requires_grad=True)
+    opt = YellowFin([x], **options)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x.grad = x.detach() + torch.randn(1000, dtype=torch.float64, generator=generator)
+        opt.step()
+    return opt.stats()
+
+
+# Started at the minimum, the gradient leans on average toward x - x_0 (its mean is x itself), so the running cosine
+# is positive and the hold keeps the distance near its start. DoWG alone lets the noise grow it, and its step with
+# it, tenfold and more; the neutral rule (Adam's metric's default) holds its step under noise, so its distance grows
+# only as a random walk's, and the hold saves less of it (docs/tuner.md §16).
+@pytest.mark.parametrize("metric, rule, most", [("plain", "dowg", 0.2), ("adam", "dowg_neutral", 0.6)])
+def test_the_hold_keeps_the_distance_where_every_move_climbs(metric, rule, most):
+    options = dict(METRICS[metric], step_rule=rule)
+    free = noise_about_the_start(**options)
+    held = noise_about_the_start(**options, hold_distance_uphill=True)
+    assert held["climb"] > 0.0 and free["climb"] > 0.0  # (kept by every scale-free tuner, read with the option)
+    assert held["distance"] < most * free["distance"]
+    assert held["alpha"] < most * free["alpha"]
+
+
+def test_the_hold_matches_the_flat_prototype_where_it_acts():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from tuner_screen import VARIANTS, FlatTuner
+
+    def run(make_optimizer):
+        x = torch.zeros(1000, dtype=torch.float64, requires_grad=True)
+        opt = make_optimizer([x])
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(300):
+            x.grad = x.detach() + torch.randn(1000, dtype=torch.float64, generator=generator)
+            opt.step()
+        return x.detach().clone(), opt
+
+    library, opt = run(lambda params: YellowFin(params, step_rule="dowg", hold_distance_uphill=True, foreach=False))
+    prototype, flat_tuner = run(lambda params: FlatTuner(params,
+                                                         **VARIANTS["snr_dowg_update_clip_2_trigger_10_descent"]))
+    assert relative_difference(library, prototype) < 1e-7
+    assert opt.stats()["distance"] == pytest.approx(flat_tuner.distance, rel=1e-7)
+    free, _ = run(lambda params: YellowFin(params, step_rule="dowg", foreach=False))
+    assert relative_difference(library, free) > 1e-2  # (it held)
+
+
+def test_the_held_trajectory_does_not_depend_on_the_loss_scale():
+    # (the cosine is a ratio of a pairing to its bound: no scale survives; on the noisy quadratic, where it acts)
+    def held(loss_scale):
+        x = torch.zeros(100, dtype=torch.float64, requires_grad=True)
+        opt = YellowFin([x], hold_distance_uphill=True)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(300):
+            x.grad = loss_scale * (x.detach() + torch.randn(100, dtype=torch.float64, generator=generator))
+            opt.step()
+        return x.detach().clone()
+
+    unscaled = held(1.0)
+    for loss_scale in (1e-4, 1e-2, 1e2, 1e4):
+        assert relative_difference(held(loss_scale), unscaled) < 1e-6, loss_scale
 
 
 def test_noise_alone_runs_dowgs_step_away():
@@ -455,7 +520,7 @@ def test_a_state_dict_round_trip_continues_identically(metric, flavour):
 
 # The group options that came with the scale-free tuner or after it (a checkpoint written before them names none).
 OPTIONS_SINCE_THE_SCALE_FREE_TUNER = ("tuner", "step_rule", "precondition", "relative_clip", "clip_trigger",
-                                      "initial_distance", "growth_cap", "average")
+                                      "initial_distance", "growth_cap", "hold_distance_uphill", "average")
 
 
 @pytest.mark.parametrize("load_into", ["reference_variant", "default"])
@@ -501,9 +566,9 @@ def test_a_checkpoint_from_before_the_scale_free_tuner_loads(load_into):
     assert torch.equal(flat(model), expected)
 
 
-@pytest.mark.parametrize("field", ["grad_sq_sum", "staleness"])
+@pytest.mark.parametrize("field", ["grad_sq_sum", "staleness", "climb_avg"])
 def test_a_scale_free_checkpoint_from_before_a_field_loads_with_it_at_zero(field):
-    # (DoG's sum then restarts; a checkpoint from before the staleness was synchronous)
+    # (DoG's sum then restarts; a checkpoint from before the staleness was synchronous; the running cosine restarts)
     _, model, opt = train(lambda params: YellowFin(params, tuner="scale_free"), steps=5)
     opt.set_staleness(2.0)
     old = opt.state_dict()
@@ -655,6 +720,13 @@ def test_the_step_rule_and_clip_are_the_scale_free_tuners_and_each_group_names_w
         YellowFin([p], tuner="reference", growth_cap=True)
     with pytest.raises(TypeError, match="growth_cap"):
         YellowFin([p], growth_cap=1)
+    # The distance hold: off unless asked; the reference measures no distance.
+    assert plain.param_groups[0]["hold_distance_uphill"] is False
+    assert YellowFin([p], precondition="adam", hold_distance_uphill=True).param_groups[0]["hold_distance_uphill"]
+    with pytest.raises(ValueError, match="hold_distance_uphill"):
+        YellowFin([p], tuner="reference", hold_distance_uphill=True)
+    with pytest.raises(TypeError, match="hold_distance_uphill"):
+        YellowFin([p], hold_distance_uphill="yes")
 
 
 @pytest.mark.parametrize("option, saved_as, ran, now", [

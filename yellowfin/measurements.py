@@ -38,6 +38,7 @@ class Sums(NamedTuple):
     grad_sq_norm_lr: Tensor  # sum lr ||g||^2
     displacement_sq: Tensor  # ||x - x_0||^2
     initial_param_sq_norm: Tensor  # ||x_0||^2 (not read from x_0 by the passes: from the norms the optimizer keeps)
+    grad_dot_displacement: Tensor  # <g, x - x_0>, a pairing of a gradient with a displacement: any metric's
     # Read by the preconditioned tuner only (zeros otherwise). In its metric M (docs/algorithm.md §9) sq_norm is
     # ||g||^2_(M^-1) = sum g^2 / M and displacement_sq is ||x - x_0||^2_M = sum M (x - x_0)^2; besides those:
     grad_dot_momentum: Tensor  # <g / sqrt(M), v>, with v the momentum buffer before this step's update
@@ -169,9 +170,9 @@ def measure(state: TunerState, sample: GradientSample, settings: TunerSettings) 
 
 
 # --------------------------------------------------------------------------------- scale-free tuner
-def distance_travelled(state: TunerState, sums: Sums, settings: TunerSettings) -> Tensor:
+def distance_travelled(state: TunerState, sums: Sums, settings: TunerSettings, climbing=False) -> Tensor:
     """d = max(d_prev, ||x - x_0||), from r (1 + ||x_0||) at t = 0 (DoG's start, r = settings.initial_distance):
-    a parameter-unit length.
+    a parameter-unit length; d_prev where ``climbing`` (``measure_climb``) holds the distance.
 
     Preconditioned, the norm is the metric's (``sums.displacement_sq`` holds ||x - x_0||^2_M), and the start is
     carried into its units by the root of the metric's mean."""
@@ -179,7 +180,24 @@ def distance_travelled(state: TunerState, sums: Sums, settings: TunerSettings) -
     if settings.preconditioned:
         initial = initial * torch.sqrt(sums.metric_sum / sums.numel)
     previous = torch.where(state.step >= 1.0, state.distance, initial)
-    return torch.maximum(previous, torch.sqrt(sums.displacement_sq))
+    return torch.where(climbing, previous, torch.maximum(previous, torch.sqrt(sums.displacement_sq)))
+
+
+def measure_climb(state: TunerState, sums: Sums, settings: TunerSettings) -> tuple[Tensor, Tensor]:
+    """(the running mean of cos(g, x - x_0), whether the distance is held): with ``settings.hold_distance_uphill``,
+    held where that mean, over the tuner's memory, is above 0.
+
+    DoG's distance max ||x - x_0|| stands for the distance to a solution only while the run still descends along the
+    way it travelled. Where the loss rises along it (the gradient leans on average toward x - x_0, the run has gone
+    past the minimum along its own line), a larger ||x - x_0|| is the run leaving, not a solution farther away: DoWG's
+    runaway near interpolation, whose step grows with the distance it travels uphill (docs/tuner.md §16). A cosine
+    of a gradient with a displacement (in the metric's norms where preconditioned: ||g||_(M^-1) ||x - x_0||_M bounds
+    the pairing), so free of the loss's and the parameters' scales. No sample where x = x_0 or g = 0."""
+    measured = (sums.displacement_sq > 0.0) & (sums.sq_norm > 0.0)
+    norms = torch.sqrt(torch.where(measured, sums.sq_norm * sums.displacement_sq, 1.0))
+    cosine = within_cauchy_schwarz(sums.grad_dot_displacement, sums.sq_norm, sums.displacement_sq) / norms
+    average = torch.where(measured, ema(state.climb_avg, cosine, settings.beta), state.climb_avg)
+    return average, (average > 0.0) & settings.hold_distance_uphill
 
 
 def measure_secant(state: TunerState, sums: Sums, grad_var: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:

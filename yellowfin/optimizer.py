@@ -144,9 +144,9 @@ class YellowFin(Optimizer):
             ``weight_decay``, ``decoupled_weight_decay``, ``nesterov``, ``maximize``, ``foreach``,
             ``fused``, ``per_group_tuning``, ``sparsity_correction``, ``update_first``,
             ``curvature_smoothing``, ``smooth_tuned``, ``tuner``, ``step_rule``, ``precondition``,
-            ``relative_clip``, ``clip_trigger``, ``initial_distance``, ``growth_cap``, ``average``,
-            ``shard_group``): their
-            defaults, ranges and meaning are listed once, in docs/algorithm.md §7.1.
+            ``relative_clip``, ``clip_trigger``, ``initial_distance``, ``growth_cap``, ``hold_distance_uphill``,
+            ``average``, ``shard_group``): their defaults, ranges and meaning are listed once, in
+            docs/algorithm.md §7.1.
     """
 
     def __init__(
@@ -180,6 +180,7 @@ class YellowFin(Optimizer):
         clip_trigger: float | None = None,
         initial_distance: float | None = None,
         growth_cap: bool = False,
+        hold_distance_uphill: bool = False,
         average: bool = False,
         shard_group=None,
         **unknown,
@@ -195,7 +196,8 @@ class YellowFin(Optimizer):
             clip_norm=clip_norm, sparsity_correction=sparsity_correction, update_first=update_first,
             curvature_smoothing=curvature_smoothing, smooth_tuned=smooth_tuned, tuner=tuner, step_rule=step_rule,
             precondition=precondition, relative_clip=relative_clip, clip_trigger=clip_trigger,
-            initial_distance=initial_distance, growth_cap=growth_cap, average=average,
+            initial_distance=initial_distance, growth_cap=growth_cap,
+            hold_distance_uphill=hold_distance_uphill, average=average,
         )
         # (beta, step_rule, the clip and the first move as given: None stays None, so that each group's tuner picks
         # its own)
@@ -787,6 +789,7 @@ def _record(state: TunerState, settings: TunerSettings) -> dict:
     values["lr"] = values["alpha"]  # deprecated alias of "alpha" (see YellowFin.stats)
     if settings.scale_free:
         values["distance"] = float(state.distance)
+        values["climb"] = float(state.climb_avg)  # (the running mean of cos(g, x - x_0))
     if settings.preconditioned:
         values["signal"] = float(state.signal_avg)
     elif settings.scale_free and settings.step_rule == "secant":  # (the only rule that measures it)

@@ -76,7 +76,11 @@ def reduce_single_tensor(
         )
         if trajectory is not None:
             x, x0 = trajectory.params[index].to(torch.float64), trajectory.initial_params[index].to(torch.float64)
-            row = row._replace(grad_sq_norm_lr=row.sq_norm, displacement_sq=torch.sum((x - x0) ** 2))
+            displacement = x - x0
+            # (a sparse gradient pairs with the displacement's entries at its indices)
+            paired = displacement.sparse_mask(grad)._values() if grad.is_sparse else displacement
+            row = row._replace(grad_sq_norm_lr=row.sq_norm, displacement_sq=torch.sum(displacement**2),
+                               grad_dot_displacement=torch.sum(values * paired))
             if momentum_buffer is not None:
                 v = momentum_buffer.to(torch.float64)
                 row = row._replace(grad_dot_step=torch.sum(values * momentum_values.to(torch.float64)),
@@ -117,19 +121,26 @@ def reduce_multi_tensor(
         )
         if trajectory is not None:
             params, initial_params, *momenta = extra
+            displacements = torch._foreach_sub(params, initial_params)
             row = row._replace(
-                grad_sq_norm_lr=row.sq_norm, displacement_sq=_sq_norm(torch._foreach_sub(params, initial_params)),
+                grad_sq_norm_lr=row.sq_norm, displacement_sq=_sq_norm(displacements),
+                grad_dot_displacement=_dot(grads, displacements),
             )
             if momenta:
                 # The secant is a difference of two such dots: products in the tensors' dtype, sums in float64.
-                grad_dot_step = torch.stack([torch.sum(g * v, dtype=torch.float64) for g, v in zip(grads, momenta[0])])
-                row = row._replace(grad_dot_step=grad_dot_step.sum(), step_sq_norm=_sq_norm(momenta[0]))
+                row = row._replace(grad_dot_step=_dot(grads, momenta[0]), step_sq_norm=_sq_norm(momenta[0]))
         rows.append(row.vector())
     return add_sums(rows)
 
 
 def _sq_norm(tensors: list[Tensor]) -> Tensor:
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square().sum()
+
+
+def _dot(tensors: list[Tensor], others: list[Tensor]) -> Tensor:
+    """sum_i <a_i, b_i>: products in the tensors' dtype, sums in float64 (as for every dot of the multi-tensor
+    passes)."""
+    return torch.stack([torch.sum(a * b, dtype=torch.float64) for a, b in zip(tensors, others)]).sum()
 
 
 def reduce_compiled(
@@ -170,7 +181,8 @@ def _sums_kernel(
         )
         if trajectory is not None:
             x, x0 = trajectory.params[index].to(torch.float64), trajectory.initial_params[index].to(torch.float64)
-            row = row._replace(grad_sq_norm_lr=row.sq_norm, displacement_sq=((x - x0) ** 2).sum())
+            row = row._replace(grad_sq_norm_lr=row.sq_norm, displacement_sq=((x - x0) ** 2).sum(),
+                               grad_dot_displacement=(g * (x - x0)).sum())
             if trajectory.momenta is not None:
                 v = trajectory.momenta[index].to(torch.float64)
                 row = row._replace(grad_dot_step=(g * v).sum(), step_sq_norm=(v * v).sum())
@@ -306,6 +318,7 @@ def reduce_preconditioned_single_tensor(grads: list[Tensor], tensors: Preconditi
             sq_norm=torch.sum(g * g / metric),
             numel=g.new_full((), float(g.numel())),
             displacement_sq=torch.sum(metric * (x - x0) ** 2),
+            grad_dot_displacement=torch.sum(g * (x - x0)),
             grad_dot_momentum=torch.sum(g / torch.sqrt(metric) * v),
             metric_sum=torch.sum(metric),
         ).vector())
@@ -321,13 +334,15 @@ def reduce_preconditioned_multi_tensor(grads: list[Tensor], tensors: Preconditio
         metrics = [adam_metric(p, t + 1.0, floor) for p, t in zip(next_moments, steps)]
         roots = torch._foreach_sqrt(metrics)
         scaled_grads = torch._foreach_div(grads, roots)  # g / sqrt(M)
-        displacements = torch._foreach_mul(torch._foreach_sub(params, initial_params), roots)
-        grad_dot_momentum = torch.stack([torch.sum(g * v, dtype=torch.float64) for g, v in zip(scaled_grads, momenta)])
+        moved = torch._foreach_sub(params, initial_params)
+        displacements = torch._foreach_mul(moved, roots)
+        grad_dot_momentum = _dot(scaled_grads, momenta)
         row = Sums.zeros(grad_dot_momentum)._replace(
             sq_norm=_sq_norm(scaled_grads),
             numel=grad_dot_momentum.new_full((), float(sum(g.numel() for g in grads))),
             displacement_sq=_sq_norm(displacements),
-            grad_dot_momentum=grad_dot_momentum.sum(),
+            grad_dot_displacement=_dot(grads, moved),
+            grad_dot_momentum=grad_dot_momentum,
             metric_sum=torch.stack(torch._foreach_norm(metrics, 1, dtype=torch.float64)).sum(),
         )
         rows.append(row.vector())
@@ -408,6 +423,7 @@ def _preconditioned_sums_kernel(
         row = Sums.zeros(g)._replace(
             sq_norm=(g * g / metric).sum(),
             displacement_sq=(metric * (x - x0) ** 2).sum(),
+            grad_dot_displacement=(g * (x - x0)).sum(),
             grad_dot_momentum=(g / torch.sqrt(metric) * v).sum(),
             metric_sum=metric.sum(),
         ).vector()

@@ -79,6 +79,11 @@ class TunerSettings:
     # with DoWG on five seeds, and on a separable problem it cut the one runaway's peak batch loss from 598 to 16
     # but that run ended higher (0.09 against 0.045; docs/tuner.md §15).
     growth_cap: bool = False
+    # Hold the scale-free tuner's distance d where the loss rises along the way travelled: d = max ||x - x_0|| grows
+    # only while the running mean, over the tuner's memory, of cos(g, x - x_0) is at most 0
+    # (measurements.measure_climb). Moving uphill along its own line is the run leaving, not evidence of a solution
+    # farther away; near interpolation DoWG's step grew with that distance until the run ran away (docs/tuner.md §16).
+    hold_distance_uphill: bool = False
     # Keep the iterates' polynomial average (weights growing as t^AVERAGE_POWER, tuning.average_weight) in one more
     # buffer per parameter; ``YellowFin.averaged()`` puts it in the parameters for evaluation. It changes nothing
     # in the trajectory: it is the point to hand out, which under gradient noise is much closer to the optimum.
@@ -123,6 +128,10 @@ class TunerSettings:
         if self.growth_cap and not self.scale_free:
             raise ValueError("growth_cap=True is an option of tuner='scale_free' (the reference grows its step by its "
                              "slow start)")
+        check_bool("hold_distance_uphill", self.hold_distance_uphill)
+        if self.hold_distance_uphill and not self.scale_free:
+            raise ValueError("hold_distance_uphill=True is an option of tuner='scale_free' (the reference measures no "
+                             "distance travelled)")
         if self.precondition is not None:
             _check(self.precondition in PRECONDITIONERS, "precondition", self.precondition,
                    "None or " + " or ".join(map(repr, PRECONDITIONERS)))
@@ -296,6 +305,10 @@ class TunerState:
     # The growth cap's bound (TunerSettings.growth_cap): the least effective step per step, eta_s / s, since the
     # tuner's memory filled; 0 before.
     least_step_per_step: Tensor
+    # The running mean of cos(g, x - x_0) over the tuner's memory (measurements.measure_climb): above 0, the loss rises
+    # along the way travelled (TunerSettings.hold_distance_uphill then holds the distance). Kept by every scale-free
+    # tuner, read only with the option.
+    climb_avg: Tensor
 
     @classmethod
     def initial(cls, settings: TunerSettings, device: torch.device | str | None = None) -> "TunerState":
@@ -332,7 +345,7 @@ class TunerState:
         before the scale-free tuner lacks its fields (a reference tuner's, which never reads them), or some of
         them (a scale-free tuner's from before ``grad_sq_sum``, which then restarts DoG's sum), and one written
         before ``staleness`` was synchronous (staleness 0), and one written before ``least_step_per_step`` had no
-        growth cap: all load.
+        growth cap, and one written before ``climb_avg`` starts its running mean anew: all load.
         """
         expected = {f.name for f in fields(cls)}
         if isinstance(values, dict) and "lr" in values and "alpha" not in values:
@@ -340,7 +353,8 @@ class TunerState:
         if isinstance(values, dict) and not set(SCALE_FREE_FIELDS) <= set(values):
             initial = cls.initial(settings)
             values = {**{name: getattr(initial, name) for name in SCALE_FREE_FIELDS}, **values}
-        for name in ("staleness", "least_step_per_step"):  # (saved before the field: synchronous, no bound yet)
+        # (saved before the field: synchronous, no bound yet, no cosine seen yet)
+        for name in ("staleness", "least_step_per_step", "climb_avg"):
             if isinstance(values, dict) and name not in values:
                 values = {**values, name: getattr(cls.initial(settings), name)}
         if not isinstance(values, dict) or set(values) != expected:
@@ -380,4 +394,4 @@ _FIELD_RANGES = {
     for name in ("step", "skipped_steps", "curvatures", "grad_sq_avg", "grad_norm_avg", "dist_avg",
                  "h_min", "h_max", "grad_var", "dist", "alpha", "distance", "secant_den_avg", "secant_curvature",
                  "prev_step_noise_weight", "grad_sq_sum", "metric_mean", "staleness", "least_step_per_step")
-} | {"density_avg": (0.0, 1.0), "mu": (-1.0, 1.0)}
+} | {"density_avg": (0.0, 1.0), "mu": (-1.0, 1.0), "climb_avg": (-1.0, 1.0)}

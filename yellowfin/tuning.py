@@ -169,7 +169,8 @@ def tune_scale_free(
     sqrt_mu = torch.maximum(cubic_root(signal_to_noise), (root_kappa - 1.0) / (root_kappa + 1.0))
     contraction = (1.0 - sqrt_mu) ** 2
 
-    distance = measurements.distance_travelled(state, sums, settings)
+    climb_avg, climbing = measurements.measure_climb(state, sums, settings)
+    distance = measurements.distance_travelled(state, sums, settings, climbing)
     # DoWG weighs each ||g_s||^2 by the squared distance d_s^2 reached when it came, so that the large gradients of
     # a start from a tiny distance count for little once the run has moved; its step d^2 / sqrt(sum d_s^2 ||g_s||^2)
     # has DoG's units (parameter over gradient).
@@ -197,7 +198,8 @@ def tune_scale_free(
             alpha = alpha * NEUTRAL_DOWG_FACTOR
         alpha = staleness_scale * torch.where(started, alpha, first_step)
         new_state = measured.replace(mu=torch.where(started, mu, 0.0), alpha=alpha, distance=distance,
-                                     grad_sq_sum=grad_sq_sum, least_step_per_step=least_step_per_step)
+                                     grad_sq_sum=grad_sq_sum, least_step_per_step=least_step_per_step,
+                                     climb_avg=climb_avg)
         if settings.preconditioned:  # (no secant is measured there either)
             new_state = new_state.replace(metric_mean=sums.metric_sum / sums.numel)
         return new_state
@@ -216,7 +218,7 @@ def tune_scale_free(
     return measured.replace(
         mu=torch.where(started, mu, 0.0), alpha=staleness_scale * torch.where(started, alpha, first_step),
         distance=distance, secant_num_avg=secant_avg, secant_den_avg=step_sq_avg, secant_curvature=secant_curvature,
-        grad_sq_sum=grad_sq_sum, least_step_per_step=least_step_per_step,
+        grad_sq_sum=grad_sq_sum, least_step_per_step=least_step_per_step, climb_avg=climb_avg,
     )
 
 

@@ -171,20 +171,24 @@ def test_variants_build_what_they_say():
                               ("scale_free_dowg", "dowg", 1e-3)):
         assert settings(get_variant(name).build(params)) == dataclasses.replace(
             scale_free_default, step_rule=rule, relative_clip=math.inf, clip_trigger=math.inf, initial_distance=start)
-    # ... and its first move and growth cap, so that new defaults leave what each variant's runs measured as they were.
-    # (the variants named "..._start_<r>..." measure another start r, those named "..._growth_cap..." the cap)
+    # ... and its first move, growth cap and distance hold, so that new defaults leave what each variant's runs measured
+    # as they were. (the variants named "..._start_<r>..." measure another start r, those named "..._growth_cap..."
+    # the cap, "..._hold..." the hold)
     for variant in VARIANTS.values():
         if variant.overrides.get("tuner") == "scale_free":
             named = re.search(r"_start_([0-9.e-]+?)(_|$)", variant.name)
             measured = 1e-6 if variant.overrides["step_rule"] == "secant" else 1e-3
             assert variant.overrides["initial_distance"] == (float(named.group(1)) if named else measured)
             assert variant.overrides["growth_cap"] == ("_growth_cap" in variant.name)
+            assert variant.overrides["hold_distance_uphill"] == ("_hold" in variant.name)
     clipped = settings(get_variant("scale_free_dowg_clip_average").build(params))
     assert clipped == dataclasses.replace(scale_free_default, average=True, clip_trigger=2.0)  # (as first measured)
     triggered = settings(get_variant("scale_free_dowg_clip_trigger_average").build(params))
     assert triggered == dataclasses.replace(scale_free_default, average=True)
     capped = settings(get_variant("scale_free_dowg_clip_trigger_growth_cap_average").build(params))
     assert capped == dataclasses.replace(scale_free_default, average=True, growth_cap=True)
+    held = settings(get_variant("scale_free_dowg_clip_trigger_hold_average").build(params))
+    assert held == dataclasses.replace(scale_free_default, average=True, hold_distance_uphill=True)
     spec = VARIANT_SPECS["yf_reference"]
     assert spec.records_tuner_trace and spec.every_seed and not spec.highlight
     assert VARIANT_SPECS["yf_control"].replays == "yf_reference"

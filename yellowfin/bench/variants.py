@@ -98,15 +98,17 @@ def get_variant(name: str) -> Variant:
 
 # The scale-free variants measured before the relative clip existed run without it, whatever its default becomes.
 _UNCLIPPED = {"relative_clip": math.inf}
-# ... and every scale-free variant without a start or a growth cap of its own runs as it was measured: with its rule's
-# first move from before initial_distance existed, and without the growth cap, whatever the defaults become.
+# ... and every scale-free variant without a start, a growth cap or a distance hold of its own runs as it was measured:
+# with its rule's first move from before initial_distance existed, without the growth cap and without the hold,
+# whatever the defaults become.
 
 
 def _pinned_as_measured(variant: Variant) -> Variant:
     overrides = variant.overrides
     if overrides.get("tuner") != "scale_free":
         return variant
-    pinned = {"initial_distance": INITIAL_DISTANCE_BEFORE_THE_OPTION[overrides["step_rule"]], "growth_cap": False}
+    pinned = {"initial_distance": INITIAL_DISTANCE_BEFORE_THE_OPTION[overrides["step_rule"]], "growth_cap": False,
+              "hold_distance_uphill": False}
     return dataclasses.replace(variant, overrides={**pinned, **overrides})
 
 
@@ -230,6 +232,21 @@ for _variant in (
     Variant("control_scale_free_dowg_clip_trigger_growth_cap",
             "plain SGD replaying scale_free_dowg_clip_trigger_growth_cap_average's effective step",
             control_of="scale_free_dowg_clip_trigger_growth_cap_average"),
+    # Each metric's default with the distance held where the loss rises along the way travelled
+    # (hold_distance_uphill; docs/tuner.md §16): DoG's distance counts only while the run descends along it.
+    Variant("scale_free_dowg_clip_trigger_hold_average",
+            "scale_free_dowg_clip_trigger_average, its distance held while the running cos(g, x - x_0) is above 0",
+            overrides={"tuner": "scale_free", "step_rule": "dowg", "relative_clip": 2.0,
+                       "clip_trigger": outlier_trigger(0.99), "beta": 0.99, "average": True,
+                       "hold_distance_uphill": True}),
+    Variant("control_scale_free_dowg_clip_trigger_hold",
+            "plain SGD replaying scale_free_dowg_clip_trigger_hold_average's effective step",
+            control_of="scale_free_dowg_clip_trigger_hold_average"),
+    Variant("scale_free_adam_dowg_neutral_start_1e-2_hold_average",
+            "scale_free_adam_dowg_neutral_start_1e-2_average, its distance held while the running cos(g, x - x_0) is "
+            "above 0",
+            overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "step_rule": "dowg_neutral",
+                       "beta": 0.99, "initial_distance": 1e-2, "average": True, "hold_distance_uphill": True}),
 ):
     register_variant(_pinned_as_measured(_variant))
 DEFAULT_VARIANTS = (REFERENCE, "paper", "control")
