@@ -32,21 +32,24 @@ OPTIMIZERS = {
     "scale_free": lambda params: YellowFin(params, tuner="scale_free", step_rule="dog", relative_clip=math.inf),
     "scale_free_secant": lambda params: YellowFin(params, tuner="scale_free", step_rule="secant",
                                                   relative_clip=math.inf),
-    "scale_free_dowg": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg", relative_clip=math.inf),
+    "scale_free_dowg": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg", relative_clip=math.inf,
+                                                hold_distance_uphill=False),
     # the preconditioned tuner with each of its rules (the neutral DoWG rule is its default, docs/tuner.md §12)
     "scale_free_adam_dog": lambda params: YellowFin(params, precondition="adam", step_rule="dog"),
     "scale_free_adam_dowg_neutral": lambda params: YellowFin(params, precondition="adam", step_rule="dowg_neutral",
                                                              initial_distance=1e-3),
     # the defaults with their relative clip (docs/tuner.md §10), DoWG's and the neutral rule in the plain metric, and
-    # each metric's with the larger first move of §14
+    # each metric's with the larger first move of §14 (DoWG's as measured, before its distance hold)
     "scale_free_dowg_clip": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg",
-                                                     initial_distance=1e-3),
+                                                     initial_distance=1e-3, hold_distance_uphill=False),
     "scale_free_dowg_clip_start_1e-2": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg",
-                                                                initial_distance=1e-2),
+                                                                initial_distance=1e-2, hold_distance_uphill=False),
     # DoWG's step held to linear growth from step 100 on (growth_cap, docs/tuner.md §15)
     "scale_free_dowg_clip_growth_cap": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg",
-                                                                initial_distance=1e-3, growth_cap=True),
-    # the distance held where the loss rises along the way travelled (hold_distance_uphill, docs/tuner.md §16)
+                                                                initial_distance=1e-3, growth_cap=True,
+                                                                hold_distance_uphill=False),
+    # the distance held where the loss rises along the way travelled (hold_distance_uphill, docs/tuner.md §16): the
+    # plain metric's default since
     "scale_free_dowg_clip_hold": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg",
                                                           initial_distance=1e-3, hold_distance_uphill=True),
     "scale_free_dowg_neutral_clip": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg_neutral",

@@ -682,13 +682,15 @@ def test_state_dict_with_invalid_values_is_refused_and_changes_nothing(corrupt, 
 # What a group saved without an option ran, where that is not the option's default today: before the tuner option
 # existed every group ran the reference; a scale-free group saved before step_rule existed ran the secant rule, before
 # relative_clip no relative clip, before clip_trigger a clip that acted at its own level (the group's relative_clip),
-# before initial_distance the first move of its rule (1e-3 for the default DoWG rule).
+# before initial_distance the first move of its rule (1e-3 for the default DoWG rule), before hold_distance_uphill no
+# distance hold.
 RAN_BEFORE_THE_OPTION = {
     ("reference", "tuner"): "reference",
     ("scale_free", "step_rule"): "secant",
     ("scale_free", "relative_clip"): math.inf,
     ("scale_free", "clip_trigger"): 3.0,
     ("scale_free", "initial_distance"): 1e-3,
+    ("scale_free", "hold_distance_uphill"): False,
 }
 # (the clip_trigger case saves a relative clip of its own, 3, so that "its own level" is not the default 2)
 SAVED_WITH = {("scale_free", "clip_trigger"): {"relative_clip": 3.0}}
@@ -766,7 +768,7 @@ def test_reference_variant_pins_the_authors_settings_and_takes_overrides():
     pinned = dict(beta=0.999, curvature_window=20, eps=1e-6, initial_lr=1e-4, initial_momentum=0.0,
                   adaptive_clipping=True, slow_start=True, update_first=False, curvature_smoothing="log",
                   smooth_tuned=False, tuner="reference", step_rule=None, relative_clip=None, clip_trigger=None,
-                  initial_distance=None, growth_cap=False, hold_distance_uphill=False)
+                  initial_distance=None, growth_cap=False, hold_distance_uphill=None)
     assert {name: group[name] for name in pinned} == pinned
     overridden = YellowFin.reference_variant([p], slow_start=False, nesterov=True).param_groups[0]
     assert overridden["slow_start"] is False and overridden["nesterov"] is True and overridden["beta"] == 0.999

@@ -180,7 +180,7 @@ class YellowFin(Optimizer):
         clip_trigger: float | None = None,
         initial_distance: float | None = None,
         growth_cap: bool = False,
-        hold_distance_uphill: bool = False,
+        hold_distance_uphill: bool | None = None,
         average: bool = False,
         shard_group=None,
         **unknown,
@@ -199,11 +199,11 @@ class YellowFin(Optimizer):
             initial_distance=initial_distance, growth_cap=growth_cap,
             hold_distance_uphill=hold_distance_uphill, average=average,
         )
-        # (beta, step_rule, the clip and the first move as given: None stays None, so that each group's tuner picks
-        # its own)
+        # (beta, step_rule, the clip, the first move and the distance hold as given: None stays None, so that each
+        # group's tuner picks its own)
         defaults = dict(
             vars(settings), beta=beta, step_rule=step_rule, relative_clip=relative_clip, clip_trigger=clip_trigger,
-            initial_distance=initial_distance, lr=lr,
+            initial_distance=initial_distance, hold_distance_uphill=hold_distance_uphill, lr=lr,
             weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, nesterov=nesterov,
             maximize=maximize, foreach=foreach, fused=fused,
         )
@@ -256,12 +256,13 @@ class YellowFin(Optimizer):
             # (torch only warns; the per-tensor and multi-tensor paths would update such a tensor once and twice)
             raise ValueError("a parameter group lists the same tensor more than once: list each parameter once")
         settings = _check_group({**self.defaults, **param_group})
-        # The group names its memory (and a scale-free group its rule, clip and first move): a checkpoint keeps them
-        # when a default changes.
+        # The group names its memory (and a scale-free group its rule, clip, first move and distance hold): a
+        # checkpoint keeps them when a default changes.
         param_group["beta"] = settings.beta
         if settings.scale_free:
             param_group.update(step_rule=settings.step_rule, relative_clip=settings.relative_clip,
-                               clip_trigger=settings.clip_trigger, initial_distance=settings.initial_distance)
+                               clip_trigger=settings.clip_trigger, initial_distance=settings.initial_distance,
+                               hold_distance_uphill=settings.hold_distance_uphill)
         if not self.per_group_tuning and self.param_groups:
             shared = self._settings(self.param_groups[0])
             if settings != shared:
@@ -711,7 +712,8 @@ def _resolved_options_of_old_groups(saved: dict) -> dict:
     for a scale-free group, the step rule "secant" if it was saved before
     step_rule existed, "dog" if with step_rule=None while that meant DoG's rule; no relative clip if saved before
     relative_clip existed; a clip that acts at its own level if saved before clip_trigger existed; the first move its
-    rule had then if saved before initial_distance existed. {} for any other group."""
+    rule had then if saved before initial_distance existed; no distance hold if saved before hold_distance_uphill
+    existed. {} for any other group."""
     if "tuner" not in saved:  # saved before the option existed, when every tuner was the reference
         return {"tuner": "reference"}
     if saved["tuner"] != "scale_free":
@@ -728,6 +730,8 @@ def _resolved_options_of_old_groups(saved: dict) -> dict:
     if saved.get("initial_distance") is None:  # (it acts on the first step only: for a checkpoint saved before one)
         rule = resolved.get("step_rule", saved["step_rule"])
         resolved["initial_distance"] = INITIAL_DISTANCE_BEFORE_THE_OPTION[rule]
+    if saved.get("hold_distance_uphill") is None:  # (no rule held its distance before the option)
+        resolved["hold_distance_uphill"] = False
     return resolved
 
 

@@ -39,16 +39,17 @@ class HeavyBall(torch.optim.Optimizer):
 
 # The scale-free tuner's methods (closed-loop: it runs under asynchrony only so, its step cut for the staleness).
 SCALE_FREE_METHODS = {  # (their defaults; under asynchrony the relative clip acts at its own level)
-    "scale_free_closed": dict(tuner="scale_free"),
+    "scale_free_closed": dict(tuner="scale_free", hold_distance_uphill=False),  # (as measured, before the hold)
     "scale_free_adam_closed": dict(tuner="scale_free", precondition="adam", step_rule="dog"),  # (as first measured)
     # (the neutral rule as measured, from the first move 1e-3; its default start since is 1e-2, docs/tuner.md §14)
     "scale_free_adam_neutral_closed": dict(tuner="scale_free", precondition="adam", step_rule="dowg_neutral",
                                            initial_distance=1e-3),
     "scale_free_adam_default_closed": dict(tuner="scale_free", precondition="adam"),  # (Adam's metric's defaults)
+    "scale_free_default_closed": dict(tuner="scale_free"),  # (the plain defaults since DoWG's distance hold, §16)
 }
 # Screens (docs/tuner.md §15.1), run by --only alone: each metric's defaults with the staleness the system reports
 # never below the delay the schedule is expected to bring (M - 1), so that the step's cut acts from the first update.
-SCREEN_METHODS = {"scale_free_closed_expected": dict(tuner="scale_free"),
+SCREEN_METHODS = {"scale_free_closed_expected": dict(tuner="scale_free", hold_distance_uphill=False),
                   "scale_free_adam_default_closed_expected": dict(tuner="scale_free", precondition="adam")}
 
 

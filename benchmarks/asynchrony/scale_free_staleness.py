@@ -26,7 +26,8 @@ clip's trigger at 1 / sqrt(1 - beta) times the running RMS, but under staleness 
 ``--rule trigger`` the same with the trigger kept under staleness, the measurement behind that exception; ``--rule
 adam`` the preconditioned tuner (``precondition="adam"``) with DoG's rule, ``--rule adam_neutral`` with the neutral
 DoWG rule (``step_rule="dowg_neutral"``) from the first move 1e-3 as measured, ``--rule adam_default`` Adam's
-metric's defaults (the neutral rule from the first move 1e-2).
+metric's defaults (the neutral rule from the first move 1e-2), ``--rule held`` the plain metric's defaults since DoWG's
+distance hold (docs/tuner.md §16; ``today`` and the others pin the hold off, as they were measured).
 
 ``--estimate instant`` steers the closed loops by the sensor's per-observation estimate (an average of each
 observation's median ratio, which forgets the largest moves) instead of its default time-averaged one, for the
@@ -59,11 +60,13 @@ from common import report_at_least_the_expected_delay, save_json
 STEPS, SEEDS, WORKERS = 600, (0, 1, 2), (1, 4, 8)
 RULES = {"dog": dict(tuner="scale_free", step_rule="dog", relative_clip=math.inf),  # (as first measured)
          # the defaults when first measured: the relative clip acted at its own level (clip_trigger=2)
-         "default": dict(tuner="scale_free", relative_clip=2.0, clip_trigger=2.0),
+         "default": dict(tuner="scale_free", relative_clip=2.0, clip_trigger=2.0, hold_distance_uphill=False),
          # today's defaults: the clip's trigger at 1 / sqrt(1 - beta) in synchronous training, its own level under
-         # staleness; "trigger" keeps the trigger under staleness too (the measurement behind that exception)
-         "today": dict(tuner="scale_free"),
-         "trigger": dict(tuner="scale_free")}
+         # staleness; "trigger" keeps the trigger under staleness too (the measurement behind that exception); both
+         # as measured, before DoWG's distance hold (docs/tuner.md §16), which "held" adds: the defaults since
+         "today": dict(tuner="scale_free", hold_distance_uphill=False),
+         "trigger": dict(tuner="scale_free", hold_distance_uphill=False),
+         "held": dict(tuner="scale_free")}
 STALENESS_BLIND_CLIP = ("trigger",)  # rules whose clip is run as if the gradients were fresh
 RULES["adam"] = dict(tuner="scale_free", precondition="adam", step_rule="dog")  # (its rule when first measured)
 # (the neutral rule as measured, from the first move 1e-3; "adam_default" is Adam's metric's default since, from 1e-2)

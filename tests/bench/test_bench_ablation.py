@@ -164,13 +164,14 @@ def test_variants_build_what_they_say():
     assert no_ramp.defaults == {**reference.defaults, "slow_start": False}
     assert settings(get_variant("scale_free").build(params)).beta == 0.999  # the variant pins its memory
     scale_free_default = settings(default)
-    # Every scale-free variant pins the rule and clip it was measured with; the clipped DoWG variant is the
-    # scale-free default (with the average, which only changes the point handed out).
+    # Every scale-free variant pins the rule and clip it was measured with; the clipped DoWG variant with the distance
+    # hold is the scale-free default (with the average, which only changes the point handed out).
     assert settings(get_variant("scale_free").build(params)).step_rule == "secant"
     for name, rule, start in (("scale_free_beta_0.99", "secant", 1e-6), ("scale_free_dog", "dog", 1e-3),
                               ("scale_free_dowg", "dowg", 1e-3)):
         assert settings(get_variant(name).build(params)) == dataclasses.replace(
-            scale_free_default, step_rule=rule, relative_clip=math.inf, clip_trigger=math.inf, initial_distance=start)
+            scale_free_default, step_rule=rule, relative_clip=math.inf, clip_trigger=math.inf, initial_distance=start,
+            hold_distance_uphill=False)
     # ... and its first move, growth cap and distance hold, so that new defaults leave what each variant's runs measured
     # as they were. (the variants named "..._start_<r>..." measure another start r, those named "..._growth_cap..."
     # the cap, "..._hold..." the hold)
@@ -182,13 +183,14 @@ def test_variants_build_what_they_say():
             assert variant.overrides["growth_cap"] == ("_growth_cap" in variant.name)
             assert variant.overrides["hold_distance_uphill"] == ("_hold" in variant.name)
     clipped = settings(get_variant("scale_free_dowg_clip_average").build(params))
-    assert clipped == dataclasses.replace(scale_free_default, average=True, clip_trigger=2.0)  # (as first measured)
+    assert clipped == dataclasses.replace(scale_free_default, average=True, clip_trigger=2.0,  # (as first measured)
+                                          hold_distance_uphill=False)
     triggered = settings(get_variant("scale_free_dowg_clip_trigger_average").build(params))
-    assert triggered == dataclasses.replace(scale_free_default, average=True)
+    assert triggered == dataclasses.replace(scale_free_default, average=True, hold_distance_uphill=False)
     capped = settings(get_variant("scale_free_dowg_clip_trigger_growth_cap_average").build(params))
-    assert capped == dataclasses.replace(scale_free_default, average=True, growth_cap=True)
+    assert capped == dataclasses.replace(scale_free_default, average=True, growth_cap=True, hold_distance_uphill=False)
     held = settings(get_variant("scale_free_dowg_clip_trigger_hold_average").build(params))
-    assert held == dataclasses.replace(scale_free_default, average=True, hold_distance_uphill=True)
+    assert held == dataclasses.replace(scale_free_default, average=True)  # (the default, with the average)
     spec = VARIANT_SPECS["yf_reference"]
     assert spec.records_tuner_trace and spec.every_seed and not spec.highlight
     assert VARIANT_SPECS["yf_control"].replays == "yf_reference"
