@@ -58,8 +58,7 @@ def test_the_multi_tensor_flavour_gives_the_single_tensor_numbers(options):
     (torch.float32, 1e-6, {}),
     (torch.float64, 1e-12, dict(weight_decay=1e-2, decoupled_weight_decay=True, maximize=True)),
     (torch.float64, 1e-12, dict(step_rule="dowg_neutral")),
-    (torch.float64, 1e-12, dict(hold_distance_uphill=True)),
-], ids=["float64", "float32", "float64-options", "float64-dowg_neutral", "float64-held"])
+], ids=["float64", "float32", "float64-options", "float64-dowg_neutral"])
 def test_the_compiled_flavour_gives_the_single_tensor_numbers(dtype, rtol, options):
     # fused=True runs the preconditioned tuner: frozen layer, a 0-dim parameter, two groups with different lr,
     # gradients missing on some steps, a NaN step.
