@@ -52,6 +52,8 @@ OPTIMIZERS = {
     # plain metric's default since
     "scale_free_dowg_clip_hold": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg",
                                                           initial_distance=1e-3, hold_distance_uphill=True),
+    "scale_free_dowg_clip_hold_start_1e-2": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg",
+                                                                     initial_distance=1e-2, hold_distance_uphill=True),
     "scale_free_dowg_neutral_clip": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg_neutral",
                                                              initial_distance=1e-3),
     # the neutral rule times sqrt(1.5), between it and DoWG (docs/tuner.md §14)

@@ -242,6 +242,13 @@ for _variant in (
     Variant("control_scale_free_dowg_clip_trigger_hold",
             "plain SGD replaying scale_free_dowg_clip_trigger_hold_average's effective step",
             control_of="scale_free_dowg_clip_trigger_hold_average"),
+    # ... and the plain default (with the hold) from the first move 1e-2, which without the hold gained the ResNet-20
+    # but ran away on 3 seeds of 20 near interpolation (docs/tuner.md §14): does the hold let DoWG take it?
+    Variant("scale_free_dowg_clip_trigger_hold_start_1e-2_average",
+            "scale_free_dowg_clip_trigger_hold_average with a first move of 1e-2 (1 + ||x_0||) instead of 1e-3",
+            overrides={"tuner": "scale_free", "step_rule": "dowg", "relative_clip": 2.0,
+                       "clip_trigger": outlier_trigger(0.99), "beta": 0.99, "average": True,
+                       "hold_distance_uphill": True, "initial_distance": 1e-2}),
     Variant("scale_free_adam_dowg_neutral_start_1e-2_hold_average",
             "scale_free_adam_dowg_neutral_start_1e-2_average, its distance held while the running cos(g, x - x_0) is "
             "above 0",
