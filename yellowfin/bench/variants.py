@@ -103,6 +103,12 @@ _UNCLIPPED = {"relative_clip": math.inf}
 # whatever the defaults become.
 
 
+# The plain metric's rule and clip as scale_free_dowg_clip_trigger_average measured them, handing out the average: what
+# the later changes to the plain default were each measured on top of.
+_DOWG_CLIP_TRIGGER_AVERAGE = {"tuner": "scale_free", "step_rule": "dowg", "relative_clip": 2.0,
+                              "clip_trigger": outlier_trigger(0.99), "beta": 0.99, "average": True}
+
+
 def _pinned_as_measured(variant: Variant) -> Variant:
     overrides = variant.overrides
     if overrides.get("tuner") != "scale_free":
@@ -236,9 +242,7 @@ for _variant in (
     # (hold_distance_uphill; docs/tuner.md §16): DoG's distance counts only while the run descends along it.
     Variant("scale_free_dowg_clip_trigger_hold_average",
             "scale_free_dowg_clip_trigger_average, its distance held while the running cos(g, x - x_0) is above 0",
-            overrides={"tuner": "scale_free", "step_rule": "dowg", "relative_clip": 2.0,
-                       "clip_trigger": outlier_trigger(0.99), "beta": 0.99, "average": True,
-                       "hold_distance_uphill": True}),
+            overrides={**_DOWG_CLIP_TRIGGER_AVERAGE, "hold_distance_uphill": True}),
     Variant("control_scale_free_dowg_clip_trigger_hold",
             "plain SGD replaying scale_free_dowg_clip_trigger_hold_average's effective step",
             control_of="scale_free_dowg_clip_trigger_hold_average"),
@@ -246,9 +250,7 @@ for _variant in (
     # but ran away on 3 seeds of 20 near interpolation (docs/tuner.md §14): does the hold let DoWG take it?
     Variant("scale_free_dowg_clip_trigger_hold_start_1e-2_average",
             "scale_free_dowg_clip_trigger_hold_average with a first move of 1e-2 (1 + ||x_0||) instead of 1e-3",
-            overrides={"tuner": "scale_free", "step_rule": "dowg", "relative_clip": 2.0,
-                       "clip_trigger": outlier_trigger(0.99), "beta": 0.99, "average": True,
-                       "hold_distance_uphill": True, "initial_distance": 1e-2}),
+            overrides={**_DOWG_CLIP_TRIGGER_AVERAGE, "hold_distance_uphill": True, "initial_distance": 1e-2}),
     Variant("scale_free_adam_dowg_neutral_start_1e-2_hold_average",
             "scale_free_adam_dowg_neutral_start_1e-2_average, its distance held while the running cos(g, x - x_0) is "
             "above 0",
