@@ -1,0 +1,107 @@
+"""The model each optimizer hands out, on held-out data: the validation split's loss and the task's own measure
+(accuracy, perplexity, reconstruction error, the quadratic's exact excess loss), mean and standard deviation over
+the seeds, at the point each optimizer's usage evaluates: its last iterate, or its average where averaging is part
+of that usage (DoG's polynomial average, Schedule-Free's x, YellowFin with ``average=True`` inside ``averaged()``).
+
+The suite's measure is the training loss where each optimizer takes its gradients (docs/benchmarks.md); this table
+is the other half of the comparison: what a user gets to keep (docs/tuner.md §17). No run is made here: it reads
+the suite's runs (benchmarks/results) and the ablation's (benchmarks/results-ablation), which these commands made:
+
+    yellowfin bench                                            (every suite optimizer, 3 seeds)
+    yellowfin ablate <the seven tasks> --variants scale_free_dowg_clip_trigger_hold_average \\
+        scale_free_adam_dowg_neutral_start_1e-2 scale_free_adam_dowg_neutral_start_1e-2_average --seeds 0 1 2
+
+A grid-tuned optimizer is shown at the learning rate the suite chose (the one it ran on every seed).
+
+    python benchmarks/held_out.py [--results DIR] [--ablation DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from yellowfin.bench import results as results_io
+
+HERE = Path(__file__).resolve().parent
+TASKS = ("quadratic", "digits_mlp", "logreg", "autoencoder", "fmnist_resnet8", "char_lstm", "fmnist_resnet")
+# (row label, results file's optimizer name, where: "suite" or "ablation")
+ROWS = (
+    ("YellowFin default, last iterate", "yellowfin", "suite"),
+    ("YellowFin default, its average", "yf_scale_free_dowg_clip_trigger_hold_average", "ablation"),
+    ("YellowFin Adam's metric, last iterate", "yf_scale_free_adam_dowg_neutral_start_1e-2", "ablation"),
+    ("YellowFin Adam's metric, its average", "yf_scale_free_adam_dowg_neutral_start_1e-2_average", "ablation"),
+    ("YellowFin reference, last iterate", "yellowfin_reference", "suite"),
+    ("momentum SGD (tuned lr)", "sgd_momentum", "suite"),
+    ("Adam (tuned lr)", "adam", "suite"),
+    ("Schedule-Free SGD (its x)", "schedulefree_sgd", "suite"),
+    ("Schedule-Free AdamW (its x)", "schedulefree_adamw", "suite"),
+    ("Prodigy", "prodigy", "suite"),
+    ("D-Adaptation Adam", "dadapt_adam", "suite"),
+    ("DoG (its average)", "dog", "suite"),
+)
+
+
+def held_out(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """(task, optimizer) -> the validation measures of its runs, for a tuned optimizer at the chosen lr only."""
+    runs: dict[tuple[str, str, float | None], list[dict]] = defaultdict(list)
+    for record in records:
+        if record.get("diverged"):
+            continue
+        evaluation = record.get("eval") or {}
+        measures = evaluation.get("val", evaluation)
+        if measures:
+            runs[(record["task"]["name"], record["optimizer"], record.get("lr"))].append(measures)
+    chosen: dict[tuple[str, str], list[dict]] = {}
+    for (task, optimizer, _), measures in sorted(runs.items(), key=lambda item: len(item[1])):
+        chosen[(task, optimizer)] = measures  # (sorted by seed count: the chosen lr, run on every seed, is last)
+    return chosen
+
+
+def cell(measures: list[dict] | None, name: str) -> str:
+    values = [m[name] for m in measures or () if name in m]
+    if not values:
+        return "–"
+    spread = f" ± {statistics.stdev(values):.2g}" if len(values) > 1 else f" ({len(values)} seed)"
+    return f"{statistics.mean(values):.4g}{spread}"
+
+
+def task_measure(suite: dict, task: str) -> str:
+    """The task's own measure: the first one its evaluation reports besides the loss (the quadratic's excess loss
+    is its loss, f(x) - f(x*))."""
+    names = next(iter(m[0] for (t, _), m in suite.items() if t == task))
+    return next((name for name in names if name != "loss"), "loss")
+
+
+def table(suite: dict, ablation: dict, measure: str | None) -> str:
+    """One row per optimizer, one column per task: the loss (measure None) or each task's own measure."""
+    tasks = [t for t in TASKS if any(task == t for task, _ in suite)]
+    names = {t: measure or task_measure(suite, t) for t in tasks}
+    header = tasks if measure else [f"{t} ({names[t]})" for t in tasks]
+    lines = ["| optimizer, point handed out | " + " | ".join(header) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for label, optimizer, where in ROWS:
+        source = suite if where == "suite" else ablation
+        lines.append(f"| {label} | " + " | ".join(cell(source.get((t, optimizer)), names[t]) for t in tasks) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=HERE / "results")
+    parser.add_argument("--ablation", type=Path, default=HERE / "results-ablation")
+    args = parser.parse_args(argv)
+    for directory in (args.results, args.ablation):
+        if not directory.is_dir():
+            parser.error(f"{directory} is not a directory of results (see this script's docstring for the commands)")
+    suite, ablation = held_out(results_io.load_results(args.results)), held_out(results_io.load_results(args.ablation))
+    print("Validation loss at the point each optimizer hands out (mean ± std over seeds):\n")
+    print(table(suite, ablation, "loss"))
+    print("\nThe task's own measure there:\n")
+    print(table(suite, ablation, None))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
