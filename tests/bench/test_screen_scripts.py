@@ -1,0 +1,92 @@
+"""benchmarks/paired.py and benchmarks/held_out.py on generated results files."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+from yellowfin.bench import metrics
+from yellowfin.bench.results import SCHEMA_VERSION, TUNED, UNTUNED, run_path, write_result
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+STEPS = 40
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_run(directory, task, optimizer, seed, loss, *, lr=None, val=None, exact=False, diverged=False):
+    """A results file as the runner writes it, with a constant training loss (its smoothed end is ``loss``)."""
+    curve = [loss] * STEPS
+    record = {
+        "schema": SCHEMA_VERSION, "task": {"name": task, "metric": "accuracy"}, "higher_is_better": True,
+        "optimizer": optimizer, "kind": TUNED if lr is not None else UNTUNED, "lr": lr, "seed": seed, "steps": STEPS,
+        "completed_steps": STEPS, "diverged": diverged, "loss": curve, "wall": [0.0] * STEPS,
+        "eval": {"val": val if val is not None else {"loss": loss, "accuracy": 0.5}}, "train_seconds": 1.0,
+        "environment": {}, "trace": {"effective_lr": [0.1] * STEPS},  # (a YellowFin run records its step)
+    }
+    if exact:
+        record["exact_loss"] = [2.0 * loss] * STEPS  # (the quadratic's measure, which the scripts must prefer)
+    write_result(run_path(directory, task, optimizer, seed, STEPS, lr), record)
+
+
+def test_paired_differences_are_screen_minus_baseline_over_the_seeds_both_hold(tmp_path, capsys):
+    paired = load("paired")
+    for seed, (before, after) in enumerate([(1.0, 0.9), (2.0, 1.7), (3.0, 2.8)]):
+        write_run(tmp_path / "base", "logreg", "yellowfin", seed, before)
+        write_run(tmp_path / "screen", "logreg", "yellowfin", seed, after)
+    write_run(tmp_path / "base", "logreg", "yellowfin", 7, 5.0)  # (no pair: left out)
+    write_run(tmp_path / "base", "quadratic", "yellowfin", 0, 1.0, exact=True)
+    write_run(tmp_path / "screen", "quadratic", "yellowfin", 0, 1.5, exact=True)
+    write_run(tmp_path / "screen", "logreg", "other", 0, 100.0)  # (another optimizer: not read)
+    assert paired.main([str(tmp_path / "base"), str(tmp_path / "screen")]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()}
+    differences = [-0.1, -0.3, -0.2]
+    error = (sum((d + 0.2) ** 2 for d in differences) / 2) ** 0.5 / math.sqrt(3)
+    assert rows["logreg"].endswith(f"| {-0.2:+.2g} ± {error:.2g} |")
+    assert "1, 2, 3 | 0.9, 1.7, 2.8" in rows["logreg"]
+    assert rows["quadratic"].startswith("| quadratic | 2 | 3 | +1 ± nan |")  # the exact loss, not the batch loss
+
+
+def test_paired_final_loss_of_a_diverged_run_is_infinite(tmp_path):
+    paired = load("paired")
+    write_run(tmp_path, "logreg", "yellowfin", 0, 1.0, diverged=True)
+    assert paired.finals(tmp_path, "yellowfin") == {("logreg", 0): math.inf}
+    write_run(tmp_path, "logreg", "yellowfin", 1, 0.25)
+    expected = float(metrics.smooth([0.25] * STEPS, metrics.smoothing_window(STEPS))[-1])
+    assert paired.finals(tmp_path, "yellowfin")[("logreg", 1)] == pytest.approx(expected)
+
+
+def test_paired_refuses_directories_without_common_runs(tmp_path, capsys):
+    paired = load("paired")
+    write_run(tmp_path / "base", "logreg", "yellowfin", 0, 1.0)
+    write_run(tmp_path / "screen", "logreg", "yellowfin", 1, 1.0)
+    with pytest.raises(SystemExit):
+        paired.main([str(tmp_path / "base"), str(tmp_path / "screen")])
+    assert "no task and seed" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        paired.main([str(tmp_path / "missing"), str(tmp_path / "screen")])
+
+
+def test_held_out_shows_a_tuned_optimizer_at_the_learning_rate_run_on_every_seed(tmp_path, capsys):
+    held_out = load("held_out")
+    suite, ablation = tmp_path / "suite", tmp_path / "ablation"
+    write_run(suite, "logreg", "sgd_momentum", 0, 9.0, lr=0.1, val={"loss": 9.0, "accuracy": 0.1})  # the grid
+    for seed, accuracy in enumerate([0.8, 0.9, 1.0]):
+        write_run(suite, "logreg", "sgd_momentum", seed, 1.0, lr=0.01, val={"loss": 1.0 + seed, "accuracy": accuracy})
+        write_run(suite, "logreg", "yellowfin", seed, 1.0, val={"loss": 0.5, "accuracy": 0.75})
+    write_run(ablation, "logreg", "yf_scale_free_dowg_clip_trigger_hold_average", 0, 1.0,
+              val={"loss": 0.25, "accuracy": 0.95})
+    assert held_out.main(["--results", str(suite), "--ablation", str(ablation)]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| momentum SGD")]
+    assert rows == ["| momentum SGD (tuned lr) | 2 ± 1 |", "| momentum SGD (tuned lr) | 0.9 ± 0.1 |"]
+    assert "| YellowFin default, its average | 0.25 (1 seed) |" in out
+    assert "| YellowFin default, last iterate | 0.5 ± 0 |" in out
+    assert "| Prodigy | – |" in out
+    assert "logreg (accuracy)" in out
