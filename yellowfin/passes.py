@@ -143,9 +143,9 @@ def _dot(tensors: list[Tensor], others: list[Tensor]) -> Tensor:
 
 
 def _dot_in_dtype(tensors: list[Tensor], others: list[Tensor]) -> Tensor:
-    """sum_i <a_i, b_i>, each <a_i, b_i> accumulated in the tensors' dtype and their sum in float64: on CPU about
-    a seventh of ``_dot``'s cost, for the dots that need less: gbar's cross term (the reference's rounding) and
-    the distance hold's pairing, of which only the sign of a running mean is read."""
+    """sum_i <a_i, b_i>, each <a_i, b_i> accumulated in the tensors' dtype and their sum in float64: on CPU a
+    quarter to a third of ``_dot``'s cost (docs/performance.md), for the dots that need less: gbar's cross term (the
+    reference's rounding) and the distance hold's pairing, of which only the sign of a running mean is read."""
     dots = []
     for a, b in zip(tensors, others):
         dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)  # (no half accumulators)
