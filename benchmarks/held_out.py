@@ -24,9 +24,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from yellowfin.bench import results as results_io
+from yellowfin.bench.tasks import TABLE_ORDER
 
 HERE = Path(__file__).resolve().parent
-TASKS = ("quadratic", "digits_mlp", "logreg", "autoencoder", "fmnist_resnet8", "char_lstm", "fmnist_resnet")
 # (row label, results file's optimizer name, where: "suite" or "ablation")
 ROWS = (
     ("YellowFin default, last iterate", "yellowfin", "suite"),
@@ -77,7 +77,7 @@ def task_measure(suite: dict, task: str) -> str:
 
 def table(suite: dict, ablation: dict, measure: str | None) -> str:
     """One row per optimizer, one column per task: the loss (measure None) or each task's own measure."""
-    tasks = [t for t in TASKS if any(task == t for task, _ in suite)]
+    tasks = [t for t in TABLE_ORDER if any(task == t for task, _ in suite)]
     names = {t: measure or task_measure(suite, t) for t in tasks}
     header = tasks if measure else [f"{t} ({names[t]})" for t in tasks]
     lines = ["| optimizer, point handed out | " + " | ".join(header) + " |", "|---" * (len(tasks) + 1) + "|"]

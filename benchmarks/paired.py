@@ -17,8 +17,8 @@ from pathlib import Path
 
 from yellowfin.bench import metrics
 from yellowfin.bench import results as results_io
+from yellowfin.bench.tasks import TABLE_ORDER
 
-TASKS = ("quadratic", "digits_mlp", "logreg", "autoencoder", "fmnist_resnet8", "char_lstm", "fmnist_resnet")
 
 
 def final_smoothed(record: dict) -> float:
@@ -36,7 +36,7 @@ def finals(directory: Path, optimizer: str) -> dict[tuple[str, int], float]:
 
 def table(baseline: dict, screen: dict) -> str:
     lines = ["| task | baseline, seed by seed | screen, seed by seed | paired difference |", "|---|---|---|---|"]
-    for task in TASKS:
+    for task in TABLE_ORDER:
         seeds = sorted(seed for (name, seed) in baseline if name == task and (name, seed) in screen)
         if not seeds:
             continue

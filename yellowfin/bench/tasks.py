@@ -584,6 +584,9 @@ TASKS: dict[str, Callable[..., Task]] = {
     "fmnist_resnet8": FashionMnistResNet8,
 }
 
+# The order of the tuner research's tables (docs/tuner.md): from the smallest problem to the largest network.
+TABLE_ORDER = ("quadratic", "digits_mlp", "logreg", "autoencoder", "fmnist_resnet8", "char_lstm", "fmnist_resnet")
+
 
 def get_task(name: str, **options: Any) -> Task:
     """Build a task by name; options go to its constructor (e.g. data_dir, train_examples, text_path)."""
