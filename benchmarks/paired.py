@@ -15,18 +15,17 @@ import math
 import statistics
 from pathlib import Path
 
-from yellowfin.bench import metrics
+from yellowfin.bench import ablation, metrics
 from yellowfin.bench import results as results_io
 from yellowfin.bench.tasks import TABLE_ORDER
 
 
 
 def final_smoothed(record: dict) -> float:
-    """The run's smoothed curve at its last step (the exact loss where the task records it); inf if it diverged."""
-    key = "exact_loss" if record.get("exact_loss") else "loss"
-    if record.get("diverged") or not record[key]:
-        return math.inf
-    return float(metrics.smooth(metrics.mean_curve([record[key]]), metrics.smoothing_window(record["steps"]))[-1])
+    """The ablation's measure of one run: its smoothed curve at the last step, on the exact loss where the task
+    records it (the quadratic), inf if it diverged."""
+    curve_key = "exact_loss" if record.get("exact_loss") else "loss"
+    return ablation.final_smoothed(record, curve_key, metrics.smoothing_window(record["steps"]))
 
 
 def finals(directory: Path, optimizer: str) -> dict[tuple[str, int], float]:

@@ -77,7 +77,7 @@ class VariantRow:
     speedup_vs_adam: float | None = None  # likewise against tuned Adam
 
 
-def _final_smoothed(record: dict[str, Any], curve_key: str, window: int) -> float:
+def final_smoothed(record: dict[str, Any], curve_key: str, window: int) -> float:
     """The run's smoothed curve at its last step; infinite for a run that diverged."""
     if record.get("diverged") or not record[curve_key]:
         return math.inf
@@ -93,7 +93,7 @@ def variant_rows(summary: TaskSummary) -> list[VariantRow]:
              for name in PEERS if (opt := summary.optimizers.get(name)) is not None]
     for name, description, opt in ([(n, VARIANTS[n].description, summary.optimizers[SPEC_PREFIX + n]) for n in names]
                                    + peers):
-        finals = [_final_smoothed(r, summary.curve_key, summary.window) for r in opt.records]
+        finals = [final_smoothed(r, summary.curve_key, summary.window) for r in opt.records]
         finite = [v for v in finals if math.isfinite(v)]
         final = (statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0) if finite else None
         speedup = metrics.speedup(baseline.curve, opt.curve) if baseline is not None else None
