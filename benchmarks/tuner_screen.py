@@ -736,6 +736,79 @@ class AdamMetricTuner(torch.optim.Optimizer):
             self.trace[key].append(value)
 
 
+class PrimalAveragingForm(torch.optim.Optimizer):
+    """The library's default tuner (``YellowFin(params)``: its settings and ``tuning.tune_step``) applied in the
+    primal-averaging form of heavy ball, with the averaging window lengthened from the momentum's to the run's
+    (docs/tuner.md §18).
+
+    Heavy ball is primal averaging: with z_(t+1) = z_t - eta g_t and x_(t+1) = mu x_t + (1 - mu) z_(t+1), x
+    moves as x_(t+1) = x_t + mu (x_t - x_(t-1)) - (1 - mu) eta g_t, heavy ball with alpha = (1 - mu) eta; its
+    iterate is an average of the plain-SGD sequence z over a window of 1 / (1 - mu) steps. Schedule-Free
+    (Defazio et al. 2024) keeps a long average xbar of z (weights ``window``) and takes the gradient at
+    y = (1 - b) z + b xbar. Here b is the tuned mu and z's step the tuned effective step eta = alpha / (1 - mu),
+    so y still moves by (1 - mu (1 - c)) eta ~ alpha along each gradient, as heavy ball does, while the point that
+    holds the history is the run's average instead of the last few iterates. DoG's distance is measured on z (the
+    SGD sequence its theory is about). The point handed out is xbar (``hand_out``); the gradients and the training
+    loss are at y. Buffers: z, xbar, gbar and x_0 (z could be recovered from y and xbar: three, as heavy ball).
+    ``window``: "poly" the library's polynomial average (t^8), "uniform" 1/t."""
+
+    def __init__(self, params, window: str = "poly"):
+        params = list(params)
+        super().__init__(params, {})
+        if window not in ("poly", "uniform"):
+            raise ValueError(f"unknown window {window!r}")
+        self.window, self.params = window, params
+        library = YellowFin(params)  # (only to resolve the default's settings)
+        self.settings = library._settings(library.param_groups[0])
+        self.tuner = TunerState.initial(self.settings)
+        self.x0 = FlatTuner._flat(p.detach() for p in params).clone()
+        self.fast, self.average = self.x0.clone(), self.x0.clone()
+        self.grad_avg = torch.zeros_like(self.x0)
+        self.x0_sq, self.steps = float(self.x0.dot(self.x0)), 0
+        self.trace: dict[str, list[float]] = {"mu": [], "alpha": [], "effective_lr": []}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        g = FlatTuner._flat(p.grad for p in self.params)
+        displacement = self.fast - self.x0
+        f64 = lambda v: torch.as_tensor(float(v), dtype=torch.float64)  # noqa: E731
+        sq_norm = g.dot(g)
+        sums = Sums.zeros(g)._replace(sq_norm=f64(sq_norm), cross=f64(self.grad_avg.dot(g)),
+                                      grad_avg_sq_norm=f64(self.grad_avg.dot(self.grad_avg)), numel=f64(g.numel()),
+                                      grad_sq_norm_lr=f64(sq_norm), displacement_sq=f64(displacement.dot(displacement)),
+                                      initial_param_sq_norm=f64(self.x0_sq),
+                                      grad_dot_displacement=f64(g.dot(displacement)))
+        self.tuner, c = tuning.tune_step(self.tuner, sums, self.settings)
+        if not bool(c.finite):
+            return
+        self.grad_avg.mul_(float(c.avg_decay)).add_(float(c.avg_weight) * g)
+        mu, alpha = float(c.momentum), float(c.step_size)
+        eta = alpha / (1.0 - mu)
+        self.fast.add_(g, alpha=-eta * float(c.grad_scale))
+        self.steps += 1
+        weight = float(tuning.average_weight(self.steps)) if self.window == "poly" else 1.0 / self.steps
+        self.average.lerp_(self.fast, weight)
+        y = (1.0 - mu) * self.fast + mu * self.average
+        offset = 0
+        for p in self.params:
+            p.copy_(y[offset: offset + p.numel()].view_as(p))
+            offset += p.numel()
+        for key, value in (("mu", mu), ("alpha", alpha), ("effective_lr", eta)):
+            self.trace[key].append(value)
+
+    @torch.no_grad()
+    def hand_out(self, model: nn.Module) -> None:
+        """Put the average xbar into ``model``'s parameters (a copy of the trained model)."""
+        offset = 0
+        for p in model.parameters():
+            p.copy_(self.average[offset: offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+PRIMAL_AVERAGING_VARIANTS = {"primal_averaging_poly": dict(window="poly"),
+                             "primal_averaging_uniform": dict(window="uniform")}
+
+
 ADAM_METRIC_VARIANTS = {"adam_metric_ds": {}, "adam_metric_ds_memory_0.999": dict(beta=0.999),
                         "adam_metric_dsm": dict(signal="along_momentum"), "adam_metric_dog": dict(step="dog"),
                         # three buffers (P, v, x0): the signal along the momentum, no gradient average
@@ -780,6 +853,7 @@ ADAM_METRIC_VARIANTS = {"adam_metric_ds": {}, "adam_metric_ds_memory_0.999": dic
 # sum and momentum (layer-wise DoG, Ivgi, Hinder, Carmon 2023 §4: a block-diagonal metric between the plain
 # metric's one scalar and Adam's per-coordinate one).
 LIBRARY_VARIANTS: dict[str, Callable] = {
+    "library_default": lambda params: YellowFin(params),
     "library_dowg": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg", relative_clip=math.inf),
     "library_dowg_per_tensor": lambda params: YellowFin([{"params": [p]} for p in params], tuner="scale_free",
                                                         step_rule="dowg", per_group_tuning=True,
@@ -830,6 +904,8 @@ def builder(variant: str, task_name: str | None = None) -> Callable:
         return LIBRARY_VARIANTS[variant]
     if variant in ADAM_METRIC_VARIANTS:
         return lambda params: AdamMetricTuner(params, **ADAM_METRIC_VARIANTS[variant])
+    if variant in PRIMAL_AVERAGING_VARIANTS:
+        return lambda params: PrimalAveragingForm(params, **PRIMAL_AVERAGING_VARIANTS[variant])
     return lambda params: FlatTuner(params, **VARIANTS[variant])
 
 
@@ -840,7 +916,12 @@ def run_task(task_name: str, variant: str, seed: int, steps: int) -> dict:
     optimizer = builder(base, task_name)(model.parameters())
     averager = PolynomialAverage(model) if variant.endswith(AVERAGED) else None
     evaluated = averager.averaged_model if averager is not None else model  # the point handed out
-    batches, losses, exact = task.train_batches(seed), [], []
+    handing_out = hasattr(optimizer, "hand_out")  # (an optimizer whose point handed out is not its iterate)
+    if handing_out:
+        import copy
+
+        evaluated = copy.deepcopy(model)
+    batches, losses, exact, at_iterate = task.train_batches(seed), [], [], []
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
         loss = task.loss(model, next(batches))
@@ -848,13 +929,21 @@ def run_task(task_name: str, variant: str, seed: int, steps: int) -> dict:
         optimizer.step()
         if averager is not None:
             averager.step()
+        if handing_out:
+            optimizer.hand_out(evaluated)
+            for kept, current in zip(evaluated.buffers(), model.buffers()):
+                kept.copy_(current)  # batch-norm statistics: the current ones, as the average's
         losses.append(float(loss.detach()))
         if task_name == "quadratic":
             exact.append(task.exact_loss(evaluated))
+            if handing_out:
+                at_iterate.append(task.exact_loss(model))
     best = metrics.best_point(metrics.smooth(losses))
     return {"task": task_name, "variant": variant, "seed": seed, "steps": steps,
             "losses": [finite_or_none(v) for v in losses],
             "exact_loss": [finite_or_none(v) for v in exact] or None,
+            # (an optimizer that hands out another point: the exact loss where it takes its gradients)
+            "exact_loss_at_iterate": [finite_or_none(v) for v in at_iterate] or None,
             "best_smoothed_loss": finite_or_none(best[0] if best else math.nan),
             "eval": {k: finite_or_none(v) for k, v in task.evaluate(evaluated, "val").items()},
             "trace": {key: [finite_or_none(v) for v in values]
@@ -894,7 +983,7 @@ def final_smoothed_loss(record: dict) -> float:
 def table(results: list[dict]) -> str:
     lines = ["Best smoothed training loss (mean ± std over seeds; quadratic: also the final exact excess loss), "
              "one row per variant.", ""]
-    known = ["reference", TUNED_SGD, *VARIANTS, *ADAM_METRIC_VARIANTS, *LIBRARY_VARIANTS]
+    known = ["reference", TUNED_SGD, *VARIANTS, *ADAM_METRIC_VARIANTS, *PRIMAL_AVERAGING_VARIANTS, *LIBRARY_VARIANTS]
     variants = [v for base in known for v in (base, base + AVERAGED) if any(r["variant"] == v for r in results)]
     tasks = [t for t in TASK_STEPS if any(r["task"] == t for r in results)]
     lines += ["| variant | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
