@@ -6,11 +6,19 @@ error. Used for the screens whose patched tree cannot live in the library (docs/
 directory holds its runs and, in its README, the patch and the commands that made them.
 
     python benchmarks/paired.py benchmarks/results-screen-baseline benchmarks/results-screen-lag-one
+
+Either side may also be ``screen:VARIANT``, that variant's runs of benchmarks/tuner_screen.py (the prototypes, in
+benchmarks/results-tuner-screen; its ``library_*`` variants are the bench's runs of the library to the last bit).
+For a prototype that hands out another point than the one it takes its gradients at, the quadratic is measured
+at the point handed out, or with ``--at-iterate`` at the gradients' point.
+
+    python benchmarks/paired.py benchmarks/results-screen-baseline screen:primal_averaging_poly
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 from pathlib import Path
@@ -28,9 +36,27 @@ def final_smoothed(record: dict) -> float:
     return ablation.final_smoothed(record, curve_key, metrics.smoothing_window(record["steps"]))
 
 
+SCREEN_PREFIX = "screen:"
+SCREEN_RESULTS = Path(__file__).resolve().parent / "results-tuner-screen"
+
+
 def finals(directory: Path, optimizer: str) -> dict[tuple[str, int], float]:
     return {(r["task"]["name"], r["seed"]): final_smoothed(r)
             for r in results_io.load_results(directory) if r["optimizer"] == optimizer}
+
+
+def screen_finals(variant: str, at_iterate: bool = False, root: Path = SCREEN_RESULTS) -> dict[tuple[str, int], float]:
+    """``finals`` of a tuner_screen variant's runs, each read as the runner's record of the same run."""
+    out = {}
+    for path in sorted(root.glob(f"*/{variant}_seed*.json")):
+        run = json.loads(path.read_text())
+        if "steps" not in path.parent.name and isinstance(run.get("losses"), list):
+            exact = run.get("exact_loss_at_iterate") if at_iterate else None
+            losses = [math.inf if v is None else v for v in run["losses"]]
+            record = {"steps": run["steps"], "loss": losses, "exact_loss": exact or run.get("exact_loss"),
+                      "diverged": not all(math.isfinite(v) for v in losses)}
+            out[(run["task"], run["seed"])] = final_smoothed(record)
+    return out
 
 
 def table(baseline: dict, screen: dict) -> str:
@@ -49,16 +75,26 @@ def table(baseline: dict, screen: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("baseline", type=Path)
-    parser.add_argument("screen", type=Path)
+    parser.add_argument("baseline", help="a directory of results, or screen:VARIANT")
+    parser.add_argument("screen", help="a directory of results, or screen:VARIANT")
     parser.add_argument("--optimizer", default="yellowfin", help="the runs' optimizer name (default: yellowfin)")
+    parser.add_argument("--at-iterate", action="store_true",
+                        help="a screen variant's quadratic at the point it takes its gradients at")
     args = parser.parse_args(argv)
-    for directory in (args.baseline, args.screen):
-        if not directory.is_dir():
-            parser.error(f"{directory} is not a directory of results")
-    baseline, screen = finals(args.baseline, args.optimizer), finals(args.screen, args.optimizer)
+
+    def read(source: str) -> dict[tuple[str, int], float]:
+        if source.startswith(SCREEN_PREFIX):
+            runs = screen_finals(source.removeprefix(SCREEN_PREFIX), args.at_iterate)
+            if not runs:
+                parser.error(f"{source}: no runs of that variant in {SCREEN_RESULTS}")
+            return runs
+        if not Path(source).is_dir():
+            parser.error(f"{source} is not a directory of results")
+        return finals(Path(source), args.optimizer)
+
+    baseline, screen = read(args.baseline), read(args.screen)
     if not set(baseline) & set(screen):
-        parser.error(f"no task and seed of {args.optimizer!r} is in both directories")
+        parser.error(f"no task and seed is in both ({args.baseline}, {args.screen})")
     print(table(baseline, screen))
     return 0
 

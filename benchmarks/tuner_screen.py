@@ -60,7 +60,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from yellowfin import YellowFin, tuning
+from yellowfin import YellowFin, measurements, tuning
 from yellowfin.bench import metrics
 from yellowfin.bench.results import finite_or_none, write_result
 from yellowfin.bench.tasks import get_task
@@ -786,6 +786,9 @@ class PrimalAveragingForm(torch.optim.Optimizer):
         eta = alpha / (1.0 - mu)
         self.fast.add_(g, alpha=-eta * float(c.grad_scale))
         self.steps += 1
+        self._average_and_interpolate(mu, alpha, eta)
+
+    def _average_and_interpolate(self, mu: float, alpha: float, eta: float) -> None:
         weight = float(tuning.average_weight(self.steps)) if self.window == "poly" else 1.0 / self.steps
         self.average.lerp_(self.fast, weight)
         y = (1.0 - mu) * self.fast + mu * self.average
@@ -805,8 +808,50 @@ class PrimalAveragingForm(torch.optim.Optimizer):
             offset += p.numel()
 
 
+class PreconditionedPrimalAveragingForm(PrimalAveragingForm):
+    """``PrimalAveragingForm`` in Adam's metric: the library's ``precondition="adam"`` default (its settings and
+    ``tuning.tune_step``), z's step eta M^(-1) g with M that step's metric, DoG's distance ||z - x_0||_M. Its
+    momentum signal is the library's lag-one product <g_t, g_(t-1)>, read here from a heavy-ball momentum kept for
+    that alone (a prototype's fourth buffer: the form leaves no momentum to read it from)."""
+
+    def __init__(self, params, window: str = "poly"):
+        super().__init__(params, window)
+        library = YellowFin(self.params, precondition="adam")
+        self.settings = library._settings(library.param_groups[0])
+        self.tuner = TunerState.initial(self.settings)
+        self.second_moment = torch.zeros_like(self.x0)
+        self.signal_momentum = torch.zeros_like(self.x0)
+        self.grad_avg = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        g = FlatTuner._flat(p.grad for p in self.params)
+        floor = measurements.metric_floor(self.tuner)
+        next_moment = measurements.next_second_moment(self.second_moment, g)
+        metric = measurements.adam_metric(next_moment, torch.tensor(self.steps + 1.0, dtype=torch.float64), floor)
+        displacement = self.fast - self.x0
+        f64 = lambda v: torch.as_tensor(float(v), dtype=torch.float64)  # noqa: E731
+        scaled = g / torch.sqrt(metric)
+        sums = Sums.zeros(g)._replace(sq_norm=f64(scaled.dot(scaled)), numel=f64(g.numel()),
+                                      displacement_sq=f64((metric * displacement * displacement).sum()),
+                                      grad_dot_displacement=f64(g.dot(displacement)),
+                                      grad_dot_momentum=f64(scaled.dot(self.signal_momentum)),
+                                      metric_sum=f64(metric.sum()))
+        self.tuner, c = tuning.tune_step(self.tuner, sums, self.settings)
+        if not bool(c.finite):
+            return
+        self.second_moment = next_moment
+        mu, alpha, grad_scale = float(c.momentum), float(c.step_size), float(c.grad_scale)
+        self.signal_momentum.mul_(mu).add_(scaled, alpha=grad_scale)
+        eta = alpha / (1.0 - mu)
+        self.fast.add_(scaled / torch.sqrt(metric), alpha=-eta * grad_scale)
+        self.steps += 1
+        self._average_and_interpolate(mu, alpha, eta)
+
+
 PRIMAL_AVERAGING_VARIANTS = {"primal_averaging_poly": dict(window="poly"),
-                             "primal_averaging_uniform": dict(window="uniform")}
+                             "primal_averaging_uniform": dict(window="uniform"),
+                             "adam_metric_primal_averaging_poly": dict(window="poly", precondition=True)}
 
 
 ADAM_METRIC_VARIANTS = {"adam_metric_ds": {}, "adam_metric_ds_memory_0.999": dict(beta=0.999),
@@ -854,6 +899,7 @@ ADAM_METRIC_VARIANTS = {"adam_metric_ds": {}, "adam_metric_ds_memory_0.999": dic
 # metric's one scalar and Adam's per-coordinate one).
 LIBRARY_VARIANTS: dict[str, Callable] = {
     "library_default": lambda params: YellowFin(params),
+    "library_adam_default": lambda params: YellowFin(params, precondition="adam"),
     "library_dowg": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg", relative_clip=math.inf),
     "library_dowg_per_tensor": lambda params: YellowFin([{"params": [p]} for p in params], tuner="scale_free",
                                                         step_rule="dowg", per_group_tuning=True,
@@ -905,7 +951,9 @@ def builder(variant: str, task_name: str | None = None) -> Callable:
     if variant in ADAM_METRIC_VARIANTS:
         return lambda params: AdamMetricTuner(params, **ADAM_METRIC_VARIANTS[variant])
     if variant in PRIMAL_AVERAGING_VARIANTS:
-        return lambda params: PrimalAveragingForm(params, **PRIMAL_AVERAGING_VARIANTS[variant])
+        options = dict(PRIMAL_AVERAGING_VARIANTS[variant])
+        form = PreconditionedPrimalAveragingForm if options.pop("precondition", False) else PrimalAveragingForm
+        return lambda params: form(params, **options)
     return lambda params: FlatTuner(params, **VARIANTS[variant])
 
 

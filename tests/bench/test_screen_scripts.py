@@ -1,6 +1,7 @@
 """benchmarks/paired.py and benchmarks/held_out.py on generated results files."""
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -90,3 +91,20 @@ def test_held_out_shows_a_tuned_optimizer_at_the_learning_rate_run_on_every_seed
     assert "| YellowFin default, last iterate | 0.5 ± 0 |" in out
     assert "| Prodigy | – |" in out
     assert "logreg (accuracy)" in out
+
+
+def test_paired_reads_a_prototypes_runs_at_the_point_handed_out_or_at_its_iterate(tmp_path):
+    paired = load("paired")
+    for task, steps in (("quadratic", STEPS), ("logreg", STEPS)):
+        (tmp_path / task).mkdir()
+        run = {"task": task, "variant": "proto", "seed": 0, "steps": steps, "losses": [3.0] * steps,
+               "exact_loss": [0.5] * steps if task == "quadratic" else None,
+               "exact_loss_at_iterate": [0.7] * steps if task == "quadratic" else None}
+        (tmp_path / task / "proto_seed0.json").write_text(json.dumps(run))
+    (tmp_path / "logreg" / "other_seed0.json").write_text(json.dumps({**run, "variant": "other"}))
+    assert paired.screen_finals("proto", root=tmp_path) == {("quadratic", 0): pytest.approx(0.5),
+                                                            ("logreg", 0): pytest.approx(3.0)}
+    assert paired.screen_finals("proto", at_iterate=True, root=tmp_path)[("quadratic", 0)] == pytest.approx(0.7)
+    run["losses"][-1] = None  # (a diverged run: the runner writes its non-finite losses as None)
+    (tmp_path / "logreg" / "proto_seed0.json").write_text(json.dumps(run))
+    assert paired.screen_finals("proto", root=tmp_path)[("logreg", 0)] == math.inf
