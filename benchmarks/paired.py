@@ -13,6 +13,8 @@ For a prototype that hands out another point than the one it takes its gradients
 at the point handed out, or with ``--at-iterate`` at the gradients' point.
 
     python benchmarks/paired.py benchmarks/results-screen-baseline screen:primal_averaging_poly
+    python benchmarks/paired.py benchmarks/results-screen-baseline benchmarks/results-primal-average \
+        --screen-optimizer yf_scale_free_dowg_clip_trigger_hold_primal_average
 """
 
 from __future__ import annotations
@@ -78,11 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("baseline", help="a directory of results, or screen:VARIANT")
     parser.add_argument("screen", help="a directory of results, or screen:VARIANT")
     parser.add_argument("--optimizer", default="yellowfin", help="the runs' optimizer name (default: yellowfin)")
+    parser.add_argument("--screen-optimizer", default=None,
+                        help="the screen's runs' optimizer name, where it differs (an ablation variant's yf_NAME)")
     parser.add_argument("--at-iterate", action="store_true",
                         help="a screen variant's quadratic at the point it takes its gradients at")
     args = parser.parse_args(argv)
 
-    def read(source: str) -> dict[tuple[str, int], float]:
+    def read(source: str, optimizer: str) -> dict[tuple[str, int], float]:
         if source.startswith(SCREEN_PREFIX):
             runs = screen_finals(source.removeprefix(SCREEN_PREFIX), args.at_iterate)
             if not runs:
@@ -90,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             return runs
         if not Path(source).is_dir():
             parser.error(f"{source} is not a directory of results")
-        return finals(Path(source), args.optimizer)
+        return finals(Path(source), optimizer)
 
-    baseline, screen = read(args.baseline), read(args.screen)
+    baseline, screen = read(args.baseline, args.optimizer), read(args.screen, args.screen_optimizer or args.optimizer)
     if not set(baseline) & set(screen):
         parser.error(f"no task and seed is in both ({args.baseline}, {args.screen})")
     print(table(baseline, screen))

@@ -29,7 +29,8 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import measurements, passes, tuning
 from .measurements import Sums
-from .state import (DEFAULT_TUNER, INITIAL_DISTANCE_BEFORE_THE_OPTION, SECANT_UNDER_STALENESS, TunerSettings,
+from .state import (DEFAULT_TUNER, INITIAL_DISTANCE_BEFORE_THE_OPTION, PRIMAL_AVERAGE_UNDER_STALENESS,
+                    SECANT_UNDER_STALENESS, TunerSettings,
                     TunerState, check_bool, check_number)
 
 try:  # (torch builds without distributed support have no DTensor)
@@ -145,7 +146,7 @@ class YellowFin(Optimizer):
             ``fused``, ``per_group_tuning``, ``sparsity_correction``, ``update_first``,
             ``curvature_smoothing``, ``smooth_tuned``, ``tuner``, ``step_rule``, ``precondition``,
             ``relative_clip``, ``clip_trigger``, ``initial_distance``, ``growth_cap``, ``hold_distance_uphill``,
-            ``average``, ``shard_group``): their defaults, ranges and meaning are listed once, in
+            ``average``, ``momentum_form``, ``shard_group``): their defaults, ranges and meaning are listed once, in
             docs/algorithm.md §7.1.
     """
 
@@ -182,6 +183,7 @@ class YellowFin(Optimizer):
         growth_cap: bool = False,
         hold_distance_uphill: bool | None = None,
         average: bool = False,
+        momentum_form: str = "heavy_ball",
         shard_group=None,
         **unknown,
     ):
@@ -197,7 +199,7 @@ class YellowFin(Optimizer):
             curvature_smoothing=curvature_smoothing, smooth_tuned=smooth_tuned, tuner=tuner, step_rule=step_rule,
             precondition=precondition, relative_clip=relative_clip, clip_trigger=clip_trigger,
             initial_distance=initial_distance, growth_cap=growth_cap,
-            hold_distance_uphill=hold_distance_uphill, average=average,
+            hold_distance_uphill=hold_distance_uphill, average=average, momentum_form=momentum_form,
         )
         # (beta, step_rule, the clip, the first move and the distance hold as given: None stays None, so that each
         # group's tuner picks its own)
@@ -313,10 +315,10 @@ class YellowFin(Optimizer):
         # (the preconditioned tuner's metric eps, from the last step's metric: the same in both passes)
         floors = [measurements.metric_floor(self._tuners[index]) if settings.preconditioned else None
                   for index, settings, _ in scopes]
-        for row, (_, settings, batches) in enumerate(scopes):
+        for row, (index, settings, batches) in enumerate(scopes):
             for batch in batches:
                 if batch.params:
-                    totals[row] += _reduce(batch, settings, floors[row]).to(device)
+                    totals[row] += _reduce(batch, settings, floors[row], self._tuners[index].last_momentum).to(device)
         if self.shard_group is not None:
             torch.distributed.all_reduce(totals, group=self.shard_group)
 
@@ -359,6 +361,9 @@ class YellowFin(Optimizer):
                     raise ValueError("coupled weight_decay does not support sparse gradients; "
                                      "use decoupled_weight_decay=True")
                 grad = grad.add(p, alpha=group["weight_decay"])
+            if group["momentum_form"] == "primal_average" and grad.is_sparse:
+                raise ValueError("momentum_form='primal_average' does not support sparse gradients: its update moves "
+                                 "every entry; use momentum_form='heavy_ball'")
             if preconditioned and grad.is_sparse:
                 raise ValueError(f"precondition={group['precondition']!r} does not support sparse gradients; "
                                  "use precondition=None")
@@ -414,33 +419,47 @@ class YellowFin(Optimizer):
     # ----------------------------------------------------------------------------- the average
     @contextlib.contextmanager
     def averaged(self) -> Iterator[None]:
-        """Inside ``with optimizer.averaged():`` the parameters hold the iterates' average (``average=True``),
-        for evaluation or for saving the model; on leaving, they hold the iterates again. ``step()`` and
-        ``state_dict()`` refuse to run inside. A parameter that has not stepped yet keeps its value.
+        """Inside ``with optimizer.averaged():`` the parameters hold the iterates' average (``average=True``), or
+        with ``momentum_form="primal_average"`` the average that form keeps, for evaluation or for saving the
+        model; on leaving, they hold the iterates again. ``step()`` and ``state_dict()`` refuse to run inside. A
+        parameter that has not stepped yet keeps its value.
 
             with optimizer.averaged():
                 evaluate(model)
         """
         self._refuse_inside_averaged("averaged()")
-        if not any(group["average"] for group in self.param_groups):
-            raise RuntimeError("averaged() needs average=True: this optimizer keeps no average of its iterates")
-        self._swap_averages()
+        if not any(group["average"] or group["momentum_form"] == "primal_average" for group in self.param_groups):
+            raise RuntimeError("averaged() needs average=True or momentum_form='primal_average': this optimizer keeps "
+                               "no average of its iterates")
+        iterates = self._swap_averages()
         self._averaged_out = True
         try:
             yield
         finally:
-            self._swap_averages()
+            self._swap_averages(iterates)
             self._averaged_out = False
 
     @torch.no_grad()
-    def _swap_averages(self) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                average = self.state[p].get("averaged_param") if p in self.state else None
-                if average is not None:
-                    iterate = p.detach().clone(memory_format=torch.preserve_format)
-                    p.copy_(average)
-                    average.copy_(iterate)
+    def _swap_averages(self, iterates: dict | None = None) -> dict:
+        """Swap the parameters with their averages; the primal-average form's average, xbar = y - (1 - b) w, is
+        not kept, so its iterates go into the returned dict on the way in and come back from ``iterates``."""
+        entering, held = iterates is None, {}
+        for index, groups in enumerate(self._scopes()):
+            kept_out = 1.0 - self._tuners[index].last_momentum
+            for group in groups:
+                for p in group["params"]:
+                    state = self.state[p] if p in self.state else {}
+                    if group["momentum_form"] == "primal_average" and "momentum_buffer" in state:
+                        if entering:
+                            held[p] = p.detach().clone(memory_format=torch.preserve_format)
+                            p.sub_(state["momentum_buffer"] * kept_out.to(p.device))
+                        else:
+                            p.copy_(iterates[p])
+                    elif state.get("averaged_param") is not None:
+                        iterate = p.detach().clone(memory_format=torch.preserve_format)
+                        p.copy_(state["averaged_param"])
+                        state["averaged_param"].copy_(iterate)
+        return held
 
     def _refuse_inside_averaged(self, what: str) -> None:
         if getattr(self, "_averaged_out", False):  # (a pickle from before averaged() has no flag)
@@ -500,6 +519,8 @@ class YellowFin(Optimizer):
             settings = self._settings(self._scopes()[index][0])
             if float(mean_staleness) > 0.0 and settings.scale_free and settings.step_rule == "secant":
                 raise ValueError(SECANT_UNDER_STALENESS)
+            if float(mean_staleness) > 0.0 and settings.momentum_form == "primal_average":
+                raise ValueError(PRIMAL_AVERAGE_UNDER_STALENESS)
             state = self._tuners[index]
             value = torch.tensor(float(mean_staleness), dtype=torch.float64, device=state.device)
             self._tuners[index] = state.replace(staleness=value)
@@ -616,12 +637,18 @@ class _Batch(NamedTuple):
         """What the preconditioned tuner's passes read besides g (every tensor: _collect refuses sparse ones)."""
         return passes.Preconditioned(self.params, self.initial_params, self.momenta, self.second_moments, self.steps)
 
-    def trajectory(self, indices: list[int]) -> passes.Trajectory | None:
-        """What the scale-free tuner's sums read of the tensors at ``indices`` (None for the reference)."""
+    def trajectory(self, indices: list[int], previous_momentum: Tensor) -> passes.Trajectory | None:
+        """What the scale-free tuner's sums read of the tensors at ``indices`` (None for the reference). In the
+        primal-average form the distance is measured on the plain-SGD sequence z (``passes.fast_sequence``, with
+        ``previous_momentum`` the tuner's last applied momentum), not on the parameters."""
         if not self.initial_params or self.second_moments:
             return None
         momenta = self.momenta if self.group["step_rule"] == "secant" else None  # (only the secant reads v)
-        return passes.Trajectory(self.params, self.initial_params, momenta).pick(indices)
+        trajectory = passes.Trajectory(self.params, self.initial_params, momenta).pick(indices)
+        if self.group["momentum_form"] == "primal_average":
+            leads = [self.momenta[i] for i in indices]
+            trajectory = trajectory._replace(params=passes.fast_sequence(trajectory.params, leads, previous_momentum))
+        return trajectory
 
 
 # What a parameter's state holds once it has stepped (x_0, kept by the scale-free tuners, is made when missing).
@@ -637,6 +664,9 @@ _PASSES = {
 }
 
 
+# Pass 2 of the primal-average form, by flavour (its pass 1 is the plain one, on the plain-SGD sequence z).
+_PRIMAL_AVERAGE_UPDATES = {"single_tensor": passes.update_primal_average_single_tensor,
+                           "multi_tensor": passes.update_primal_average_multi_tensor}
 # The average's pass after the update, by the batch's flavour (the compiled one takes the multi-tensor kernel).
 _AVERAGE_PASSES = {"single_tensor": passes.average_single_tensor, "multi_tensor": passes.average_multi_tensor,
                    "compiled": passes.average_multi_tensor}
@@ -669,9 +699,10 @@ def _split_sparse(batch: _Batch) -> tuple[list[int], list[int]]:
     return ([], dense + sparse) if batch.flavour == "single_tensor" else (dense, sparse)
 
 
-def _reduce(batch: _Batch, settings: TunerSettings, floor: Tensor | None) -> Tensor:
+def _reduce(batch: _Batch, settings: TunerSettings, floor: Tensor | None, previous_momentum: Tensor) -> Tensor:
     """Pass 1 for one batch: its ``Sums`` vector (reads g and gbar, and x, x_0, v for the scale-free
-    tuner; writes nothing). ||x_0||^2 comes from the norms the optimizer keeps, not from the pass."""
+    tuner; writes nothing). ||x_0||^2 comes from the norms the optimizer keeps, not from the pass.
+    ``previous_momentum``: the tuner's last applied momentum (read by the primal-average form)."""
     if settings.preconditioned:
         sums = Sums.from_vector(_PRECONDITIONED_PASSES[batch.flavour][0](batch.grads, batch.preconditioned(), floor))
     else:
@@ -680,7 +711,8 @@ def _reduce(batch: _Batch, settings: TunerSettings, floor: Tensor | None) -> Ten
         for indices, reduce in ((own, _PASSES[batch.flavour][0]), (reference, passes.reduce_single_tensor)):
             if indices:
                 rows.append(reduce([batch.grads[i] for i in indices], [batch.grad_avgs[i] for i in indices],
-                                   count_nonzero=settings.sparsity_correction, trajectory=batch.trajectory(indices)))
+                                   count_nonzero=settings.sparsity_correction,
+                                   trajectory=batch.trajectory(indices, previous_momentum)))
         sums = Sums.from_vector(passes.add_sums(rows))
         if not settings.scale_free:
             return sums.vector()
@@ -696,6 +728,10 @@ def _update(batch: _Batch, coefficients: tuning.UpdateCoefficients, floor: Tenso
     if group["precondition"] is not None:
         _PRECONDITIONED_PASSES[batch.flavour][1](batch.grads, batch.preconditioned(), floor, coefficients,
                                                  lr=group["lr"], decay=decay)
+        return
+    if group["momentum_form"] == "primal_average":  # (dense gradients, never compiled: _collect and _check_group)
+        _PRIMAL_AVERAGE_UPDATES[batch.flavour](batch.params, batch.grads, batch.grad_avgs, batch.momenta,
+                                               coefficients, lr=group["lr"])
         return
     own, reference = _split_sparse(batch)
     for indices, update in ((own, _PASSES[batch.flavour][1]), (reference, passes.update_single_tensor)):
@@ -764,6 +800,14 @@ def _check_group(group: dict) -> TunerSettings:
             check_bool(name, group[name])
     if group["foreach"] and group["fused"]:
         raise ValueError("foreach=True and fused=True are two implementations of the same step: choose one")
+    if settings.momentum_form == "primal_average":
+        for name, refused, why in (
+                ("nesterov", True, "the form is heavy ball's, averaged"),
+                ("fused", True, "it has no compiled kernel yet; use foreach"),
+                ("decoupled_weight_decay", True, "its decay is not derived for the form yet; use the coupled "
+                                                 "weight_decay")):
+            if group[name] == refused:
+                raise ValueError(f"{name}={refused!r} does not run with momentum_form='primal_average': {why}")
     if settings.scale_free and group["nesterov"]:
         raise ValueError("nesterov=True is an option of tuner='reference': the scale-free tuner's step rules were "
                          "derived and measured on heavy-ball steps only; use nesterov=False, or "

@@ -279,6 +279,65 @@ def _update_kernel(
         param.copy_(param * shrink - step_size * direction)
 
 
+# --------------------------------------------------------------------------------- pass 2 in primal-average form
+# With ``momentum_form="primal_average"`` (docs/algorithm.md §11) the parameters hold y = (1 - b) z + b xbar and the
+# momentum buffer holds the lead w = z - xbar of the plain-SGD sequence z over its average xbar (b the momentum
+# applied at the step before, ``previous_momentum``; m this step's). With eta = lr step_size / (1 - m) z's step, c
+# the average's weight (``average_weight``) and u = w - eta s g:
+#
+#     z <- z - eta s g,  xbar <- xbar + c (z - xbar),  y <- (1 - m) z + m xbar
+#     so  w <- (1 - c) u   and   y <- y - (1 - b) w + (c + (1 - m)(1 - c)) u
+#
+# written without u: y <- y + (k - (1 - b)) w - k eta s g with k = c + (1 - m)(1 - c), then w <- (1 - c)(w - eta s g).
+# Nothing is divided by 1 - b, so z and xbar are never formed. A skipped step (m = b = 1, c = 0, eta = 0) changes
+# nothing. gbar is updated as in heavy ball's pass. Dense gradients only; two flavours (no compiled kernel yet).
+def primal_average_coefficients(c: UpdateCoefficients, lr: float | Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(eta s, k, k - (1 - b), 1 - c): the scalars of the pass."""
+    momentum = torch.where(c.finite, c.momentum, 0.0)  # (a skipped step: no division by 1 - 1)
+    fast_step = c.step_size * lr / (1.0 - momentum) * c.grad_scale
+    into_params = c.average_weight + (1.0 - c.momentum) * (1.0 - c.average_weight)
+    return fast_step, into_params, into_params - (1.0 - c.previous_momentum), 1.0 - c.average_weight
+
+
+def update_primal_average_single_tensor(
+    params: list[Tensor], grads: list[Tensor], grad_avgs: list[Tensor], leads: list[Tensor],
+    c: UpdateCoefficients, *, lr: float | Tensor,
+) -> None:
+    """Pass 2 in primal-average form, one tensor at a time: the reference."""
+    fast_step, into_params, lead_into_params, kept = primal_average_coefficients(c, lr)
+    for param, grad, grad_avg, lead in zip(params, grads, grad_avgs, leads):
+        grad = _finite_grad(grad, c.finite)
+        grad_avg.mul_(c.avg_decay).add_(grad * c.avg_weight)
+        param.add_(lead * lead_into_params).add_(grad * (-into_params * fast_step))
+        lead.sub_(grad * fast_step).mul_(kept)
+
+
+def update_primal_average_multi_tensor(
+    params: list[Tensor], grads: list[Tensor], grad_avgs: list[Tensor], leads: list[Tensor],
+    c: UpdateCoefficients, *, lr: float | Tensor,
+) -> None:
+    """Pass 2 in primal-average form with multi-tensor kernels, per device and dtype."""
+    scalars = primal_average_coefficients(c, lr)
+    for params, grads, grad_avgs, leads in _by_device_and_dtype(params, grads, grad_avgs, leads):
+        device = params[0].device
+        finite, avg_decay, avg_weight = (x.to(device) for x in (c.finite, c.avg_decay, c.avg_weight))
+        fast_step, into_params, lead_into_params, kept = (x.to(device) for x in scalars)
+        grads = [_finite_grad(g, finite) for g in grads]
+        count = len(grads)
+        torch._foreach_mul_(grad_avgs, avg_decay)
+        torch._foreach_addcmul_(grad_avgs, grads, [avg_weight] * count)
+        torch._foreach_addcmul_(params, leads, [lead_into_params] * count)
+        torch._foreach_addcmul_(params, grads, [-into_params * fast_step] * count)
+        torch._foreach_addcmul_(leads, grads, [-fast_step] * count)
+        torch._foreach_mul_(leads, kept)
+
+
+def fast_sequence(params: list[Tensor], leads: list[Tensor], previous_momentum: Tensor) -> list[Tensor]:
+    """z = y + b w for each parameter, new tensors (the primal-average form's plain-SGD sequence, whose distance
+    from x_0 the scale-free tuner measures; ``previous_momentum`` is b)."""
+    return [param + lead * previous_momentum.to(param.device) for param, lead in zip(params, leads)]
+
+
 # --------------------------------------------------------------------------------- after pass 2: the average
 # With ``average=True`` the iterate average xbar follows x after every update: xbar <- xbar + w (x - xbar), with w
 # ``UpdateCoefficients.average_weight`` (0 on a skipped step). It reads x and xbar once and writes xbar; whatever

@@ -89,6 +89,14 @@ class TunerSettings:
     # buffer per parameter; ``YellowFin.averaged()`` puts it in the parameters for evaluation. It changes nothing
     # in the trajectory: it is the point to hand out, which under gradient noise is much closer to the optimum.
     average: bool = False
+    # How the tuned (mu, alpha) move the parameters. "heavy_ball": v <- mu v + g, x <- x - alpha v. "primal_average":
+    # the same pair in primal-averaging form (docs/algorithm.md §11): a plain-SGD sequence z moves by the effective
+    # step alpha / (1 - mu), an average xbar of z follows it with the polynomial average's weights, and the
+    # gradients are taken at y = (1 - mu) z + mu xbar. Heavy ball is this form with an average over the last
+    # 1 / (1 - mu) steps; here the average covers the run, so the parameters (y) sit near it and YellowFin.averaged()
+    # hands it out. The same buffers as heavy ball: the momentum buffer holds z - xbar. Plain metric, DoG/DoWG
+    # rules, synchronous training only, for now.
+    momentum_form: str = "heavy_ball"
 
     def __post_init__(self):
         _check(self.tuner in TUNERS, "tuner", self.tuner, " or ".join(map(repr, TUNERS)))
@@ -170,6 +178,16 @@ class TunerSettings:
         for name in ("adaptive_clipping", "slow_start", "sparsity_correction", "update_first", "smooth_tuned",
                      "average"):
             check_bool(name, getattr(self, name))
+        _check(self.momentum_form in MOMENTUM_FORMS, "momentum_form", self.momentum_form,
+               " or ".join(map(repr, MOMENTUM_FORMS)))
+        if self.momentum_form == "primal_average":
+            if not self.scale_free or self.preconditioned or self.step_rule == "secant":
+                raise ValueError("momentum_form='primal_average' is an option of tuner='scale_free' in the plain "
+                                 f"metric with step_rule 'dog', 'dowg' or 'dowg_neutral'; got tuner={self.tuner!r}, "
+                                 f"precondition={self.precondition!r}, step_rule={self.step_rule!r}")
+            if self.average:
+                raise ValueError("average=True keeps a second average beside the one momentum_form='primal_average' "
+                                 "already keeps: averaged() hands that one out without it; use average=False")
         if self.scale_free:
             # These name variants of the reference's own decisions, which the scale-free tuner does not make.
             for name, reference_only in (("update_first", True), ("smooth_tuned", True),
@@ -251,6 +269,12 @@ SCALE_FREE_EPS = 1e-30
 SECANT_UNDER_STALENESS = ("step_rule='secant' cannot run under asynchrony, on stale gradients: its secant pairs "
                           "each gradient with the last step, which a gradient computed tau versions ago breaks; use "
                           "the default step rule")
+# Why the primal-average form is refused under asynchrony (by the asynchronous systems and by set_staleness).
+PRIMAL_AVERAGE_UNDER_STALENESS = ("momentum_form='primal_average' runs in synchronous training only: the staleness "
+                                  "cut, the closed loop on the momentum and Hogwild's workers are heavy ball's; use "
+                                  "momentum_form='heavy_ball'")
+# TunerSettings.momentum_form: heavy ball, and the same tuned pair in primal-averaging form (docs/algorithm.md §11).
+MOMENTUM_FORMS = ("heavy_ball", "primal_average")
 # TunerSettings.precondition: the metrics the scale-free tuner can measure and step in besides the plain one.
 PRECONDITIONERS = ("adam",)
 
@@ -322,6 +346,9 @@ class TunerState:
     # along the way travelled (TunerSettings.hold_distance_uphill then holds the distance). Kept by every scale-free
     # tuner, read only with the option.
     climb_avg: Tensor
+    # The momentum applied at the last applied step (0 before the first). In the primal-average form it is the weight
+    # b of the average in the parameters, y = (1 - b) z + b xbar, which the next step needs to find z and xbar again.
+    last_momentum: Tensor
 
     @classmethod
     def initial(cls, settings: TunerSettings, device: torch.device | str | None = None) -> "TunerState":
@@ -358,7 +385,8 @@ class TunerState:
         before the scale-free tuner lacks its fields (a reference tuner's, which never reads them), or some of
         them (a scale-free tuner's from before ``grad_sq_sum``, which then restarts DoG's sum), and one written
         before ``staleness`` was synchronous (staleness 0), and one written before ``least_step_per_step`` had no
-        growth cap, and one written before ``climb_avg`` starts its running mean anew: all load.
+        growth cap, and one written before ``climb_avg`` starts its running mean anew, and one written before
+        ``last_momentum`` ran heavy ball, which does not read it: all load.
         """
         expected = {f.name for f in fields(cls)}
         if isinstance(values, dict) and "lr" in values and "alpha" not in values:
@@ -367,7 +395,7 @@ class TunerState:
             initial = cls.initial(settings)
             values = {**{name: getattr(initial, name) for name in SCALE_FREE_FIELDS}, **values}
         # (saved before the field: synchronous, no bound yet, no cosine seen yet)
-        for name in ("staleness", "least_step_per_step", "climb_avg"):
+        for name in ("staleness", "least_step_per_step", "climb_avg", "last_momentum"):
             if isinstance(values, dict) and name not in values:
                 values = {**values, name: getattr(cls.initial(settings), name)}
         if not isinstance(values, dict) or set(values) != expected:
@@ -407,4 +435,4 @@ _FIELD_RANGES = {
     for name in ("step", "skipped_steps", "curvatures", "grad_sq_avg", "grad_norm_avg", "dist_avg",
                  "h_min", "h_max", "grad_var", "dist", "alpha", "distance", "secant_den_avg", "secant_curvature",
                  "prev_step_noise_weight", "grad_sq_sum", "metric_mean", "staleness", "least_step_per_step")
-} | {"density_avg": (0.0, 1.0), "mu": (-1.0, 1.0), "climb_avg": (-1.0, 1.0)}
+} | {"density_avg": (0.0, 1.0), "mu": (-1.0, 1.0), "climb_avg": (-1.0, 1.0), "last_momentum": (-1.0, 1.0)}

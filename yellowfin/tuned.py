@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from . import tuning
-from .state import SECANT_UNDER_STALENESS
+from .state import PRIMAL_AVERAGE_UNDER_STALENESS, SECANT_UNDER_STALENESS
 
 
 def is_tuner(optimizer) -> bool:
@@ -34,6 +34,9 @@ def refuse_under_asynchrony(optimizer, num_workers: int, closed_loop: bool = Fal
     """
     if not is_tuner(optimizer):
         return
+    forms = {group.get("momentum_form") for group in optimizer.param_groups}
+    if "primal_average" in forms and (num_workers > 1 or workers_apply_heavy_ball):
+        raise ValueError(PRIMAL_AVERAGE_UNDER_STALENESS)
     if workers_apply_heavy_ball:
         _refuse_other_updates(optimizer)
     if num_workers <= 1:

@@ -281,6 +281,7 @@ class UpdateCoefficients(NamedTuple):
     grad_scale: Tensor  # multiplies g in v <- momentum v + grad_scale g (0 on a skipped step)
     step_size: Tensor  # alpha before the group's multiplier (0 on a skipped step)
     average_weight: Tensor  # xbar <- xbar + average_weight (x - xbar) after the update (0 on a skipped step)
+    previous_momentum: Tensor  # the momentum applied at the step before (read by the primal-average form; 1 if skipped)
 
 
 # The iterate average's weights grow as t^AVERAGE_POWER (polynomial-decay averaging, Shamir & Zhang 2013): at
@@ -437,7 +438,9 @@ def tune_step(state: TunerState, sums: Sums, settings: TunerSettings) -> tuple[T
         grad_scale=torch.where(applied, scale * update_scale, 0.0),
         step_size=torch.where(applied, applied_alpha, 0.0),
         average_weight=torch.where(applied, average_weight(state.step + 1.0), 0.0),
+        previous_momentum=torch.where(applied, state.last_momentum, 1.0),
     )
+    new_state = new_state.replace(last_momentum=coefficients.momentum)
     if settings.preconditioned:  # (the next step's signal reads this one's <g, v> through the momentum it applied)
         new_state = new_state.replace(
             carried_grad_dot_momentum=coefficients.momentum * new_state.carried_grad_dot_momentum)

@@ -66,8 +66,9 @@ class Variant:
             return OptimizerSpec(self.spec_name, f"SGD with {self.control_of}'s step a/(1-mu)", CONTROL, plain_sgd,
                                  hyper={"momentum": 0.0}, replays=SPEC_PREFIX + self.control_of)
         hyper = {"variant": self.name, **self.overrides}
-        # With average=True the point handed out (evaluated) is the optimizer's average of its iterates.
-        averager = YellowFinAverage if self.overrides.get("average") else None
+        # With average=True, or in primal-average form, the point handed out (evaluated) is the optimizer's average.
+        averages = self.overrides.get("average") or self.overrides.get("momentum_form") == "primal_average"
+        averager = YellowFinAverage if averages else None
         return OptimizerSpec(self.spec_name, f"YellowFin {self.name}", UNTUNED, self.build, hyper=hyper,
                              records_tuner_trace=True, every_seed=True, averager=averager)
 
@@ -256,6 +257,13 @@ for _variant in (
             "above 0",
             overrides={"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "step_rule": "dowg_neutral",
                        "beta": 0.99, "initial_distance": 1e-2, "average": True, "hold_distance_uphill": True}),
+    # The plain default's tuned (mu, alpha) in primal-averaging form (docs/tuner.md §18): the gradients taken near an
+    # average of the plain-SGD sequence over the run instead of over the last 1 / (1 - mu) steps; that average is
+    # the point handed out.
+    Variant("scale_free_dowg_clip_trigger_hold_primal_average",
+            "scale_free_dowg_clip_trigger_hold_average's (mu, alpha) in primal-averaging form (momentum_form)",
+            overrides={**_DOWG_CLIP_TRIGGER_AVERAGE, "average": False, "hold_distance_uphill": True,
+                       "momentum_form": "primal_average"}),
 ):
     register_variant(_pinned_as_measured(_variant))
 DEFAULT_VARIANTS = (REFERENCE, "paper", "control")
