@@ -13,7 +13,7 @@ from torch import nn
 
 from yellowfin import YellowFin
 from yellowfin.tuning import AVERAGE_POWER
-from helpers import TUNER_BUFFERS
+from helpers import TUNER_BUFFERS, complex_and_real_twin, host_reads_forbidden
 from test_scale_free import flat, mlp_problem, relative_difference, train
 
 FLAVOURS = {"single_tensor": dict(foreach=False), "multi_tensor": dict(foreach=True)}
@@ -93,6 +93,31 @@ def test_it_moves_differently_from_heavy_ball():
     heavy_ball, _, _ = train(lambda params: YellowFin(params), steps=100)
     primal, _, _ = train(primal_average(), steps=100)
     assert relative_difference(primal, heavy_ball) > 1e-3
+
+
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+def test_the_step_reads_nothing_on_the_host(flavour):
+    model, x, y = mlp_problem()
+    opt = primal_average(flavour)(model.parameters())
+    for _ in range(3):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        with host_reads_forbidden():
+            opt.step()
+
+
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+def test_complex_parameters_move_as_their_real_twins(flavour):
+    (z, opt), (twin, twin_opt) = complex_and_real_twin(steps=30, momentum_form="primal_average", **FLAVOURS[flavour])
+    torch.testing.assert_close(torch.view_as_real(z.detach()), twin.detach(), rtol=1e-12, atol=1e-14)
+    with opt.averaged(), twin_opt.averaged():
+        torch.testing.assert_close(torch.view_as_real(z.detach()), twin.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_maximize_ascends_the_negated_loss_exactly():
+    descended, _, _ = train(primal_average())
+    ascended, _, _ = train(primal_average(maximize=True), loss_scale=-1.0)
+    assert torch.equal(ascended, descended)
 
 
 def test_averaged_swaps_the_average_in_and_the_iterate_back_exactly():

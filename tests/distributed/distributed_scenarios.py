@@ -99,7 +99,14 @@ SETUPS = {
     # The iterate average is elementwise: each shard averages its own elements.
     "zero_average": (make_mlp, regression_batch, {"tuner": "scale_free", "average": True}),
     "fsdp_average": (make_mlp, regression_batch, {"tuner": "scale_free", "average": True}),
+    # The primal-average form's update is elementwise too, and its distance a sum over shards.
+    "zero_primal_average": (make_mlp, regression_batch, {"tuner": "scale_free", "momentum_form": "primal_average"}),
+    "fsdp_primal_average": (make_mlp, regression_batch, {"tuner": "scale_free", "momentum_form": "primal_average"}),
 }
+
+
+def hands_out_an_average(options: dict) -> bool:
+    return bool(options.get("average")) or options.get("momentum_form") == "primal_average"
 
 
 def param_groups(parameters, scenario: str):
@@ -120,7 +127,7 @@ def reference_run(scenario: str) -> dict:
         mse(model, batch_fn(step)).backward()
         optimizer.step()
     averaged = {}
-    if options.get("average"):
+    if hands_out_an_average(options):
         with optimizer.averaged():
             averaged = {name: p.detach().clone() for name, p in model.named_parameters()}
     return {"params": {name: p.detach().clone() for name, p in model.named_parameters()},
@@ -183,7 +190,8 @@ def run_scenario(scenario: str, rank: int) -> dict:
         ddp = DistributedDataParallel(model)
         optimizer = YellowFin(ddp.parameters(), **options)
         calls = _train(ddp, optimizer, batch_fn, rank, local_half=True)
-    elif scenario in ("zero", "zero_per_group", "zero_scale_free", "zero_adam", "zero_adam_fused", "zero_average"):
+    elif scenario in ("zero", "zero_per_group", "zero_scale_free", "zero_adam", "zero_adam_fused", "zero_average",
+                      "zero_primal_average"):
         ddp = DistributedDataParallel(model)
         optimizer = zero_redundancy_yellowfin(param_groups(ddp.parameters(), scenario), **options)
         calls = _train(ddp, optimizer, batch_fn, rank, local_half=True)
@@ -192,10 +200,10 @@ def run_scenario(scenario: str, rank: int) -> dict:
         reloaded = zero_redundancy_yellowfin(param_groups(ddp.parameters(), scenario), **options)
         reloaded.optim.load_state_dict(optimizer.optim.state_dict())
         extra["reloaded_stats"] = reloaded.optim.stats()
-        if options.get("average"):  # each rank averages the parameters it owns
+        if hands_out_an_average(options):  # each rank averages the parameters it owns
             with optimizer.optim.averaged():
                 extra["averaged"] = {name.replace("module.", ""): p.detach().clone()
-                                     for name, p in ddp.named_parameters() if "averaged_param" in optimizer.optim.state[p]}
+                                     for name, p in ddp.named_parameters() if optimizer.optim.state[p]}
     elif scenario == "zero_idle_shard":
         # No DDP: every rank computes the combined batch's gradient itself.
         optimizer = zero_redundancy_yellowfin(model.parameters(), **options)
@@ -203,7 +211,7 @@ def run_scenario(scenario: str, rank: int) -> dict:
         calls = _train(model, optimizer, batch_fn, rank, local_half=False)
         extra["local_params_with_grad"] = sum(
             p.grad is not None for g in optimizer.optim.param_groups for p in g["params"])
-    elif scenario in ("fsdp", "fsdp_scale_free", "fsdp_adam", "fsdp_average"):
+    elif scenario in ("fsdp", "fsdp_scale_free", "fsdp_adam", "fsdp_average", "fsdp_primal_average"):
         from torch.distributed.fsdp import fully_shard
 
         for layer in model:
@@ -216,7 +224,7 @@ def run_scenario(scenario: str, rank: int) -> dict:
         reloaded = FullyShardedYellowFin(model.parameters(), **options)
         reloaded.load_state_dict(optimizer.state_dict())
         extra["reloaded_stats"] = reloaded.stats()
-        if options.get("average"):  # the local shards' averages land in FSDP's storage, so the gather sees them
+        if hands_out_an_average(options):  # the local shards' averages land in FSDP's storage: the gather sees them
             with optimizer.averaged():
                 extra["averaged"] = dict(_gathered_copy(model).named_parameters())
         model = _gathered_copy(model)
