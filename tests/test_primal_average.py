@@ -247,3 +247,31 @@ def test_on_the_noisy_quadratic_its_iterate_ends_far_closer_to_the_optimum_than_
         return sum(losses) / last
 
     assert excess(primal_average()) < 0.5 * excess(lambda params: YellowFin(params))
+
+
+def test_per_group_tuning_runs_each_group_as_its_own_optimizer_would():
+    def run(make):
+        model, x, y = mlp_problem()
+        optimizers = make(model)
+        for step in range(40):
+            rows = (torch.arange(16) + 16 * step) % 64
+            for opt in optimizers:
+                opt.zero_grad()
+            ((model(x[rows]) - y[rows]) ** 2).mean().backward()
+            for opt in optimizers:
+                opt.step()
+        averaged = []
+        for opt in optimizers:
+            with opt.averaged():
+                averaged.append(torch.cat([p.detach().reshape(-1).clone() for g in opt.param_groups
+                                           for p in g["params"]]))
+        return flat(model), torch.cat(averaged)
+
+    def layers(model):
+        return [list(model[0].parameters()), list(model[2].parameters())]
+
+    together = run(lambda model: [YellowFin([{"params": p} for p in layers(model)], per_group_tuning=True,
+                                            momentum_form="primal_average")])
+    apart = run(lambda model: [YellowFin(p, momentum_form="primal_average") for p in layers(model)])
+    for a, b in zip(together, apart):
+        assert torch.equal(a, b)
