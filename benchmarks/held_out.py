@@ -10,10 +10,12 @@ the suite's runs (benchmarks/results) and the ablation's (benchmarks/results-abl
     yellowfin bench                                            (every suite optimizer, 3 seeds)
     yellowfin ablate <the seven tasks> --variants scale_free_dowg_clip_trigger_hold_average \\
         scale_free_adam_dowg_neutral_start_1e-2 scale_free_adam_dowg_neutral_start_1e-2_average --seeds 0 1 2
+    yellowfin ablate <the seven tasks> --variants scale_free_dowg_clip_trigger_hold_primal_average --seeds 0 1 2 \
+        --results benchmarks/results-primal-average
 
 A grid-tuned optimizer is shown at the learning rate the suite chose (the one it ran on every seed).
 
-    python benchmarks/held_out.py [--results DIR] [--ablation DIR]
+    python benchmarks/held_out.py [--results DIR] [--ablation DIR ...]
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ HERE = Path(__file__).resolve().parent
 ROWS = (
     ("YellowFin default, last iterate", "yellowfin", "suite"),
     ("YellowFin default, its average", "yf_scale_free_dowg_clip_trigger_hold_average", "ablation"),
+    ("YellowFin default in primal-average form, its average", "yf_scale_free_dowg_clip_trigger_hold_primal_average",
+     "ablation"),
     ("YellowFin Adam's metric, last iterate", "yf_scale_free_adam_dowg_neutral_start_1e-2", "ablation"),
     ("YellowFin Adam's metric, its average", "yf_scale_free_adam_dowg_neutral_start_1e-2_average", "ablation"),
     ("YellowFin reference, last iterate", "yellowfin_reference", "suite"),
@@ -90,12 +94,14 @@ def table(suite: dict, ablation: dict, measure: str | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=HERE / "results")
-    parser.add_argument("--ablation", type=Path, default=HERE / "results-ablation")
+    parser.add_argument("--ablation", type=Path, nargs="+",
+                        default=[HERE / "results-ablation", HERE / "results-primal-average"])
     args = parser.parse_args(argv)
-    for directory in (args.results, args.ablation):
+    for directory in (args.results, *args.ablation):
         if not directory.is_dir():
             parser.error(f"{directory} is not a directory of results (see this script's docstring for the commands)")
-    suite, ablation = held_out(results_io.load_results(args.results)), held_out(results_io.load_results(args.ablation))
+    suite = held_out(results_io.load_results(args.results))
+    ablation = held_out([record for directory in args.ablation for record in results_io.load_results(directory)])
     print("Validation loss at the point each optimizer hands out (mean ± std over seeds):\n")
     print(table(suite, ablation, "loss"))
     print("\nThe task's own measure there:\n")
