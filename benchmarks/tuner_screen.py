@@ -750,12 +750,13 @@ class PrimalAveragingForm(torch.optim.Optimizer):
     holds the history is the run's average instead of the last few iterates. DoG's distance is measured on z (the
     SGD sequence its theory is about). The point handed out is xbar (``hand_out``); the gradients and the training
     loss are at y. Buffers: z, xbar, gbar and x_0 (z could be recovered from y and xbar: three, as heavy ball).
-    ``window``: "poly" the library's polynomial average (t^8), "uniform" 1/t."""
+    ``window``: "poly" the library's polynomial average (t^8), "uniform" 1/t, "poly_memory" the polynomial one whose
+    weight never falls below 1 - beta (a window no longer than the tuner's memory)."""
 
     def __init__(self, params, window: str = "poly"):
         params = list(params)
         super().__init__(params, {})
-        if window not in ("poly", "uniform"):
+        if window not in ("poly", "uniform", "poly_memory"):
             raise ValueError(f"unknown window {window!r}")
         self.window, self.params = window, params
         library = YellowFin(params)  # (only to resolve the default's settings)
@@ -789,7 +790,12 @@ class PrimalAveragingForm(torch.optim.Optimizer):
         self._average_and_interpolate(mu, alpha, eta)
 
     def _average_and_interpolate(self, mu: float, alpha: float, eta: float) -> None:
-        weight = float(tuning.average_weight(self.steps)) if self.window == "poly" else 1.0 / self.steps
+        if self.window == "uniform":
+            weight = 1.0 / self.steps
+        else:
+            weight = float(tuning.average_weight(self.steps))
+            if self.window == "poly_memory":  # (the window never longer than the tuner's memory, 1 / (1 - beta))
+                weight = max(weight, 1.0 - self.settings.beta)
         self.average.lerp_(self.fast, weight)
         y = (1.0 - mu) * self.fast + mu * self.average
         offset = 0
@@ -851,6 +857,9 @@ class PreconditionedPrimalAveragingForm(PrimalAveragingForm):
 
 PRIMAL_AVERAGING_VARIANTS = {"primal_averaging_poly": dict(window="poly"),
                              "primal_averaging_uniform": dict(window="uniform"),
+                             # the polynomial window, never longer than the tuner's memory: on a steady descent the
+                             # average lags z by about a tenth of the run (t^8 weights), at most ~1 / (1 - beta) here
+                             "primal_averaging_poly_memory": dict(window="poly_memory"),
                              "adam_metric_primal_averaging_poly": dict(window="poly", precondition=True)}
 
 

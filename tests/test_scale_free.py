@@ -484,11 +484,15 @@ def test_only_the_scale_free_tuner_keeps_the_initial_parameters():
     assert not any("initial_param" in reference.state[p] for p in reference_model.parameters())
 
 
-@pytest.mark.parametrize("metric", sorted(METRICS))
+# (and the tuned pair in primal-averaging form, whose passes are its own: tests/test_primal_average.py)
+UPDATE_FORMS = {**METRICS, "primal_average": dict(tuner="scale_free", momentum_form="primal_average")}
+
+
+@pytest.mark.parametrize("form", sorted(UPDATE_FORMS))
 @pytest.mark.parametrize("flavour", ["single_tensor", "multi_tensor"])
-def test_a_step_never_reads_tensors_on_the_host(flavour, metric):
+def test_a_step_never_reads_tensors_on_the_host(flavour, form):
     model, x, y = mlp_problem()
-    opt = YellowFin(model.parameters(), **METRICS[metric], **FLAVOURS[flavour])
+    opt = YellowFin(model.parameters(), **UPDATE_FORMS[form], **FLAVOURS[flavour])
     for _ in range(3):
         opt.zero_grad()
         ((model(x) - y) ** 2).mean().backward()
