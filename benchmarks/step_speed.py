@@ -49,6 +49,8 @@ def optimizers(params, device):
         "yellowfin reference (fused)": (lambda: YellowFin.reference_variant(params, fused=True), "yellowfin"),
         # the iterate average (§10): one more lerp over x and xbar after the update
         "yellowfin average=True (foreach)": (lambda: YellowFin(params, average=True), None),
+        "yellowfin momentum_form=primal_average (foreach)": (
+            lambda: YellowFin(params, momentum_form="primal_average"), None),
         "yellowfin precondition=adam (loop)": (lambda: YellowFin(params, precondition="adam", foreach=False), None),
         "yellowfin precondition=adam (foreach)": (lambda: YellowFin(params, precondition="adam"), None),
         "yellowfin precondition=adam (fused)": (lambda: YellowFin(params, precondition="adam", fused=True), None),

@@ -639,16 +639,16 @@ class _Batch(NamedTuple):
 
     def trajectory(self, indices: list[int], previous_momentum: Tensor) -> passes.Trajectory | None:
         """What the scale-free tuner's sums read of the tensors at ``indices`` (None for the reference). In the
-        primal-average form the distance is measured on the plain-SGD sequence z (``passes.fast_sequence``, with
-        ``previous_momentum`` the tuner's last applied momentum), not on the parameters."""
+        primal-average form the distance is measured on the plain-SGD sequence z = y + b w (the momentum buffer w,
+        ``previous_momentum`` b the tuner's last applied momentum), not on the parameters y."""
         if not self.initial_params or self.second_moments:
             return None
-        momenta = self.momenta if self.group["step_rule"] == "secant" else None  # (only the secant reads v)
-        trajectory = passes.Trajectory(self.params, self.initial_params, momenta).pick(indices)
         if self.group["momentum_form"] == "primal_average":
-            leads = [self.momenta[i] for i in indices]
-            trajectory = trajectory._replace(params=passes.fast_sequence(trajectory.params, leads, previous_momentum))
-        return trajectory
+            trajectory = passes.Trajectory(self.params, self.initial_params, None, self.momenta, previous_momentum)
+        else:
+            momenta = self.momenta if self.group["step_rule"] == "secant" else None  # (only the secant reads v)
+            trajectory = passes.Trajectory(self.params, self.initial_params, momenta)
+        return trajectory.pick(indices)
 
 
 # What a parameter's state holds once it has stepped (x_0, kept by the scale-free tuners, is made when missing).

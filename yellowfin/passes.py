@@ -47,9 +47,14 @@ class Trajectory(NamedTuple):
     params: list[Tensor]
     initial_params: list[Tensor]
     momenta: list[Tensor] | None
+    # The primal-average form (``update_primal_average_*``): the parameters hold y, and the distance is measured on
+    # z = y + b w, with w the momentum buffer (``leads``) and b the last applied momentum (``lead_weight``, 0-dim).
+    leads: list[Tensor] | None = None
+    lead_weight: Tensor | None = None
 
     def pick(self, indices) -> "Trajectory":
-        return Trajectory(*(None if tensors is None else [tensors[i] for i in indices] for tensors in self))
+        lists = (None if tensors is None else [tensors[i] for i in indices] for tensors in self[:4])
+        return Trajectory(*lists, self.lead_weight)
 
 
 def reduce_single_tensor(
@@ -77,6 +82,8 @@ def reduce_single_tensor(
         if trajectory is not None:
             x, x0 = trajectory.params[index].to(torch.float64), trajectory.initial_params[index].to(torch.float64)
             displacement = x - x0
+            if trajectory.leads is not None:  # (z - x_0 = y - x_0 + b w)
+                displacement += trajectory.leads[index].to(torch.float64) * trajectory.lead_weight
             # (a sparse gradient pairs with the displacement's entries at its indices)
             paired = displacement.sparse_mask(grad)._values() if grad.is_sparse else displacement
             row = row._replace(grad_sq_norm_lr=row.sq_norm, displacement_sq=torch.sum(displacement**2),
@@ -103,7 +110,11 @@ def reduce_multi_tensor(
     its bound, finite but no longer exact, so that there this flavour departs from the per-tensor one.
     """
     rows = []
-    extra = () if trajectory is None else tuple(tensors for tensors in trajectory if tensors is not None)
+    extra = () if trajectory is None else (trajectory.params, trajectory.initial_params)
+    if trajectory is not None and trajectory.leads is not None:
+        extra += (trajectory.leads,)
+    elif trajectory is not None and trajectory.momenta is not None:
+        extra += (trajectory.momenta,)
     for grads, grad_avgs, *extra in _by_device_and_dtype(grads, grad_avgs, *extra):
         count = float(sum(g.numel() for g in grads))
         if grads[0].dtype in (torch.float16, torch.bfloat16):
@@ -121,6 +132,10 @@ def reduce_multi_tensor(
         if trajectory is not None:
             params, initial_params, *momenta = extra
             displacements = torch._foreach_sub(params, initial_params)
+            if trajectory.leads is not None:  # (z - x_0 = y - x_0 + b w, in the one temporary)
+                leads, momenta = momenta[0], []
+                weight = trajectory.lead_weight.to(params[0].device)
+                torch._foreach_addcmul_(displacements, leads, [weight] * len(leads))
             row = row._replace(
                 grad_sq_norm_lr=row.sq_norm, displacement_sq=_sq_norm(displacements),
                 grad_dot_displacement=_dot_in_dtype(grads, displacements),
@@ -289,7 +304,8 @@ def _update_kernel(
 #     so  w <- (1 - c) u   and   y <- y - (1 - b) w + (c + (1 - m)(1 - c)) u
 #
 # written without u: y <- y + (k - (1 - b)) w - k eta s g with k = c + (1 - m)(1 - c), then w <- (1 - c)(w - eta s g).
-# Nothing is divided by 1 - b, so z and xbar are never formed. A skipped step (m = b = 1, c = 0, eta = 0) changes
+# Nothing is divided by 1 - b, so z and xbar are never formed (pass 1 forms z - x_0 for the distance, through
+# ``Trajectory.leads``). A skipped step (m = b = 1, c = 0, eta = 0) changes
 # nothing. gbar is updated as in heavy ball's pass. Dense gradients only; two flavours (no compiled kernel yet).
 def primal_average_coefficients(c: UpdateCoefficients, lr: float | Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(eta s, k, k - (1 - b), 1 - c): the scalars of the pass."""
@@ -330,12 +346,6 @@ def update_primal_average_multi_tensor(
         torch._foreach_addcmul_(params, grads, [-into_params * fast_step] * count)
         torch._foreach_addcmul_(leads, grads, [-fast_step] * count)
         torch._foreach_mul_(leads, kept)
-
-
-def fast_sequence(params: list[Tensor], leads: list[Tensor], previous_momentum: Tensor) -> list[Tensor]:
-    """z = y + b w for each parameter, new tensors (the primal-average form's plain-SGD sequence, whose distance
-    from x_0 the scale-free tuner measures; ``previous_momentum`` is b)."""
-    return [param + lead * previous_momentum.to(param.device) for param, lead in zip(params, leads)]
 
 
 # --------------------------------------------------------------------------------- after pass 2: the average
