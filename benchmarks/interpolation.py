@@ -63,6 +63,11 @@ OPTIMIZERS = {
     "scale_free_adam_dowg_neutral_start_1e-2": lambda params: YellowFin(params, precondition="adam",
                                                                         step_rule="dowg_neutral",
                                                                         initial_distance=1e-2),
+    # the default's pair in primal-averaging form (momentum_form, docs/tuner.md §18)
+    "scale_free_dowg_clip_hold_primal_average": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg",
+                                                                         initial_distance=1e-3,
+                                                                         hold_distance_uphill=True,
+                                                                         momentum_form="primal_average"),
     "reference": lambda params: YellowFin.reference_variant(params),
     "sgd_momentum_lr0.1": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
 }
