@@ -122,7 +122,8 @@ def test_fused_matches_the_per_tensor_reference(tuner, dtype, rtol, options):
 # The tuners that fused=True runs, by name: the two, and the scale-free one in Adam's metric (its numbers are
 # checked against its reference in tests/test_preconditioned.py).
 FUSED_TUNERS = {"reference": dict(tuner="reference"), "scale_free": dict(tuner="scale_free"),
-                "preconditioned": dict(tuner="scale_free", precondition="adam")}
+                "preconditioned": dict(tuner="scale_free", precondition="adam"),
+                "primal_average": dict(tuner="scale_free", momentum_form="primal_average")}
 
 
 def _fused_training(steps, around_step, tuner, bad=float("inf")):

@@ -666,7 +666,8 @@ _PASSES = {
 
 # Pass 2 of the primal-average form, by flavour (its pass 1 is the plain one, on the plain-SGD sequence z).
 _PRIMAL_AVERAGE_UPDATES = {"single_tensor": passes.update_primal_average_single_tensor,
-                           "multi_tensor": passes.update_primal_average_multi_tensor}
+                           "multi_tensor": passes.update_primal_average_multi_tensor,
+                           "compiled": passes.update_primal_average_compiled}
 # The average's pass after the update, by the batch's flavour (the compiled one takes the multi-tensor kernel).
 _AVERAGE_PASSES = {"single_tensor": passes.average_single_tensor, "multi_tensor": passes.average_multi_tensor,
                    "compiled": passes.average_multi_tensor}
@@ -729,7 +730,7 @@ def _update(batch: _Batch, coefficients: tuning.UpdateCoefficients, floor: Tenso
         _PRECONDITIONED_PASSES[batch.flavour][1](batch.grads, batch.preconditioned(), floor, coefficients,
                                                  lr=group["lr"], decay=decay)
         return
-    if group["momentum_form"] == "primal_average":  # (dense gradients, never compiled: _collect and _check_group)
+    if group["momentum_form"] == "primal_average":  # (dense gradients only: _collect refuses sparse ones)
         _PRIMAL_AVERAGE_UPDATES[batch.flavour](batch.params, batch.grads, batch.grad_avgs, batch.momenta,
                                                coefficients, lr=group["lr"])
         return
@@ -803,7 +804,6 @@ def _check_group(group: dict) -> TunerSettings:
     if settings.momentum_form == "primal_average":
         for name, refused, why in (
                 ("nesterov", True, "the form is heavy ball's, averaged"),
-                ("fused", True, "it has no compiled kernel yet; use foreach"),
                 ("decoupled_weight_decay", True, "its decay is not derived for the form yet; use the coupled "
                                                  "weight_decay")):
             if group[name] == refused:

@@ -174,7 +174,9 @@ def reduce_compiled(
     """The ``Sums`` vector of dense tensors, with compiled kernels per device and dtype, accumulated in
     float64 inside the kernel (so it costs what a float32 read costs and keeps the reference's range)."""
     rows = []
-    extra = () if trajectory is None else tuple(tensors for tensors in trajectory if tensors is not None)
+    extra = () if trajectory is None else (trajectory.params, trajectory.initial_params)
+    if trajectory is not None and (trajectory.leads is not None or trajectory.momenta is not None):
+        extra += (trajectory.leads if trajectory.leads is not None else trajectory.momenta,)
     for grads, grad_avgs, *extra in _by_device_and_dtype(grads, grad_avgs, *extra):
         count = float(sum(g.numel() for g in grads))
         grads, grad_avgs = _at_least_1d(grads), _at_least_1d(grad_avgs)
@@ -184,7 +186,12 @@ def reduce_compiled(
             part_trajectory = None
             if extra:  # (as in reduce_multi_tensor: the momenta only where the secant is measured)
                 params, initial_params, *momenta = (tensors[part] for tensors in extra)
-                part_trajectory = Trajectory(params, initial_params, momenta[0] if momenta else None)
+                momenta = momenta[0] if momenta else None
+                if trajectory.leads is not None:  # (the primal-average form's w, and its weight b)
+                    weight = trajectory.lead_weight.to(params[0].device)
+                    part_trajectory = Trajectory(params, initial_params, None, momenta, weight)
+                else:
+                    part_trajectory = Trajectory(params, initial_params, momenta)
             row = _compiled_sums(grads[part], grad_avgs[part], count_nonzero, part_trajectory)
             total = row if total is None else total + row
         # The kernel leaves numel at zero (a count of a dynamic shape would be a graph input of its own).
@@ -206,8 +213,11 @@ def _sums_kernel(
         )
         if trajectory is not None:
             x, x0 = trajectory.params[index].to(torch.float64), trajectory.initial_params[index].to(torch.float64)
-            row = row._replace(grad_sq_norm_lr=row.sq_norm, displacement_sq=((x - x0) ** 2).sum(),
-                               grad_dot_displacement=(g * (x - x0)).sum())
+            displacement = x - x0
+            if trajectory.leads is not None:  # (z - x_0 = y - x_0 + b w)
+                displacement = displacement + trajectory.leads[index].to(torch.float64) * trajectory.lead_weight
+            row = row._replace(grad_sq_norm_lr=row.sq_norm, displacement_sq=(displacement**2).sum(),
+                               grad_dot_displacement=(g * displacement).sum())
             if trajectory.momenta is not None:
                 v = trajectory.momenta[index].to(torch.float64)
                 row = row._replace(grad_dot_step=(g * v).sum(), step_sq_norm=(v * v).sum())
@@ -306,7 +316,7 @@ def _update_kernel(
 # written without u: y <- y + (k - (1 - b)) w - k eta s g with k = c + (1 - m)(1 - c), then w <- (1 - c)(w - eta s g).
 # Nothing is divided by 1 - b, so z and xbar are never formed (pass 1 forms z - x_0 for the distance, through
 # ``Trajectory.leads``). A skipped step (m = b = 1, c = 0, eta = 0) changes
-# nothing. gbar is updated as in heavy ball's pass. Dense gradients only; two flavours (no compiled kernel yet).
+# nothing. gbar is updated as in heavy ball's pass. Dense gradients only; the three flavours.
 def primal_average_coefficients(c: UpdateCoefficients, lr: float | Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(eta s, k, k - (1 - b), 1 - c): the scalars of the pass."""
     momentum = torch.where(c.finite, c.momentum, 0.0)  # (a skipped step: no division by 1 - 1)
@@ -346,6 +356,33 @@ def update_primal_average_multi_tensor(
         torch._foreach_addcmul_(params, grads, [-into_params * fast_step] * count)
         torch._foreach_addcmul_(leads, grads, [-fast_step] * count)
         torch._foreach_mul_(leads, kept)
+
+
+def update_primal_average_compiled(
+    params: list[Tensor], grads: list[Tensor], grad_avgs: list[Tensor], leads: list[Tensor],
+    c: UpdateCoefficients, *, lr: float | Tensor,
+) -> None:
+    """Pass 2 in primal-average form with compiled kernels, per device and dtype (0-dim coefficients: the tuned
+    values change without recompiling)."""
+    scalars = primal_average_coefficients(c, lr)
+    for params, grads, grad_avgs, leads in _by_device_and_dtype(params, grads, grad_avgs, leads):
+        device = params[0].device
+        coefficients = tuple(x.to(device) for x in (c.finite, c.avg_decay, c.avg_weight, *scalars))
+        params, grads, grad_avgs, leads = map(_at_least_1d, (params, grads, grad_avgs, leads))
+        for part in _chunks(len(params)):
+            _compiled_primal_average_update(params[part], grads[part], grad_avgs[part], leads[part], *coefficients)
+
+
+def _primal_average_update_kernel(
+    params: list[Tensor], grads: list[Tensor], grad_avgs: list[Tensor], leads: list[Tensor], finite: Tensor,
+    avg_decay: Tensor, avg_weight: Tensor, fast_step: Tensor, into_params: Tensor, lead_into_params: Tensor,
+    kept: Tensor,
+) -> None:
+    for param, grad, grad_avg, lead in zip(params, grads, grad_avgs, leads):
+        g = torch.where(finite, grad, 0.0)
+        grad_avg.copy_(grad_avg * avg_decay + g * avg_weight)
+        param.copy_(param + lead * lead_into_params - g * (into_params * fast_step))  # (w before its own update)
+        lead.copy_((lead - g * fast_step) * kept)
 
 
 # --------------------------------------------------------------------------------- after pass 2: the average
@@ -554,6 +591,7 @@ def _decay_shrink(c: UpdateCoefficients, step_size: Tensor, decay: float) -> Ten
 # --------------------------------------------------------------------------------- helpers
 _compiled_sums = torch.compile(_sums_kernel)
 _compiled_update = torch.compile(_update_kernel)
+_compiled_primal_average_update = torch.compile(_primal_average_update_kernel)
 _compiled_preconditioned_sums = torch.compile(_preconditioned_sums_kernel)
 _compiled_preconditioned_update = torch.compile(_preconditioned_update_kernel)
 
