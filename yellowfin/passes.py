@@ -315,8 +315,8 @@ def _update_kernel(
 #
 # written without u: y <- y + (k - (1 - b)) w - k eta s g with k = c + (1 - m)(1 - c), then w <- (1 - c)(w - eta s g).
 # Nothing is divided by 1 - b, so z and xbar are never formed (pass 1 forms z - x_0 for the distance, through
-# ``Trajectory.leads``). A skipped step (m = b = 1, c = 0, eta = 0) changes
-# nothing. gbar is updated as in heavy ball's pass. Dense gradients only; the three flavours.
+# ``Trajectory.leads``). A skipped step (m = b = 1, c = 0, eta = 0) changes nothing. gbar is updated as in heavy
+# ball's pass. Dense gradients only; the three flavours.
 def primal_average_coefficients(c: UpdateCoefficients, lr: float | Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(eta s, k, k - (1 - b), 1 - c): the scalars of the pass."""
     momentum = torch.where(c.finite, c.momentum, 0.0)  # (a skipped step: no division by 1 - 1)
