@@ -751,12 +751,13 @@ class PrimalAveragingForm(torch.optim.Optimizer):
     SGD sequence its theory is about). The point handed out is xbar (``hand_out``); the gradients and the training
     loss are at y. Buffers: z, xbar, gbar and x_0 (z could be recovered from y and xbar: three, as heavy ball).
     ``window``: "poly" the library's polynomial average (t^8), "uniform" 1/t, "poly_memory" the polynomial one whose
-    weight never falls below 1 - beta (a window no longer than the tuner's memory)."""
+    weight never falls below 1 - beta (a window no longer than the tuner's memory), "poly_step" the polynomial
+    weights times eta_t^2."""
 
     def __init__(self, params, window: str = "poly"):
         params = list(params)
         super().__init__(params, {})
-        if window not in ("poly", "uniform", "poly_memory"):
+        if window not in ("poly", "uniform", "poly_memory", "poly_step"):
             raise ValueError(f"unknown window {window!r}")
         self.window, self.params = window, params
         library = YellowFin(params)  # (only to resolve the default's settings)
@@ -766,6 +767,7 @@ class PrimalAveragingForm(torch.optim.Optimizer):
         self.fast, self.average = self.x0.clone(), self.x0.clone()
         self.grad_avg = torch.zeros_like(self.x0)
         self.x0_sq, self.steps = float(self.x0.dot(self.x0)), 0
+        self.poly_weight, self.weight_sum = 0.0, 0.0  # ("poly_step": the weights a_t eta_t^2 and their sum)
         self.trace: dict[str, list[float]] = {"mu": [], "alpha": [], "effective_lr": []}
 
     @torch.no_grad()
@@ -792,6 +794,12 @@ class PrimalAveragingForm(torch.optim.Optimizer):
     def _average_and_interpolate(self, mu: float, alpha: float, eta: float) -> None:
         if self.window == "uniform":
             weight = 1.0 / self.steps
+        elif self.window == "poly_step":  # a_t eta_t^2 / sum_s a_s eta_s^2, a_t the polynomial weights
+            k = float(tuning.AVERAGE_POWER)
+            growth = (self.steps + k - 1.0) / (self.steps - 1.0) if self.steps > 1 else 1.0
+            self.poly_weight = 1.0 if self.steps == 1 else self.poly_weight * growth
+            self.weight_sum += self.poly_weight * eta * eta
+            weight = self.poly_weight * eta * eta / self.weight_sum
         else:
             weight = float(tuning.average_weight(self.steps))
             if self.window == "poly_memory":  # (the window never longer than the tuner's memory, 1 / (1 - beta))
@@ -860,6 +868,9 @@ PRIMAL_AVERAGING_VARIANTS = {"primal_averaging_poly": dict(window="poly"),
                              # the polynomial window, never longer than the tuner's memory: on a steady descent the
                              # average lags z by about a tenth of the run (t^8 weights), at most ~1 / (1 - beta) here
                              "primal_averaging_poly_memory": dict(window="poly_memory"),
+                             # the polynomial weights times the step squared (Schedule-Free's lr^2 weighting): a growing
+                             # step weighs the recent iterates more (the autoencoder's), a falling one the older
+                             "primal_averaging_poly_step": dict(window="poly_step"),
                              "adam_metric_primal_averaging_poly": dict(window="poly", precondition=True)}
 
 
