@@ -501,12 +501,12 @@ def test_a_step_never_reads_tensors_on_the_host(flavour, form):
 
 
 @pytest.mark.parametrize("flavour", sorted(FLAVOURS))
-@pytest.mark.parametrize("metric", sorted(METRICS))
-def test_a_state_dict_round_trip_continues_identically(metric, flavour):
+@pytest.mark.parametrize("form", sorted(UPDATE_FORMS))
+def test_a_state_dict_round_trip_continues_identically(form, flavour):
     # (torch's load_state_dict casts a fused group's "step" to float32; the preconditioned tuner's counts, which
     # debias its metric, must stay float64 for the resumed run to take the same steps)
     def scale_free(params):
-        return YellowFin(params, **METRICS[metric], **FLAVOURS[flavour])
+        return YellowFin(params, **UPDATE_FORMS[form], **FLAVOURS[flavour])
 
     expected, _, _ = train(scale_free, steps=80)
 
@@ -532,7 +532,8 @@ def test_a_state_dict_round_trip_continues_identically(metric, flavour):
 
 # The group options that came with the scale-free tuner or after it (a checkpoint written before them names none).
 OPTIONS_SINCE_THE_SCALE_FREE_TUNER = ("tuner", "step_rule", "precondition", "relative_clip", "clip_trigger",
-                                      "initial_distance", "growth_cap", "hold_distance_uphill", "average")
+                                      "initial_distance", "growth_cap", "hold_distance_uphill", "average",
+                                      "momentum_form")
 
 
 @pytest.mark.parametrize("load_into", ["reference_variant", "default"])
@@ -549,7 +550,7 @@ def test_a_checkpoint_from_before_the_scale_free_tuner_loads(load_into):
             saved, before = opt.state_dict(), flat_state(opt)
             old = copy.deepcopy(saved)  # (a state_dict shares the optimizer's tensors)
             for tuner in old["tuners"]:
-                for name in (*SCALE_FREE_FIELDS, "staleness"):
+                for name in (*SCALE_FREE_FIELDS, "staleness", "last_momentum"):
                     del tuner[name]
             for group in old["param_groups"]:
                 for name in OPTIONS_SINCE_THE_SCALE_FREE_TUNER:
@@ -565,7 +566,7 @@ def test_a_checkpoint_from_before_the_scale_free_tuner_loads(load_into):
             assert group["tuner"] == "reference" and group["beta"] == 0.999
             assert all(group[name] is None
                        for name in ("step_rule", "precondition", "relative_clip", "clip_trigger", "initial_distance"))
-            assert group["average"] is False
+            assert group["average"] is False and group["momentum_form"] == "heavy_ball"
             assert YellowFin._settings(group) == YellowFin._settings(saved["param_groups"][0])
             after = flat_state(opt)  # (the reference's scale-free fields and staleness are zeros, as restored)
             assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before))

@@ -318,11 +318,11 @@ def _update_kernel(
 # ``Trajectory.leads``). A skipped step (m = b = 1, c = 0, eta = 0) changes nothing. gbar is updated as in heavy
 # ball's pass. Dense gradients only; the three flavours.
 def primal_average_coefficients(c: UpdateCoefficients, lr: float | Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(eta s, k, k - (1 - b), 1 - c): the scalars of the pass."""
+    """(eta s, k eta s, k - (1 - b), 1 - c): the scalars of the pass."""
     momentum = torch.where(c.finite, c.momentum, 0.0)  # (a skipped step: no division by 1 - 1)
     fast_step = c.step_size * lr / (1.0 - momentum) * c.grad_scale
     into_params = c.average_weight + (1.0 - c.momentum) * (1.0 - c.average_weight)
-    return fast_step, into_params, into_params - (1.0 - c.previous_momentum), 1.0 - c.average_weight
+    return fast_step, into_params * fast_step, into_params - (1.0 - c.previous_momentum), 1.0 - c.average_weight
 
 
 def update_primal_average_single_tensor(
@@ -330,11 +330,11 @@ def update_primal_average_single_tensor(
     c: UpdateCoefficients, *, lr: float | Tensor,
 ) -> None:
     """Pass 2 in primal-average form, one tensor at a time: the reference."""
-    fast_step, into_params, lead_into_params, kept = primal_average_coefficients(c, lr)
+    fast_step, param_step, lead_into_params, kept = primal_average_coefficients(c, lr)
     for param, grad, grad_avg, lead in zip(params, grads, grad_avgs, leads):
         grad = _finite_grad(grad, c.finite)
         grad_avg.mul_(c.avg_decay).add_(grad * c.avg_weight)
-        param.add_(lead * lead_into_params).add_(grad * (-into_params * fast_step))
+        param.add_(lead * lead_into_params).add_(grad * -param_step)
         lead.sub_(grad * fast_step).mul_(kept)
 
 
@@ -347,13 +347,13 @@ def update_primal_average_multi_tensor(
     for params, grads, grad_avgs, leads in _by_device_and_dtype(params, grads, grad_avgs, leads):
         device = params[0].device
         finite, avg_decay, avg_weight = (x.to(device) for x in (c.finite, c.avg_decay, c.avg_weight))
-        fast_step, into_params, lead_into_params, kept = (x.to(device) for x in scalars)
+        fast_step, param_step, lead_into_params, kept = (x.to(device) for x in scalars)
         grads = [_finite_grad(g, finite) for g in grads]
         count = len(grads)
         torch._foreach_mul_(grad_avgs, avg_decay)
         torch._foreach_addcmul_(grad_avgs, grads, [avg_weight] * count)
         torch._foreach_addcmul_(params, leads, [lead_into_params] * count)
-        torch._foreach_addcmul_(params, grads, [-into_params * fast_step] * count)
+        torch._foreach_addcmul_(params, grads, [-param_step] * count)
         torch._foreach_addcmul_(leads, grads, [-fast_step] * count)
         torch._foreach_mul_(leads, kept)
 
@@ -375,13 +375,13 @@ def update_primal_average_compiled(
 
 def _primal_average_update_kernel(
     params: list[Tensor], grads: list[Tensor], grad_avgs: list[Tensor], leads: list[Tensor], finite: Tensor,
-    avg_decay: Tensor, avg_weight: Tensor, fast_step: Tensor, into_params: Tensor, lead_into_params: Tensor,
+    avg_decay: Tensor, avg_weight: Tensor, fast_step: Tensor, param_step: Tensor, lead_into_params: Tensor,
     kept: Tensor,
 ) -> None:
     for param, grad, grad_avg, lead in zip(params, grads, grad_avgs, leads):
         g = torch.where(finite, grad, 0.0)
         grad_avg.copy_(grad_avg * avg_decay + g * avg_weight)
-        param.copy_(param + lead * lead_into_params - g * (into_params * fast_step))  # (w before its own update)
+        param.copy_(param + lead * lead_into_params - g * param_step)  # (w before its own update)
         lead.copy_((lead - g * fast_step) * kept)
 
 

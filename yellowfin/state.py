@@ -346,8 +346,8 @@ class TunerState:
     # along the way travelled (TunerSettings.hold_distance_uphill then holds the distance). Kept by every scale-free
     # tuner, read only with the option.
     climb_avg: Tensor
-    # The momentum applied at the last applied step (0 before the first). In the primal-average form it is the weight
-    # b of the average in the parameters, y = (1 - b) z + b xbar, which the next step needs to find z and xbar again.
+    # The primal-average form's momentum applied at its last applied step (0 before the first; heavy ball keeps 0): the
+    # weight b of the average in the parameters, y = (1 - b) z + b xbar, which the next step needs to find z again.
     last_momentum: Tensor
 
     @classmethod

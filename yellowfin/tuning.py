@@ -440,7 +440,8 @@ def tune_step(state: TunerState, sums: Sums, settings: TunerSettings) -> tuple[T
         average_weight=torch.where(applied, average_weight(state.step + 1.0), 0.0),
         previous_momentum=torch.where(applied, state.last_momentum, 1.0),
     )
-    new_state = new_state.replace(last_momentum=coefficients.momentum)
+    if settings.momentum_form == "primal_average":  # (the weight of the average in the parameters, for the next step)
+        new_state = new_state.replace(last_momentum=coefficients.momentum)
     if settings.preconditioned:  # (the next step's signal reads this one's <g, v> through the momentum it applied)
         new_state = new_state.replace(
             carried_grad_dot_momentum=coefficients.momentum * new_state.carried_grad_dot_momentum)
