@@ -88,7 +88,11 @@ def test_trainer_starts_and_stops_its_own_local_ray(ray_module):
     own_options = {key: value for key, value in LOCAL_RAY.items() if key != "_system_config"}
     with _trainer(init_options=own_options) as trainer:
         assert ray.is_initialized()
-        assert trainer.run(30, timeout=RUN_TIMEOUT_S)["version"] == 30
+        # A run of a few updates is over before a worker process that is still starting could join it: the first
+        # run waits for all of them, so that both take part from the first update.
+        first = trainer.run(6, timeout=RUN_TIMEOUT_S)
+        assert first["version"] == 6 and set(first["applied_per_worker"]) == {0, 1}
+        assert trainer.run(24, timeout=RUN_TIMEOUT_S)["version"] == 30
         pids = list(trainer.worker_pids().values())
         # The trainer's own Ray runs its workers at this process's priority, not at Ray's niceness 15.
         assert {_niceness(pid) for pid in pids} == {_niceness(os.getpid())}
@@ -101,36 +105,6 @@ def test_run_times_out_while_the_server_is_still_starting(local_ray):
     with _trainer(optimizer_fn=ray_problems.slow_optimizer) as trainer:
         with pytest.raises(TimeoutError, match="did not answer within 2s"):
             trainer.run(10, timeout=2)
-
-
-def test_closed_loop_yellowfin_trains_at_the_server(local_ray):
-    model = ray_problems.make_model(0)
-    initial = ray_problems.eval_loss(model)
-    with _trainer(closed_loop=True) as trainer:
-        report = trainer.run(400, timeout=RUN_TIMEOUT_S)
-        model.load_state_dict(trainer.model_state_dict())
-        pids = list(trainer.worker_pids().values())
-    _wait_until_gone(pids, "worker actors of a trainer that was shut down")  # Ray itself keeps running
-    assert report["version"] == 400
-    assert sum(report["applied_per_worker"].values()) == 400
-    assert set(report["applied_per_worker"]) == {0, 1}  # both workers contributed
-    assert sum(report["staleness_counts"].values()) == 400
-    assert report["rejected"] == 0 and report["lost_workers"] == []
-    # The controller drives YellowFin's momentum offset from the sensed total momentum.
-    assert report["optimizer"]["momentum_offset"] == pytest.approx(report["momentum_offset"])
-    assert report["optimizer"]["step"] == 400
-    assert math.isfinite(report["mu_hat"])  # sensed
-    assert ray_problems.eval_loss(model) < 0.05 * initial
-
-
-def test_the_first_run_starts_when_every_worker_is_up(local_ray):
-    # A run of a few updates is over before a worker process that is still starting could join it: the first run
-    # waits for all of them, so that both take part from the first update.
-    with _trainer(closed_loop=False, optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.01)) as trainer:
-        report = trainer.run(6, timeout=RUN_TIMEOUT_S)
-        pids = list(trainer.worker_pids().values())
-    _wait_until_gone(pids, "worker actors of a trainer that was shut down")
-    assert report["version"] == 6 and set(report["applied_per_worker"]) == {0, 1}
 
 
 def _wait_for(condition, what):
@@ -167,21 +141,37 @@ def test_killed_worker_is_restarted_while_the_server_goes_on(local_ray):
     assert outcome["applied_per_worker"][1] > before_kill["applied_per_worker"][1]
 
 
-def test_checkpoints_are_atomic_and_a_new_server_resumes(local_ray, tmp_path):
+def test_closed_loop_yellowfin_trains_and_its_atomic_checkpoint_resumes_at_a_new_server(local_ray, tmp_path):
     path = tmp_path / "server.pt"
-    with _trainer(checkpoint_path=str(path), checkpoint_every=100) as trainer:
-        trainer.run(250, timeout=RUN_TIMEOUT_S)
+    model = ray_problems.make_model(0)
+    initial = ray_problems.eval_loss(model)
+    with _trainer(closed_loop=True, checkpoint_path=str(path), checkpoint_every=200) as trainer:
+        report = trainer.run(450, timeout=RUN_TIMEOUT_S)
+        model.load_state_dict(trainer.model_state_dict())
+        pids = list(trainer.worker_pids().values())
+    _wait_until_gone(pids, "worker actors of a trainer that was shut down")  # Ray itself keeps running
+    assert report["version"] == 450
+    assert sum(report["applied_per_worker"].values()) == 450
+    assert set(report["applied_per_worker"]) == {0, 1}  # both workers contributed
+    assert sum(report["staleness_counts"].values()) == 450
+    assert report["rejected"] == 0 and report["lost_workers"] == []
+    # The controller drives YellowFin's momentum offset from the sensed total momentum.
+    assert report["optimizer"]["momentum_offset"] == pytest.approx(report["momentum_offset"])
+    assert report["optimizer"]["step"] == 450
+    assert math.isfinite(report["mu_hat"])  # sensed
+    assert ray_problems.eval_loss(model) < 0.05 * initial
+
     assert sorted(os.listdir(tmp_path)) == ["server.pt"]  # written to a temporary name, then renamed
     saved = torch.load(path, weights_only=True)
-    assert saved["version"] == 200
-    assert saved["optimizer"]["tuners"][0]["step"] == 200
-    with _trainer(checkpoint_path=str(path), checkpoint_every=100, resume=True) as trainer:
-        assert trainer.report()["resumed_from"] == 200
+    assert saved["version"] == 400
+    assert saved["optimizer"]["tuners"][0]["step"] == 400
+    with _trainer(closed_loop=True, checkpoint_path=str(path), checkpoint_every=200, resume=True) as trainer:
+        assert trainer.report()["resumed_from"] == 400
         for name, value in trainer.model_state_dict().items():
             assert torch.equal(value, saved["model"][name])
-        report = trainer.run(50, timeout=RUN_TIMEOUT_S)
-    assert report["version"] == 250 and report["optimizer"]["step"] == 250
-    assert torch.load(path, weights_only=True)["version"] == 200  # next checkpoint is due at 300
+        report = trainer.run(50, timeout=RUN_TIMEOUT_S)  # (from the checkpoint's 400)
+    assert report["version"] == 450 and report["optimizer"]["step"] == 450
+    assert torch.load(path, weights_only=True)["version"] == 400  # next checkpoint is due at 600
 
 
 def test_an_error_in_a_worker_stops_the_run_and_reaches_the_caller(local_ray):
