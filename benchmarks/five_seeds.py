@@ -36,11 +36,16 @@ and the plain default (with the hold) from the first move 1e-2 (§16.1):
     yellowfin ablate <the seven tasks> --variants scale_free_dowg_clip_trigger_hold_start_1e-2_average --seeds 3 4 \\
         --results benchmarks/results-five-seeds
 
+and the plain default in primal-averaging form (§18; its seeds 0-2 in benchmarks/results-primal-average):
+
+    yellowfin ablate <the seven tasks> --variants scale_free_dowg_clip_trigger_hold_primal_average --seeds 3 4 \\
+        --results benchmarks/results-five-seeds
+
 Prints, per task, the final smoothed training loss per seed (the ablation's measure), the means, each variant's
 paired differences against tuned momentum SGD, the neutral DoWG rule's against DoG's in Adam's metric, the
 first move 1e-2 against 1e-3 in each metric, the neutral rule times sqrt(1.5) and the growth cap against the plain
-default as it was before §16, each metric's distance hold against its default without it, and the first move 1e-2
-against the default with the hold.
+default as it was before §16, each metric's distance hold against its default without it, the first move 1e-2
+against the default with the hold, and the primal-averaging form against the default.
 
     python benchmarks/five_seeds.py
 """
@@ -76,7 +81,11 @@ VARIANTS = {
         "scale_free_dowg_clip_trigger_hold_start_1e-2_average",
     "Adam's metric, neutral DoWG rule, first move 1e-2, distance hold":
         "scale_free_adam_dowg_neutral_start_1e-2_hold_average",
+    "the plain default in primal-averaging form (momentum_form, §18)":
+        "scale_free_dowg_clip_trigger_hold_primal_average",
 }
+# Where a variant's seeds 0-2 are, if not in benchmarks/results-ablation.
+FIRST_SEEDS = {"scale_free_dowg_clip_trigger_hold_primal_average": "results-primal-average"}
 # Paired differences printed beside those against tuned momentum SGD: (run, minus run).
 PAIRS = (("Adam's metric, neutral DoWG rule", "Adam's metric, DoG rule"),
          ("DoWG rule + relative clip + average (trigger 10), first move 1e-2",
@@ -91,9 +100,13 @@ PAIRS = (("Adam's metric, neutral DoWG rule", "Adam's metric, DoG rule"),
          ("DoWG rule + relative clip + average (trigger 10), distance hold, first move 1e-2",
           "DoWG rule + relative clip + average (trigger 10), distance hold (the plain default since §16)"),
          ("Adam's metric, neutral DoWG rule, first move 1e-2, distance hold",
-          "Adam's metric, neutral DoWG rule, first move 1e-2"))
-_PLAIN_HOLD_ONLY = tuple(VARIANTS)[1:-1]  # (every variant but the first, which ran on the char-LSTM alone, and the
-# last, Adam's metric's hold, which ran five seeds where it acted)
+          "Adam's metric, neutral DoWG rule, first move 1e-2"),
+         ("the plain default in primal-averaging form (momentum_form, §18)",
+          "DoWG rule + relative clip + average (trigger 10), distance hold (the plain default since §16)"))
+_ADAM_HOLD = "Adam's metric, neutral DoWG rule, first move 1e-2, distance hold"
+# (every variant but the first, which ran on the char-LSTM alone, and Adam's metric's hold, which ran five seeds
+# where it acted)
+_PLAIN_HOLD_ONLY = tuple(run for run in tuple(VARIANTS)[1:] if run != _ADAM_HOLD)
 TASKS = {  # task: (steps, tuned momentum SGD's learning rate, the variants run on five seeds)
     "char_lstm": (1500, "1", tuple(VARIANTS)),
     "fmnist_resnet": (300, "0.03", _PLAIN_HOLD_ONLY),
@@ -110,7 +123,8 @@ def path(task: str, run: str, seed: int) -> Path:
     if run == TUNED:
         first, name = "results", f"sgd_momentum_lr{lr}_seed{seed}_steps{steps}.json"
     else:
-        first, name = "results-ablation", f"yf_{VARIANTS[run]}_seed{seed}_steps{steps}.json"
+        first = FIRST_SEEDS.get(VARIANTS[run], "results-ablation")
+        name = f"yf_{VARIANTS[run]}_seed{seed}_steps{steps}.json"
     return HERE / (first if seed < 3 else "results-five-seeds") / task / name
 
 
