@@ -108,3 +108,32 @@ def test_paired_reads_a_prototypes_runs_at_the_point_handed_out_or_at_its_iterat
     run["losses"][-1] = None  # (a diverged run: the runner writes its non-finite losses as None)
     (tmp_path / "logreg" / "proto_seed0.json").write_text(json.dumps(run))
     assert paired.screen_finals("proto", root=tmp_path)[("logreg", 0)] == math.inf
+
+
+def test_plateau_escape_is_the_first_step_where_the_running_mean_falls_below_the_level():
+    escape = load("plateau_escape")
+    window = escape.WINDOW
+    plateau, below = [0.49] * 100, [0.40] * 100
+    # The running mean of the window first drops below 0.45 once more than (0.49 - 0.45) / 0.09 of it is below.
+    needed = math.floor(window * (0.49 - escape.ESCAPED_BELOW) / (0.49 - 0.40)) + 1
+    assert escape.escape_step(plateau + below) == 100 + needed - 1
+    assert escape.escape_step(plateau * 3) is None
+    assert escape.escape_step(below[: window - 1]) is None  # (no full window yet)
+
+
+def test_plateau_escape_median_counts_a_run_that_stayed_as_later_than_any_that_left():
+    escape = load("plateau_escape")
+    assert escape.median_escape([300, None, 100]) == 300
+    assert escape.median_escape([300, None, None]) is None
+    assert escape.median_escape([100, 200, 300, None]) == 250
+
+
+def test_plateau_escape_keeps_each_run_and_reads_it_back_instead_of_rerunning(tmp_path, monkeypatch, fmnist_dir):
+    escape = load("plateau_escape")
+    runs = tmp_path / "runs"
+    record = escape.run("primal_average", 0, escape.WINDOW, out=runs, data_dir=str(fmnist_dir), batch_size=16)
+    path = runs / f"primal_average_seed0_steps{escape.WINDOW}.json"
+    assert json.loads(path.read_text()) == record and len(record["losses"]) == escape.WINDOW
+    assert list(runs.iterdir()) == [path]  # (no temporary left behind)
+    monkeypatch.setattr(escape, "get_task", lambda *a, **k: pytest.fail("a kept run was trained again"))
+    assert escape.run("primal_average", 0, escape.WINDOW, out=runs) == record
