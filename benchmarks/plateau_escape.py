@@ -8,6 +8,8 @@ over 50 steps first falls below 0.45 (the escape), or none.
 
     python benchmarks/plateau_escape.py                                  # default, primal_average, sgd; seeds 0-19
     python benchmarks/plateau_escape.py --optimizers primal_average --seeds 0 1 2 --steps 600
+    python benchmarks/plateau_escape.py --optimizers screen:primal_averaging_poly    # a prototype
+    python benchmarks/plateau_escape.py --optimizers variant:scale_free_dowg_clip_average   # an ablation variant
 
 Writes benchmarks/results-plateau-escape/<optimizer>_seed<k>_steps<n>.json (the batch losses; runs already there are
 read, not rerun) and prints, per optimizer, the escape steps, their median (a run that did not escape counts as
@@ -27,6 +29,7 @@ import torch
 
 from yellowfin import YellowFin
 from yellowfin.bench.tasks import get_task
+from yellowfin.bench.variants import VARIANTS
 
 OUT = Path(__file__).resolve().parent / "results-plateau-escape"
 ESCAPED_BELOW = 0.45  # the plateau sits at about 0.49; every run that leaves it passes 0.45 on its way to 0.32
@@ -36,6 +39,19 @@ BUILDERS = {
     "primal_average": lambda params: YellowFin(params, momentum_form="primal_average"),
     "sgd_momentum": lambda params: torch.optim.SGD(params, lr=1.0, momentum=0.9),  # the suite's grid choice here
 }
+
+
+def builder(name: str):
+    """The library's optimizers by name, ``variant:NAME``, a variant of ``yellowfin ablate``, or ``screen:VARIANT``,
+    a prototype of benchmarks/tuner_screen.py."""
+    if name.startswith("variant:"):
+        return VARIANTS[name.removeprefix("variant:")].build
+    if name.startswith("screen:"):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import tuner_screen
+
+        return tuner_screen.builder(name.removeprefix("screen:"), "autoencoder")
+    return BUILDERS[name]
 
 
 def escape_step(losses: list[float]) -> int | None:
@@ -58,12 +74,12 @@ def median_escape(escapes: list[int | None]) -> float | None:
 
 def run(name: str, seed: int, steps: int, out: Path = OUT, **task_options) -> dict:
     """One run, read from ``out`` if it is there; ``task_options`` go to the task (e.g. ``data_dir``)."""
-    path = out / f"{name}_seed{seed}_steps{steps}.json"
+    path = out / f"{name.replace(':', '_')}_seed{seed}_steps{steps}.json"
     if path.exists():
         return json.loads(path.read_text())
     task = get_task("autoencoder", **task_options)
     model = task.make_model(seed)
-    optimizer = BUILDERS[name](model.parameters())
+    optimizer = builder(name)(model.parameters())
     batches, losses = task.train_batches(seed), []
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
@@ -83,11 +99,18 @@ def run(name: str, seed: int, steps: int, out: Path = OUT, **task_options) -> di
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--optimizers", nargs="+", default=list(BUILDERS), choices=list(BUILDERS))
+    parser.add_argument("--optimizers", nargs="+", default=list(BUILDERS),
+                        help=f"{', '.join(BUILDERS)}, variant:NAME (a variant of yellowfin ablate), or screen:VARIANT "
+                        "(a prototype of benchmarks/tuner_screen.py)")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(range(20)))
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST's IDX files (default: the Debian package's)")
     args = parser.parse_args(argv)
+    unknown = [name for name in args.optimizers if name not in BUILDERS and not name.startswith("screen:")
+               and name.removeprefix("variant:") not in (VARIANTS if name.startswith("variant:") else ())]
+    if unknown:
+        parser.error(f"unknown optimizer {unknown[0]!r}; choose from {', '.join(BUILDERS)}, variant:NAME (a variant "
+                     "of yellowfin ablate) or screen:VARIANT")
     if args.steps < WINDOW:
         parser.error(f"--steps must be at least {WINDOW}, the escape's window")
     torch.set_num_threads(1)

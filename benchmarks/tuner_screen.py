@@ -761,13 +761,17 @@ class PrimalAveragingForm(torch.optim.Optimizer):
     ball escapes at alpha lambda / (1 - mu): four times slower at mu ~ 0.75. A window of 1 / (1 - mu) steps while
     the run descends lets xbar follow (heavy ball's own window); around a minimum the run's window is kept."""
 
-    def __init__(self, params, window: str = "poly", z_step_power: float = 1.0):
+    def __init__(self, params, window: str = "poly", z_step_power: float = 1.0, interpolation_power: float = 1.0):
         params = list(params)
         super().__init__(params, {})
         if window not in ("poly", "uniform", "poly_memory", "poly_step", "poly_descent"):
             raise ValueError(f"unknown window {window!r}")
         self.window, self.params = window, params
         self.z_step_power = z_step_power  # z's step alpha / (1 - mu)^power (1: the effective step)
+        # b = 1 - (1 - mu)^power (1: b = mu). y's noise is (1 - b)^2 of z's and a saddle's escape (1 - b) of heavy
+        # ball's: at power 1/2 the noise is that of plain SGD at the tuner's alpha, the escape sqrt(1 - mu) of heavy
+        # ball's (the geometric mean of the form's and heavy ball's)
+        self.interpolation_power = interpolation_power
         library = YellowFin(params)  # (only to resolve the default's settings)
         self.settings = library._settings(library.param_groups[0])
         self.tuner = TunerState.initial(self.settings)
@@ -825,7 +829,8 @@ class PrimalAveragingForm(torch.optim.Optimizer):
             if self.window == "poly_descent" and self.lag_cos < 0.0:  # (the average lags a descent)
                 weight = max(weight, 1.0 - mu)
         self.average.lerp_(self.fast, weight)
-        y = (1.0 - mu) * self.fast + mu * self.average
+        b = 1.0 - (1.0 - mu) ** self.interpolation_power
+        y = (1.0 - b) * self.fast + b * self.average
         offset = 0
         for p in self.params:
             p.copy_(y[offset: offset + p.numel()].view_as(p))
@@ -896,6 +901,9 @@ PRIMAL_AVERAGING_VARIANTS = {"primal_averaging_poly": dict(window="poly"),
                              # z's step alpha / (1 - mu)^2: y's first response to a gradient is heavy ball's lasting
                              # one, alpha / (1 - mu), so a saddle's mode grows at heavy ball's rate, not (1 - mu) of it
                              "primal_averaging_poly_fast_z": dict(window="poly", z_step_power=2.0),
+                             # b = 1 - sqrt(1 - mu): y's noise that of plain SGD at alpha, a saddle's escape sqrt(1 - mu)
+                             # of heavy ball's instead of (1 - mu) of it
+                             "primal_averaging_poly_sqrt_b": dict(window="poly", interpolation_power=0.5),
                              "adam_metric_primal_averaging_poly": dict(window="poly", precondition=True)}
 
 
