@@ -68,6 +68,13 @@ OPTIMIZERS = {
                                                                          initial_distance=1e-3,
                                                                          hold_distance_uphill=True,
                                                                          momentum_form="primal_average"),
+    # both with the clip acting on every gradient above its level (clip_trigger=2, docs/tuner.md §19)
+    "scale_free_dowg_clip_trigger_2_hold": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg",
+                                                                    initial_distance=1e-3, hold_distance_uphill=True,
+                                                                    clip_trigger=2.0),
+    "scale_free_dowg_clip_trigger_2_hold_primal_average": lambda params: YellowFin(
+        params, tuner="scale_free", step_rule="dowg", initial_distance=1e-3, hold_distance_uphill=True,
+        clip_trigger=2.0, momentum_form="primal_average"),
     "reference": lambda params: YellowFin.reference_variant(params),
     "sgd_momentum_lr0.1": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
 }
