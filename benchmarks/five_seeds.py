@@ -36,10 +36,13 @@ and the plain default (with the hold) from the first move 1e-2 (§16.1):
     yellowfin ablate <the seven tasks> --variants scale_free_dowg_clip_trigger_hold_start_1e-2_average --seeds 3 4 \\
         --results benchmarks/results-five-seeds
 
-and the plain default in primal-averaging form (§18; its seeds 0-2 in benchmarks/results-primal-average):
+and the plain default in primal-averaging form (§18; its seeds 0-2 in benchmarks/results-primal-average), and it and
+the default with the clip acting on every gradient above its level (§19; seeds 0-2 in benchmarks/results-clip-trigger):
 
     yellowfin ablate <the seven tasks> --variants scale_free_dowg_clip_trigger_hold_primal_average --seeds 3 4 \\
         --results benchmarks/results-five-seeds
+    yellowfin ablate <the seven tasks> --variants scale_free_dowg_clip_hold_primal_average \\
+        scale_free_dowg_clip_hold_average --seeds 3 4 --results benchmarks/results-five-seeds
 
 Prints, per task, the final smoothed training loss per seed (the ablation's measure), the means, each variant's
 paired differences against tuned momentum SGD, the neutral DoWG rule's against DoG's in Adam's metric, the
@@ -83,9 +86,13 @@ VARIANTS = {
         "scale_free_adam_dowg_neutral_start_1e-2_hold_average",
     "the plain default in primal-averaging form (momentum_form, §18)":
         "scale_free_dowg_clip_trigger_hold_primal_average",
+    "the plain default with clip_trigger=2 (§19)": "scale_free_dowg_clip_hold_average",
+    "the primal-average form with clip_trigger=2 (§19)": "scale_free_dowg_clip_hold_primal_average",
 }
 # Where a variant's seeds 0-2 are, if not in benchmarks/results-ablation.
-FIRST_SEEDS = {"scale_free_dowg_clip_trigger_hold_primal_average": "results-primal-average"}
+FIRST_SEEDS = {"scale_free_dowg_clip_trigger_hold_primal_average": "results-primal-average",
+               "scale_free_dowg_clip_hold_average": "results-clip-trigger",
+               "scale_free_dowg_clip_hold_primal_average": "results-clip-trigger"}
 # Paired differences printed beside those against tuned momentum SGD: (run, minus run).
 PAIRS = (("Adam's metric, neutral DoWG rule", "Adam's metric, DoG rule"),
          ("DoWG rule + relative clip + average (trigger 10), first move 1e-2",
@@ -102,6 +109,10 @@ PAIRS = (("Adam's metric, neutral DoWG rule", "Adam's metric, DoG rule"),
          ("Adam's metric, neutral DoWG rule, first move 1e-2, distance hold",
           "Adam's metric, neutral DoWG rule, first move 1e-2"),
          ("the plain default in primal-averaging form (momentum_form, §18)",
+          "DoWG rule + relative clip + average (trigger 10), distance hold (the plain default since §16)"),
+         ("the plain default with clip_trigger=2 (§19)",
+          "DoWG rule + relative clip + average (trigger 10), distance hold (the plain default since §16)"),
+         ("the primal-average form with clip_trigger=2 (§19)",
           "DoWG rule + relative clip + average (trigger 10), distance hold (the plain default since §16)"))
 _ADAM_HOLD = "Adam's metric, neutral DoWG rule, first move 1e-2, distance hold"
 # (every variant but the first, which ran on the char-LSTM alone, and Adam's metric's hold, which ran five seeds
