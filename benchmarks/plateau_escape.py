@@ -1,4 +1,4 @@
-"""How soon each optimizer leaves the deep autoencoder's initial plateau, over many seeds (docs/tuner.md §18).
+"""How soon each optimizer leaves the deep autoencoder's initial plateau, over many seeds (docs/tuner.md §19).
 
 The suite's autoencoder starts on a plateau (batch loss about 0.49, the decoder putting out the mean image) that a
 run must leave by a saddle's escape. One seed of five of the primal-average form never left it in 2000 steps; three
@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 
 from yellowfin import YellowFin
+from yellowfin.bench.data import DataNotFoundError
+from yellowfin.bench.errors import BadInputError
 from yellowfin.bench.tasks import get_task
 from yellowfin.bench.variants import VARIANTS
 
@@ -39,6 +41,12 @@ BUILDERS = {
     "primal_average": lambda params: YellowFin(params, momentum_form="primal_average"),
     "sgd_momentum": lambda params: torch.optim.SGD(params, lr=1.0, momentum=0.9),  # the suite's grid choice here
 }
+
+
+def known(name: str) -> bool:
+    if name.startswith("variant:"):
+        return name.removeprefix("variant:") in VARIANTS
+    return name in BUILDERS or name.startswith("screen:")
 
 
 def builder(name: str):
@@ -87,7 +95,7 @@ def run(name: str, seed: int, steps: int, out: Path = OUT, **task_options) -> di
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
-        if losses[-1] != losses[-1]:  # (NaN: diverged; the escape is then none)
+        if not math.isfinite(losses[-1]):  # (diverged: the escape is then none)
             break
     record = {"optimizer": name, "seed": seed, "steps": steps, "losses": losses, "escape_step": escape_step(losses)}
     out.mkdir(parents=True, exist_ok=True)
@@ -106,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST's IDX files (default: the Debian package's)")
     args = parser.parse_args(argv)
-    unknown = [name for name in args.optimizers if name not in BUILDERS and not name.startswith("screen:")
-               and name.removeprefix("variant:") not in (VARIANTS if name.startswith("variant:") else ())]
+    unknown = [name for name in args.optimizers if not known(name)]
     if unknown:
         parser.error(f"unknown optimizer {unknown[0]!r}; choose from {', '.join(BUILDERS)}, variant:NAME (a variant "
                      "of yellowfin ablate) or screen:VARIANT")
@@ -119,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         escapes[name] = []
         for index, seed in enumerate(args.seeds, 1):
             start = time.monotonic()
-            record = run(name, seed, args.steps, **({"data_dir": args.data_dir} if args.data_dir else {}))
+            try:
+                record = run(name, seed, args.steps, **({"data_dir": args.data_dir} if args.data_dir else {}))
+            except (DataNotFoundError, BadInputError) as error:  # (one line, not a traceback)
+                parser.exit(2, f"plateau_escape.py: {error}\n")
             escapes[name].append(record["escape_step"])
             print(f"[{name} {index}/{len(args.seeds)}] seed {seed}: escape at "
                   f"{record['escape_step'] if record['escape_step'] is not None else 'none'} "

@@ -757,9 +757,10 @@ class PrimalAveragingForm(torch.optim.Optimizer):
     along z - xbar, where around a minimum it points along it).
 
     Why the last: on a direction whose curvature is negative (a saddle, a plateau's way out) a new deviation of z
-    reaches y only as (1 - b) of it until xbar follows, so the form escapes at the rate alpha lambda where heavy
-    ball escapes at alpha lambda / (1 - mu): four times slower at mu ~ 0.75. A window of 1 / (1 - mu) steps while
-    the run descends lets xbar follow (heavy ball's own window); around a minimum the run's window is kept."""
+    that grows faster than xbar's weight reaches y only as (1 - b) of it, so it grows at alpha lambda where heavy
+    ball's grows at alpha lambda / (1 - mu). A window of 1 / (1 - mu) steps while the run descends lets xbar follow
+    (heavy ball's own window); around a minimum the run's window is kept. (Not taken: the autoencoder's stuck seeds
+    were the relative clip's trigger's, docs/tuner.md §19.)"""
 
     def __init__(self, params, window: str = "poly", z_step_power: float = 1.0, interpolation_power: float = 1.0):
         params = list(params)
@@ -797,7 +798,8 @@ class PrimalAveragingForm(torch.optim.Optimizer):
         self.tuner, c = tuning.tune_step(self.tuner, sums, self.settings)
         if not bool(c.finite):
             return
-        self._measure_lag(g)
+        if self.window == "poly_descent":
+            self._measure_lag(g)
         self.grad_avg.mul_(float(c.avg_decay)).add_(float(c.avg_weight) * g)
         mu, alpha = float(c.momentum), float(c.step_size)
         eta = alpha / (1.0 - mu) ** self.z_step_power
