@@ -12,6 +12,8 @@ the suite's runs (benchmarks/results) and the ablation's (benchmarks/results-abl
         scale_free_adam_dowg_neutral_start_1e-2 scale_free_adam_dowg_neutral_start_1e-2_average --seeds 0 1 2
     yellowfin ablate <the seven tasks> --variants scale_free_dowg_clip_trigger_hold_primal_average --seeds 0 1 2 \
         --results benchmarks/results-primal-average
+    yellowfin ablate <the seven tasks> --variants scale_free_dowg_clip_hold_average \
+        scale_free_dowg_clip_hold_primal_average --seeds 0 1 2 --results benchmarks/results-clip-trigger
 
 A grid-tuned optimizer is shown at the learning rate the suite chose (the one it ran on every seed).
 
@@ -34,6 +36,9 @@ ROWS = (
     ("YellowFin default, last iterate", "yellowfin", "suite"),
     ("YellowFin default, its average", "yf_scale_free_dowg_clip_trigger_hold_average", "ablation"),
     ("YellowFin default in primal-average form, its average", "yf_scale_free_dowg_clip_trigger_hold_primal_average",
+     "ablation"),
+    ("YellowFin default, clip_trigger=2, its average", "yf_scale_free_dowg_clip_hold_average", "ablation"),
+    ("YellowFin primal-average form, clip_trigger=2, its average", "yf_scale_free_dowg_clip_hold_primal_average",
      "ablation"),
     ("YellowFin Adam's metric, last iterate", "yf_scale_free_adam_dowg_neutral_start_1e-2", "ablation"),
     ("YellowFin Adam's metric, its average", "yf_scale_free_adam_dowg_neutral_start_1e-2_average", "ablation"),
@@ -95,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=HERE / "results")
     parser.add_argument("--ablation", type=Path, nargs="+",
-                        default=[HERE / "results-ablation", HERE / "results-primal-average"])
+                        default=[HERE / "results-ablation", HERE / "results-primal-average",
+                                 HERE / "results-clip-trigger"])
     args = parser.parse_args(argv)
     for directory in (args.results, *args.ablation):
         if not directory.is_dir():
