@@ -245,8 +245,7 @@ for _variant in (
             "scale_free_dowg_clip_trigger_average, its distance held while the running cos(g, x - x_0) is above 0",
             overrides={**_DOWG_CLIP_TRIGGER_AVERAGE, "hold_distance_uphill": True}),
     # ... and with the clip acting on every gradient above its level again (clip_trigger=2, as first measured): over
-    # 20 seeds the default stays on the autoencoder's initial plateau on 2, where the untriggered clip kept 3 of 3
-    # off it (docs/tuner.md §18).
+    # 20 seeds the default stays on the autoencoder's initial plateau on 2, this on none (docs/tuner.md §19).
     Variant("scale_free_dowg_clip_hold_average",
             "scale_free_dowg_clip_trigger_hold_average with the clip acting on every gradient above 2x the running RMS",
             overrides={**_DOWG_CLIP_TRIGGER_AVERAGE, "hold_distance_uphill": True, "clip_trigger": 2.0}),
