@@ -7,6 +7,7 @@ vanish (the plateau), and what a large step does when they come back.
 
     python benchmarks/plateau_trace.py                       # sgd_momentum and dowg, seeds 0 1 2
     python benchmarks/plateau_trace.py --optimizers dog --seeds 0
+    python benchmarks/plateau_trace.py --optimizers default --seeds 17     # a default run that stays (§19)
 
 Writes benchmarks/results-plateau/<optimizer>_seed<k>.json and prints one line per recorded step.
 """
@@ -31,6 +32,8 @@ TUNED_SGD = dict(lr=1.0, momentum=0.9)  # the suite's grid choice on the autoenc
 def build(name: str, params):
     if name == "sgd_momentum":
         return torch.optim.SGD(params, **TUNED_SGD)
+    if name == "default":
+        return YellowFin(params)  # (the library's default as it is now; docs/tuner.md §19)
     return YellowFin(params, tuner="scale_free", step_rule=name, hold_distance_uphill=False)  # (as measured)
 
 
@@ -66,7 +69,7 @@ def trace(name: str, seed: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--optimizers", nargs="+", default=["sgd_momentum", "dowg"],
-                        choices=["sgd_momentum", "dowg", "dog"])
+                        choices=["sgd_momentum", "dowg", "dog", "default"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
