@@ -24,8 +24,9 @@ SHOWN = 1.8
 def ratios(task, seed: int, steps: int) -> list[tuple[int, float]]:
     torch.manual_seed(seed)
     model = task.make_model(seed)
+    # (as measured, before the distance hold and the primal-average form)
     optimizer = YellowFin(model.parameters(), tuner="scale_free", relative_clip=math.inf,
-                          hold_distance_uphill=False)  # (as measured, before the distance hold)
+                          hold_distance_uphill=False, momentum_form="heavy_ball")
     batches = task.train_batches(seed)
     mean_sq, weight, found = 0.0, 0.0, []
     for step in range(steps):

@@ -30,7 +30,8 @@ OUT = Path(__file__).resolve().parent / "results-lr-multiplier" / "lr_multiplier
 def settled_effective_step(task, factor: float, seed: int) -> float:
     torch.manual_seed(seed)
     model = task.make_model(seed)
-    optimizer = YellowFin(model.parameters(), lr=factor, hold_distance_uphill=False)  # (as measured, before the hold)
+    # (as measured, before the distance hold and the primal-average form)
+    optimizer = YellowFin(model.parameters(), lr=factor, hold_distance_uphill=False, momentum_form="heavy_ball")
     batches = task.train_batches(seed)
     steps = []
     for _ in range(STEPS):

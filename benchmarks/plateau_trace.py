@@ -33,7 +33,9 @@ def build(name: str, params):
     if name == "sgd_momentum":
         return torch.optim.SGD(params, **TUNED_SGD)
     if name == "default":
-        return YellowFin(params)  # (the library's default as it is now; docs/tuner.md §19)
+        return YellowFin(params)  # (the library's default as it is now; docs/tuner.md §20)
+    if name == "heavy_ball":
+        return YellowFin(params, momentum_form="heavy_ball")  # (the default before §20, traced in §19)
     return YellowFin(params, tuner="scale_free", step_rule=name, hold_distance_uphill=False)  # (as measured)
 
 
@@ -69,7 +71,7 @@ def trace(name: str, seed: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--optimizers", nargs="+", default=["sgd_momentum", "dowg"],
-                        choices=["sgd_momentum", "dowg", "dog", "default"])
+                        choices=["sgd_momentum", "dowg", "dog", "default", "heavy_ball"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -38,8 +38,8 @@ TRAFFIC = {"sgd": 5, "adam": 7, "yellowfin": 9}
 def optimizers(params, device):
     """name -> (constructor, traffic family). Peers that are not installed are left out."""
     makers = {
-        # the default, the scale-free tuner (docs/algorithm.md §8): the reference's passes with more sums in pass 1,
-        # and x_0 to read
+        # the default, the scale-free tuner (docs/algorithm.md §8) in primal-average form (§11): the reference's passes
+        # with more sums in pass 1, and x_0 to read
         "yellowfin (loop)": (lambda: YellowFin(params, foreach=False), None),
         "yellowfin (foreach)": (lambda: YellowFin(params, foreach=True), None),
         "yellowfin (fused)": (lambda: YellowFin(params, fused=True), None),
@@ -49,8 +49,7 @@ def optimizers(params, device):
         "yellowfin reference (fused)": (lambda: YellowFin.reference_variant(params, fused=True), "yellowfin"),
         # the iterate average (§10): one more lerp over x and xbar after the update
         "yellowfin average=True (foreach)": (lambda: YellowFin(params, average=True), None),
-        "yellowfin momentum_form=primal_average (foreach)": (
-            lambda: YellowFin(params, momentum_form="primal_average"), None),
+        "yellowfin momentum_form=heavy_ball (foreach)": (lambda: YellowFin(params, momentum_form="heavy_ball"), None),
         "yellowfin precondition=adam (loop)": (lambda: YellowFin(params, precondition="adam", foreach=False), None),
         "yellowfin precondition=adam (foreach)": (lambda: YellowFin(params, precondition="adam"), None),
         "yellowfin precondition=adam (fused)": (lambda: YellowFin(params, precondition="adam", fused=True), None),

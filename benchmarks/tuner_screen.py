@@ -737,8 +737,9 @@ class AdamMetricTuner(torch.optim.Optimizer):
 
 
 class PrimalAveragingForm(torch.optim.Optimizer):
-    """The library's default tuner (``YellowFin(params)``: its settings and ``tuning.tune_step``) applied in the
-    primal-averaging form of heavy ball, with the averaging window lengthened from the momentum's to the run's
+    """The library's default tuner as it was before this form became the default (``YellowFin(params,
+    momentum_form="heavy_ball")``: its settings and ``tuning.tune_step``) applied in the primal-averaging form of
+    heavy ball, with the averaging window lengthened from the momentum's to the run's
     (docs/tuner.md §18).
 
     Heavy ball is primal averaging: with z_(t+1) = z_t - eta g_t and x_(t+1) = mu x_t + (1 - mu) z_(t+1), x
@@ -773,7 +774,9 @@ class PrimalAveragingForm(torch.optim.Optimizer):
         # ball's: at power 1/2 the noise is that of plain SGD at the tuner's alpha, the escape sqrt(1 - mu) of heavy
         # ball's (the geometric mean of the form's and heavy ball's)
         self.interpolation_power = interpolation_power
-        library = YellowFin(params)  # (only to resolve the default's settings)
+        # (only to resolve the settings of the default as the form was measured on: heavy ball's, whose clip acts
+        # above 10 times the running RMS)
+        library = YellowFin(params, momentum_form="heavy_ball")
         self.settings = library._settings(library.param_groups[0])
         self.tuner = TunerState.initial(self.settings)
         self.x0 = FlatTuner._flat(p.detach() for p in params).clone()
@@ -955,13 +958,15 @@ ADAM_METRIC_VARIANTS = {"adam_metric_ds": {}, "adam_metric_ds_memory_0.999": dic
 LIBRARY_VARIANTS: dict[str, Callable] = {
     "library_default": lambda params: YellowFin(params),
     "library_adam_default": lambda params: YellowFin(params, precondition="adam"),
-    "library_dowg": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg", relative_clip=math.inf),
+    # (the rules in heavy ball, as measured before the primal-average form became the default)
+    "library_dowg": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg", relative_clip=math.inf,
+                                             momentum_form="heavy_ball"),
     "library_dowg_per_tensor": lambda params: YellowFin([{"params": [p]} for p in params], tuner="scale_free",
                                                         step_rule="dowg", per_group_tuning=True,
-                                                        relative_clip=math.inf),
+                                                        relative_clip=math.inf, momentum_form="heavy_ball"),
     "library_dog_per_tensor": lambda params: YellowFin([{"params": [p]} for p in params], tuner="scale_free",
                                                        step_rule="dog", per_group_tuning=True,
-                                                       relative_clip=math.inf),
+                                                       relative_clip=math.inf, momentum_form="heavy_ball"),
 }
 
 AVERAGED = "_poly_avg"  # a variant name ending so: that variant, handing out its iterates' polynomial average

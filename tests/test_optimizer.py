@@ -67,18 +67,20 @@ def test_the_default_refuses_the_options_of_the_reference_alone(options):
     assert YellowFin.reference_variant(make_model().parameters(), **options).param_groups[0][name] == options[name]
 
 
-def test_the_default_is_the_scale_free_tuner_with_its_step_rule_and_clip():
+def test_the_default_is_the_scale_free_tuner_with_its_step_rule_clip_and_momentum_form():
     data = make_data()
     default_model, named_model = make_model(), make_model()
     default = YellowFin(default_model.parameters())
     group = default.param_groups[0]
     assert group["tuner"] == "scale_free" and group["step_rule"] == "dowg"
-    # The group names the memory it resolved, so that a checkpoint keeps it when the default changes.
+    # The group names the memory and form it resolved, so that a checkpoint keeps them when the default changes.
     assert group["beta"] == 0.99 and default.state_dict()["param_groups"][0]["beta"] == 0.99
+    assert group["momentum_form"] == "primal_average"
+    assert default.state_dict()["param_groups"][0]["momentum_form"] == "primal_average"
     assert YellowFin.reference_variant(make_model().parameters(), beta=None).param_groups[0]["beta"] == 0.999
-    assert group["relative_clip"] == 2.0 and group["clip_trigger"] == pytest.approx(10.0)  # 1 / sqrt(1 - 0.99)
+    assert group["relative_clip"] == 2.0 and group["clip_trigger"] == 2.0  # (the form's clip acts at its level)
     named = YellowFin(named_model.parameters(), tuner="scale_free", beta=0.99, step_rule="dowg", relative_clip=2.0,
-                      clip_trigger=1.0 / math.sqrt(1.0 - 0.99))
+                      clip_trigger=2.0, momentum_form="primal_average")
     train(default_model, default, data, steps=20)
     train(named_model, named, data, steps=20)
     assert all(torch.equal(a, b) for a, b in zip(default_model.parameters(), named_model.parameters()))
@@ -155,7 +157,7 @@ def test_coupled_weight_decay_enters_statistics(tuner, guard):
 # d_0 / ||s g|| = 1e-3 (1 + 0) / 1.
 @pytest.mark.parametrize("tuner, options, alpha, guard", [
     ("reference", {"initial_lr": 1.0}, 1.0, 1e-6),
-    ("scale_free", {}, _scale_free_first_alpha(0.0, 1.0), 1e-30),
+    ("scale_free", {"momentum_form": "heavy_ball"}, _scale_free_first_alpha(0.0, 1.0), 1e-30),
 ], ids=str)
 def test_clip_norm_bounds_the_gradient(tuner, options, alpha, guard):
     p = torch.zeros(2, dtype=torch.float64, requires_grad=True)
@@ -169,11 +171,11 @@ def test_clip_norm_bounds_the_gradient(tuner, options, alpha, guard):
 
 
 def test_clip_norm_and_the_relative_clip_together_clip_the_statistics_to_clip_norm_and_the_update_further():
-    # The scale-free tuner: a first gradient of norm 0.1 sets the running RMS to 0.1; a second of norm 1000 is cut
-    # to clip_norm = 10 for the statistics, and, being above clip_trigger = 10 times the RMS, applied at
+    # The scale-free tuner in heavy ball: a first gradient of norm 0.1 sets the running RMS to 0.1; a second of norm
+    # 1000 is cut to clip_norm = 10 for the statistics, and, being above clip_trigger = 10 times the RMS, applied at
     # relative_clip = 2 times the RMS, 0.2 (docs/algorithm.md §8, step 1).
     p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = YellowFin([p], tuner="scale_free", clip_norm=10.0)
+    opt = YellowFin([p], tuner="scale_free", clip_norm=10.0, momentum_form="heavy_ball")
     for value in (0.1, 1000.0):
         before = opt.state[p]["momentum_buffer"].clone() if p in opt.state else None
         p.grad = torch.full((1,), value, dtype=torch.float64)
@@ -523,7 +525,7 @@ def test_unknown_option_in_a_param_group_is_refused():
 
 
 @pytest.mark.parametrize("tuner, options", [("reference", {"initial_lr": 0.1, "initial_momentum": 0.2}),
-                                            ("scale_free", {})], ids=str)
+                                            ("scale_free", {"momentum_form": "heavy_ball"})], ids=str)
 def test_momentum_offset_is_added_to_the_tuned_momentum(tuner, options):
     p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     opt = _yf([p], tuner, **options)
@@ -551,11 +553,12 @@ def test_paper_variant_updates_before_tuning():
 
 @pytest.mark.parametrize("tuner", TUNERS)
 def test_sparse_embedding_matches_dense_embedding(tuner):
+    # (in heavy ball: the primal-average form takes no sparse gradient, test_sparse_gradients_run_heavy_ball_...)
     results = []
     for sparse in (False, True):
         torch.manual_seed(0)
         embedding = nn.Embedding(20, 4, sparse=sparse).double()
-        opt = _yf(embedding.parameters(), tuner, sparsity_correction=True)
+        opt = _yf(embedding.parameters(), tuner, sparsity_correction=True, momentum_form="heavy_ball")
         generator = torch.Generator().manual_seed(1)
         for _ in range(10):
             ids = torch.randint(0, 20, (6,), generator=generator)
@@ -568,6 +571,28 @@ def test_sparse_embedding_matches_dense_embedding(tuner):
     if "climb" in results[0][1]:  # (the scale-free tuner pairs a sparse gradient with the displacement at its rows)
         assert results[0][1]["climb"] != 0.0
         assert results[0][1]["climb"] == pytest.approx(results[1][1]["climb"], rel=1e-12)
+
+
+def test_sparse_gradients_run_heavy_ball_where_the_form_was_left_to_its_default():
+    def trained(**options):
+        torch.manual_seed(0)
+        embedding = nn.Embedding(20, 4, sparse=True).double()
+        opt = YellowFin(embedding.parameters(), **options)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(10):
+            ids = torch.randint(0, 20, (6,), generator=generator)
+            opt.zero_grad()
+            (embedding(ids) ** 2).sum().backward()
+            opt.step()
+        return embedding.weight.detach(), opt
+
+    weight, opt = trained()
+    heavy_ball_weight, heavy_ball = trained(momentum_form="heavy_ball")
+    assert opt.param_groups[0]["momentum_form"] == "heavy_ball"
+    assert opt.param_groups[0]["clip_trigger"] == heavy_ball.param_groups[0]["clip_trigger"] == pytest.approx(10.0)
+    assert torch.equal(weight, heavy_ball_weight) and opt.stats() == heavy_ball.stats()
+    with pytest.raises(ValueError, match="does not support sparse gradients"):
+        trained(momentum_form="primal_average")
 
 
 def test_dtensor_parameters_are_refused_with_a_pointer_to_the_sharded_optimizer():
@@ -683,9 +708,11 @@ def test_state_dict_with_invalid_values_is_refused_and_changes_nothing(corrupt, 
 # existed every group ran the reference; a scale-free group saved before step_rule existed ran the secant rule, before
 # relative_clip no relative clip, before clip_trigger a clip that acted at its own level (the group's relative_clip),
 # before initial_distance the first move of its rule (1e-3 for the default DoWG rule), before hold_distance_uphill no
-# distance hold.
+# distance hold, before momentum_form heavy ball.
 RAN_BEFORE_THE_OPTION = {
     ("reference", "tuner"): "reference",
+    ("reference", "momentum_form"): "heavy_ball",
+    ("scale_free", "momentum_form"): "heavy_ball",
     ("scale_free", "step_rule"): "secant",
     ("scale_free", "relative_clip"): math.inf,
     ("scale_free", "clip_trigger"): 3.0,
@@ -708,7 +735,9 @@ def test_state_dict_saved_before_an_option_existed_loads_with_its_default_and_st
     # A checkpoint saved before ``option`` existed lacks it: it loads with the option's default, or with what the
     # group ran where that differs, into the optimizer a user resuming writes today, YellowFin(params), and steps
     # exactly as the same checkpoint naming that value does.
-    model, opt = _trained(tuner, **SAVED_WITH.get((tuner, option), {}))
+    # (every scale-free checkpoint saved before one of these options existed ran heavy ball)
+    heavy_ball = {"momentum_form": "heavy_ball"} if tuner == "scale_free" else {}
+    model, opt = _trained(tuner, **heavy_ball, **SAVED_WITH.get((tuner, option), {}))
     saved = copy.deepcopy(opt.state_dict())
     assert all(group["tuner"] == tuner for group in saved["param_groups"])
     ran = RAN_BEFORE_THE_OPTION.get((tuner, option), YellowFin(make_model().parameters()).defaults[option])

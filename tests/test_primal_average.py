@@ -1,7 +1,9 @@
 """The tuned (mu, alpha) in primal-averaging form (``momentum_form="primal_average"``, docs/algorithm.md §11): it
 reproduces the research prototype (benchmarks/tuner_screen.py's PrimalAveragingForm), its two flavours agree, its
 trajectory does not depend on the loss scale, ``averaged()`` hands out the average it keeps without keeping it,
-a skipped step changes nothing, and it refuses what it does not support. (That its step reads nothing on the host
+a skipped step changes nothing, and it refuses what it does not support. It is the default wherever it runs; where the
+default meets what it does not run in (staleness, the asynchronous systems, sparse gradients), the tuner runs heavy
+ball instead. (That its step reads nothing on the host
 and that a checkpoint resumes it are tested with the other forms, in tests/test_scale_free.py.)"""
 
 import math
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 from yellowfin import YellowFin
+from yellowfin.state import outlier_trigger
 from yellowfin.tuning import AVERAGE_POWER
 from helpers import TUNER_BUFFERS, complex_and_real_twin
 from test_scale_free import fresh_compile_cache, flat, mlp_problem, relative_difference, train  # noqa: F401
@@ -34,7 +37,8 @@ def test_it_runs_the_prototypes_numbers(flavour):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from tuner_screen import PrimalAveragingForm
 
-    library, model, opt = train(primal_average(flavour))
+    # (the prototype's clip acts above 10 times the running RMS, heavy ball's trigger, as the form was measured)
+    library, model, opt = train(primal_average(flavour, clip_trigger=outlier_trigger(0.99)))
     prototype, _, flat_form = train(PrimalAveragingForm)
     # The prototype keeps z and xbar and forms y from them; the library keeps y and w = z - xbar: the same
     # recursions, rounded differently.
@@ -96,7 +100,7 @@ def test_it_keeps_heavy_balls_buffers():
 
 
 def test_it_moves_differently_from_heavy_ball():
-    heavy_ball, _, _ = train(lambda params: YellowFin(params), steps=100)
+    heavy_ball, _, _ = train(lambda params: YellowFin(params, momentum_form="heavy_ball"), steps=100)
     primal, _, _ = train(primal_average(), steps=100)
     assert relative_difference(primal, heavy_ball) > 1e-3
 
@@ -194,6 +198,81 @@ def test_staleness_and_asynchronous_systems_are_refused():
             refuse_under_asynchrony(opt, workers, closed_loop=True, workers_apply_heavy_ball=heavy_ball)
 
 
+@pytest.mark.parametrize("options, form, trigger", [
+    ({}, "primal_average", 2.0),  # (the clip acting on every gradient above its level, docs/tuner.md §19)
+    (dict(relative_clip=3.0), "primal_average", 3.0),
+    (dict(step_rule="dog"), "primal_average", 2.0),
+    (dict(step_rule="dowg_neutral"), "primal_average", 2.0),
+    (dict(step_rule="secant"), "heavy_ball", 10.0),
+    (dict(average=True), "heavy_ball", 10.0),
+    (dict(weight_decay=1e-2, decoupled_weight_decay=True), "heavy_ball", 10.0),
+    (dict(precondition="adam"), "heavy_ball", math.inf),
+    (dict(tuner="reference"), "heavy_ball", None),
+    (dict(momentum_form="heavy_ball"), "heavy_ball", 10.0),
+], ids=str)
+def test_it_is_the_default_wherever_it_runs(options, form, trigger):
+    model, _, _ = mlp_problem()
+    group = YellowFin(model.parameters(), **options).param_groups[0]
+    assert group["momentum_form"] == form
+    assert group["clip_trigger"] == (trigger if trigger is None else pytest.approx(trigger))
+
+
+def test_a_group_with_decoupled_decay_runs_heavy_ball_beside_the_default_form():
+    model, _, _ = mlp_problem()
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    opt = YellowFin([{"params": first}, {"params": second, "decoupled_weight_decay": True}], per_group_tuning=True)
+    assert [group["momentum_form"] for group in opt.param_groups] == ["primal_average", "heavy_ball"]
+
+
+def test_under_staleness_the_default_runs_heavy_ball_and_the_named_form_is_refused():
+    def run(form, told_before=True):
+        def after_step(opt):
+            opt.set_staleness(2.0)
+
+        def make(params):
+            opt = YellowFin(params, **form)
+            if told_before:
+                opt.set_staleness(2.0)  # (before the first step, as the asynchronous systems report it)
+            return opt
+
+        return train(make, steps=20, after_step=after_step)
+
+    moved, _, opt = run({})
+    heavy_ball, _, named = run(dict(momentum_form="heavy_ball"))
+    options = [{name: value for name, value in group.items() if name != "params"}
+               for group in (opt.param_groups[0], named.param_groups[0])]
+    assert options[0] == options[1]  # (its form and its clip's trigger, 10, are heavy ball's)
+    assert torch.equal(moved, heavy_ball) and opt.stats() == named.stats()
+    with pytest.raises(ValueError, match="synchronous training only.*already stepped"):
+        run({}, told_before=False)  # (its buffers hold z - xbar after a step: not heavy ball's)
+    with pytest.raises(ValueError, match="synchronous training only"):
+        run(dict(momentum_form="primal_average"))
+
+
+def test_the_asynchronous_systems_run_the_default_in_heavy_ball():
+    from yellowfin.tuned import refuse_under_asynchrony
+
+    for workers, heavy_ball in ((4, False), (1, True)):
+        model, _, _ = mlp_problem()
+        opt = YellowFin(model.parameters())
+        refuse_under_asynchrony(opt, workers, closed_loop=True, workers_apply_heavy_ball=heavy_ball)
+        assert opt.param_groups[0]["momentum_form"] == "heavy_ball"
+        assert opt.param_groups[0]["clip_trigger"] == pytest.approx(10.0)
+    model, _, _ = mlp_problem()
+    opt = YellowFin(model.parameters())
+    refuse_under_asynchrony(opt, 1, closed_loop=True)  # (one worker is synchronous training: the form stays)
+    assert opt.param_groups[0]["momentum_form"] == "primal_average"
+
+
+def test_a_loaded_checkpoint_keeps_its_form_under_staleness():
+    # (a resumed run holds what its checkpoint ran; the optimizer it loads into took no form of its own)
+    _, model, opt = train(lambda params: YellowFin(params), steps=3)
+    restored = YellowFin(model.parameters())
+    restored.load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match="synchronous training only"):
+        restored.set_staleness(1.0)
+
+
 def test_sparse_gradients_are_refused():
     embedding = nn.Embedding(10, 3, sparse=True)
     opt = YellowFin(embedding.parameters(), momentum_form="primal_average")
@@ -220,7 +299,7 @@ def test_on_the_noisy_quadratic_its_iterate_ends_far_closer_to_the_optimum_than_
                 losses.append(task.exact_loss(model))
         return sum(losses) / last
 
-    assert excess(primal_average()) < 0.5 * excess(lambda params: YellowFin(params))
+    assert excess(primal_average()) < 0.5 * excess(lambda params: YellowFin(params, momentum_form="heavy_ball"))
 
 
 def test_per_group_tuning_runs_each_group_as_its_own_optimizer_would():

@@ -154,8 +154,9 @@ def test_matches_the_flat_prototype(options, variant):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from tuner_screen import VARIANTS, FlatTuner
 
-    library, _, opt = train(lambda params: YellowFin(params, tuner="scale_free", foreach=False, **options))
-    # (the library's default memory for this tuner is 0.99, the prototype variants' memory)
+    # (the prototype is heavy ball; the library's default memory for this tuner is 0.99, the prototype variants')
+    library, _, opt = train(lambda params: YellowFin(params, tuner="scale_free", foreach=False,
+                                                     momentum_form="heavy_ball", **options))
     clip = {"relative_clip": options["relative_clip"], "clip_trigger": options.get("clip_trigger")}
     prototype, _, flat_tuner = train(lambda params: FlatTuner(params, **{**VARIANTS[variant], **clip}))
     # The same algorithm; the library computes from scalars what the prototype computes from flat vectors
@@ -207,9 +208,10 @@ def test_the_adam_metric_prototype_does_not_depend_on_the_loss_scale_either():
 def effective_steps_on_a_random_walk(steps=1000, at=(100, 1000), **options):
     """The effective step alpha / (1 - mu) at the steps ``at`` of a run on gradients of pure noise (the loss
     <xi_t, x> with a fresh xi_t ~ N(0, I) each step: nothing to follow, so the distance from x_0 grows as a random
-    walk's); float64, 1000 coordinates, so that ||x - x_0|| is close to its expectation."""
+    walk's); float64, 1000 coordinates, so that ||x - x_0|| is close to its expectation. In heavy ball unless
+    ``options`` name a form (the rules' growth was measured so)."""
     x = torch.zeros(1000, dtype=torch.float64, requires_grad=True)
-    opt = YellowFin([x], **options)
+    opt = YellowFin([x], **{"momentum_form": "heavy_ball", **options})
     generator = torch.Generator().manual_seed(0)
     effective = {}
     for step in range(1, steps + 1):
@@ -281,12 +283,14 @@ def test_the_hold_matches_the_flat_prototype_where_it_acts():
             opt.step()
         return x.detach().clone(), opt
 
-    library, opt = run(lambda params: YellowFin(params, step_rule="dowg", hold_distance_uphill=True, foreach=False))
+    library, opt = run(lambda params: YellowFin(params, step_rule="dowg", hold_distance_uphill=True, foreach=False,
+                                                momentum_form="heavy_ball"))
     prototype, flat_tuner = run(lambda params: FlatTuner(params,
                                                          **VARIANTS["snr_dowg_update_clip_2_trigger_10_descent"]))
     assert relative_difference(library, prototype) < 1e-7
     assert opt.stats()["distance"] == pytest.approx(flat_tuner.distance, rel=1e-7)
-    free, _ = run(lambda params: YellowFin(params, step_rule="dowg", hold_distance_uphill=False, foreach=False))
+    free, _ = run(lambda params: YellowFin(params, step_rule="dowg", hold_distance_uphill=False, foreach=False,
+                                           momentum_form="heavy_ball"))
     assert relative_difference(library, free) > 1e-2  # (it held)
 
 
@@ -582,7 +586,8 @@ def test_a_checkpoint_from_before_the_scale_free_tuner_loads(load_into):
 @pytest.mark.parametrize("field", ["grad_sq_sum", "staleness", "climb_avg"])
 def test_a_scale_free_checkpoint_from_before_a_field_loads_with_it_at_zero(field):
     # (DoG's sum then restarts; a checkpoint from before the staleness was synchronous; the running cosine restarts)
-    _, model, opt = train(lambda params: YellowFin(params, tuner="scale_free"), steps=5)
+    # (in heavy ball, which runs under staleness)
+    _, model, opt = train(lambda params: YellowFin(params, tuner="scale_free", momentum_form="heavy_ball"), steps=5)
     opt.set_staleness(2.0)
     old = opt.state_dict()
     for tuner in old["tuners"]:
@@ -701,8 +706,15 @@ def test_the_step_rule_and_clip_are_the_scale_free_tuners_and_each_group_names_w
             YellowFin([p], tuner="scale_free", relative_clip=bad)
     with pytest.raises(TypeError, match="relative_clip"):
         YellowFin([p], tuner="scale_free", relative_clip="2")
-    assert plain.param_groups[0]["clip_trigger"] == pytest.approx(10.0)  # 1 / sqrt(1 - 0.99), the group's memory
-    assert YellowFin([p], tuner="scale_free", beta=0.9).param_groups[0]["clip_trigger"] == pytest.approx(10**0.5)
+    # The trigger: in the primal-average form (the plain default) the clip's own level; in heavy ball
+    # 1 / sqrt(1 - beta), the group's memory.
+    assert plain.param_groups[0]["momentum_form"] == "primal_average" and plain.param_groups[0]["clip_trigger"] == 2.0
+    assert YellowFin([p], relative_clip=1.5).param_groups[0]["clip_trigger"] == 1.5
+    heavy_ball = YellowFin([p], tuner="scale_free", momentum_form="heavy_ball")
+    assert heavy_ball.param_groups[0]["clip_trigger"] == pytest.approx(10.0)
+    assert YellowFin([p], tuner="scale_free", beta=0.9, momentum_form="heavy_ball").param_groups[0][
+        "clip_trigger"] == pytest.approx(10**0.5)
+    assert YellowFin([p], relative_clip=math.inf).param_groups[0]["clip_trigger"] == math.inf
     assert YellowFin([p], tuner="reference").param_groups[0]["clip_trigger"] is None
     for name in ("tuner", "step_rule", "relative_clip", "clip_trigger", "initial_distance"):
         assert default.param_groups[0][name] == plain.param_groups[0][name], name
@@ -786,8 +798,8 @@ def test_a_scale_free_checkpoint_that_does_not_name_an_option_keeps_what_it_ran(
 def test_a_reported_staleness_cuts_the_step_by_the_root_of_one_plus_it(metric, flavour):
     # Two copies of one run part at step 10: the one told that its gradients are 3 updates old takes half the step
     # (1 / sqrt(1 + 3)) at the same momentum, so it moves half as far; its record says what it was told.
-    def scale_free(params):
-        return YellowFin(params, **METRICS[metric], **FLAVOURS[flavour])
+    def scale_free(params):  # (in heavy ball: the staleness cut is heavy ball's)
+        return YellowFin(params, momentum_form="heavy_ball", **METRICS[metric], **FLAVOURS[flavour])
 
     _, model, opt = train(scale_free, steps=10)
     twin_model = copy.deepcopy(model)
@@ -811,7 +823,7 @@ def test_a_reported_staleness_cuts_the_step_by_the_root_of_one_plus_it(metric, f
 
 def test_a_reported_staleness_keeps_the_trajectory_free_of_the_loss_scale():
     def stale(params):
-        return YellowFin(params, tuner="scale_free")
+        return YellowFin(params, tuner="scale_free", momentum_form="heavy_ball")
 
     told = lambda opt: opt.set_staleness(2.5)  # noqa: E731
     unscaled, _, _ = train(stale, steps=100, after_step=told)

@@ -173,11 +173,15 @@ def test_the_scale_free_relative_clip_bounds_the_update_by_the_running_root_mean
     assert tuple(map(float, tuning.clipping_scales(100.0, 1.0, True, unclipped, grad_sq_mean=4.0))) == (1.0, 1.0)
 
 
-def test_the_relative_clip_acts_only_above_its_trigger_which_defaults_to_the_memorys_outlier():
-    # By default the trigger is 1 / sqrt(1 - beta): 10 at the scale-free tuner's memory 0.99, 31.6 at 0.999.
-    settings = TunerSettings(tuner="scale_free")
+def test_the_relative_clip_acts_only_above_its_trigger_which_defaults_to_the_memorys_outlier_in_heavy_ball():
+    # In heavy ball the trigger is by default 1 / sqrt(1 - beta): 10 at the scale-free tuner's memory 0.99, 31.6 at
+    # 0.999; in the primal-average form (the default form) the clip's own level.
+    settings = TunerSettings(tuner="scale_free", momentum_form="heavy_ball")
     assert settings.clip_trigger == pytest.approx(10.0) and settings.relative_clip == 2.0
-    assert TunerSettings(tuner="scale_free", beta=0.999).clip_trigger == pytest.approx(1000.0**0.5)
+    assert TunerSettings(tuner="scale_free", beta=0.999, momentum_form="heavy_ball").clip_trigger == pytest.approx(
+        1000.0**0.5)
+    primal_average = TunerSettings(tuner="scale_free")
+    assert primal_average.momentum_form == "primal_average" and primal_average.clip_trigger == 2.0
     # rms 2: a gradient of norm 19 (9.5 times the rms) is left alone; one of 21 (10.5 times) is cut to 2 * 2 = 4
     _, update_scale = tuning.clipping_scales(19.0**2, 1.0, True, settings, grad_sq_mean=4.0)
     assert float(update_scale) == 1.0
@@ -196,7 +200,7 @@ def test_the_relative_clip_acts_only_above_its_trigger_which_defaults_to_the_mem
     assert TunerSettings(tuner="scale_free", relative_clip=math.inf).clip_trigger == math.inf
     assert TunerSettings(tuner="scale_free", precondition="adam").clip_trigger == math.inf
     assert TunerSettings(tuner="reference").clip_trigger is None
-    assert TunerSettings().clip_trigger == settings.clip_trigger  # (the default tuner is the scale-free one)
+    assert TunerSettings() == primal_average  # (the default tuner is the scale-free one)
     for options, error in ((dict(tuner="reference", clip_trigger=10.0), ValueError),
                            (dict(tuner="scale_free", precondition="adam", clip_trigger=10.0), ValueError),
                            (dict(tuner="scale_free", clip_trigger=0.0), ValueError),

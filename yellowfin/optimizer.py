@@ -47,6 +47,8 @@ _REFERENCE_OPTIONS = dict(
     slow_start=True, update_first=False, curvature_smoothing="log", smooth_tuned=False, tuner="reference",
     step_rule=None, precondition=None, average=False,
 )
+# The options that YellowFin.choose_heavy_ball resolves again where a group left them to their defaults.
+_FALLBACK_OPTIONS = ("momentum_form", "clip_trigger")
 # Keys torch itself may put into a param group.
 _TORCH_GROUP_KEYS = ("params", "param_names", "differentiable")
 
@@ -183,7 +185,7 @@ class YellowFin(Optimizer):
         growth_cap: bool = False,
         hold_distance_uphill: bool | None = None,
         average: bool = False,
-        momentum_form: str = "heavy_ball",
+        momentum_form: str | None = None,
         shard_group=None,
         **unknown,
     ):
@@ -201,11 +203,12 @@ class YellowFin(Optimizer):
             initial_distance=initial_distance, growth_cap=growth_cap,
             hold_distance_uphill=hold_distance_uphill, average=average, momentum_form=momentum_form,
         )
-        # (beta, step_rule, the clip, the first move and the distance hold as given: None stays None, so that each
-        # group's tuner picks its own)
+        # (beta, step_rule, the clip, the first move, the distance hold and the momentum form as given: None stays
+        # None, so that each group's tuner picks its own)
         defaults = dict(
             vars(settings), beta=beta, step_rule=step_rule, relative_clip=relative_clip, clip_trigger=clip_trigger,
-            initial_distance=initial_distance, hold_distance_uphill=hold_distance_uphill, lr=lr,
+            initial_distance=initial_distance, hold_distance_uphill=hold_distance_uphill,
+            momentum_form=momentum_form, lr=lr,
             weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, nesterov=nesterov,
             maximize=maximize, foreach=foreach, fused=fused,
         )
@@ -214,6 +217,9 @@ class YellowFin(Optimizer):
         self.shard_group = shard_group
         self._tuners: list[TunerState] = []
         self._averaged_out = False  # True inside averaged(): the parameters hold the averages
+        # Per group, the options among _FALLBACK_OPTIONS that it left to their defaults (choose_heavy_ball may
+        # change those); empty once a state dict is loaded, whose groups hold what they ran.
+        self._left_to_default: list[frozenset[str]] = []
         # ||x_0|| of each x_0 buffer, measured once: only the scale-free tuner's start reads it, and measuring it at
         # every step cost a float64 norm per step (an eighth of the foreach step on CPU, docs/performance.md).
         # Keyed weakly by the buffer itself, so that a buffer replaced (load_state_dict) is measured again; not part
@@ -257,10 +263,14 @@ class YellowFin(Optimizer):
         if len({id(p) for p in param_group["params"]}) != len(param_group["params"]):
             # (torch only warns; the per-tensor and multi-tensor paths would update such a tensor once and twice)
             raise ValueError("a parameter group lists the same tensor more than once: list each parameter once")
-        settings = _check_group({**self.defaults, **param_group})
-        # The group names its memory (and a scale-free group its rule, clip, first move and distance hold): a
-        # checkpoint keeps them when a default changes.
+        options = {**self.defaults, **param_group}
+        if options["momentum_form"] is None and options["decoupled_weight_decay"]:
+            options["momentum_form"] = "heavy_ball"  # (the form's decoupled decay is not derived: _check_group)
+        settings = _check_group(options)
+        # The group names its memory and momentum form (and a scale-free group its rule, clip, first move and
+        # distance hold): a checkpoint keeps them when a default changes.
         param_group["beta"] = settings.beta
+        param_group["momentum_form"] = settings.momentum_form
         if settings.scale_free:
             param_group.update(step_rule=settings.step_rule, relative_clip=settings.relative_clip,
                                clip_trigger=settings.clip_trigger, initial_distance=settings.initial_distance,
@@ -273,6 +283,7 @@ class YellowFin(Optimizer):
                     f"({', '.join(TunerSettings.names())}); pass per_group_tuning=True to tune groups separately"
                 )
         super().add_param_group(param_group)
+        self._left_to_default.append(frozenset(name for name in _FALLBACK_OPTIONS if options.get(name) is None))
         if self.per_group_tuning and self._tuners:  # after construction: a new group brings its own tuner
             self._tuners.append(TunerState.initial(settings, _device_of([self.param_groups[-1]])))
 
@@ -362,8 +373,8 @@ class YellowFin(Optimizer):
                                      "use decoupled_weight_decay=True")
                 grad = grad.add(p, alpha=group["weight_decay"])
             if group["momentum_form"] == "primal_average" and grad.is_sparse:
-                raise ValueError("momentum_form='primal_average' does not support sparse gradients: its update moves "
-                                 "every entry; use momentum_form='heavy_ball'")
+                self.choose_heavy_ball("momentum_form='primal_average' does not support sparse gradients: its update "
+                                       "moves every entry; use momentum_form='heavy_ball'")
             if preconditioned and grad.is_sparse:
                 raise ValueError(f"precondition={group['precondition']!r} does not support sparse gradients; "
                                  "use precondition=None")
@@ -428,7 +439,7 @@ class YellowFin(Optimizer):
                 evaluate(model)
         """
         self._refuse_inside_averaged("averaged()")
-        if not any(group["average"] or group["momentum_form"] == "primal_average" for group in self.param_groups):
+        if not self.keeps_average():
             raise RuntimeError("averaged() needs average=True or momentum_form='primal_average': this optimizer keeps "
                                "no average of its iterates")
         iterates = self._swap_averages()
@@ -438,6 +449,11 @@ class YellowFin(Optimizer):
         finally:
             self._swap_averages(iterates)
             self._averaged_out = False
+
+    def keeps_average(self) -> bool:
+        """Whether :meth:`averaged` has an average to hand out: ``average=True``, or the primal-average form (the
+        default in synchronous training) in some group."""
+        return any(group["average"] or group["momentum_form"] == "primal_average" for group in self.param_groups)
 
     @torch.no_grad()
     def _swap_averages(self, iterates: dict | None = None) -> dict:
@@ -520,10 +536,35 @@ class YellowFin(Optimizer):
             if float(mean_staleness) > 0.0 and settings.scale_free and settings.step_rule == "secant":
                 raise ValueError(SECANT_UNDER_STALENESS)
             if float(mean_staleness) > 0.0 and settings.momentum_form == "primal_average":
-                raise ValueError(PRIMAL_AVERAGE_UNDER_STALENESS)
+                self.choose_heavy_ball(PRIMAL_AVERAGE_UNDER_STALENESS)
             state = self._tuners[index]
             value = torch.tensor(float(mean_staleness), dtype=torch.float64, device=state.device)
             self._tuners[index] = state.replace(staleness=value)
+
+    def choose_heavy_ball(self, why: str) -> None:
+        """Run heavy ball where the primal-average form was chosen by default (``momentum_form=None``), with the
+        clip's trigger of heavy ball where that too was left to its default: the hook of what the form does not run
+        in (the asynchronous systems, ``set_staleness``, sparse gradients), before the first step.
+
+        Raises ValueError(``why``) where the form was asked for by name, or has already moved the parameters (its
+        buffers hold z - xbar, not heavy ball's velocity).
+        """
+        switched = [index for index, group in enumerate(self.param_groups) if group["momentum_form"] == "primal_average"]
+        left = getattr(self, "_left_to_default", [])
+        if any(index >= len(left) or "momentum_form" not in left[index] for index in switched):
+            raise ValueError(why)
+        scopes = [index for index, groups in enumerate(self._scopes())
+                  if any(group["momentum_form"] == "primal_average" for group in groups)]
+        if any(float(self._tuners[index].step) > 0.0 for index in scopes):
+            raise ValueError(f"{why} (this optimizer took the form by default and has already stepped in it: call "
+                             "this before the first step, or pass momentum_form='heavy_ball')")
+        for index in switched:
+            group = self.param_groups[index]
+            options = {**group, "momentum_form": "heavy_ball"}
+            if "clip_trigger" in left[index] and group["tuner"] == "scale_free":
+                options["clip_trigger"] = None
+            settings = self._settings(options)
+            group.update(momentum_form=settings.momentum_form, clip_trigger=settings.clip_trigger)
 
     # ----------------------------------------------------------------------------- saving
     def state_dict(self) -> dict:
@@ -538,6 +579,7 @@ class YellowFin(Optimizer):
         state_dict, tuners = self._checked_state_dict(state_dict)
         super().load_state_dict(state_dict)
         self._tuners = tuners
+        self._left_to_default = [frozenset() for _ in self.param_groups]  # (the groups hold what the checkpoint ran)
         # torch casts a fused group's "step" to float32 (its fused optimizers' convention); the preconditioned tuner's
         # counts of P debias the metric in float64, on their parameter's device, in every flavour.
         saved_indices = (index for group in state_dict["param_groups"] for index in group["params"])
@@ -613,6 +655,7 @@ class YellowFin(Optimizer):
         state["per_group_tuning"] = self.per_group_tuning
         state["shard_group"] = self.shard_group
         state["_averaged_out"] = self._averaged_out
+        state["_left_to_default"] = self._left_to_default
         return state
 
 
@@ -750,12 +793,13 @@ def _resolved_options_of_old_groups(saved: dict) -> dict:
     step_rule existed, "dog" if with step_rule=None while that meant DoG's rule; no relative clip if saved before
     relative_clip existed; a clip that acts at its own level if saved before clip_trigger existed; the first move its
     rule had then if saved before initial_distance existed; no distance hold if saved before hold_distance_uphill
-    existed. {} for any other group."""
+    existed; heavy ball if saved before momentum_form existed. {} for any other group."""
+    # (every group ran heavy ball before the momentum form existed)
+    resolved = {"momentum_form": "heavy_ball"} if saved.get("momentum_form") is None else {}
     if "tuner" not in saved:  # saved before the option existed, when every tuner was the reference
-        return {"tuner": "reference"}
+        return {**resolved, "tuner": "reference"}
     if saved["tuner"] != "scale_free":
-        return {}
-    resolved = {}
+        return resolved
     if "step_rule" not in saved:
         resolved["step_rule"] = "secant"
     elif saved["step_rule"] is None:
@@ -801,6 +845,10 @@ def _check_group(group: dict) -> TunerSettings:
             check_bool(name, group[name])
     if group["foreach"] and group["fused"]:
         raise ValueError("foreach=True and fused=True are two implementations of the same step: choose one")
+    if settings.scale_free and group["nesterov"]:
+        raise ValueError("nesterov=True is an option of tuner='reference': the scale-free tuner's step rules were "
+                         "derived and measured on heavy-ball steps only; use nesterov=False, or "
+                         "YellowFin.reference_variant(params, nesterov=True)")
     if settings.momentum_form == "primal_average":
         for name, refused, why in (
                 ("nesterov", True, "the form is heavy ball's, averaged"),
@@ -808,10 +856,6 @@ def _check_group(group: dict) -> TunerSettings:
                                                  "weight_decay")):
             if group[name] == refused:
                 raise ValueError(f"{name}={refused!r} does not run with momentum_form='primal_average': {why}")
-    if settings.scale_free and group["nesterov"]:
-        raise ValueError("nesterov=True is an option of tuner='reference': the scale-free tuner's step rules were "
-                         "derived and measured on heavy-ball steps only; use nesterov=False, or "
-                         "YellowFin.reference_variant(params, nesterov=True)")
     return settings
 
 

@@ -63,10 +63,12 @@ class TunerSettings:
     # norms, so loss-scale free. math.inf: no clipping. None: the metric's default (DEFAULT_RELATIVE_CLIP).
     relative_clip: float | None = None
     # The relative clip acts only on a gradient above clip_trigger times that running RMS (and then cuts it to
-    # relative_clip times it). None: 1 / sqrt(1 - beta), so that it acts on a gradient whose share of the running
-    # mean of ||g||^2, 1 - beta, would alone equal the whole mean: an outlier against the tuner's memory (the
-    # autoencoder's escape from its plateau, 16 to 81 times the RMS), not the ordinary growth of the gradient early
-    # in a run (the char-LSTM's, 3 to 4 times), which the clip cost a lasting part of its step (docs/tuner.md §10).
+    # relative_clip times it). None: by momentum form (default_clip_trigger). In primal-average form the clip's own
+    # level: every gradient above it is cut. In heavy ball 1 / sqrt(1 - beta), so that it acts on a gradient whose
+    # share of the running mean of ||g||^2, 1 - beta, would alone equal the whole mean: an outlier against the
+    # tuner's memory (the autoencoder's escape from its plateau, 16 to 81 times the RMS), not the ordinary growth of
+    # the gradient early in a run (the char-LSTM's, 3 to 4 times), which the clip cost heavy ball a lasting part of
+    # its step (docs/tuner.md §10, §19).
     clip_trigger: float | None = None
     # The scale-free tuner's first move, DoG's r_eps: the distance d starts at initial_distance (1 + ||x_0||) (in
     # Adam's metric, carried into its units), a length relative to the parameters. It acts on the first step only
@@ -95,8 +97,9 @@ class TunerSettings:
     # gradients are taken at y = (1 - mu) z + mu xbar. Heavy ball is this form with an average over the last
     # 1 / (1 - mu) steps; here the average covers the run, so the parameters (y) sit near it and YellowFin.averaged()
     # hands it out. The same buffers as heavy ball: the momentum buffer holds z - xbar. Plain metric, DoG/DoWG
-    # rules, synchronous training only, for now.
-    momentum_form: str = "heavy_ball"
+    # rules, synchronous training only, for now. None: default_momentum_form (the primal-average form wherever it
+    # runs, heavy ball elsewhere).
+    momentum_form: str | None = None
 
     def __post_init__(self):
         _check(self.tuner in TUNERS, "tuner", self.tuner, " or ".join(map(repr, TUNERS)))
@@ -111,10 +114,12 @@ class TunerSettings:
             if self.step_rule is None:  # (an unknown precondition is refused below)
                 object.__setattr__(self, "step_rule", DEFAULT_STEP_RULE.get(self.precondition, "dog"))
             _check(self.step_rule in STEP_RULES, "step_rule", self.step_rule, " or ".join(map(repr, STEP_RULES)))
+        if self.momentum_form is None:  # (before the clip's trigger, whose default reads it)
+            object.__setattr__(self, "momentum_form", default_momentum_form(self))
         # The relative clip's level and trigger, in this order (the trigger's default reads the resolved level).
         for name, default in (
                 ("relative_clip", lambda: DEFAULT_RELATIVE_CLIP.get(self.precondition, math.inf)),
-                ("clip_trigger", lambda: outlier_trigger(self.beta) if math.isfinite(self.relative_clip) else math.inf)):
+                ("clip_trigger", lambda: default_clip_trigger(self.momentum_form, self.relative_clip, self.beta))):
             value = getattr(self, name)
             if value is not None:
                 if not self.scale_free:
@@ -181,7 +186,7 @@ class TunerSettings:
         _check(self.momentum_form in MOMENTUM_FORMS, "momentum_form", self.momentum_form,
                " or ".join(map(repr, MOMENTUM_FORMS)))
         if self.momentum_form == "primal_average":
-            if not self.scale_free or self.preconditioned or self.step_rule == "secant":
+            if not self.scale_free or self.preconditioned or self.step_rule not in PRIMAL_AVERAGE_STEP_RULES:
                 raise ValueError("momentum_form='primal_average' is an option of tuner='scale_free' in the plain "
                                  f"metric with step_rule 'dog', 'dowg' or 'dowg_neutral'; got tuner={self.tuner!r}, "
                                  f"precondition={self.precondition!r}, step_rule={self.step_rule!r}")
@@ -238,7 +243,7 @@ DEFAULT_STEP_RULE = {None: "dowg", "adam": "dowg_neutral"}
 # The scale-free tuner's relative clip (TunerSettings.relative_clip) when none is given, by metric. 2 in the plain
 # metric, the one value screened for the cut: the autoencoder's escape from its plateau cut to twice the RMS turned
 # 2 of 3 seeds stuck into 3 of 3 ahead of tuned momentum SGD, and cut to ten times it one seed fell back (docs/tuner.md
-# §10). It acts above its trigger (TunerSettings.clip_trigger, by default outlier_trigger(beta)). None in Adam's
+# §10). It acts above its trigger (TunerSettings.clip_trigger, by default default_clip_trigger). None in Adam's
 # metric, where it was not measured (the autoencoder's plateau is no problem there).
 DEFAULT_RELATIVE_CLIP = {None: 2.0, "adam": math.inf}
 # The scale-free tuner's first move (TunerSettings.initial_distance) when none is given, by step rule: DoG's r_eps,
@@ -275,6 +280,29 @@ PRIMAL_AVERAGE_UNDER_STALENESS = ("momentum_form='primal_average' runs in synchr
                                   "momentum_form='heavy_ball'")
 # TunerSettings.momentum_form: heavy ball, and the same tuned pair in primal-averaging form (docs/algorithm.md §11).
 MOMENTUM_FORMS = ("heavy_ball", "primal_average")
+# The step rules the primal-average form runs with (the secant pairs each gradient with the last heavy-ball step).
+PRIMAL_AVERAGE_STEP_RULES = ("dog", "dowg", "dowg_neutral")
+
+
+def default_momentum_form(settings: "TunerSettings") -> str:
+    """TunerSettings.momentum_form when none is given: the primal-average form wherever it runs (the scale-free tuner
+    in the plain metric with a DoG or DoWG rule, without a second average), heavy ball elsewhere. With the clip acting
+    on every gradient above its level, the form ended below tuned momentum SGD on every seed of every task of the
+    suite, and below heavy ball on every seed of four tasks, where heavy ball with that clip lost two (docs/tuner.md
+    §19). Where it does not run (asynchrony, sparse gradients, decoupled weight decay) heavy ball takes its place:
+    the optimizer's group resolution and ``YellowFin.choose_heavy_ball``."""
+    runs = (settings.scale_free and settings.precondition is None and settings.step_rule in PRIMAL_AVERAGE_STEP_RULES
+            and not settings.average)
+    return "primal_average" if runs else "heavy_ball"
+
+
+def default_clip_trigger(momentum_form: str, relative_clip: float, beta: float) -> float:
+    """TunerSettings.clip_trigger when none is given: none where the clip is off; in primal-average form the clip's
+    own level (the form's average lags the iterate, and an unclipped gradient returning on a plateau saturated the
+    autoencoder's encoder on 3 of 20 seeds, none with the cut; docs/tuner.md §19); in heavy ball outlier_trigger."""
+    if not math.isfinite(relative_clip):
+        return math.inf
+    return relative_clip if momentum_form == "primal_average" else outlier_trigger(beta)
 # TunerSettings.precondition: the metrics the scale-free tuner can measure and step in besides the plain one.
 PRECONDITIONERS = ("adam",)
 

@@ -27,7 +27,9 @@ def refuse_under_asynchrony(optimizer, num_workers: int, closed_loop: bool = Fal
     system reports it: ``report_staleness``) and with the closed loop on the momentum (docs/tuner.md §10, "Under
     staleness"): uncut, its step ran away with 4 and 8 workers; cut but open-loop, it failed with round-robin
     staleness. Its secant rule pairs each gradient with the last step, which a gradient computed tau versions ago
-    breaks, so it is refused. ``workers_apply_heavy_ball=True`` (Hogwild): the workers, not the tuner, apply the
+    breaks, so it is refused. The primal-average form runs in synchronous training only: where it was taken by
+    default the tuner runs heavy ball instead (``YellowFin.choose_heavy_ball``), where it was asked for it is refused.
+    ``workers_apply_heavy_ball=True`` (Hogwild): the workers, not the tuner, apply the
     update, as heavy ball in the plain metric with the tuner's (mu, alpha) and its clip of the gradient
     (``update_clip_levels``), v <- m v + s g; x <- x - alpha v, and nothing else; a tuner whose update is another
     is refused there with any number of workers (``_refuse_other_updates``).
@@ -36,7 +38,10 @@ def refuse_under_asynchrony(optimizer, num_workers: int, closed_loop: bool = Fal
         return
     forms = {group.get("momentum_form") for group in optimizer.param_groups}
     if "primal_average" in forms and (num_workers > 1 or workers_apply_heavy_ball):
-        raise ValueError(PRIMAL_AVERAGE_UNDER_STALENESS)
+        choose_heavy_ball = getattr(optimizer, "choose_heavy_ball", None)
+        if choose_heavy_ball is None:
+            raise ValueError(PRIMAL_AVERAGE_UNDER_STALENESS)
+        choose_heavy_ball(PRIMAL_AVERAGE_UNDER_STALENESS)  # (heavy ball where the form was taken by default)
     if workers_apply_heavy_ball:
         _refuse_other_updates(optimizer)
     if num_workers <= 1:

@@ -41,8 +41,8 @@ def test_heavy_ball_in_place_scales_the_gradient_in_the_momentum_only():
 def test_the_workers_clip_is_the_tuners(clip_norm):
     """What a worker applies (clip_scale on the levels the tuner wrote) is what the tuner's step would apply
     (tuning.clipping_scales: s u), before its first step, in synchronous training (trigger 10 times the RMS) and
-    under staleness (the clip at its own level, twice the RMS)."""
-    settings = TunerSettings(tuner="scale_free", clip_norm=clip_norm)
+    under staleness (the clip at its own level, twice the RMS), in heavy ball, the form Hogwild's workers apply."""
+    settings = TunerSettings(tuner="scale_free", clip_norm=clip_norm, momentum_form="heavy_ball")
     generator = torch.Generator().manual_seed(0)
     for started in (False, True):
         for staleness in (0.0, 1.5):
@@ -56,7 +56,7 @@ def test_the_workers_clip_is_the_tuners(clip_norm):
                 assert clip_scale(norm, levels) == pytest.approx(float(scale * update_scale), rel=1e-12)
     # and the levels Hogwild reads from a tuner that has stepped, told a staleness: twice the running RMS
     model = make_regression_model(0)
-    tuner = YellowFin(model.parameters())
+    tuner = YellowFin(model.parameters(), momentum_form="heavy_ball")
     batches = regression_batches(0, 0)
     for _ in range(5):
         tuner.zero_grad()

@@ -163,18 +163,22 @@ def test_variants_build_what_they_say():
     assert settings(no_ramp) == dataclasses.replace(settings(reference), slow_start=False)
     assert no_ramp.defaults == {**reference.defaults, "slow_start": False}
     assert settings(get_variant("scale_free").build(params)).beta == 0.999  # the variant pins its memory
-    scale_free_default = settings(default)
-    # Every scale-free variant pins the rule and clip it was measured with; the clipped DoWG variant with the distance
-    # hold is the scale-free default (with the average, which only changes the point handed out).
+    # The default is the clipped DoWG variant with the distance hold in primal-average form, its clip acting on every
+    # gradient above its level; before that form became the default, it ran heavy ball with the clip's trigger at
+    # 10x the RMS, and the variants were measured on that (with the average, which only changes the point handed out).
+    assert settings(default) == settings(get_variant("scale_free_dowg_clip_hold_primal_average").build(params))
+    assert settings(default).momentum_form == "primal_average" and settings(default).clip_trigger == 2.0
+    scale_free_default = settings(YellowFin(params, momentum_form="heavy_ball"))
+    # Every scale-free variant pins the rule and clip it was measured with.
     assert settings(get_variant("scale_free").build(params)).step_rule == "secant"
     for name, rule, start in (("scale_free_beta_0.99", "secant", 1e-6), ("scale_free_dog", "dog", 1e-3),
                               ("scale_free_dowg", "dowg", 1e-3)):
         assert settings(get_variant(name).build(params)) == dataclasses.replace(
             scale_free_default, step_rule=rule, relative_clip=math.inf, clip_trigger=math.inf, initial_distance=start,
             hold_distance_uphill=False)
-    # ... and its first move, growth cap and distance hold, so that new defaults leave what each variant's runs measured
-    # as they were. (the variants named "..._start_<r>..." measure another start r, those named "..._growth_cap..."
-    # the cap, "..._hold..." the hold)
+    # ... and its first move, growth cap, distance hold and form, so that new defaults leave what each variant's runs
+    # measured as they were. (the variants named "..._start_<r>..." measure another start r, those named
+    # "..._growth_cap..." the cap, "..._hold..." the hold, "..._primal_average" the form)
     for variant in VARIANTS.values():
         if variant.overrides.get("tuner") == "scale_free":
             named = re.search(r"_start_([0-9.e-]+?)(_|$)", variant.name)
@@ -182,6 +186,8 @@ def test_variants_build_what_they_say():
             assert variant.overrides["initial_distance"] == (float(named.group(1)) if named else measured)
             assert variant.overrides["growth_cap"] == ("_growth_cap" in variant.name)
             assert variant.overrides["hold_distance_uphill"] == ("_hold" in variant.name)
+            assert variant.overrides["momentum_form"] == ("primal_average" if "_primal_average" in variant.name
+                                                          else "heavy_ball")
     clipped = settings(get_variant("scale_free_dowg_clip_average").build(params))
     assert clipped == dataclasses.replace(scale_free_default, average=True, clip_trigger=2.0,  # (as first measured)
                                           hold_distance_uphill=False)

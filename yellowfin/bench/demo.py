@@ -108,12 +108,22 @@ def run_demo(minutes: float = 3.0, data_dir: str | None = None, out_dir: str | P
             if bar is not None:
                 bar.close()
     for run in runs:
-        run.test = task.evaluate(run.model, "test") if run.losses else {}
+        run.test = _evaluate_handed_out(task, run) if run.losses else {}
     table = summary_table(task, runs)
     figure = plot_demo(task, runs, out_dir / "demo.png", fallback)
     summary_path = out_dir / "demo.json"
     summary_path.write_text(json.dumps(_summary(task, runs, fallback), indent=1), encoding="utf-8")
     return DemoResult(task.name, fallback, runs, figure, summary_path, table)
+
+
+def _evaluate_handed_out(task: Task, run: DemoRun) -> dict[str, float]:
+    """The test metrics at the point the optimizer hands out: YellowFin's average where it keeps one (the
+    primal-average form, its default), else the parameters."""
+    keeps_average = getattr(run.optimizer, "keeps_average", None)
+    if keeps_average is not None and keeps_average():
+        with run.optimizer.averaged():
+            return task.evaluate(run.model, "test")
+    return task.evaluate(run.model, "test")
 
 
 def _bars(runs: list[DemoRun], total: int | None, enabled: bool) -> list[Any]:

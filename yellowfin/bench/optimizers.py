@@ -42,7 +42,7 @@ class OptimizerSpec:
     highlight: bool = False
     # CONTROL only: the name of the spec whose effective_lr trace this run replays.
     replays: str | None = None
-    # Iterate averaging that belongs to the optimizer's recommended usage (DoG, YellowFin with average=True):
+    # Iterate averaging that belongs to the optimizer's recommended usage (DoG, YellowFin's average where kept):
     # averager(model, optimizer) returns an object with step() (called after every optimizer step) and
     # averaged_model (what is evaluated).
     averager: Callable[[torch.nn.Module, torch.optim.Optimizer], Any] | None = None
@@ -93,7 +93,7 @@ def _dog_averager(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> A
 
 
 class YellowFinAverage:
-    """The average that YellowFin keeps with average=True, as a model to evaluate: a copy of the model whose
+    """The average that YellowFin keeps (average=True, or in primal-average form), as a model to evaluate: a copy of the model whose
     parameters are copied from ``optimizer.averaged()`` after every step (its buffers, such as batch-norm
     statistics, from the model's current ones)."""
 
@@ -112,13 +112,19 @@ class YellowFinAverage:
             averaged.copy_(current)
 
 
+def yellowfin_average_if_kept(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> YellowFinAverage | None:
+    """The average YellowFin keeps (average=True, or the primal-average form, the default), else None: the point it
+    hands out is the one evaluated."""
+    return YellowFinAverage(model, optimizer) if optimizer.keeps_average() else None
+
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     spec.name: spec
     for spec in (
         # (results files written before the default became the scale-free tuner hold the reference's runs under
         # "yellowfin" and its control's under "sgd_yf_step"; they were renamed to the two reference names below)
         OptimizerSpec("yellowfin", "YellowFin (defaults)", UNTUNED, _yellowfin, hyper={"tuner": DEFAULT_TUNER},
-                      records_tuner_trace=True, every_seed=True, highlight=True),
+                      records_tuner_trace=True, every_seed=True, highlight=True, averager=yellowfin_average_if_kept),
         OptimizerSpec("yellowfin_reference", "YellowFin (the authors' reference)", UNTUNED, _yellowfin_reference,
                       hyper={"tuner": "reference"}, records_tuner_trace=True, every_seed=True),
         OptimizerSpec("sgd_momentum", "Momentum SGD (0.9, tuned lr)", TUNED, _sgd_momentum, hyper={"momentum": 0.9}),

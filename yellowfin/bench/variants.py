@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from yellowfin.bench.optimizers import CONTROL, UNTUNED, OptimizerSpec, YellowFinAverage, plain_sgd
+from yellowfin.bench.optimizers import CONTROL, UNTUNED, OptimizerSpec, plain_sgd, yellowfin_average_if_kept
 from yellowfin.state import INITIAL_DISTANCE_BEFORE_THE_OPTION, outlier_trigger
 
 SPEC_PREFIX = "yf_"
@@ -67,10 +67,8 @@ class Variant:
                                  hyper={"momentum": 0.0}, replays=SPEC_PREFIX + self.control_of)
         hyper = {"variant": self.name, **self.overrides}
         # With average=True, or in primal-average form, the point handed out (evaluated) is the optimizer's average.
-        averages = self.overrides.get("average") or self.overrides.get("momentum_form") == "primal_average"
-        averager = YellowFinAverage if averages else None
         return OptimizerSpec(self.spec_name, f"YellowFin {self.name}", UNTUNED, self.build, hyper=hyper,
-                             records_tuner_trace=True, every_seed=True, averager=averager)
+                             records_tuner_trace=True, every_seed=True, averager=yellowfin_average_if_kept)
 
 
 VARIANTS: dict[str, Variant] = {}
@@ -99,9 +97,9 @@ def get_variant(name: str) -> Variant:
 
 # The scale-free variants measured before the relative clip existed run without it, whatever its default becomes.
 _UNCLIPPED = {"relative_clip": math.inf}
-# ... and every scale-free variant without a start, a growth cap or a distance hold of its own runs as it was measured:
-# with its rule's first move from before initial_distance existed, without the growth cap and without the hold,
-# whatever the defaults become.
+# ... and every scale-free variant without a start, a growth cap, a distance hold or a momentum form of its own runs as
+# it was measured: with its rule's first move from before initial_distance existed, without the growth cap and the
+# hold, in heavy ball, whatever the defaults become.
 
 
 # The plain metric's rule and clip as scale_free_dowg_clip_trigger_average measured them, handing out the average: what
@@ -115,7 +113,7 @@ def _pinned_as_measured(variant: Variant) -> Variant:
     if overrides.get("tuner") != "scale_free":
         return variant
     pinned = {"initial_distance": INITIAL_DISTANCE_BEFORE_THE_OPTION[overrides["step_rule"]], "growth_cap": False,
-              "hold_distance_uphill": False}
+              "hold_distance_uphill": False, "momentum_form": "heavy_ball"}
     return dataclasses.replace(variant, overrides={**pinned, **overrides})
 
 
