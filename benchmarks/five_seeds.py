@@ -78,7 +78,7 @@ VARIANTS = {
         "scale_free_dowg_neutral_lr_1.22_clip_trigger_average",
     "DoWG rule + relative clip + average (trigger 10), growth cap":
         "scale_free_dowg_clip_trigger_growth_cap_average",
-    "DoWG rule + relative clip + average (trigger 10), distance hold (the plain default since §16)":
+    "DoWG rule + relative clip + average (trigger 10), distance hold (the plain default from §16 to §20)":
         "scale_free_dowg_clip_trigger_hold_average",
     "DoWG rule + relative clip + average (trigger 10), distance hold, first move 1e-2":
         "scale_free_dowg_clip_trigger_hold_start_1e-2_average",
@@ -87,7 +87,8 @@ VARIANTS = {
     "the plain default in primal-averaging form (momentum_form, §18)":
         "scale_free_dowg_clip_trigger_hold_primal_average",
     "the plain default with clip_trigger=2 (§19)": "scale_free_dowg_clip_hold_average",
-    "the primal-average form with clip_trigger=2 (§19)": "scale_free_dowg_clip_hold_primal_average",
+    "the primal-average form with clip_trigger=2 (§19; the default since §20)":
+        "scale_free_dowg_clip_hold_primal_average",
 }
 # Where a variant's seeds 0-2 are, if not in benchmarks/results-ablation.
 FIRST_SEEDS = {"scale_free_dowg_clip_trigger_hold_primal_average": "results-primal-average",
@@ -102,18 +103,18 @@ PAIRS = (("Adam's metric, neutral DoWG rule", "Adam's metric, DoG rule"),
           "DoWG rule + relative clip + average (trigger 10)"),
          ("DoWG rule + relative clip + average (trigger 10), growth cap",
           "DoWG rule + relative clip + average (trigger 10)"),
-         ("DoWG rule + relative clip + average (trigger 10), distance hold (the plain default since §16)",
+         ("DoWG rule + relative clip + average (trigger 10), distance hold (the plain default from §16 to §20)",
           "DoWG rule + relative clip + average (trigger 10)"),
          ("DoWG rule + relative clip + average (trigger 10), distance hold, first move 1e-2",
-          "DoWG rule + relative clip + average (trigger 10), distance hold (the plain default since §16)"),
+          "DoWG rule + relative clip + average (trigger 10), distance hold (the plain default from §16 to §20)"),
          ("Adam's metric, neutral DoWG rule, first move 1e-2, distance hold",
           "Adam's metric, neutral DoWG rule, first move 1e-2"),
          ("the plain default in primal-averaging form (momentum_form, §18)",
-          "DoWG rule + relative clip + average (trigger 10), distance hold (the plain default since §16)"),
+          "DoWG rule + relative clip + average (trigger 10), distance hold (the plain default from §16 to §20)"),
          ("the plain default with clip_trigger=2 (§19)",
-          "DoWG rule + relative clip + average (trigger 10), distance hold (the plain default since §16)"),
-         ("the primal-average form with clip_trigger=2 (§19)",
-          "DoWG rule + relative clip + average (trigger 10), distance hold (the plain default since §16)"))
+          "DoWG rule + relative clip + average (trigger 10), distance hold (the plain default from §16 to §20)"),
+         ("the primal-average form with clip_trigger=2 (§19; the default since §20)",
+          "DoWG rule + relative clip + average (trigger 10), distance hold (the plain default from §16 to §20)"))
 _ADAM_HOLD = "Adam's metric, neutral DoWG rule, first move 1e-2, distance hold"
 # (every variant but the first, which ran on the char-LSTM alone, and Adam's metric's hold, which ran five seeds
 # where it acted)

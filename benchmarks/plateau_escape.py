@@ -6,7 +6,7 @@ seeds cannot say how often that happens, nor how much later the form leaves it t
 each optimizer from many seeds for a short budget and records the step at which the running mean of the batch loss
 over 50 steps first falls below 0.45 (the escape), or none.
 
-    python benchmarks/plateau_escape.py          # default, primal_average, adam_metric, sgd_momentum; seeds 0-19
+    python benchmarks/plateau_escape.py          # default, heavy_ball, primal_average, adam_metric, sgd_momentum; 0-19
     python benchmarks/plateau_escape.py --optimizers primal_average --seeds 0 1 2 --steps 600
     python benchmarks/plateau_escape.py --optimizers screen:primal_averaging_poly    # a prototype
     python benchmarks/plateau_escape.py --optimizers variant:scale_free_dowg_clip_average   # an ablation variant

@@ -7,7 +7,7 @@ vanish (the plateau), and what a large step does when they come back.
 
     python benchmarks/plateau_trace.py                       # sgd_momentum and dowg, seeds 0 1 2
     python benchmarks/plateau_trace.py --optimizers dog --seeds 0
-    python benchmarks/plateau_trace.py --optimizers default --seeds 17     # a default run that stays (§19)
+    python benchmarks/plateau_trace.py --optimizers heavy_ball --seeds 17  # the default before §20, staying (§19)
 
 Writes benchmarks/results-plateau/<optimizer>_seed<k>.json and prints one line per recorded step.
 """

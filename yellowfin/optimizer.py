@@ -134,9 +134,13 @@ class YellowFin(Optimizer):
     ``step_rule`` takes the step from DoWG's (``"dowg"``, the default), from DoWG's divided by sqrt(2), which noise
     alone neither grows nor shrinks (``"dowg_neutral"``, the default with ``precondition="adam"``), from DoG's, whose
     sum weighs every gradient alike (``"dog"``), or from a secant curvature (``"secant"``);
-    with ``precondition="adam"`` it measures and steps in Adam's diagonal metric instead (§9). ``average=True``
-    keeps the iterates' polynomial average beside them, for any tuner, and :meth:`averaged` puts it in the
-    parameters while you evaluate (§10): the trajectory is the same, the point you hand out is the average.
+    with ``precondition="adam"`` it measures and steps in Adam's diagonal metric instead (§9). In the plain metric
+    it applies the tuned pair in primal-averaging form (``momentum_form``, §11): the gradients are taken between a
+    plain-SGD sequence and its average over the run, which :meth:`averaged` puts in the parameters while you
+    evaluate; where that form does not run (Adam's metric, the secant rule, asynchrony, sparse gradients, decoupled
+    decay, ``average=True``) it runs heavy ball, the box's update. ``average=True`` keeps heavy ball's iterates'
+    polynomial average beside them, for any tuner, and :meth:`averaged` hands it out likewise (§10): the
+    trajectory is the same, the point you hand out is the average.
 
     Args:
         params: parameters or parameter groups.
@@ -788,13 +792,12 @@ def _update(batch: _Batch, coefficients: tuning.UpdateCoefficients, floor: Tenso
 
 
 def _resolved_options_of_old_groups(saved: dict) -> dict:
-    """What a group saved without naming them ran: the reference tuner if saved before the tuner option existed;
-    for a scale-free group, the step rule "secant" if it was saved before
-    step_rule existed, "dog" if with step_rule=None while that meant DoG's rule; no relative clip if saved before
-    relative_clip existed; a clip that acts at its own level if saved before clip_trigger existed; the first move its
-    rule had then if saved before initial_distance existed; no distance hold if saved before hold_distance_uphill
-    existed; heavy ball if saved before momentum_form existed. {} for any other group."""
-    # (every group ran heavy ball before the momentum form existed)
+    """What a group saved without naming them ran: heavy ball if saved before momentum_form existed; the reference
+    tuner if saved before the tuner option existed; for a scale-free group, the step rule "secant" if it was saved
+    before step_rule existed, "dog" if with step_rule=None while that meant DoG's rule; no relative clip if saved
+    before relative_clip existed; a clip that acts at its own level if saved before clip_trigger existed; the first
+    move its rule had then if saved before initial_distance existed; no distance hold if saved before
+    hold_distance_uphill existed. Nothing else."""
     resolved = {"momentum_form": "heavy_ball"} if saved.get("momentum_form") is None else {}
     if "tuner" not in saved:  # saved before the option existed, when every tuner was the reference
         return {**resolved, "tuner": "reference"}
