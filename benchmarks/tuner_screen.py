@@ -755,7 +755,13 @@ class PrimalAveragingForm(torch.optim.Optimizer):
     weight never falls below 1 - beta (a window no longer than the tuner's memory), "poly_step" the polynomial
     weights times eta_t^2, "poly_descent" the polynomial one whose weight is at least 1 - mu while the average lags a
     descent (the running mean of cos(g, z - xbar) at the tuner's memory below 0: the gradient at y points back
-    along z - xbar, where around a minimum it points along it).
+    along z - xbar, where around a minimum it points along it), "poly_scaled" the polynomial weight times 1 - mu,
+    never below 1 / t (the uniform average's): a window as many of z's correlation times long as heavy ball's
+    average covers of its iterate's (docs/tuner.md §20.1); "poly_scaled_climbing" that window only while the run
+    climbs along the way travelled (the distance hold's running cos(g, z - x_0) above 0: around a minimum, where
+    the noise dominates), the polynomial one while it descends. ``average_power`` replaces the polynomial weights' power
+    (the library's AVERAGE_POWER); ``clip_trigger`` the clip's trigger (None: heavy ball's, as the form was first
+    measured; 2.0: today's default).
 
     Why the last: on a direction whose curvature is negative (a saddle, a plateau's way out) a new deviation of z
     that grows faster than xbar's weight reaches y only as (1 - b) of it, so it grows at alpha lambda where heavy
@@ -763,10 +769,12 @@ class PrimalAveragingForm(torch.optim.Optimizer):
     (heavy ball's own window); around a minimum the run's window is kept. (Not taken: the autoencoder's stuck seeds
     were the relative clip's trigger's, docs/tuner.md §19.)"""
 
-    def __init__(self, params, window: str = "poly", z_step_power: float = 1.0, interpolation_power: float = 1.0):
+    def __init__(self, params, window: str = "poly", z_step_power: float = 1.0, interpolation_power: float = 1.0,
+                 average_power: float | None = None, clip_trigger: float | None = None):
         params = list(params)
         super().__init__(params, {})
-        if window not in ("poly", "uniform", "poly_memory", "poly_step", "poly_descent"):
+        if window not in ("poly", "uniform", "poly_memory", "poly_step", "poly_descent", "poly_scaled",
+                          "poly_scaled_climbing"):
             raise ValueError(f"unknown window {window!r}")
         self.window, self.params = window, params
         self.z_step_power = z_step_power  # z's step alpha / (1 - mu)^power (1: the effective step)
@@ -776,8 +784,9 @@ class PrimalAveragingForm(torch.optim.Optimizer):
         self.interpolation_power = interpolation_power
         # (only to resolve the settings of the default as the form was measured on: heavy ball's, whose clip acts
         # above 10 times the running RMS)
-        library = YellowFin(params, momentum_form="heavy_ball")
+        library = YellowFin(params, momentum_form="heavy_ball", clip_trigger=clip_trigger)
         self.settings = library._settings(library.param_groups[0])
+        self.average_power = tuning.AVERAGE_POWER if average_power is None else average_power
         self.tuner = TunerState.initial(self.settings)
         self.x0 = FlatTuner._flat(p.detach() for p in params).clone()
         self.fast, self.average = self.x0.clone(), self.x0.clone()
@@ -822,13 +831,17 @@ class PrimalAveragingForm(torch.optim.Optimizer):
         if self.window == "uniform":
             weight = 1.0 / self.steps
         elif self.window == "poly_step":  # a_t eta_t^2 / sum_s a_s eta_s^2, a_t the polynomial weights
-            k = float(tuning.AVERAGE_POWER)
+            k = float(self.average_power)
             growth = (self.steps + k - 1.0) / (self.steps - 1.0) if self.steps > 1 else 1.0
             self.poly_weight = 1.0 if self.steps == 1 else self.poly_weight * growth
             self.weight_sum += self.poly_weight * eta * eta
             weight = self.poly_weight * eta * eta / self.weight_sum
         else:
-            weight = float(tuning.average_weight(self.steps))
+            k = float(self.average_power)
+            weight = (k + 1.0) / (self.steps + k)  # (tuning.average_weight at the library's power)
+            climbing = self.window == "poly_scaled_climbing" and float(self.tuner.climb_avg) > 0.0
+            if self.window == "poly_scaled" or climbing:  # (z's correlation time is 1 / (1 - mu) heavy ball's)
+                weight = max(weight * (1.0 - mu), 1.0 / self.steps)
             if self.window == "poly_memory":  # (the window never longer than the tuner's memory, 1 / (1 - beta))
                 weight = max(weight, 1.0 - self.settings.beta)
             if self.window == "poly_descent" and self.lag_cos < 0.0:  # (the average lags a descent)
@@ -909,7 +922,15 @@ PRIMAL_AVERAGING_VARIANTS = {"primal_averaging_poly": dict(window="poly"),
                              # b = 1 - sqrt(1 - mu): y's noise that of plain SGD at alpha, a saddle's escape sqrt(1 - mu)
                              # of heavy ball's instead of (1 - mu) of it
                              "primal_averaging_poly_sqrt_b": dict(window="poly", interpolation_power=0.5),
-                             "adam_metric_primal_averaging_poly": dict(window="poly", precondition=True)}
+                             "adam_metric_primal_averaging_poly": dict(window="poly", precondition=True),
+                             # today's default (the clip at its level, §19, §20), and its average over a longer window
+                             # (§20.1): the power 2 instead of 8, and the weights scaled by 1 - mu
+                             "primal_averaging_trigger_2": dict(window="poly", clip_trigger=2.0),
+                             "primal_averaging_power_2_trigger_2": dict(window="poly", average_power=2.0,
+                                                                        clip_trigger=2.0),
+                             "primal_averaging_scaled_trigger_2": dict(window="poly_scaled", clip_trigger=2.0),
+                             "primal_averaging_scaled_climbing_trigger_2": dict(window="poly_scaled_climbing",
+                                                                                clip_trigger=2.0)}
 
 
 ADAM_METRIC_VARIANTS = {"adam_metric_ds": {}, "adam_metric_ds_memory_0.999": dict(beta=0.999),

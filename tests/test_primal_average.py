@@ -47,6 +47,18 @@ def test_it_runs_the_prototypes_numbers(flavour):
     assert opt.stats()["mu"] == pytest.approx(flat_form.trace["mu"][-1], rel=1e-9)
 
 
+def test_the_prototype_with_the_clip_at_its_level_runs_the_defaults_numbers():
+    # (the screens of docs/tuner.md §20.1 are measured against this prototype variant: today's default)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from tuner_screen import PRIMAL_AVERAGING_VARIANTS, PrimalAveragingForm
+
+    library, model, opt = train(lambda params: YellowFin(params, foreach=False))
+    variant = PRIMAL_AVERAGING_VARIANTS["primal_averaging_trigger_2"]
+    prototype, _, flat_form = train(lambda params: PrimalAveragingForm(params, **variant))
+    assert relative_difference(library, prototype) < 1e-12
+    assert relative_difference(averaged_flat(model, opt), flat_form.average) < 1e-12
+
+
 def test_the_gradients_are_taken_between_the_sgd_sequence_and_its_average():
     # Written out from the form's definition on the optimizer's own tuned values: z moves by the effective step,
     # xbar is z's polynomial average, and the parameters are (1 - m) z + m xbar.
