@@ -190,3 +190,16 @@ def test_the_scale_free_tuner_trains_closed_loop_told_the_mean_staleness(precond
     assert sim.controller.corrections > 0
     assert all(math.isfinite(loss) for loss in losses)
     assert sum(losses[-20:]) < 0.1 * sum(losses[:20])
+
+
+def test_the_default_runs_under_staleness_exactly_as_heavy_ball_does():
+    # (the primal-average form is synchronous-only: the simulator switches a form taken by default to heavy ball,
+    # with heavy ball's clip trigger, before the first update, so the runs measured in heavy ball stand)
+    default_sim, default_model, default_losses = _simulate(YellowFin, num_workers=8, staleness="fixed", steps=80,
+                                                           closed_loop=True)
+    named_sim, named_model, named_losses = _simulate(lambda p: YellowFin(p, momentum_form="heavy_ball"),
+                                                     num_workers=8, staleness="fixed", steps=80, closed_loop=True)
+    assert default_sim.optimizer.param_groups[0]["momentum_form"] == "heavy_ball"
+    assert default_losses == named_losses and torch.equal(default_model.x, named_model.x)
+    with pytest.raises(ValueError, match="synchronous training only"):
+        _simulate(lambda p: YellowFin(p, momentum_form="primal_average"), num_workers=8, closed_loop=True)
