@@ -38,8 +38,8 @@ TRAFFIC = {"sgd": 5, "adam": 7, "yellowfin": 9}
 def optimizers(params, device):
     """name -> (constructor, traffic family). Peers that are not installed are left out."""
     makers = {
-        # the default, the scale-free tuner (docs/algorithm.md §8) in primal-average form (§11): the reference's passes
-        # with more sums in pass 1, and x_0 to read
+        # the default, the scale-free tuner (docs/algorithm.md §8) in primal-average form (§11): the reference's
+        # passes with more sums in pass 1, and x_0 to read
         "yellowfin (loop)": (lambda: YellowFin(params, foreach=False), None),
         "yellowfin (foreach)": (lambda: YellowFin(params, foreach=True), None),
         "yellowfin (fused)": (lambda: YellowFin(params, fused=True), None),

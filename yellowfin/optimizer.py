@@ -553,7 +553,8 @@ class YellowFin(Optimizer):
         Raises ValueError(``why``) where the form was asked for by name, or has already moved the parameters (its
         buffers hold z - xbar, not heavy ball's velocity).
         """
-        switched = [index for index, group in enumerate(self.param_groups) if group["momentum_form"] == "primal_average"]
+        switched = [index for index, group in enumerate(self.param_groups)
+                    if group["momentum_form"] == "primal_average"]
         left = getattr(self, "_left_to_default", [])
         if any(index >= len(left) or "momentum_form" not in left[index] for index in switched):
             raise ValueError(why)

@@ -93,9 +93,9 @@ def _dog_averager(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> A
 
 
 class YellowFinAverage:
-    """The average that YellowFin keeps (average=True, or in primal-average form), as a model to evaluate: a copy of the model whose
-    parameters are copied from ``optimizer.averaged()`` after every step (its buffers, such as batch-norm
-    statistics, from the model's current ones)."""
+    """The average that YellowFin keeps (average=True, or in primal-average form), as a model to evaluate: a copy of
+    the model whose parameters are copied from ``optimizer.averaged()`` after every step (its buffers, such as
+    batch-norm statistics, from the model's current ones)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         import copy
