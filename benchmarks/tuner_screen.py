@@ -759,7 +759,9 @@ class PrimalAveragingForm(torch.optim.Optimizer):
     never below 1 / t (the uniform average's): a window as many of z's correlation times long as heavy ball's
     average covers of its iterate's (docs/tuner.md §20.1); "poly_scaled_climbing" that window only while the run
     climbs along the way travelled (the distance hold's running cos(g, z - x_0) above 0: around a minimum, where
-    the noise dominates), the polynomial one while it descends. ``average_power`` replaces the polynomial weights' power
+    the noise dominates), the polynomial one while it descends; "poly_scaled_settled" that window only while the
+    average does not lag a descent (the running mean of cos(g, z - xbar) at the tuner's memory at least 0, the
+    statistic of "poly_descent"), the polynomial one while it does. ``average_power`` replaces the polynomial weights' power
     (the library's AVERAGE_POWER); ``clip_trigger`` the clip's trigger (None: heavy ball's, as the form was first
     measured; 2.0: today's default).
 
@@ -774,7 +776,7 @@ class PrimalAveragingForm(torch.optim.Optimizer):
         params = list(params)
         super().__init__(params, {})
         if window not in ("poly", "uniform", "poly_memory", "poly_step", "poly_descent", "poly_scaled",
-                          "poly_scaled_climbing"):
+                          "poly_scaled_climbing", "poly_scaled_settled"):
             raise ValueError(f"unknown window {window!r}")
         self.window, self.params = window, params
         self.z_step_power = z_step_power  # z's step alpha / (1 - mu)^power (1: the effective step)
@@ -810,7 +812,7 @@ class PrimalAveragingForm(torch.optim.Optimizer):
         self.tuner, c = tuning.tune_step(self.tuner, sums, self.settings)
         if not bool(c.finite):
             return
-        if self.window == "poly_descent":
+        if self.window in ("poly_descent", "poly_scaled_settled"):
             self._measure_lag(g)
         self.grad_avg.mul_(float(c.avg_decay)).add_(float(c.avg_weight) * g)
         mu, alpha = float(c.momentum), float(c.step_size)
@@ -840,7 +842,8 @@ class PrimalAveragingForm(torch.optim.Optimizer):
             k = float(self.average_power)
             weight = (k + 1.0) / (self.steps + k)  # (tuning.average_weight at the library's power)
             climbing = self.window == "poly_scaled_climbing" and float(self.tuner.climb_avg) > 0.0
-            if self.window == "poly_scaled" or climbing:  # (z's correlation time is 1 / (1 - mu) heavy ball's)
+            settled = self.window == "poly_scaled_settled" and self.lag_cos >= 0.0
+            if self.window == "poly_scaled" or climbing or settled:  # (z's correlation time is 1 / (1 - mu) heavy ball's)
                 weight = max(weight * (1.0 - mu), 1.0 / self.steps)
             if self.window == "poly_memory":  # (the window never longer than the tuner's memory, 1 / (1 - beta))
                 weight = max(weight, 1.0 - self.settings.beta)
@@ -930,7 +933,9 @@ PRIMAL_AVERAGING_VARIANTS = {"primal_averaging_poly": dict(window="poly"),
                                                                         clip_trigger=2.0),
                              "primal_averaging_scaled_trigger_2": dict(window="poly_scaled", clip_trigger=2.0),
                              "primal_averaging_scaled_climbing_trigger_2": dict(window="poly_scaled_climbing",
-                                                                                clip_trigger=2.0)}
+                                                                                clip_trigger=2.0),
+                             "primal_averaging_scaled_settled_trigger_2": dict(window="poly_scaled_settled",
+                                                                               clip_trigger=2.0)}
 
 
 ADAM_METRIC_VARIANTS = {"adam_metric_ds": {}, "adam_metric_ds_memory_0.999": dict(beta=0.999),
