@@ -551,21 +551,28 @@ def test_paper_variant_updates_before_tuning():
     assert torch.allclose(p.detach(), torch.tensor([-0.1, -0.2], dtype=torch.float64))
 
 
+def train_embedding(make_optimizer, sparse: bool, steps: int = 10):
+    """An embedding trained on a fixed sequence of id batches; returns (its weight, the optimizer)."""
+    torch.manual_seed(0)
+    embedding = nn.Embedding(20, 4, sparse=sparse).double()
+    opt = make_optimizer(embedding.parameters())
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        ids = torch.randint(0, 20, (6,), generator=generator)
+        opt.zero_grad()
+        (embedding(ids) ** 2).sum().backward()
+        opt.step()
+    return embedding.weight.detach().clone(), opt
+
+
 @pytest.mark.parametrize("tuner", TUNERS)
 def test_sparse_embedding_matches_dense_embedding(tuner):
     # (in heavy ball: the primal-average form takes no sparse gradient, test_sparse_gradients_run_heavy_ball_...)
     results = []
     for sparse in (False, True):
-        torch.manual_seed(0)
-        embedding = nn.Embedding(20, 4, sparse=sparse).double()
-        opt = _yf(embedding.parameters(), tuner, sparsity_correction=True, momentum_form="heavy_ball")
-        generator = torch.Generator().manual_seed(1)
-        for _ in range(10):
-            ids = torch.randint(0, 20, (6,), generator=generator)
-            opt.zero_grad()
-            (embedding(ids) ** 2).sum().backward()
-            opt.step()
-        results.append((embedding.weight.detach().clone(), opt.stats()))
+        weight, opt = train_embedding(
+            lambda params: _yf(params, tuner, sparsity_correction=True, momentum_form="heavy_ball"), sparse)
+        results.append((weight, opt.stats()))
     assert torch.allclose(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
     assert results[0][1]["h_max"] == pytest.approx(results[1][1]["h_max"], rel=1e-12)
     if "climb" in results[0][1]:  # (the scale-free tuner pairs a sparse gradient with the displacement at its rows)
@@ -574,25 +581,14 @@ def test_sparse_embedding_matches_dense_embedding(tuner):
 
 
 def test_sparse_gradients_run_heavy_ball_where_the_form_was_left_to_its_default():
-    def trained(**options):
-        torch.manual_seed(0)
-        embedding = nn.Embedding(20, 4, sparse=True).double()
-        opt = YellowFin(embedding.parameters(), **options)
-        generator = torch.Generator().manual_seed(1)
-        for _ in range(10):
-            ids = torch.randint(0, 20, (6,), generator=generator)
-            opt.zero_grad()
-            (embedding(ids) ** 2).sum().backward()
-            opt.step()
-        return embedding.weight.detach(), opt
-
-    weight, opt = trained()
-    heavy_ball_weight, heavy_ball = trained(momentum_form="heavy_ball")
+    weight, opt = train_embedding(YellowFin, sparse=True)
+    heavy_ball_weight, heavy_ball = train_embedding(lambda params: YellowFin(params, momentum_form="heavy_ball"),
+                                                    sparse=True)
     assert opt.param_groups[0]["momentum_form"] == "heavy_ball"
     assert opt.param_groups[0]["clip_trigger"] == heavy_ball.param_groups[0]["clip_trigger"] == pytest.approx(10.0)
     assert torch.equal(weight, heavy_ball_weight) and opt.stats() == heavy_ball.stats()
     with pytest.raises(ValueError, match="does not support sparse gradients"):
-        trained(momentum_form="primal_average")
+        train_embedding(lambda params: YellowFin(params, momentum_form="primal_average"), sparse=True)
 
 
 def test_dtensor_parameters_are_refused_with_a_pointer_to_the_sharded_optimizer():
