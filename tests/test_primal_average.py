@@ -232,8 +232,15 @@ def test_it_is_the_default_wherever_it_runs(options, form, trigger):
 def test_a_group_with_decoupled_decay_runs_heavy_ball_beside_the_default_form():
     model, _, _ = mlp_problem()
     first, second = list(model[0].parameters()), list(model[2].parameters())
-    opt = YellowFin([{"params": first}, {"params": second, "decoupled_weight_decay": True}], per_group_tuning=True)
+    groups = [{"params": first}, {"params": second, "decoupled_weight_decay": True}]
+    opt = YellowFin(groups, per_group_tuning=True)
     assert [group["momentum_form"] for group in opt.param_groups] == ["primal_average", "heavy_ball"]
+    # Under one shared tuner the two forms cannot meet: the error names what differs and what to pass.
+    with pytest.raises(ValueError, match=r"momentum_form \('primal_average' against 'heavy_ball'\).*"
+                                         r"momentum_form='heavy_ball'"):
+        YellowFin(groups)
+    shared = YellowFin(groups, momentum_form="heavy_ball")
+    assert [group["momentum_form"] for group in shared.param_groups] == ["heavy_ball", "heavy_ball"]
 
 
 def test_under_staleness_the_default_runs_heavy_ball_and_the_named_form_is_refused():

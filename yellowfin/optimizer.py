@@ -282,9 +282,13 @@ class YellowFin(Optimizer):
         if not self.per_group_tuning and self.param_groups:
             shared = self._settings(self.param_groups[0])
             if settings != shared:
+                differ = ", ".join(f"{name} ({getattr(shared, name)!r} against {getattr(settings, name)!r})"
+                                   for name in TunerSettings.names()
+                                   if getattr(shared, name) != getattr(settings, name))
                 raise ValueError(
-                    "parameter groups that share one tuner must share its settings "
-                    f"({', '.join(TunerSettings.names())}); pass per_group_tuning=True to tune groups separately"
+                    f"parameter groups that share one tuner must share its settings; these differ: {differ} (a group "
+                    "with decoupled_weight_decay=True or average=True runs heavy ball: pass momentum_form='heavy_ball' "
+                    "for all); pass per_group_tuning=True to tune groups separately"
                 )
         super().add_param_group(param_group)
         self._left_to_default.append(frozenset(name for name in _FALLBACK_OPTIONS if options.get(name) is None))
