@@ -17,10 +17,12 @@ from torch import nn
 from yellowfin import YellowFin
 from yellowfin.state import outlier_trigger
 from yellowfin.tuning import AVERAGE_POWER
-from helpers import TUNER_BUFFERS, complex_and_real_twin
+from helpers import TUNER_BUFFERS, complex_and_real_twin, flat_state, run_with_holes
 from test_scale_free import fresh_compile_cache, flat, mlp_problem, relative_difference, train  # noqa: F401
 
 FLAVOURS = {"single_tensor": dict(foreach=False), "multi_tensor": dict(foreach=True), "compiled": dict(fused=True)}
+# The metrics the form runs in: the plain one, and Adam's (z steps along M^-1 g, its signal read along z - xbar).
+METRICS = {"plain": {}, "adam": dict(precondition="adam")}
 
 
 def primal_average(flavour="multi_tensor", **options):
@@ -57,6 +59,56 @@ def test_the_prototype_with_the_clip_at_its_level_runs_the_defaults_numbers():
     prototype, _, flat_form = train(lambda params: PrimalAveragingForm(params, **variant))
     assert relative_difference(library, prototype) < 1e-12
     assert relative_difference(averaged_flat(model, opt), flat_form.average) < 1e-12
+
+
+@pytest.mark.parametrize("flavour", ["single_tensor", "multi_tensor"])
+def test_in_adams_metric_it_runs_the_prototypes_numbers(flavour):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from tuner_screen import PRIMAL_AVERAGING_VARIANTS, PreconditionedPrimalAveragingForm
+
+    # (the default in Adam's metric: the clip at its level, 2, and the signal read along the lead)
+    library, model, opt = train(primal_average(flavour, precondition="adam"))
+    options = {k: v for k, v in PRIMAL_AVERAGING_VARIANTS["adam_metric_primal_averaging_lead_trigger_2"].items()
+               if k != "precondition"}
+    prototype, _, flat_form = train(lambda params: PreconditionedPrimalAveragingForm(params, **options))
+    assert relative_difference(library, prototype) < 1e-12
+    assert relative_difference(averaged_flat(model, opt), flat_form.average) < 1e-12
+    assert opt.stats()["mu"] == pytest.approx(flat_form.trace["mu"][-1], rel=1e-9)
+    assert 0.0 < opt.stats()["mu"] < 1.0
+
+
+@pytest.mark.parametrize("options", [dict(precondition="adam"), dict(precondition="adam", step_rule="dog"),
+                                     dict(step_rule="dowg")], ids=str)
+@pytest.mark.parametrize("flavour", ["multi_tensor", "compiled"])
+def test_the_flavours_agree_on_holes_two_learning_rates_and_a_skipped_step(flavour, options):
+    # A frozen layer, a 0-dim parameter, two groups with different lr, gradients missing on some steps, a NaN step.
+    params_ref, opt_ref = run_with_holes(steps=25, nan_at=4, momentum_form="primal_average", foreach=False,
+                                         **options)
+    params, opt = run_with_holes(steps=25, nan_at=4, momentum_form="primal_average", **FLAVOURS[flavour], **options)
+    assert opt.stats()["skipped_steps"] == 1 and opt.stats()["step"] == 24
+    for a, b in zip([*params_ref, *flat_state(opt_ref)], [*params, *flat_state(opt)]):
+        ulps = 4 * torch.finfo(a.dtype).eps * float(a.detach().abs().max()) if a.is_floating_point() else 0.0
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=ulps)
+
+
+def test_in_adams_metric_the_signal_weighs_each_groups_lead_by_its_lr():
+    # The lead w moves by lr times z's steps: divided by each group's lr, <g, w> is in the units of the steps the
+    # tuner sums, so that a group's lr changes its moves, not the momentum the tuner reads.
+    def run(lr):
+        model, x, y = mlp_problem()
+        groups = [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters()), "lr": lr}]
+        opt = YellowFin(groups, precondition="adam", foreach=False)
+        for step in range(40):
+            rows = (torch.arange(16) + 16 * step) % 64
+            opt.zero_grad()
+            ((model(x[rows]) - y[rows]) ** 2).mean().backward()
+            opt.step()
+        return opt.stats()
+
+    one, half = run(1.0), run(0.5)
+    assert half["step"] == one["step"] == 40
+    assert 0.0 < half["mu"] < 1.0 and half["mu"] != one["mu"]
+    assert run(0.0)["mu"] < 1.0  # (a group that stands still adds nothing to the signal)
 
 
 def test_the_gradients_are_taken_between_the_sgd_sequence_and_its_average():
@@ -97,18 +149,20 @@ def test_the_flavours_agree(step_rule, flavour):
         assert relative_difference(averaged_flat(model, opt), averaged_flat(single_model, single_opt)) < 1e-13
 
 
+@pytest.mark.parametrize("metric", sorted(METRICS))
 @pytest.mark.parametrize("flavour", sorted(FLAVOURS))
-def test_the_trajectory_does_not_depend_on_the_loss_scale(flavour):
-    unscaled, _, _ = train(primal_average(flavour))
+def test_the_trajectory_does_not_depend_on_the_loss_scale(flavour, metric):
+    unscaled, _, _ = train(primal_average(flavour, **METRICS[metric]))
     for loss_scale in (1e-4, 1e-2, 1e2, 1e4):
-        scaled, _, _ = train(primal_average(flavour), loss_scale=loss_scale)
+        scaled, _, _ = train(primal_average(flavour, **METRICS[metric]), loss_scale=loss_scale)
         assert relative_difference(scaled, unscaled) < 1e-6, loss_scale
 
 
-def test_it_keeps_heavy_balls_buffers():
-    _, model, opt = train(primal_average(), steps=5)
+@pytest.mark.parametrize("metric, buffers", [("plain", "scale_free"), ("adam", "preconditioned")])
+def test_it_keeps_heavy_balls_buffers(metric, buffers):
+    _, model, opt = train(primal_average(**METRICS[metric]), steps=5)
     for p in model.parameters():
-        assert set(opt.state[p]) == TUNER_BUFFERS["scale_free"]
+        assert set(opt.state[p]) == TUNER_BUFFERS[buffers]
 
 
 def test_it_moves_differently_from_heavy_ball():
@@ -117,9 +171,11 @@ def test_it_moves_differently_from_heavy_ball():
     assert relative_difference(primal, heavy_ball) > 1e-3
 
 
+@pytest.mark.parametrize("metric", sorted(METRICS))
 @pytest.mark.parametrize("flavour", sorted(FLAVOURS))
-def test_complex_parameters_move_as_their_real_twins(flavour):
-    (z, opt), (twin, twin_opt) = complex_and_real_twin(steps=30, momentum_form="primal_average", **FLAVOURS[flavour])
+def test_complex_parameters_move_as_their_real_twins(flavour, metric):
+    (z, opt), (twin, twin_opt) = complex_and_real_twin(steps=30, momentum_form="primal_average", **FLAVOURS[flavour],
+                                                       **METRICS[metric])
     torch.testing.assert_close(torch.view_as_real(z.detach()), twin.detach(), rtol=1e-12, atol=1e-14)
     with opt.averaged(), twin_opt.averaged():
         torch.testing.assert_close(torch.view_as_real(z.detach()), twin.detach(), rtol=1e-12, atol=1e-14)
@@ -131,8 +187,9 @@ def test_maximize_ascends_the_negated_loss_exactly():
     assert torch.equal(ascended, descended)
 
 
-def test_averaged_swaps_the_average_in_and_the_iterate_back_exactly():
-    iterate, model, opt = train(primal_average(), steps=50)
+@pytest.mark.parametrize("metric", sorted(METRICS))
+def test_averaged_swaps_the_average_in_and_the_iterate_back_exactly(metric):
+    iterate, model, opt = train(primal_average(**METRICS[metric]), steps=50)
     average = averaged_flat(model, opt)
     assert torch.equal(flat(model), iterate)
     assert relative_difference(average, iterate) > 1e-6  # (a different point)
@@ -147,9 +204,10 @@ def test_the_first_step_is_dogs_move_and_the_average_starts_there():
     assert torch.equal(averaged_flat(model, opt), iterate)
 
 
-def test_a_skipped_step_changes_nothing():
+@pytest.mark.parametrize("metric", sorted(METRICS))
+def test_a_skipped_step_changes_nothing(metric):
     model, x, y = mlp_problem()
-    opt = primal_average()(model.parameters())
+    opt = primal_average(**METRICS[metric])(model.parameters())
     for step in range(20):
         opt.zero_grad()
         ((model(x[:16]) - y[:16]) ** 2).mean().backward()
@@ -166,10 +224,11 @@ def test_a_skipped_step_changes_nothing():
     assert opt.stats()["skipped_steps"] == 1 and opt.stats()["mu"] == tuner["mu"]
 
 
-def test_a_parameter_without_a_gradient_stands_still():
+@pytest.mark.parametrize("metric", sorted(METRICS))
+def test_a_parameter_without_a_gradient_stands_still(metric):
     model, x, y = mlp_problem()
     frozen = model[2].bias
-    opt = primal_average()(model.parameters())
+    opt = primal_average(**METRICS[metric])(model.parameters())
     for step in range(20):
         opt.zero_grad()
         ((model(x[:16]) - y[:16]) ** 2).mean().backward()
@@ -184,7 +243,6 @@ def test_a_parameter_without_a_gradient_stands_still():
 
 @pytest.mark.parametrize("options, message", [
     (dict(tuner="reference"), "tuner='scale_free'"),
-    (dict(precondition="adam"), "plain metric"),
     (dict(step_rule="secant"), "step_rule"),
     (dict(average=True), "average=False"),
     (dict(nesterov=True), "nesterov"),
@@ -218,7 +276,9 @@ def test_staleness_and_asynchronous_systems_are_refused():
     (dict(step_rule="secant"), "heavy_ball", 10.0),
     (dict(average=True), "heavy_ball", 10.0),
     (dict(weight_decay=1e-2, decoupled_weight_decay=True), "heavy_ball", 10.0),
-    (dict(precondition="adam"), "heavy_ball", math.inf),
+    (dict(precondition="adam"), "primal_average", 2.0),  # (in the metric's norms, docs/tuner.md §21)
+    (dict(precondition="adam", weight_decay=1e-2, decoupled_weight_decay=True), "heavy_ball", math.inf),
+    (dict(precondition="adam", momentum_form="heavy_ball"), "heavy_ball", math.inf),
     (dict(tuner="reference"), "heavy_ball", None),
     (dict(momentum_form="heavy_ball"), "heavy_ball", 10.0),
 ], ids=str)
@@ -277,6 +337,14 @@ def test_the_asynchronous_systems_run_the_default_in_heavy_ball():
         refuse_under_asynchrony(opt, workers, closed_loop=True, workers_apply_heavy_ball=heavy_ball)
         assert opt.param_groups[0]["momentum_form"] == "heavy_ball"
         assert opt.param_groups[0]["clip_trigger"] == pytest.approx(10.0)
+    # In Adam's metric heavy ball's clip is off: the level the form took by default goes with it, a named one stays.
+    model, _, _ = mlp_problem()
+    for options, clip in (({}, math.inf), (dict(relative_clip=3.0), 3.0)):
+        opt = YellowFin(model.parameters(), precondition="adam", **options)
+        refuse_under_asynchrony(opt, 4, closed_loop=True)
+        named = YellowFin(model.parameters(), precondition="adam", momentum_form="heavy_ball", **options)
+        assert opt.param_groups[0] == named.param_groups[0]
+        assert opt.param_groups[0]["relative_clip"] == clip
     model, _, _ = mlp_problem()
     opt = YellowFin(model.parameters())
     refuse_under_asynchrony(opt, 1, closed_loop=True)  # (one worker is synchronous training: the form stays)

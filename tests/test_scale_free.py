@@ -488,8 +488,10 @@ def test_only_the_scale_free_tuner_keeps_the_initial_parameters():
     assert not any("initial_param" in reference.state[p] for p in reference_model.parameters())
 
 
-# (and the tuned pair in primal-averaging form, whose passes are its own: tests/test_primal_average.py)
-UPDATE_FORMS = {**METRICS, "primal_average": dict(tuner="scale_free", momentum_form="primal_average")}
+# (each metric's default is the tuned pair in primal-averaging form, whose passes are its own, tests/test_primal_average.py;
+# and heavy ball in each metric)
+UPDATE_FORMS = {**METRICS, **{f"{metric}_heavy_ball": dict(options, momentum_form="heavy_ball")
+                              for metric, options in METRICS.items()}}
 
 
 @pytest.mark.parametrize("form", sorted(UPDATE_FORMS))
@@ -693,8 +695,10 @@ def test_the_step_rule_and_clip_are_the_scale_free_tuners_and_each_group_names_w
     mixed = YellowFin([{"params": [p], "tuner": "reference"}, {"params": [q]}], per_group_tuning=True)
     assert [group["step_rule"] for group in mixed.param_groups] == [None, "dowg"]
     assert plain.state_dict()["param_groups"][0]["step_rule"] == "dowg"
-    assert plain.param_groups[0]["relative_clip"] == DEFAULT_RELATIVE_CLIP[None]
-    assert YellowFin([p], tuner="scale_free", precondition="adam").param_groups[0]["relative_clip"] == math.inf
+    assert plain.param_groups[0]["relative_clip"] == DEFAULT_RELATIVE_CLIP
+    # (in Adam's metric its default form takes the clip, 2 in the metric's norms; heavy ball there runs without)
+    assert YellowFin([p], tuner="scale_free", precondition="adam").param_groups[0]["relative_clip"] == 2.0
+    assert YellowFin([p], precondition="adam", momentum_form="heavy_ball").param_groups[0]["relative_clip"] == math.inf
     assert YellowFin([p], tuner="reference").param_groups[0]["relative_clip"] is None
     assert YellowFin([p], relative_clip=1.5).param_groups[0]["relative_clip"] == 1.5  # (the default takes it)
     with pytest.raises(ValueError, match="relative_clip"):

@@ -262,17 +262,42 @@ def measure_signal_lag_one(
     ``measurement_eps`` of E||g||^2). g_(t-1) itself is not kept: v_(t-1) = m_(t-1) v_(t-2) + g_(t-1) gives
     <g_t, g_(t-1)> = <g_t, v_(t-1)> - m_(t-1) <g_t, v_(t-2)>, and <g_t, v_(t-2)> is read as <g_(t-1), v_(t-2)>,
     measured a step ago (``carried_grad_dot_momentum``, with m_(t-1)). Gradients as they enter v: times
-    ``grad_scale``. The running mean is bias-corrected, its first sample (t = 1) taken whole; at t = 0 there is
-    none: C = E||g||^2, the signal 0. (``resolved_signal_to_noise`` turns the two into the momentum rule's ratio.)
+    ``grad_scale``. (``resolved_signal_to_noise`` turns the two into the momentum rule's ratio.)
     """
-    beta = settings.beta
     grad_dot_momentum = grad_scale * sums.grad_dot_momentum
-    sample = grad_dot_momentum - state.carried_grad_dot_momentum
+    measured = _signal_from_samples(state, measured, grad_dot_momentum - state.carried_grad_dot_momentum, settings)
+    return measured.replace(carried_grad_dot_momentum=grad_dot_momentum)
+
+
+def measure_signal_along_lead(
+    state: TunerState, measured: TunerState, sums: Sums, grad_scale: Tensor, settings: TunerSettings
+) -> TunerState:
+    """``measured`` with the signal and the variance read along the primal-average form's lead w = z - xbar, which
+    is what that form keeps instead of heavy ball's v (docs/algorithm.md §11).
+
+    w sums the steps of z with the average's decay: w_t = (1 - c_t)(w_(t-1) - eta_t s_t M^-1 g_t), and
+    ``state.lead_step_sum`` W_t = (1 - c_t)(W_(t-1) + eta_t s_t) sums the same steps' sizes. So -<g_t, w_(t-1)> /
+    W_(t-1) (``sums.grad_dot_momentum`` holds <g, w>, each group's divided by its lr) is a weighted mean of the lagged
+    products <g_t, g_k>_(M^-1) over the average's window: ||E g||^2 where the mean gradient holds still over that
+    window, less where it turns. Its noise is a small fraction of the lag-one product's (the window averages it).
+    Gradients as they enter z: times ``grad_scale``. No sample before w holds a step (W = 0).
+    """
+    lead_sum = state.lead_step_sum
+    sample = -grad_scale * sums.grad_dot_momentum / torch.where(lead_sum > 0.0, lead_sum, 1.0)
+    return _signal_from_samples(state, measured, torch.where(lead_sum > 0.0, sample, 0.0), settings)
+
+
+def _signal_from_samples(state: TunerState, measured: TunerState, sample: Tensor, settings: TunerSettings
+                         ) -> TunerState:
+    """``measured`` with ``signal_avg``, the running mean of the signal's samples at the tuner's memory (bias-corrected,
+    its first sample, at t = 1, taken whole; at t = 0 there is none: the signal 0), and the variance
+    C = E||g||^2 - max(S, 0), at least ``measurement_eps`` of E||g||^2."""
+    beta = settings.beta
     weight = torch.where(state.step <= 1.0, 1.0, (1.0 - beta) / debias_factor(state.step, beta))
     signal = torch.where(state.step >= 1.0, (1.0 - weight) * state.signal_avg + weight * sample, 0.0)
     grad_sq = measured.grad_sq_avg / debias_factor(state.step, beta)
     grad_var = torch.maximum(grad_sq - torch.clamp(signal, min=0.0), settings.measurement_eps * grad_sq)
-    return measured.replace(signal_avg=signal, grad_var=grad_var, carried_grad_dot_momentum=grad_dot_momentum)
+    return measured.replace(signal_avg=signal, grad_var=grad_var)
 
 
 def averaged_noise_fraction(step: Tensor, beta: float) -> Tensor:

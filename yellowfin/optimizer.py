@@ -48,7 +48,7 @@ _REFERENCE_OPTIONS = dict(
     step_rule=None, precondition=None, average=False,
 )
 # The options that YellowFin.choose_heavy_ball resolves again where a group left them to their defaults.
-_FALLBACK_OPTIONS = ("momentum_form", "clip_trigger")
+_FALLBACK_OPTIONS = ("momentum_form", "relative_clip", "clip_trigger")
 # Keys torch itself may put into a param group.
 _TORCH_GROUP_KEYS = ("params", "param_names", "differentiable")
 
@@ -570,10 +570,11 @@ class YellowFin(Optimizer):
         for index in switched:
             group = self.param_groups[index]
             options = {**group, "momentum_form": "heavy_ball"}
-            if "clip_trigger" in left[index] and group["tuner"] == "scale_free":
-                options["clip_trigger"] = None
+            if group["tuner"] == "scale_free":  # (the clip's level and trigger heavy ball's, where left to them)
+                options.update({name: None for name in ("relative_clip", "clip_trigger") if name in left[index]})
             settings = self._settings(options)
-            group.update(momentum_form=settings.momentum_form, clip_trigger=settings.clip_trigger)
+            group.update(momentum_form=settings.momentum_form, relative_clip=settings.relative_clip,
+                         clip_trigger=settings.clip_trigger)
 
     # ----------------------------------------------------------------------------- saving
     def state_dict(self) -> dict:
@@ -685,9 +686,12 @@ class _Batch(NamedTuple):
     averages: list[Tensor]  # their averages (else both empty)
     initial_norms: list[Tensor]  # ||x_0|| of each parameter in ``params``, for the scale-free tuner only (else empty)
 
-    def preconditioned(self) -> passes.Preconditioned:
-        """What the preconditioned tuner's passes read besides g (every tensor: _collect refuses sparse ones)."""
-        return passes.Preconditioned(self.params, self.initial_params, self.momenta, self.second_moments, self.steps)
+    def preconditioned(self, previous_momentum: Tensor) -> passes.Preconditioned:
+        """What the preconditioned tuner's passes read besides g (every tensor: _collect refuses sparse ones); in
+        primal-average form, b (``previous_momentum``, the tuner's last applied momentum) with them."""
+        lead_weight = previous_momentum if self.group["momentum_form"] == "primal_average" else None
+        return passes.Preconditioned(self.params, self.initial_params, self.momenta, self.second_moments, self.steps,
+                                     lead_weight)
 
     def trajectory(self, indices: list[int], previous_momentum: Tensor) -> passes.Trajectory | None:
         """What the scale-free tuner's sums read of the tensors at ``indices`` (None for the reference). In the
@@ -757,7 +761,13 @@ def _reduce(batch: _Batch, settings: TunerSettings, floor: Tensor | None, previo
     tuner; writes nothing). ||x_0||^2 comes from the norms the optimizer keeps, not from the pass.
     ``previous_momentum``: the tuner's last applied momentum (read by the primal-average form)."""
     if settings.preconditioned:
-        sums = Sums.from_vector(_PRECONDITIONED_PASSES[batch.flavour][0](batch.grads, batch.preconditioned(), floor))
+        sums = Sums.from_vector(_PRECONDITIONED_PASSES[batch.flavour][0](
+            batch.grads, batch.preconditioned(previous_momentum), floor))
+        if settings.momentum_form == "primal_average":  # (<g, w> per unit of z's steps: w moved by lr times them)
+            lr = batch.group["lr"]
+            lr = lr.detach().reshape(()).to(sums.grad_dot_momentum) if isinstance(lr, Tensor) else lr
+            sums = sums._replace(grad_dot_momentum=torch.where(
+                torch.as_tensor(lr > 0.0), sums.grad_dot_momentum / lr, 0.0))
     else:
         own, reference = _split_sparse(batch)
         rows = []
@@ -779,8 +789,8 @@ def _update(batch: _Batch, coefficients: tuning.UpdateCoefficients, floor: Tenso
     group = batch.group
     decay = group["weight_decay"] if group["decoupled_weight_decay"] else 0.0
     if group["precondition"] is not None:
-        _PRECONDITIONED_PASSES[batch.flavour][1](batch.grads, batch.preconditioned(), floor, coefficients,
-                                                 lr=group["lr"], decay=decay)
+        _PRECONDITIONED_PASSES[batch.flavour][1](batch.grads, batch.preconditioned(coefficients.previous_momentum),
+                                                 floor, coefficients, lr=group["lr"], decay=decay)
         return
     if group["momentum_form"] == "primal_average":  # (dense gradients only: _collect refuses sparse ones)
         _PRIMAL_AVERAGE_UPDATES[batch.flavour](batch.params, batch.grads, batch.grad_avgs, batch.momenta,

@@ -414,28 +414,45 @@ def average_multi_tensor(params: list[Tensor], averages: list[Tensor], weight: T
 # (``measurements.metric_floor``), one 0-dim tensor for the scope. The same three flavours as the passes above:
 # single-tensor (float64 sums, the reference), multi-tensor and compiled (``fused=True``); the metric is one
 # function for all three.
+#
+# In primal-average form (``Preconditioned.lead_weight`` given) the momentum buffer holds the lead w = z - xbar and
+# pass 2 is the plain form's (``primal_average_coefficients``) with z's step along M^-1 g instead of g:
+#
+#     y <- y + (k - (1 - b)) w - k eta s M^-1 g,   w <- (1 - c)(w - eta s M^-1 g)
+#
+# pass 1 measures the distance on z = y + b w, and <g, w> for the signal (``measurements.measure_signal_along_lead``).
 class Preconditioned(NamedTuple):
     """The preconditioned tuner's tensors besides the gradients, one entry per gradient."""
 
     params: list[Tensor]
     initial_params: list[Tensor]  # x_0
-    momenta: list[Tensor]  # v, in the metric's coordinates
+    momenta: list[Tensor]  # v, in the metric's coordinates; in primal-average form the lead w = z - xbar
     second_moments: list[Tensor]  # P
     steps: list[Tensor]  # how many gradients P holds (0-dim, float64)
+    # In primal-average form: b, the momentum applied at the step before (0-dim; None in heavy ball). The parameters
+    # hold y and the distance is measured on z = y + b w.
+    lead_weight: Tensor | None = None
+
+    @property
+    def lists(self) -> tuple[list[Tensor], ...]:
+        """The per-tensor lists, in field order."""
+        return self[:5]
 
 
 def reduce_preconditioned_single_tensor(grads: list[Tensor], tensors: Preconditioned, floor: Tensor) -> Tensor:
     """The ``Sums`` vector in the metric, one tensor at a time, all in float64."""
     rows = []
-    for grad, param, initial_param, momentum_buffer, second_moment, steps in zip(grads, *tensors):
+    lead_weight = tensors.lead_weight
+    for grad, param, initial_param, momentum_buffer, second_moment, steps in zip(grads, *tensors.lists):
         g, x, x0, v = (t.to(torch.float64) for t in (grad, param, initial_param, momentum_buffer))
         metric = adam_metric(next_second_moment(second_moment.to(torch.float64), g), steps + 1.0, floor)
+        displacement = x - x0 if lead_weight is None else x - x0 + v * lead_weight  # (the form: z - x_0)
         rows.append(Sums.zeros(g)._replace(
             sq_norm=torch.sum(g * g / metric),
             numel=g.new_full((), float(g.numel())),
-            displacement_sq=torch.sum(metric * (x - x0) ** 2),
-            grad_dot_displacement=torch.sum(g * (x - x0)),
-            grad_dot_momentum=torch.sum(g / torch.sqrt(metric) * v),
+            displacement_sq=torch.sum(metric * displacement**2),
+            grad_dot_displacement=torch.sum(g * displacement),
+            grad_dot_momentum=torch.sum(g / torch.sqrt(metric) * v) if lead_weight is None else torch.sum(g * v),
             metric_sum=torch.sum(metric),
         ).vector())
     return add_sums(rows)
@@ -444,15 +461,18 @@ def reduce_preconditioned_single_tensor(grads: list[Tensor], tensors: Preconditi
 def reduce_preconditioned_multi_tensor(grads: list[Tensor], tensors: Preconditioned, floor: Tensor) -> Tensor:
     """The ``Sums`` vector in the metric, with multi-tensor kernels per device and dtype (sums in float64)."""
     rows = []
-    for grads, params, initial_params, momenta, second_moments, steps in _by_device_and_dtype(grads, *tensors):
+    lead_weight = tensors.lead_weight
+    for grads, params, initial_params, momenta, second_moments, steps in _by_device_and_dtype(grads, *tensors.lists):
         next_moments = torch._foreach_mul(second_moments, SECOND_MOMENT_BETA)
         torch._foreach_addcmul_(next_moments, grads, grads, value=1.0 - SECOND_MOMENT_BETA)
         metrics = [adam_metric(p, t + 1.0, floor) for p, t in zip(next_moments, steps)]
         roots = torch._foreach_sqrt(metrics)
         scaled_grads = torch._foreach_div(grads, roots)  # g / sqrt(M)
         moved = torch._foreach_sub(params, initial_params)
+        if lead_weight is not None:  # (the form: z - x_0 = y - x_0 + b w, in the one temporary)
+            torch._foreach_addcmul_(moved, momenta, [lead_weight.to(params[0].device)] * len(momenta))
         displacements = torch._foreach_mul(moved, roots)
-        grad_dot_momentum = _dot(scaled_grads, momenta)
+        grad_dot_momentum = _dot(scaled_grads, momenta) if lead_weight is None else _dot(grads, momenta)
         row = Sums.zeros(grad_dot_momentum)._replace(
             sq_norm=_sq_norm(scaled_grads),
             numel=grad_dot_momentum.new_full((), float(sum(g.numel() for g in grads))),
@@ -472,11 +492,19 @@ def update_preconditioned_single_tensor(
     """Pass 2 of the preconditioned tuner, one tensor at a time: the reference."""
     step_size = c.step_size * lr
     shrink = _decay_shrink(c, step_size, decay)
-    for grad, param, _, momentum_buffer, second_moment, steps in zip(grads, *tensors):
+    form = tensors.lead_weight is not None
+    if form:
+        fast_step, param_step, lead_into_params, kept = primal_average_coefficients(c, lr)
+    for grad, param, _, momentum_buffer, second_moment, steps in zip(grads, *tensors.lists):
         grad = _finite_grad(grad, c.finite)
         second_moment.copy_(torch.where(c.finite, next_second_moment(second_moment, grad), second_moment))
         steps.add_(c.finite.to(steps.dtype))
         root = torch.sqrt(adam_metric(second_moment, steps, floor))
+        if form:
+            direction = grad / root / root
+            param.add_(momentum_buffer * lead_into_params).add_(direction * -param_step)
+            momentum_buffer.sub_(direction * fast_step).mul_(kept)
+            continue
         momentum_buffer.mul_(c.momentum).add_(grad / root * c.grad_scale)
         if decay != 0.0:
             param.mul_(shrink)
@@ -490,7 +518,9 @@ def update_preconditioned_multi_tensor(
     """Pass 2 of the preconditioned tuner with multi-tensor kernels, per device and dtype."""
     step_size = c.step_size * lr
     shrink = _decay_shrink(c, step_size, decay)
-    for grads, params, _, momenta, second_moments, steps in _by_device_and_dtype(grads, *tensors):
+    form = tensors.lead_weight is not None
+    form_scalars = primal_average_coefficients(c, lr) if form else ()
+    for grads, params, _, momenta, second_moments, steps in _by_device_and_dtype(grads, *tensors.lists):
         device = params[0].device
         finite, momentum, grad_scale, lr_alpha, shrink_here = (
             x.to(device) for x in (c.finite, c.momentum, c.grad_scale, step_size, shrink)
@@ -502,6 +532,15 @@ def update_preconditioned_multi_tensor(
         torch._foreach_addcmul_(second_moments, grads, grads, value=1.0 - SECOND_MOMENT_BETA)
         torch._foreach_add_(steps, finite.to(steps[0].dtype))
         roots = torch._foreach_sqrt([adam_metric(p, t, floor) for p, t in zip(second_moments, steps)])
+        if form:
+            fast_step, param_step, lead_into_params, kept = (x.to(device) for x in form_scalars)
+            directions = torch._foreach_div(torch._foreach_div(grads, roots), roots)  # M^-1 g
+            count = len(params)
+            torch._foreach_addcmul_(params, momenta, [lead_into_params] * count)
+            torch._foreach_addcmul_(params, directions, [-param_step] * count)
+            torch._foreach_addcmul_(momenta, directions, [-fast_step] * count)
+            torch._foreach_mul_(momenta, kept)
+            continue
         torch._foreach_mul_(momenta, momentum)
         torch._foreach_addcmul_(momenta, torch._foreach_div(grads, roots), [grad_scale] * len(grads))
         if decay != 0.0:
@@ -513,13 +552,14 @@ def reduce_preconditioned_compiled(grads: list[Tensor], tensors: Preconditioned,
     """The ``Sums`` vector in the metric, with compiled kernels per device and dtype: the metric and the sums in
     float64 inside the kernel, as the reference computes them, in one read of the tensors (no float64 copies)."""
     rows = []
-    for grads, params, initial_params, momenta, second_moments, steps in _by_device_and_dtype(grads, *tensors):
+    for grads, params, initial_params, momenta, second_moments, steps in _by_device_and_dtype(grads, *tensors.lists):
         count = float(sum(g.numel() for g in grads))
         floor_here = floor.to(grads[0].device)
+        lead_weight = None if tensors.lead_weight is None else tensors.lead_weight.to(grads[0].device)
         lists = [_at_least_1d(t) for t in (grads, params, initial_params, momenta, second_moments, steps)]
         total = None
         for part in _chunks(len(grads)):
-            row = _compiled_preconditioned_sums(*(each[part] for each in lists), floor_here)
+            row = _compiled_preconditioned_sums(*(each[part] for each in lists), floor_here, lead_weight)
             total = row if total is None else total + row
         # (numel as in reduce_compiled: outside the kernel)
         rows.append(Sums.from_vector(total)._replace(numel=total.new_full((), count)).vector())
@@ -528,7 +568,7 @@ def reduce_preconditioned_compiled(grads: list[Tensor], tensors: Preconditioned,
 
 def _preconditioned_sums_kernel(
     grads: list[Tensor], params: list[Tensor], initial_params: list[Tensor], momenta: list[Tensor],
-    second_moments: list[Tensor], steps: list[Tensor], floor: Tensor,
+    second_moments: list[Tensor], steps: list[Tensor], floor: Tensor, lead_weight: Tensor | None,
 ) -> Tensor:
     total = None
     for grad, param, initial_param, momentum_buffer, second_moment, count in zip(
@@ -536,11 +576,12 @@ def _preconditioned_sums_kernel(
     ):
         g, x, x0, v, p = (t.to(torch.float64) for t in (grad, param, initial_param, momentum_buffer, second_moment))
         metric = adam_metric(next_second_moment(p, g), count.reshape(()) + 1.0, floor)
+        displacement = x - x0 if lead_weight is None else x - x0 + v * lead_weight  # (the form: z - x_0)
         row = Sums.zeros(g)._replace(
             sq_norm=(g * g / metric).sum(),
-            displacement_sq=(metric * (x - x0) ** 2).sum(),
-            grad_dot_displacement=(g * (x - x0)).sum(),
-            grad_dot_momentum=(g / torch.sqrt(metric) * v).sum(),
+            displacement_sq=(metric * displacement**2).sum(),
+            grad_dot_displacement=(g * displacement).sum(),
+            grad_dot_momentum=(g / torch.sqrt(metric) * v).sum() if lead_weight is None else (g * v).sum(),
             metric_sum=metric.sum(),
         ).vector()
         total = row if total is None else total + row
@@ -555,13 +596,17 @@ def update_preconditioned_compiled(
     tensor, so the tuned values (and a scheduled ``lr``) change without recompiling."""
     step_size = c.step_size * lr
     shrink = _decay_shrink(c, step_size, decay)
-    for grads, params, _, momenta, second_moments, steps in _by_device_and_dtype(grads, *tensors):
+    form = tensors.lead_weight is not None
+    for grads, params, _, momenta, second_moments, steps in _by_device_and_dtype(grads, *tensors.lists):
         device = params[0].device
         coefficients = tuple(x.to(device) for x in (floor, c.finite, c.momentum, c.grad_scale, step_size, shrink))
         # (the counts too: the kernel increments them in place)
         lists = [_at_least_1d(t) for t in (grads, params, momenta, second_moments, steps)]
+        if form:
+            coefficients = coefficients[:2] + tuple(x.to(device) for x in primal_average_coefficients(c, lr))
+        kernel = _compiled_preconditioned_primal_average_update if form else _compiled_preconditioned_update
         for part in _chunks(len(params)):
-            _compiled_preconditioned_update(*(each[part] for each in lists), *coefficients)
+            kernel(*(each[part] for each in lists), *coefficients)
 
 
 def _preconditioned_update_kernel(
@@ -582,6 +627,23 @@ def _preconditioned_update_kernel(
         param.copy_(param * shrink + v / root * -step_size)
 
 
+def _preconditioned_primal_average_update_kernel(
+    grads: list[Tensor], params: list[Tensor], leads: list[Tensor], second_moments: list[Tensor],
+    steps: list[Tensor], floor: Tensor, finite: Tensor, fast_step: Tensor, param_step: Tensor,
+    lead_into_params: Tensor, kept: Tensor,
+) -> None:
+    for grad, param, lead, second_moment, count in zip(grads, params, leads, second_moments, steps):
+        g = torch.where(finite, grad, 0.0)
+        p = torch.where(finite, next_second_moment(second_moment, g), second_moment)
+        second_moment.copy_(p)
+        count_after = count + finite.to(count.dtype)
+        count.copy_(count_after)
+        root = torch.sqrt(adam_metric(p, count_after.reshape(()), floor))
+        direction = g / root / root
+        param.copy_(param + lead * lead_into_params - direction * param_step)  # (w before its own update)
+        lead.copy_((lead - direction * fast_step) * kept)
+
+
 def _decay_shrink(c: UpdateCoefficients, step_size: Tensor, decay: float) -> Tensor:
     """1 - lr eta decay, the preconditioned tuner's decoupled decay (``step_size`` is lr times the tuned step). A
     skipped step applies momentum 1 and step 0, where eta would be 0 / 0: it shrinks by 1 instead."""
@@ -594,6 +656,7 @@ _compiled_update = torch.compile(_update_kernel)
 _compiled_primal_average_update = torch.compile(_primal_average_update_kernel)
 _compiled_preconditioned_sums = torch.compile(_preconditioned_sums_kernel)
 _compiled_preconditioned_update = torch.compile(_preconditioned_update_kernel)
+_compiled_preconditioned_primal_average_update = torch.compile(_preconditioned_primal_average_update_kernel)
 
 # Tensors go to the compiled kernels in chunks of at most CHUNK so that compile time stays bounded
 # for models with hundreds of parameters: after the first chunk, dynamo's automatic dynamic shapes

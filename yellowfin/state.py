@@ -60,7 +60,8 @@ class TunerSettings:
     # on the gradients seen so far, and a gradient far above them (a regime change: the autoencoder's encoder
     # waking on its plateau) would meet that step at full size. Only the update is clipped: the measurements,
     # the step's sum among them, see the gradient as it came, so the step falls at once. A ratio of gradient
-    # norms, so loss-scale free. math.inf: no clipping. None: the metric's default (DEFAULT_RELATIVE_CLIP).
+    # norms, so loss-scale free (in Adam's metric, of the metric's norms). math.inf: no clipping. None: the default
+    # by metric and form (default_relative_clip).
     relative_clip: float | None = None
     # The relative clip acts only on a gradient above clip_trigger times that running RMS (and then cuts it to
     # relative_clip times it). None: by momentum form (default_clip_trigger). In primal-average form the clip's own
@@ -96,9 +97,9 @@ class TunerSettings:
     # step alpha / (1 - mu), an average xbar of z follows it with the polynomial average's weights, and the
     # gradients are taken at y = (1 - mu) z + mu xbar. Heavy ball is this form with an average over the last
     # 1 / (1 - mu) steps; here the average covers the run, so the parameters (y) sit near it and YellowFin.averaged()
-    # hands it out. The same buffers as heavy ball: the momentum buffer holds z - xbar. Plain metric, DoG/DoWG
-    # rules, synchronous training only, for now. None: default_momentum_form (the primal-average form wherever it
-    # runs, heavy ball elsewhere).
+    # hands it out. The same buffers as heavy ball: the momentum buffer holds z - xbar (in Adam's metric z steps along
+    # M^-1 g and the signal is read along z - xbar). DoG/DoWG rules, dense gradients, synchronous training only, for
+    # now. None: default_momentum_form (the primal-average form wherever it runs, heavy ball elsewhere).
     momentum_form: str | None = None
 
     def __post_init__(self):
@@ -118,7 +119,7 @@ class TunerSettings:
             object.__setattr__(self, "momentum_form", default_momentum_form(self))
         # The relative clip's level and trigger, in this order (the trigger's default reads the resolved level).
         for name, default in (
-                ("relative_clip", lambda: DEFAULT_RELATIVE_CLIP.get(self.precondition, math.inf)),
+                ("relative_clip", lambda: default_relative_clip(self.precondition, self.momentum_form)),
                 ("clip_trigger", lambda: default_clip_trigger(self.momentum_form, self.relative_clip, self.beta))):
             value = getattr(self, name)
             if value is not None:
@@ -156,10 +157,6 @@ class TunerSettings:
                 raise ValueError(f"precondition={self.precondition!r} is an option of tuner='scale_free' with "
                                  f"step_rule='dog' or 'dowg_neutral'; got tuner={self.tuner!r}, "
                                  f"step_rule={self.step_rule!r}")
-            for name in ("relative_clip", "clip_trigger"):  # (measured in the plain metric only)
-                if math.isfinite(getattr(self, name)):
-                    raise ValueError(f"{name}={getattr(self, name)!r} is an option of the plain metric; "
-                                     f"precondition={self.precondition!r} takes none (math.inf)")
         for name, allowed in (("eps", "(0, 1)"), ("initial_lr", "[0, inf)"), ("initial_momentum", "(-1, 1)")):
             check_number(name, getattr(self, name), f"a number in {allowed}")
         check_number("curvature_window", self.curvature_window, "an integer in [1, 10**6]")
@@ -186,10 +183,10 @@ class TunerSettings:
         _check(self.momentum_form in MOMENTUM_FORMS, "momentum_form", self.momentum_form,
                " or ".join(map(repr, MOMENTUM_FORMS)))
         if self.momentum_form == "primal_average":
-            if not self.scale_free or self.preconditioned or self.step_rule not in PRIMAL_AVERAGE_STEP_RULES:
-                raise ValueError("momentum_form='primal_average' is an option of tuner='scale_free' in the plain "
-                                 f"metric with step_rule 'dog', 'dowg' or 'dowg_neutral'; got tuner={self.tuner!r}, "
-                                 f"precondition={self.precondition!r}, step_rule={self.step_rule!r}")
+            if not self.scale_free or self.step_rule not in PRIMAL_AVERAGE_STEP_RULES:
+                raise ValueError("momentum_form='primal_average' is an option of tuner='scale_free' with step_rule "
+                                 f"'dog', 'dowg' or 'dowg_neutral'; got tuner={self.tuner!r}, "
+                                 f"step_rule={self.step_rule!r}")
             if self.average:
                 raise ValueError("average=True keeps a second average beside the one momentum_form='primal_average' "
                                  "already keeps: averaged() hands that one out without it; use average=False")
@@ -240,12 +237,18 @@ DEFAULT_BETA = {"reference": 0.999, "scale_free": 0.99}
 STEP_RULES = ("dog", "dowg", "dowg_neutral", "secant")
 PRECONDITIONED_STEP_RULES = ("dog", "dowg_neutral")
 DEFAULT_STEP_RULE = {None: "dowg", "adam": "dowg_neutral"}
-# The scale-free tuner's relative clip (TunerSettings.relative_clip) when none is given, by metric. 2 in the plain
-# metric, the one value screened for the cut: the autoencoder's escape from its plateau cut to twice the RMS turned
-# 2 of 3 seeds stuck into 3 of 3 ahead of tuned momentum SGD, and cut to ten times it one seed fell back (docs/tuner.md
-# §10). It acts above its trigger (TunerSettings.clip_trigger, by default default_clip_trigger). None in Adam's
-# metric, where it was not measured (the autoencoder's plateau is no problem there).
-DEFAULT_RELATIVE_CLIP = {None: 2.0, "adam": math.inf}
+# The scale-free tuner's relative clip (TunerSettings.relative_clip) when none is given. 2 in the plain metric, the one
+# value screened for the cut: the autoencoder's escape from its plateau cut to twice the RMS turned 2 of 3 seeds stuck
+# into 3 of 3 ahead of tuned momentum SGD, and cut to ten times it one seed fell back (docs/tuner.md §10). It acts above
+# its trigger (TunerSettings.clip_trigger, by default default_clip_trigger). In Adam's metric the same 2 in
+# primal-average form, where it took the autoencoder to tuned Adam's best (docs/tuner.md §21), and none in heavy ball,
+# where it cost both ResNets and left the autoencoder where it was (§11, the closed leads).
+DEFAULT_RELATIVE_CLIP = 2.0
+
+
+def default_relative_clip(precondition: str | None, momentum_form: str) -> float:
+    """TunerSettings.relative_clip when none is given: DEFAULT_RELATIVE_CLIP, but none in Adam's metric's heavy ball."""
+    return math.inf if precondition is not None and momentum_form == "heavy_ball" else DEFAULT_RELATIVE_CLIP
 # The scale-free tuner's first move (TunerSettings.initial_distance) when none is given, by step rule: DoG's r_eps,
 # as a fraction of (1 + ||x_0||). The step grows geometrically from it and the rule's annealing takes every start to
 # the same late level, so the start sets the first tens of steps; it must stay below the distance a run travels.
@@ -286,13 +289,13 @@ PRIMAL_AVERAGE_STEP_RULES = ("dog", "dowg", "dowg_neutral")
 
 def default_momentum_form(settings: "TunerSettings") -> str:
     """TunerSettings.momentum_form when none is given: the primal-average form wherever it runs (the scale-free tuner
-    in the plain metric with a DoG or DoWG rule, without a second average), heavy ball elsewhere. With the clip acting
+    with a DoG or DoWG rule, in either metric, without a second average), heavy ball elsewhere. With the clip acting
     on every gradient above its level, the form ended below tuned momentum SGD on every seed of every task of the
     suite, and below heavy ball on every seed of four tasks, where heavy ball with that clip lost two (docs/tuner.md
-    §19). Where it does not run (asynchrony, sparse gradients, decoupled weight decay) heavy ball takes its place:
-    the optimizer's group resolution and ``YellowFin.choose_heavy_ball``."""
-    runs = (settings.scale_free and settings.precondition is None and settings.step_rule in PRIMAL_AVERAGE_STEP_RULES
-            and not settings.average)
+    §19); in Adam's metric it reached tuned Adam on every task and gained on five (§21). Where it does not run
+    (asynchrony, sparse gradients, decoupled weight decay) heavy ball takes its place: the optimizer's group
+    resolution and ``YellowFin.choose_heavy_ball``."""
+    runs = settings.scale_free and settings.step_rule in PRIMAL_AVERAGE_STEP_RULES and not settings.average
     return "primal_average" if runs else "heavy_ball"
 
 
@@ -377,6 +380,9 @@ class TunerState:
     # The primal-average form's momentum applied at its last applied step (0 before the first; heavy ball keeps 0): the
     # weight b of the average in the parameters, y = (1 - b) z + b xbar, which the next step needs to find z again.
     last_momentum: Tensor
+    # The primal-average form in Adam's metric: the sizes of z's steps summed with the average's decay, as its lead
+    # w = z - xbar sums the steps (measurements.measure_signal_along_lead); 0 elsewhere.
+    lead_step_sum: Tensor
 
     @classmethod
     def initial(cls, settings: TunerSettings, device: torch.device | str | None = None) -> "TunerState":
@@ -414,7 +420,7 @@ class TunerState:
         them (a scale-free tuner's from before ``grad_sq_sum``, which then restarts DoG's sum), and one written
         before ``staleness`` was synchronous (staleness 0), and one written before ``least_step_per_step`` had no
         growth cap, and one written before ``climb_avg`` starts its running mean anew, and one written before
-        ``last_momentum`` ran heavy ball, which does not read it: all load.
+        ``last_momentum`` (or ``lead_step_sum``) ran heavy ball, which does not read it: all load.
         """
         expected = {f.name for f in fields(cls)}
         if isinstance(values, dict) and "lr" in values and "alpha" not in values:
@@ -423,7 +429,7 @@ class TunerState:
             initial = cls.initial(settings)
             values = {**{name: getattr(initial, name) for name in SCALE_FREE_FIELDS}, **values}
         # (saved before the field: synchronous, no bound yet, no cosine seen yet)
-        for name in ("staleness", "least_step_per_step", "climb_avg", "last_momentum"):
+        for name in ("staleness", "least_step_per_step", "climb_avg", "last_momentum", "lead_step_sum"):
             if isinstance(values, dict) and name not in values:
                 values = {**values, name: getattr(cls.initial(settings), name)}
         if not isinstance(values, dict) or set(values) != expected:
@@ -462,5 +468,6 @@ _FIELD_RANGES = {
     name: (0.0, math.inf)
     for name in ("step", "skipped_steps", "curvatures", "grad_sq_avg", "grad_norm_avg", "dist_avg",
                  "h_min", "h_max", "grad_var", "dist", "alpha", "distance", "secant_den_avg", "secant_curvature",
-                 "prev_step_noise_weight", "grad_sq_sum", "metric_mean", "staleness", "least_step_per_step")
+                 "prev_step_noise_weight", "grad_sq_sum", "metric_mean", "staleness", "least_step_per_step",
+                 "lead_step_sum")
 } | {"density_avg": (0.0, 1.0), "mu": (-1.0, 1.0), "climb_avg": (-1.0, 1.0), "last_momentum": (-1.0, 1.0)}

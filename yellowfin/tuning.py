@@ -154,7 +154,8 @@ def tune_scale_free(
     with "secant", alpha is the smaller of the secant step
     (the curvature along the last steps, ``measurements.measure_secant``) and the distance step. Preconditioned
     (``settings.precondition``), every norm is the metric's, the signal is read from the momentum buffer
-    (``measurements.measure_signal_lag_one``; ``grad_scale`` is the factor on g in v), by default with the
+    (``measurements.measure_signal_lag_one``; ``grad_scale`` is the factor on g in v) or, in primal-average form,
+    along the form's lead (``measurements.measure_signal_along_lead``), by default with the
     "dowg_neutral" rule, DoWG's step divided by sqrt(2) (§9).
     """
     started = state.step >= 1.0
@@ -162,7 +163,9 @@ def tune_scale_free(
     root_kappa = torch.sqrt(kappa)
     debias = measurements.debias_factor(state.step, settings.beta)
     if settings.preconditioned:
-        measured = measurements.measure_signal_lag_one(state, measured, sums, _f64(grad_scale), settings)
+        measure_signal = (measurements.measure_signal_along_lead if settings.momentum_form == "primal_average"
+                          else measurements.measure_signal_lag_one)
+        measured = measure_signal(state, measured, sums, _f64(grad_scale), settings)
         signal_to_noise = measurements.resolved_signal_to_noise(measured, state.step, settings)
     else:
         signal_to_noise = (sample.grad_avg_sq_norm / debias**2) / (2.0 * measured.grad_var)
@@ -442,7 +445,12 @@ def tune_step(state: TunerState, sums: Sums, settings: TunerSettings) -> tuple[T
     )
     if settings.momentum_form == "primal_average":  # (the weight of the average in the parameters, for the next step)
         new_state = new_state.replace(last_momentum=coefficients.momentum)
-    if settings.preconditioned:  # (the next step's signal reads this one's <g, v> through the momentum it applied)
+    if settings.preconditioned and settings.momentum_form == "primal_average":
+        # (the sum of z's step sizes with the average's decay, as w sums the steps: the next signal's weights)
+        fast_step = applied_alpha / (1.0 - torch.where(applied, coefficients.momentum, 0.0)) * coefficients.grad_scale
+        new_state = new_state.replace(
+            lead_step_sum=(1.0 - coefficients.average_weight) * (state.lead_step_sum + fast_step))
+    elif settings.preconditioned:  # (the next step's signal reads this one's <g, v> through the momentum it applied)
         new_state = new_state.replace(
             carried_grad_dot_momentum=coefficients.momentum * new_state.carried_grad_dot_momentum)
     elif settings.step_rule == "secant":  # (what the next step's secant needs of this one)

@@ -91,17 +91,26 @@ SETUPS = {
     # The scale-free tuner's extra sums (x, x_0, v) are sums over shards like the others.
     "zero_scale_free": (make_mlp, regression_batch, {"tuner": "scale_free"}),
     "fsdp_scale_free": (make_mlp, regression_batch, {"tuner": "scale_free"}),
-    # The preconditioned tuner's metric eps is relative to the whole scope's metric, so sharding cannot move it.
-    "zero_adam": (make_mlp, regression_batch, {"tuner": "scale_free", "precondition": "adam"}),
-    "fsdp_adam": (make_mlp, regression_batch, {"tuner": "scale_free", "precondition": "adam"}),
+    # The preconditioned tuner's metric eps is relative to the whole scope's metric, so sharding cannot move it
+    # (in heavy ball; its default, the primal-average form, below).
+    "zero_adam": (make_mlp, regression_batch, {"tuner": "scale_free", "precondition": "adam",
+                                               "momentum_form": "heavy_ball"}),
+    "fsdp_adam": (make_mlp, regression_batch, {"tuner": "scale_free", "precondition": "adam",
+                                               "momentum_form": "heavy_ball"}),
     # ... and in its compiled flavour, whose kernels reduce each shard's tensors as the others do.
-    "zero_adam_fused": (make_mlp, regression_batch, {"tuner": "scale_free", "precondition": "adam", "fused": True}),
+    "zero_adam_fused": (make_mlp, regression_batch, {"tuner": "scale_free", "precondition": "adam", "fused": True,
+                                                     "momentum_form": "heavy_ball"}),
     # The iterate average is elementwise: each shard averages its own elements.
     "zero_average": (make_mlp, regression_batch, {"tuner": "scale_free", "average": True}),
     "fsdp_average": (make_mlp, regression_batch, {"tuner": "scale_free", "average": True}),
     # The primal-average form's update is elementwise too, and its distance a sum over shards.
     "zero_primal_average": (make_mlp, regression_batch, {"tuner": "scale_free", "momentum_form": "primal_average"}),
     "fsdp_primal_average": (make_mlp, regression_batch, {"tuner": "scale_free", "momentum_form": "primal_average"}),
+    # ... in Adam's metric too, whose signal <g, z - xbar> is a sum over shards as well.
+    "zero_adam_primal_average": (make_mlp, regression_batch, {"tuner": "scale_free", "precondition": "adam",
+                                                              "momentum_form": "primal_average"}),
+    "fsdp_adam_primal_average": (make_mlp, regression_batch, {"tuner": "scale_free", "precondition": "adam",
+                                                              "momentum_form": "primal_average"}),
 }
 
 
@@ -191,7 +200,7 @@ def run_scenario(scenario: str, rank: int) -> dict:
         optimizer = YellowFin(ddp.parameters(), **options)
         calls = _train(ddp, optimizer, batch_fn, rank, local_half=True)
     elif scenario in ("zero", "zero_per_group", "zero_scale_free", "zero_adam", "zero_adam_fused", "zero_average",
-                      "zero_primal_average"):
+                      "zero_primal_average", "zero_adam_primal_average"):
         ddp = DistributedDataParallel(model)
         optimizer = zero_redundancy_yellowfin(param_groups(ddp.parameters(), scenario), **options)
         calls = _train(ddp, optimizer, batch_fn, rank, local_half=True)
@@ -211,7 +220,8 @@ def run_scenario(scenario: str, rank: int) -> dict:
         calls = _train(model, optimizer, batch_fn, rank, local_half=False)
         extra["local_params_with_grad"] = sum(
             p.grad is not None for g in optimizer.optim.param_groups for p in g["params"])
-    elif scenario in ("fsdp", "fsdp_scale_free", "fsdp_adam", "fsdp_average", "fsdp_primal_average"):
+    elif scenario in ("fsdp", "fsdp_scale_free", "fsdp_adam", "fsdp_average", "fsdp_primal_average",
+                      "fsdp_adam_primal_average"):
         from torch.distributed.fsdp import fully_shard
 
         for layer in model:

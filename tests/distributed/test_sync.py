@@ -29,7 +29,7 @@ def rank_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("ranks")
     names = ["ddp", "zero", "zero_idle_shard", "fsdp", "zero_per_group", "zero_scale_free", "fsdp_scale_free",
              "zero_adam", "fsdp_adam", "zero_adam_fused", "zero_average", "fsdp_average", "zero_primal_average",
-             "fsdp_primal_average", "refusals"]
+             "fsdp_primal_average", "zero_adam_primal_average", "fsdp_adam_primal_average", "refusals"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", PYTHONPATH=os.pathsep.join(
         [os.path.dirname(__file__)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -94,7 +94,7 @@ def test_zero_redundancy_matches_unsharded_with_sparsity_correction(rank_results
 
 @pytest.mark.parametrize("name", ["zero", "fsdp", "zero_scale_free", "fsdp_scale_free", "zero_adam", "fsdp_adam",
                                   "zero_adam_fused", "zero_average", "fsdp_average", "zero_primal_average",
-                                  "fsdp_primal_average"])
+                                  "fsdp_primal_average", "zero_adam_primal_average", "fsdp_adam_primal_average"])
 def test_sharded_state_dict_reloads_per_rank(rank_results, name):
     for result in _ok(rank_results, name):
         assert result["reloaded_stats"] == result["stats"]
@@ -102,7 +102,8 @@ def test_sharded_state_dict_reloads_per_rank(rank_results, name):
 
 @pytest.mark.parametrize("name", ["zero", "zero_idle_shard", "fsdp", "zero_per_group", "zero_scale_free",
                                   "fsdp_scale_free", "zero_adam", "fsdp_adam", "zero_adam_fused", "zero_average",
-                                  "fsdp_average", "zero_primal_average", "fsdp_primal_average"])
+                                  "fsdp_average", "zero_primal_average", "fsdp_primal_average",
+                                  "zero_adam_primal_average", "fsdp_adam_primal_average"])
 def test_sharded_step_makes_one_all_reduce(rank_results, name):
     for result in _ok(rank_results, name):
         assert result["all_reduce_calls"] == [1] * scenarios.STEPS
@@ -130,7 +131,8 @@ def test_the_scale_free_tuner_sharded_matches_unsharded(rank_results, name):
     assert ranks[0]["stats"] == ranks[1]["stats"] and ranks[0]["stats"]["distance"] > 0.0
 
 
-@pytest.mark.parametrize("name", ["zero_average", "fsdp_average", "zero_primal_average", "fsdp_primal_average"])
+@pytest.mark.parametrize("name", ["zero_average", "fsdp_average", "zero_primal_average", "fsdp_primal_average",
+                                  "zero_adam_primal_average", "fsdp_adam_primal_average"])
 def test_the_iterate_average_sharded_matches_unsharded(rank_results, name):
     ranks = _ok(rank_results, name)
     assert_matches_reference(name, ranks)
