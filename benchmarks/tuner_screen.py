@@ -821,15 +821,16 @@ class PrimalAveragingForm(torch.optim.Optimizer):
         self.steps += 1
         self._average_and_interpolate(mu, alpha, eta)
 
-    def _measure_lag(self, g: torch.Tensor) -> None:
-        """The running mean of cos(g, z - xbar) at the tuner's memory, g taken at y (``poly_descent``)."""
-        lead = self.fast - self.average
+    def _measure_lag(self, g: torch.Tensor, lead_scale: torch.Tensor | float = 1.0) -> None:
+        """The running mean of cos(g, z - xbar) at the tuner's memory, g taken at y (``poly_descent``); in Adam's
+        metric g comes as M^(-1/2) g and ``lead_scale`` is M^(1/2)."""
+        lead = (self.fast - self.average) * lead_scale
         norms = float(g.norm()) * float(lead.norm())
         cosine = float(g.dot(lead)) / norms if norms > 0.0 else 0.0
         beta = self.settings.beta
         self.lag_cos = beta * self.lag_cos + (1.0 - beta) * cosine
 
-    def _average_and_interpolate(self, mu: float, alpha: float, eta: float) -> None:
+    def _average_and_interpolate(self, mu: float, alpha: float, eta: float) -> float:
         if self.window == "uniform":
             weight = 1.0 / self.steps
         elif self.window == "poly_step":  # a_t eta_t^2 / sum_s a_s eta_s^2, a_t the polynomial weights
@@ -858,6 +859,7 @@ class PrimalAveragingForm(torch.optim.Optimizer):
             offset += p.numel()
         for key, value in (("mu", mu), ("alpha", alpha), ("effective_lr", eta)):
             self.trace[key].append(value)
+        return weight
 
     @torch.no_grad()
     def hand_out(self, model: nn.Module) -> None:
@@ -872,15 +874,33 @@ class PreconditionedPrimalAveragingForm(PrimalAveragingForm):
     """``PrimalAveragingForm`` in Adam's metric: the library's ``precondition="adam"`` default (its settings and
     ``tuning.tune_step``), z's step eta M^(-1) g with M that step's metric, DoG's distance ||z - x_0||_M. Its
     momentum signal is the library's lag-one product <g_t, g_(t-1)>, read here from a heavy-ball momentum kept for
-    that alone (a prototype's fourth buffer: the form leaves no momentum to read it from)."""
+    that alone (a prototype's fourth buffer: the form leaves no momentum to read it from). ``clip_trigger``: the
+    plain metric's relative clip, at its level and acting above that level as in the plain form's default (§19),
+    applied to the metric's norm of g.
+    ``start_from_x0_norm``: DoG's first move r (1 + ||x_0||), carried into the metric's units, as the library's;
+    False is the slip of §18's first run of this prototype, whose first move left out ||x_0|| (r alone: on the
+    autoencoder about 26 times smaller than the library's), kept so that those runs reproduce.
 
-    def __init__(self, params, window: str = "poly"):
+    ``signal="lead"`` reads the signal without the fourth buffer, along the form's own w = z - xbar: w is minus the
+    gradients (in the metric, times z's steps eta_k s_k) summed with the average's decay, so with W_t = (1 - c_t)
+    (W_(t-1) + eta_t s_t) the same sum of the steps alone, -<g_t, w_(t-1)> / W_(t-1) is a weighted mean of the lagged
+    products <g_t, g_k>_(M^-1) over the average's window: ||E g||^2 where the mean gradient holds still over that
+    window, less where it turns (a signal read low: the momentum rule then sits at the bound its memory resolves).
+    Its noise is small (the window averages it). It enters the library's running mean as the lag-one sample does."""
+
+    def __init__(self, params, window: str = "poly", clip_trigger: float | None = None,
+                 start_from_x0_norm: bool = True, signal: str = "lag_one"):
         super().__init__(params, window)
-        library = YellowFin(self.params, precondition="adam")
+        if signal not in ("lag_one", "lead"):
+            raise ValueError(f"unknown signal {signal!r}")
+        self.start_from_x0_norm, self.signal, self.lead_weight = start_from_x0_norm, signal, 0.0
+        # (the settings of heavy ball in Adam's metric, as the form was measured: the prototype keeps its own signal)
+        clip = {} if clip_trigger is None else dict(relative_clip=clip_trigger, clip_trigger=clip_trigger)
+        library = YellowFin(self.params, precondition="adam", momentum_form="heavy_ball", **clip)
         self.settings = library._settings(library.param_groups[0])
         self.tuner = TunerState.initial(self.settings)
         self.second_moment = torch.zeros_like(self.x0)
-        self.signal_momentum = torch.zeros_like(self.x0)
+        self.signal_momentum = torch.zeros_like(self.x0) if signal == "lag_one" else None
         self.grad_avg = None
 
     @torch.no_grad()
@@ -892,21 +912,32 @@ class PreconditionedPrimalAveragingForm(PrimalAveragingForm):
         displacement = self.fast - self.x0
         f64 = lambda v: torch.as_tensor(float(v), dtype=torch.float64)  # noqa: E731
         scaled = g / torch.sqrt(metric)
+        if self.signal == "lead":  # (the sample itself: nothing carried from the step before)
+            lead_product = -float(g.dot(self.fast - self.average))
+            grad_dot_momentum = lead_product / self.lead_weight if self.lead_weight > 0.0 else 0.0
+            self.tuner = self.tuner.replace(carried_grad_dot_momentum=torch.zeros((), dtype=torch.float64))
+        else:
+            grad_dot_momentum = scaled.dot(self.signal_momentum)
         sums = Sums.zeros(g)._replace(sq_norm=f64(scaled.dot(scaled)), numel=f64(g.numel()),
                                       displacement_sq=f64((metric * displacement * displacement).sum()),
                                       grad_dot_displacement=f64(g.dot(displacement)),
-                                      grad_dot_momentum=f64(scaled.dot(self.signal_momentum)),
-                                      metric_sum=f64(metric.sum()))
+                                      grad_dot_momentum=f64(grad_dot_momentum),
+                                      metric_sum=f64(metric.sum()),
+                                      initial_param_sq_norm=f64(self.x0_sq if self.start_from_x0_norm else 0.0))
         self.tuner, c = tuning.tune_step(self.tuner, sums, self.settings)
         if not bool(c.finite):
             return
+        if self.window in ("poly_descent", "poly_scaled_settled"):  # (the cosine in the metric's norms)
+            self._measure_lag(scaled, torch.sqrt(metric))
         self.second_moment = next_moment
         mu, alpha, grad_scale = float(c.momentum), float(c.step_size), float(c.grad_scale)
-        self.signal_momentum.mul_(mu).add_(scaled, alpha=grad_scale)
+        if self.signal_momentum is not None:
+            self.signal_momentum.mul_(mu).add_(scaled, alpha=grad_scale)
         eta = alpha / (1.0 - mu)
         self.fast.add_(scaled / torch.sqrt(metric), alpha=-eta * grad_scale)
         self.steps += 1
-        self._average_and_interpolate(mu, alpha, eta)
+        weight = self._average_and_interpolate(mu, alpha, eta)
+        self.lead_weight = (1.0 - weight) * (self.lead_weight + eta * grad_scale)
 
 
 PRIMAL_AVERAGING_VARIANTS = {"primal_averaging_poly": dict(window="poly"),
@@ -925,7 +956,22 @@ PRIMAL_AVERAGING_VARIANTS = {"primal_averaging_poly": dict(window="poly"),
                              # b = 1 - sqrt(1 - mu): y's noise that of plain SGD at alpha, a saddle's escape sqrt(1 - mu)
                              # of heavy ball's instead of (1 - mu) of it
                              "primal_averaging_poly_sqrt_b": dict(window="poly", interpolation_power=0.5),
-                             "adam_metric_primal_averaging_poly": dict(window="poly", precondition=True),
+                             # (its first move left out ||x_0||: the runs of §18, docs/tuner.md §20.2)
+                             "adam_metric_primal_averaging_poly": dict(window="poly", precondition=True,
+                                                                       start_from_x0_norm=False),
+                             # the same, from the library's first move
+                             "adam_metric_primal_averaging_start": dict(window="poly", precondition=True),
+                             # the form in Adam's metric with the plain form's clip at its level (§19's plateau answer)
+                             "adam_metric_primal_averaging_trigger_2": dict(window="poly", precondition=True,
+                                                                            clip_trigger=2.0),
+                             # and heavy ball's window 1 / (1 - mu) while the average lags a descent: the form's
+                             # lag behind a steady descent is what it loses on the autoencoder there
+                             "adam_metric_primal_averaging_descent_trigger_2": dict(window="poly_descent",
+                                                                                    precondition=True,
+                                                                                    clip_trigger=2.0),
+                             # three buffers (P, w, x_0): the signal read along w instead of a kept momentum
+                             "adam_metric_primal_averaging_lead_trigger_2": dict(window="poly", precondition=True,
+                                                                                 clip_trigger=2.0, signal="lead"),
                              # today's default (the clip at its level, §19, §20), and its average over a longer window
                              # (§20.1): the power 2 instead of 8, and the weights scaled by 1 - mu
                              "primal_averaging_trigger_2": dict(window="poly", clip_trigger=2.0),
@@ -983,7 +1029,8 @@ ADAM_METRIC_VARIANTS = {"adam_metric_ds": {}, "adam_metric_ds_memory_0.999": dic
 # metric's one scalar and Adam's per-coordinate one).
 LIBRARY_VARIANTS: dict[str, Callable] = {
     "library_default": lambda params: YellowFin(params),
-    "library_adam_default": lambda params: YellowFin(params, precondition="adam"),
+    # (Adam's metric's default as the screens measured it: heavy ball, before its form became the default, §21)
+    "library_adam_default": lambda params: YellowFin(params, precondition="adam", momentum_form="heavy_ball"),
     # (the rules in heavy ball, as measured before the primal-average form became the default)
     "library_dowg": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg", relative_clip=math.inf,
                                              momentum_form="heavy_ball"),
