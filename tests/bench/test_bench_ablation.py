@@ -242,3 +242,30 @@ def test_the_speedup_against_tuned_adam_has_its_own_column_and_overview(tmp_path
     assert _row(table, "adam")[5].strip() == "1.00"
     against_adam = table.split("#### Against tuned Adam")[1]
     assert "| Prodigy (1 seed) |" in against_adam and "| reference |" in against_adam
+    peers = table.split("#### Against the tuning-free peers")[1]
+    won = ablation.beats_peer(summary, "yf_reference", "prodigy")
+    cells = [cell.strip() for cell in _row(peers, "reference")[1:]]
+    assert cells == ["Prodigy", "W" if won else "L", f"{int(won)} of 1"]
+
+
+def test_a_peer_is_beaten_by_the_iterations_to_tuned_adams_best_or_else_by_the_final_loss():
+    from yellowfin.bench.report import OptimizerSummary, TaskSummary
+
+    def optimizer(name, curve):
+        return OptimizerSummary(name, name, "untuned", None, [{"loss": curve, "seed": 0}],
+                                metrics.smooth(curve, 1))
+
+    adam = [3.0, 2.0, 1.0, 1.0]  # best 1.0, first reached at iteration 3
+    curves = {"adam": adam, "yf_fast": [3.0, 1.0, 0.5, 0.5], "yf_as_fast": [3.0, 2.0, 0.9, 0.9],
+              "yf_never_low": [3.0, 2.0, 1.5, 1.2], "yf_never_high": [3.0, 2.0, 1.5, 1.4],
+              "prodigy": [3.0, 2.0, 1.0, 0.9], "dog": [3.0, 2.0, 1.5, 1.3]}
+    summary = TaskSummary("quadratic", 4, "loss", False, {n: optimizer(n, c) for n, c in curves.items()}, "adam", 1)
+    assert ablation.beats_peer(summary, "yf_fast", "prodigy")  # both reach it: 2 iterations against 3
+    assert ablation.beats_peer(summary, "yf_as_fast", "prodigy")  # as many: the variant's
+    assert not ablation.beats_peer(summary, "yf_never_low", "prodigy")  # only the peer reaches it
+    assert ablation.beats_peer(summary, "yf_fast", "dog")  # only the variant does
+    assert ablation.beats_peer(summary, "yf_never_low", "dog")  # neither: the lower final loss
+    assert not ablation.beats_peer(summary, "yf_never_high", "dog")
+    assert ablation.beats_peer(summary, "yf_fast", "schedulefree_adamw") is None  # (no runs of that peer)
+    without_adam = dataclasses.replace(summary, optimizers={n: o for n, o in summary.optimizers.items() if n != "adam"})
+    assert ablation.beats_peer(without_adam, "yf_fast", "prodigy") is None

@@ -186,12 +186,54 @@ def overview_table(summaries: Sequence[TaskSummary], against: str = BASELINE) ->
     return "\n".join(lines) + "\n"
 
 
+def beats_peer(summary: TaskSummary, name: str, peer: str) -> bool | None:
+    """Whether optimizer ``name`` beats ``peer`` on this task by the preconditioned tuner's yardstick (issue 13): the
+    iterations to tuned Adam's best smoothed loss where both reach it, the one that reaches it where only one does,
+    else the lower final smoothed loss (mean over seeds; a tie in iterations counts for ``name``). None without tuned
+    Adam's runs or either optimizer's."""
+    adam, mine, theirs = (summary.optimizers.get(key) for key in (ADAM, name, peer))
+    best = metrics.best_point(adam.curve) if adam is not None else None
+    if best is None or mine is None or theirs is None:
+        return None
+    reach = [metrics.steps_to_reach(opt.curve, best[0]) for opt in (mine, theirs)]
+    if reach[0] is not None and reach[1] is not None:
+        return reach[0] <= reach[1]
+    if (reach[0] is None) != (reach[1] is None):
+        return reach[0] is not None
+    finals = [statistics.fmean(final_smoothed(r, summary.curve_key, summary.window) for r in opt.records)
+              for opt in (mine, theirs)]
+    return finals[0] < finals[1]
+
+
+def peers_table(summaries: Sequence[TaskSummary]) -> str:
+    """Every variant against each tuning-free peer present, task by task (``beats_peer``: W or L), with the count of
+    tasks won. Empty without tuned Adam's runs or a peer's."""
+    peers = [peer for peer in PEERS if peer not in TUNED
+             and any(peer in summary.optimizers and ADAM in summary.optimizers for summary in summaries)]
+    names = [name for name in VARIANTS if any(SPEC_PREFIX + name in summary.optimizers for summary in summaries)]
+    if not peers or not names:
+        return ""
+    tasks = [summary for summary in summaries if ADAM in summary.optimizers]
+    lines = ["#### Against the tuning-free peers: W where the variant reaches tuned Adam's best smoothed loss in as "
+             "few iterations or fewer (where both reach it), or only it reaches it, or neither does and it ends "
+             "lower; else L", "", "| variant | peer | " + " | ".join(s.task for s in tasks) + " | tasks won |",
+             "|---" * (len(tasks) + 3) + "|"]
+    for name in names:
+        for peer in peers:
+            outcomes = [beats_peer(summary, SPEC_PREFIX + name, peer) for summary in tasks]
+            cells = ["-" if won is None else ("W" if won else "L") for won in outcomes]
+            decided = [won for won in outcomes if won is not None]
+            lines.append(f"| {name} | {PEER_LABELS[peer]} | " + " | ".join(cells)
+                         + f" | {sum(decided)} of {len(decided)} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_table(results_dir: Path, baseline_dirs: Sequence[Path] = ()) -> tuple[str, Path]:
-    """The per-task tables for everything under results_dir, then the overview, also written to
-    results_dir/ablation.md."""
+    """The per-task tables for everything under results_dir, then the overviews and the peers' table, also written
+    to results_dir/ablation.md."""
     summaries = ablation_summaries(results_dir, baseline_dirs)
     text = ablation_table(summaries)
-    for overview in (overview_table(summaries), overview_table(summaries, against=ADAM)):
+    for overview in (overview_table(summaries), overview_table(summaries, against=ADAM), peers_table(summaries)):
         text = text + ("\n" + overview if overview else "")
     path = Path(results_dir) / TABLE_FILE
     results_io.check_writable(path.parent)

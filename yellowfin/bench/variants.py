@@ -272,6 +272,15 @@ for _variant in (
             "running RMS",
             overrides={**_DOWG_CLIP_TRIGGER_AVERAGE, "average": False, "hold_distance_uphill": True,
                        "momentum_form": "primal_average", "clip_trigger": 2.0}),
+    # Adam's metric's default (the neutral rule from 1e-2) in primal-averaging form, its signal read along the form's
+    # lead w = z - xbar (three buffers: P, w, x_0), with the plain form's clip acting on every gradient above its level,
+    # here of the metric's norms (docs/tuner.md §21).
+    Variant("scale_free_adam_dowg_neutral_start_1e-2_clip_primal_average",
+            "scale_free_adam_dowg_neutral_start_1e-2's (mu, alpha) in primal-averaging form, its signal along the lead "
+            "z - xbar, the clip at 2x the running RMS",
+            overrides={"tuner": "scale_free", "precondition": "adam", "step_rule": "dowg_neutral", "beta": 0.99,
+                       "initial_distance": 1e-2, "momentum_form": "primal_average", "relative_clip": 2.0,
+                       "clip_trigger": 2.0}),
 ):
     register_variant(_pinned_as_measured(_variant))
 DEFAULT_VARIANTS = (REFERENCE, "paper", "control")
