@@ -38,10 +38,12 @@ OPTIMIZERS = {
                                                   relative_clip=math.inf),
     "scale_free_dowg": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg", relative_clip=math.inf,
                                                 hold_distance_uphill=False),
-    # the preconditioned tuner with each of its rules (the neutral DoWG rule is its default, docs/tuner.md §12)
-    "scale_free_adam_dog": lambda params: YellowFin(params, precondition="adam", step_rule="dog"),
+    # the preconditioned tuner with each of its rules (the neutral DoWG rule is its default, docs/tuner.md §12), in
+    # heavy ball as measured (its default form since §21 is the primal-average one)
+    "scale_free_adam_dog": lambda params: YellowFin(params, precondition="adam", step_rule="dog",
+                                                    momentum_form="heavy_ball"),
     "scale_free_adam_dowg_neutral": lambda params: YellowFin(params, precondition="adam", step_rule="dowg_neutral",
-                                                             initial_distance=1e-3),
+                                                             initial_distance=1e-3, momentum_form="heavy_ball"),
     # the defaults with their relative clip (docs/tuner.md §10), DoWG's and the neutral rule in the plain metric, and
     # each metric's with the larger first move of §14 (DoWG's as measured, before its distance hold)
     "scale_free_dowg_clip": lambda params: HeavyBall(params, tuner="scale_free", step_rule="dowg",
@@ -66,7 +68,8 @@ OPTIMIZERS = {
                                                                      initial_distance=1e-3),
     "scale_free_adam_dowg_neutral_start_1e-2": lambda params: YellowFin(params, precondition="adam",
                                                                         step_rule="dowg_neutral",
-                                                                        initial_distance=1e-2),
+                                                                        initial_distance=1e-2,
+                                                                        momentum_form="heavy_ball"),
     # the default's pair in primal-averaging form (momentum_form, docs/tuner.md §18)
     "scale_free_dowg_clip_hold_primal_average": lambda params: YellowFin(params, tuner="scale_free", step_rule="dowg",
                                                                          initial_distance=1e-3,

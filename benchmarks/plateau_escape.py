@@ -6,7 +6,7 @@ seeds cannot say how often that happens, nor how much later the form leaves it t
 each optimizer from many seeds for a short budget and records the step at which the running mean of the batch loss
 over 50 steps first falls below 0.45 (the escape), or none.
 
-    python benchmarks/plateau_escape.py          # default, heavy_ball, primal_average, adam_metric, sgd_momentum; 0-19
+    python benchmarks/plateau_escape.py          # every optimizer of BUILDERS, seeds 0-19
     python benchmarks/plateau_escape.py --optimizers primal_average --seeds 0 1 2 --steps 600
     python benchmarks/plateau_escape.py --optimizers screen:primal_averaging_poly    # a prototype
     python benchmarks/plateau_escape.py --optimizers variant:scale_free_dowg_clip_average   # an ablation variant
@@ -49,7 +49,9 @@ BUILDERS = {
     "heavy_ball": lambda params: YellowFin(params, momentum_form="heavy_ball"),
     "primal_average": lambda params: YellowFin(params, momentum_form="primal_average",
                                                clip_trigger=outlier_trigger(0.99)),
-    "adam_metric": lambda params: YellowFin(params, precondition="adam"),
+    # Adam's metric in heavy ball, as first measured (its default form since docs/tuner.md §21 is the next one)
+    "adam_metric": lambda params: YellowFin(params, precondition="adam", momentum_form="heavy_ball"),
+    "adam_metric_primal_average": lambda params: YellowFin(params, precondition="adam"),
     "sgd_momentum": lambda params: torch.optim.SGD(params, **TUNED_SGD),
 }
 

@@ -50,9 +50,16 @@ def optimizers(params, device):
         # the iterate average (§10): one more lerp over x and xbar after the update
         "yellowfin average=True (foreach)": (lambda: YellowFin(params, average=True), None),
         "yellowfin momentum_form=heavy_ball (foreach)": (lambda: YellowFin(params, momentum_form="heavy_ball"), None),
-        "yellowfin precondition=adam (loop)": (lambda: YellowFin(params, precondition="adam", foreach=False), None),
-        "yellowfin precondition=adam (foreach)": (lambda: YellowFin(params, precondition="adam"), None),
-        "yellowfin precondition=adam (fused)": (lambda: YellowFin(params, precondition="adam", fused=True), None),
+        # Adam's metric in heavy ball (as the table first measured it) and in its default form (docs/tuner.md §21)
+        "yellowfin precondition=adam (loop)": (
+            lambda: YellowFin(params, precondition="adam", momentum_form="heavy_ball", foreach=False), None),
+        "yellowfin precondition=adam (foreach)": (
+            lambda: YellowFin(params, precondition="adam", momentum_form="heavy_ball"), None),
+        "yellowfin precondition=adam (fused)": (
+            lambda: YellowFin(params, precondition="adam", momentum_form="heavy_ball", fused=True), None),
+        "yellowfin precondition=adam primal_average (foreach)": (lambda: YellowFin(params, precondition="adam"), None),
+        "yellowfin precondition=adam primal_average (fused)": (
+            lambda: YellowFin(params, precondition="adam", fused=True), None),
         "sgd momentum (loop)": (lambda: torch.optim.SGD(params, lr=1e-6, momentum=0.9, foreach=False), "sgd"),
         "sgd momentum (foreach)": (lambda: torch.optim.SGD(params, lr=1e-6, momentum=0.9, foreach=True), "sgd"),
         "adam (loop)": (lambda: torch.optim.Adam(params, lr=1e-6, foreach=False), "adam"),
