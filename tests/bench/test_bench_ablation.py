@@ -256,12 +256,13 @@ def test_a_peer_is_beaten_by_the_iterations_to_tuned_adams_best_or_else_by_the_f
                                 metrics.smooth(curve, 1))
 
     adam = [3.0, 2.0, 1.0, 1.0]  # best 1.0, first reached at iteration 3
-    curves = {"adam": adam, "yf_fast": [3.0, 1.0, 0.5, 0.5], "yf_as_fast": [3.0, 2.0, 0.9, 0.9],
-              "yf_never_low": [3.0, 2.0, 1.5, 1.2], "yf_never_high": [3.0, 2.0, 1.5, 1.4],
-              "prodigy": [3.0, 2.0, 1.0, 0.9], "dog": [3.0, 2.0, 1.5, 1.3]}
+    curves = {"adam": adam, "yf_fast": [3.0, 1.0, 0.5, 0.5], "yf_as_fast_lower": [3.0, 2.0, 0.9, 0.8],
+              "yf_as_fast_higher": [3.0, 2.0, 0.9, 0.95], "yf_never_low": [3.0, 2.0, 1.5, 1.2],
+              "yf_never_high": [3.0, 2.0, 1.5, 1.4], "prodigy": [3.0, 2.0, 1.0, 0.9], "dog": [3.0, 2.0, 1.5, 1.3]}
     summary = TaskSummary("quadratic", 4, "loss", False, {n: optimizer(n, c) for n, c in curves.items()}, "adam", 1)
     assert ablation.beats_peer(summary, "yf_fast", "prodigy")  # both reach it: 2 iterations against 3
-    assert ablation.beats_peer(summary, "yf_as_fast", "prodigy")  # as many: the variant's
+    assert ablation.beats_peer(summary, "yf_as_fast_lower", "prodigy")  # as many: the lower final loss
+    assert not ablation.beats_peer(summary, "yf_as_fast_higher", "prodigy")
     assert not ablation.beats_peer(summary, "yf_never_low", "prodigy")  # only the peer reaches it
     assert ablation.beats_peer(summary, "yf_fast", "dog")  # only the variant does
     assert ablation.beats_peer(summary, "yf_never_low", "dog")  # neither: the lower final loss

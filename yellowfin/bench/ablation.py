@@ -188,16 +188,16 @@ def overview_table(summaries: Sequence[TaskSummary], against: str = BASELINE) ->
 
 def beats_peer(summary: TaskSummary, name: str, peer: str) -> bool | None:
     """Whether optimizer ``name`` beats ``peer`` on this task by the preconditioned tuner's yardstick (issue 13): the
-    iterations to tuned Adam's best smoothed loss where both reach it, the one that reaches it where only one does,
-    else the lower final smoothed loss (mean over seeds; a tie in iterations counts for ``name``). None without tuned
-    Adam's runs or either optimizer's."""
+    fewer iterations to tuned Adam's best smoothed loss where both reach it, the one that reaches it where only one
+    does, else (neither, or both in as many iterations) the lower final smoothed loss, mean over seeds. None without
+    tuned Adam's runs or either optimizer's."""
     adam, mine, theirs = (summary.optimizers.get(key) for key in (ADAM, name, peer))
     best = metrics.best_point(adam.curve) if adam is not None else None
     if best is None or mine is None or theirs is None:
         return None
     reach = [metrics.steps_to_reach(opt.curve, best[0]) for opt in (mine, theirs)]
-    if reach[0] is not None and reach[1] is not None:
-        return reach[0] <= reach[1]
+    if reach[0] is not None and reach[1] is not None and reach[0] != reach[1]:
+        return reach[0] < reach[1]
     if (reach[0] is None) != (reach[1] is None):
         return reach[0] is not None
     finals = [statistics.fmean(final_smoothed(r, summary.curve_key, summary.window) for r in opt.records)
@@ -214,9 +214,9 @@ def peers_table(summaries: Sequence[TaskSummary]) -> str:
     if not peers or not names:
         return ""
     tasks = [summary for summary in summaries if ADAM in summary.optimizers]
-    lines = ["#### Against the tuning-free peers: W where the variant reaches tuned Adam's best smoothed loss in as "
-             "few iterations or fewer (where both reach it), or only it reaches it, or neither does and it ends "
-             "lower; else L", "", "| variant | peer | " + " | ".join(s.task for s in tasks) + " | tasks won |",
+    lines = ["#### Against the tuning-free peers: W where the variant reaches tuned Adam's best smoothed loss in fewer "
+             "iterations (where both reach it), or only it reaches it, or it ends lower where neither does or both "
+             "take as many; else L", "", "| variant | peer | " + " | ".join(s.task for s in tasks) + " | tasks won |",
              "|---" * (len(tasks) + 3) + "|"]
     for name in names:
         for peer in peers:
