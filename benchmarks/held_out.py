@@ -15,6 +15,8 @@ the suite's runs (benchmarks/results) and the ablation's (benchmarks/results-abl
         --results benchmarks/results-primal-average
     yellowfin ablate <the seven tasks> --variants scale_free_dowg_clip_hold_average \
         scale_free_dowg_clip_hold_primal_average --seeds 0 1 2 --results benchmarks/results-clip-trigger
+    yellowfin ablate <the seven tasks> --variants scale_free_adam_dowg_neutral_start_1e-2_clip_primal_average \
+        --seeds 0 1 2 --results benchmarks/results-adam-primal-average
 
 A grid-tuned optimizer is shown at the learning rate the suite chose (the one it ran on every seed).
 
@@ -44,6 +46,8 @@ ROWS = (
     ("YellowFin heavy ball, clip_trigger=2, its average", "yf_scale_free_dowg_clip_hold_average", "ablation"),
     ("YellowFin Adam's metric, last iterate", "yf_scale_free_adam_dowg_neutral_start_1e-2", "ablation"),
     ("YellowFin Adam's metric, its average", "yf_scale_free_adam_dowg_neutral_start_1e-2_average", "ablation"),
+    ("YellowFin Adam's metric, primal-average form (its default since §21), its average",
+     "yf_scale_free_adam_dowg_neutral_start_1e-2_clip_primal_average", "ablation"),
     ("YellowFin reference, last iterate", "yellowfin_reference", "suite"),
     ("momentum SGD (tuned lr)", "sgd_momentum", "suite"),
     ("Adam (tuned lr)", "adam", "suite"),
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=HERE / "results")
     parser.add_argument("--ablation", type=Path, nargs="+",
                         default=[HERE / "results-ablation", HERE / "results-primal-average",
-                                 HERE / "results-clip-trigger"])
+                                 HERE / "results-clip-trigger", HERE / "results-adam-primal-average"])
     args = parser.parse_args(argv)
     for directory in (args.results, *args.ablation):
         if not directory.is_dir():
