@@ -609,19 +609,26 @@ def update_preconditioned_compiled(
             kernel(*(each[part] for each in lists), *coefficients)
 
 
+def _kernel_metric_root(grad: Tensor, second_moment: Tensor, count: Tensor, floor: Tensor, finite: Tensor
+                        ) -> tuple[Tensor, Tensor]:
+    """Inside a compiled update kernel: (g, sqrt M) of one tensor, P and its count written (unchanged on a skipped
+    step, whose g reads as zeros)."""
+    g = torch.where(finite, grad, 0.0)
+    p = torch.where(finite, next_second_moment(second_moment, g), second_moment)
+    second_moment.copy_(p)
+    count_after = count + finite.to(count.dtype)
+    count.copy_(count_after)
+    # (the count 0-dim again: one of 1 element would promote a float32 metric to float64, unlike the reference)
+    return g, torch.sqrt(adam_metric(p, count_after.reshape(()), floor))
+
+
 def _preconditioned_update_kernel(
     grads: list[Tensor], params: list[Tensor], momenta: list[Tensor], second_moments: list[Tensor],
     steps: list[Tensor], floor: Tensor, finite: Tensor, momentum: Tensor, grad_scale: Tensor, step_size: Tensor,
     shrink: Tensor,
 ) -> None:
     for grad, param, momentum_buffer, second_moment, count in zip(grads, params, momenta, second_moments, steps):
-        g = torch.where(finite, grad, 0.0)
-        p = torch.where(finite, next_second_moment(second_moment, g), second_moment)
-        second_moment.copy_(p)
-        count_after = count + finite.to(count.dtype)
-        count.copy_(count_after)
-        # (the count 0-dim again: one of 1 element would promote a float32 metric to float64, unlike the reference)
-        root = torch.sqrt(adam_metric(p, count_after.reshape(()), floor))
+        g, root = _kernel_metric_root(grad, second_moment, count, floor, finite)
         v = momentum_buffer * momentum + g / root * grad_scale
         momentum_buffer.copy_(v)
         param.copy_(param * shrink + v / root * -step_size)
@@ -633,12 +640,7 @@ def _preconditioned_primal_average_update_kernel(
     lead_into_params: Tensor, kept: Tensor,
 ) -> None:
     for grad, param, lead, second_moment, count in zip(grads, params, leads, second_moments, steps):
-        g = torch.where(finite, grad, 0.0)
-        p = torch.where(finite, next_second_moment(second_moment, g), second_moment)
-        second_moment.copy_(p)
-        count_after = count + finite.to(count.dtype)
-        count.copy_(count_after)
-        root = torch.sqrt(adam_metric(p, count_after.reshape(()), floor))
+        g, root = _kernel_metric_root(grad, second_moment, count, floor, finite)
         direction = g / root / root
         param.copy_(param + lead * lead_into_params - direction * param_step)  # (w before its own update)
         lead.copy_((lead - direction * fast_step) * kept)
