@@ -78,7 +78,9 @@ def test_in_adams_metric_it_runs_the_prototypes_numbers(flavour):
 
 
 @pytest.mark.parametrize("options", [dict(precondition="adam"), dict(precondition="adam", step_rule="dog"),
-                                     dict(step_rule="dowg")], ids=str)
+                                     dict(step_rule="dowg"),
+                                     *(dict(weight_decay=0.1, decoupled_weight_decay=True, **metric)
+                                       for metric in METRICS.values())], ids=str)
 @pytest.mark.parametrize("flavour", ["multi_tensor", "compiled"])
 def test_the_flavours_agree_on_holes_two_learning_rates_and_a_skipped_step(flavour, options):
     # A frozen layer, a 0-dim parameter, two groups with different lr, gradients missing on some steps, a NaN step.
@@ -131,6 +133,33 @@ def test_the_gradients_are_taken_between_the_sgd_sequence_and_its_average():
     for y, expected in iterates:
         torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(averaged_flat(model, opt), xbar, rtol=1e-12, atol=1e-14)
+
+
+def test_decoupled_decay_joins_zs_step_at_the_point_the_gradient_was_taken():
+    # Written out as the form's definition with Schedule-Free AdamW's decay: z <- z - eta (g + lambda y), y the
+    # parameters the gradient was taken at; xbar z's polynomial average; the parameters (1 - m) z + m xbar.
+    decay, iterates, z, xbar, y = 0.05, [], None, None, None
+
+    def after_step(opt):
+        nonlocal z, xbar, y
+        stats = opt.stats()
+        grads = torch.cat([p.grad.reshape(-1) for p in opt.param_groups[0]["params"]])
+        if z is None:
+            z = torch.cat([s["initial_param"].reshape(-1) for s in opt.state.values()])
+            y = z.clone()
+        z = z - stats["alpha"] / (1.0 - stats["applied_momentum"]) * (grads + decay * y)  # (no clip acts here)
+        weight = (AVERAGE_POWER + 1.0) / (stats["step"] + AVERAGE_POWER)
+        xbar = z.clone() if xbar is None else xbar + weight * (z - xbar)
+        y = (1.0 - stats["applied_momentum"]) * z + stats["applied_momentum"] * xbar
+        iterates.append((flat_of(opt), y))
+
+    _, model, opt = train(primal_average("single_tensor", weight_decay=decay, decoupled_weight_decay=True), steps=30,
+                          after_step=after_step)
+    for parameters, expected in iterates:
+        torch.testing.assert_close(parameters, expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(averaged_flat(model, opt), xbar, rtol=1e-12, atol=1e-14)
+    undecayed, _, _ = train(primal_average("single_tensor"), steps=30)
+    assert relative_difference(iterates[-1][0], undecayed) > 1e-4  # (the decay moved it)
 
 
 def flat_of(opt):
@@ -246,7 +275,6 @@ def test_a_parameter_without_a_gradient_stands_still(metric):
     (dict(step_rule="secant"), "step_rule"),
     (dict(average=True), "average=False"),
     (dict(nesterov=True), "nesterov"),
-    (dict(weight_decay=1e-2, decoupled_weight_decay=True), "decoupled_weight_decay"),
     (dict(momentum_form="primal"), "momentum_form"),
 ])
 def test_what_it_does_not_support_is_refused(options, message):

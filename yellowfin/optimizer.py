@@ -794,7 +794,7 @@ def _update(batch: _Batch, coefficients: tuning.UpdateCoefficients, floor: Tenso
         return
     if group["momentum_form"] == "primal_average":  # (dense gradients only: _collect refuses sparse ones)
         _PRIMAL_AVERAGE_UPDATES[batch.flavour](batch.params, batch.grads, batch.grad_avgs, batch.momenta,
-                                               coefficients, lr=group["lr"])
+                                               coefficients, lr=group["lr"], decay=decay)
         return
     own, reference = _split_sparse(batch)
     for indices, update in ((own, _PASSES[batch.flavour][1]), (reference, passes.update_single_tensor)):
@@ -867,13 +867,9 @@ def _check_group(group: dict) -> TunerSettings:
         raise ValueError("nesterov=True is an option of tuner='reference': the scale-free tuner's step rules were "
                          "derived and measured on heavy-ball steps only; use nesterov=False, or "
                          "YellowFin.reference_variant(params, nesterov=True)")
-    if settings.momentum_form == "primal_average":
-        for name, refused, why in (
-                ("nesterov", True, "the form is heavy ball's, averaged"),
-                ("decoupled_weight_decay", True, "its decay is not derived for the form yet; use the coupled "
-                                                 "weight_decay")):
-            if group[name] == refused:
-                raise ValueError(f"{name}={refused!r} does not run with momentum_form='primal_average': {why}")
+    if settings.momentum_form == "primal_average" and group["nesterov"]:
+        raise ValueError("nesterov=True does not run with momentum_form='primal_average': the form is heavy ball's, "
+                         "averaged")
     return settings
 
 

@@ -317,54 +317,92 @@ def _update_kernel(
 # Nothing is divided by 1 - b, so z and xbar are never formed (pass 1 forms z - x_0 for the distance, through
 # ``Trajectory.leads``). A skipped step (m = b = 1, c = 0, eta = 0) changes nothing. gbar is updated as in heavy
 # ball's pass. Dense gradients only; the three flavours.
-def primal_average_coefficients(c: UpdateCoefficients, lr: float | Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(eta s, k eta s, k - (1 - b), 1 - c): the scalars of the pass."""
+#
+# Decoupled weight decay lambda (``decay``) joins z's step at the point the gradient was taken, as Schedule-Free AdamW
+# decays: z <- z - eta (s g + lambda y), so e = eta lambda y (``decay_step`` times y before the update) enters as the
+# gradient's term does: y <- y - k e, w <- w - e (before w's decay). The shrink per step is eta lambda, heavy ball's.
+class FormScalars(NamedTuple):
+    """The scalars of the primal-average form's pass 2 (0-dim tensors)."""
+
+    fast_step: Tensor  # lr eta s: z's step along g
+    param_step: Tensor  # k lr eta s: y's step along g
+    lead_into_params: Tensor  # k - (1 - b): the part of w that enters y
+    kept: Tensor  # 1 - c: what the average leaves of w
+    decay_step: Tensor  # lr eta lambda: z's step along y (0 without decoupled decay)
+    into_params: Tensor  # k: the part of z's step that enters y
+
+
+def primal_average_coefficients(c: UpdateCoefficients, lr: float | Tensor, decay: float = 0.0) -> FormScalars:
+    """The scalars of the form's pass 2 from the tuner's coefficients, the group's ``lr`` and decoupled ``decay``."""
     momentum = torch.where(c.finite, c.momentum, 0.0)  # (a skipped step: no division by 1 - 1)
-    fast_step = c.step_size * lr / (1.0 - momentum) * c.grad_scale
+    effective_step = c.step_size * lr / (1.0 - momentum)
+    fast_step = effective_step * c.grad_scale
     into_params = c.average_weight + (1.0 - c.momentum) * (1.0 - c.average_weight)
-    return fast_step, into_params * fast_step, into_params - (1.0 - c.previous_momentum), 1.0 - c.average_weight
+    return FormScalars(fast_step, into_params * fast_step, into_params - (1.0 - c.previous_momentum),
+                       1.0 - c.average_weight, effective_step * decay, into_params)
 
 
 def update_primal_average_single_tensor(
     params: list[Tensor], grads: list[Tensor], grad_avgs: list[Tensor], leads: list[Tensor],
-    c: UpdateCoefficients, *, lr: float | Tensor,
+    c: UpdateCoefficients, *, lr: float | Tensor, decay: float = 0.0,
 ) -> None:
     """Pass 2 in primal-average form, one tensor at a time: the reference."""
-    fast_step, param_step, lead_into_params, kept = primal_average_coefficients(c, lr)
+    scalars = primal_average_coefficients(c, lr, decay)
     for param, grad, grad_avg, lead in zip(params, grads, grad_avgs, leads):
         grad = _finite_grad(grad, c.finite)
         grad_avg.mul_(c.avg_decay).add_(grad * c.avg_weight)
-        param.add_(lead * lead_into_params).add_(grad * -param_step)
-        lead.sub_(grad * fast_step).mul_(kept)
+        _form_step_single_tensor(param, lead, grad, scalars, decay)
 
 
 def update_primal_average_multi_tensor(
     params: list[Tensor], grads: list[Tensor], grad_avgs: list[Tensor], leads: list[Tensor],
-    c: UpdateCoefficients, *, lr: float | Tensor,
+    c: UpdateCoefficients, *, lr: float | Tensor, decay: float = 0.0,
 ) -> None:
     """Pass 2 in primal-average form with multi-tensor kernels, per device and dtype."""
-    scalars = primal_average_coefficients(c, lr)
+    scalars = primal_average_coefficients(c, lr, decay)
     for params, grads, grad_avgs, leads in _by_device_and_dtype(params, grads, grad_avgs, leads):
         device = params[0].device
         finite, avg_decay, avg_weight = (x.to(device) for x in (c.finite, c.avg_decay, c.avg_weight))
-        fast_step, param_step, lead_into_params, kept = (x.to(device) for x in scalars)
         grads = [_finite_grad(g, finite) for g in grads]
-        count = len(grads)
         torch._foreach_mul_(grad_avgs, avg_decay)
-        torch._foreach_addcmul_(grad_avgs, grads, [avg_weight] * count)
-        torch._foreach_addcmul_(params, leads, [lead_into_params] * count)
-        torch._foreach_addcmul_(params, grads, [-param_step] * count)
-        torch._foreach_addcmul_(leads, grads, [-fast_step] * count)
-        torch._foreach_mul_(leads, kept)
+        torch._foreach_addcmul_(grad_avgs, grads, [avg_weight] * len(grads))
+        _form_step_multi_tensor(params, leads, grads, FormScalars(*(x.to(device) for x in scalars)), decay)
+
+
+def _form_step_single_tensor(param: Tensor, lead: Tensor, direction: Tensor, scalars: FormScalars,
+                             decay: float) -> None:
+    """y and w of one tensor moved by z's step along ``direction`` (g, or M^-1 g in Adam's metric), and along y for
+    decoupled decay."""
+    decayed = param * scalars.decay_step if decay != 0.0 else None  # (at y before the update)
+    param.add_(lead * scalars.lead_into_params).add_(direction * -scalars.param_step)
+    lead.sub_(direction * scalars.fast_step)
+    if decayed is not None:
+        param.sub_(decayed * scalars.into_params)
+        lead.sub_(decayed)
+    lead.mul_(scalars.kept)
+
+
+def _form_step_multi_tensor(params: list[Tensor], leads: list[Tensor], directions: list[Tensor],
+                            scalars: FormScalars, decay: float) -> None:
+    """``_form_step_single_tensor`` with multi-tensor kernels (the scalars on the tensors' device)."""
+    count = len(params)
+    decayed = torch._foreach_mul(params, scalars.decay_step) if decay != 0.0 else None
+    torch._foreach_addcmul_(params, leads, [scalars.lead_into_params] * count)
+    torch._foreach_addcmul_(params, directions, [-scalars.param_step] * count)
+    torch._foreach_addcmul_(leads, directions, [-scalars.fast_step] * count)
+    if decayed is not None:
+        torch._foreach_addcmul_(params, decayed, [-scalars.into_params] * count)
+        torch._foreach_sub_(leads, decayed)
+    torch._foreach_mul_(leads, scalars.kept)
 
 
 def update_primal_average_compiled(
     params: list[Tensor], grads: list[Tensor], grad_avgs: list[Tensor], leads: list[Tensor],
-    c: UpdateCoefficients, *, lr: float | Tensor,
+    c: UpdateCoefficients, *, lr: float | Tensor, decay: float = 0.0,
 ) -> None:
     """Pass 2 in primal-average form with compiled kernels, per device and dtype (0-dim coefficients: the tuned
     values change without recompiling)."""
-    scalars = primal_average_coefficients(c, lr)
+    scalars = primal_average_coefficients(c, lr, decay)
     for params, grads, grad_avgs, leads in _by_device_and_dtype(params, grads, grad_avgs, leads):
         device = params[0].device
         coefficients = tuple(x.to(device) for x in (c.finite, c.avg_decay, c.avg_weight, *scalars))
@@ -376,13 +414,20 @@ def update_primal_average_compiled(
 def _primal_average_update_kernel(
     params: list[Tensor], grads: list[Tensor], grad_avgs: list[Tensor], leads: list[Tensor], finite: Tensor,
     avg_decay: Tensor, avg_weight: Tensor, fast_step: Tensor, param_step: Tensor, lead_into_params: Tensor,
-    kept: Tensor,
+    kept: Tensor, decay_step: Tensor, into_params: Tensor,
 ) -> None:
     for param, grad, grad_avg, lead in zip(params, grads, grad_avgs, leads):
         g = torch.where(finite, grad, 0.0)
         grad_avg.copy_(grad_avg * avg_decay + g * avg_weight)
-        param.copy_(param + lead * lead_into_params - g * param_step)  # (w before its own update)
-        lead.copy_((lead - g * fast_step) * kept)
+        _kernel_form_step(param, lead, g, fast_step, param_step, lead_into_params, kept, decay_step, into_params)
+
+
+def _kernel_form_step(param: Tensor, lead: Tensor, direction: Tensor, fast_step: Tensor, param_step: Tensor,
+                      lead_into_params: Tensor, kept: Tensor, decay_step: Tensor, into_params: Tensor) -> None:
+    """Inside a compiled kernel: ``_form_step_single_tensor`` (the decay's terms are zeros without decay)."""
+    decayed = param * decay_step
+    param.copy_(param + lead * lead_into_params - direction * param_step - decayed * into_params)  # (w before)
+    lead.copy_((lead - direction * fast_step - decayed) * kept)
 
 
 # --------------------------------------------------------------------------------- after pass 2: the average
@@ -493,17 +538,14 @@ def update_preconditioned_single_tensor(
     step_size = c.step_size * lr
     shrink = _decay_shrink(c, step_size, decay)
     form = tensors.lead_weight is not None
-    if form:
-        fast_step, param_step, lead_into_params, kept = primal_average_coefficients(c, lr)
+    scalars = primal_average_coefficients(c, lr, decay) if form else None
     for grad, param, _, momentum_buffer, second_moment, steps in zip(grads, *tensors.lists):
         grad = _finite_grad(grad, c.finite)
         second_moment.copy_(torch.where(c.finite, next_second_moment(second_moment, grad), second_moment))
         steps.add_(c.finite.to(steps.dtype))
         root = torch.sqrt(adam_metric(second_moment, steps, floor))
         if form:
-            direction = grad / root / root
-            param.add_(momentum_buffer * lead_into_params).add_(direction * -param_step)
-            momentum_buffer.sub_(direction * fast_step).mul_(kept)
+            _form_step_single_tensor(param, momentum_buffer, grad / root / root, scalars, decay)
             continue
         momentum_buffer.mul_(c.momentum).add_(grad / root * c.grad_scale)
         if decay != 0.0:
@@ -519,7 +561,7 @@ def update_preconditioned_multi_tensor(
     step_size = c.step_size * lr
     shrink = _decay_shrink(c, step_size, decay)
     form = tensors.lead_weight is not None
-    form_scalars = primal_average_coefficients(c, lr) if form else ()
+    form_scalars = primal_average_coefficients(c, lr, decay) if form else ()
     for grads, params, _, momenta, second_moments, steps in _by_device_and_dtype(grads, *tensors.lists):
         device = params[0].device
         finite, momentum, grad_scale, lr_alpha, shrink_here = (
@@ -533,13 +575,9 @@ def update_preconditioned_multi_tensor(
         torch._foreach_add_(steps, finite.to(steps[0].dtype))
         roots = torch._foreach_sqrt([adam_metric(p, t, floor) for p, t in zip(second_moments, steps)])
         if form:
-            fast_step, param_step, lead_into_params, kept = (x.to(device) for x in form_scalars)
             directions = torch._foreach_div(torch._foreach_div(grads, roots), roots)  # M^-1 g
-            count = len(params)
-            torch._foreach_addcmul_(params, momenta, [lead_into_params] * count)
-            torch._foreach_addcmul_(params, directions, [-param_step] * count)
-            torch._foreach_addcmul_(momenta, directions, [-fast_step] * count)
-            torch._foreach_mul_(momenta, kept)
+            _form_step_multi_tensor(params, momenta, directions, FormScalars(*(x.to(device) for x in form_scalars)),
+                                    decay)
             continue
         torch._foreach_mul_(momenta, momentum)
         torch._foreach_addcmul_(momenta, torch._foreach_div(grads, roots), [grad_scale] * len(grads))
@@ -603,7 +641,7 @@ def update_preconditioned_compiled(
         # (the counts too: the kernel increments them in place)
         lists = [_at_least_1d(t) for t in (grads, params, momenta, second_moments, steps)]
         if form:
-            coefficients = coefficients[:2] + tuple(x.to(device) for x in primal_average_coefficients(c, lr))
+            coefficients = coefficients[:2] + tuple(x.to(device) for x in primal_average_coefficients(c, lr, decay))
         kernel = _compiled_preconditioned_primal_average_update if form else _compiled_preconditioned_update
         for part in _chunks(len(params)):
             kernel(*(each[part] for each in lists), *coefficients)
@@ -637,13 +675,12 @@ def _preconditioned_update_kernel(
 def _preconditioned_primal_average_update_kernel(
     grads: list[Tensor], params: list[Tensor], leads: list[Tensor], second_moments: list[Tensor],
     steps: list[Tensor], floor: Tensor, finite: Tensor, fast_step: Tensor, param_step: Tensor,
-    lead_into_params: Tensor, kept: Tensor,
+    lead_into_params: Tensor, kept: Tensor, decay_step: Tensor, into_params: Tensor,
 ) -> None:
     for grad, param, lead, second_moment, count in zip(grads, params, leads, second_moments, steps):
         g, root = _kernel_metric_root(grad, second_moment, count, floor, finite)
-        direction = g / root / root
-        param.copy_(param + lead * lead_into_params - direction * param_step)  # (w before its own update)
-        lead.copy_((lead - direction * fast_step) * kept)
+        _kernel_form_step(param, lead, g / root / root, fast_step, param_step, lead_into_params, kept, decay_step,
+                          into_params)
 
 
 def _decay_shrink(c: UpdateCoefficients, step_size: Tensor, decay: float) -> Tensor:

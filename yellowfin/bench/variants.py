@@ -281,6 +281,23 @@ for _variant in (
             overrides={"tuner": "scale_free", "precondition": "adam", "step_rule": "dowg_neutral", "beta": 0.99,
                        "initial_distance": 1e-2, "momentum_form": "primal_average", "relative_clip": 2.0,
                        "clip_trigger": 2.0}),
+    # Each metric's default with decoupled weight decay (AdamW's lambda = 0.1, large enough to move a run of this
+    # suite's length), in the primal-average form (the decay joins z's step at y, as Schedule-Free AdamW decays) and
+    # in heavy ball (x shrinks by eta lambda), which groups with decoupled decay ran until then (docs/tuner.md §22).
+    *(Variant(f"{name}_decay_0.1", f"{name} with decoupled weight decay 0.1",
+              overrides={**overrides, "weight_decay": 0.1, "decoupled_weight_decay": True})
+      for name, overrides in (
+          ("scale_free_dowg_clip_hold_primal_average",
+           {**_DOWG_CLIP_TRIGGER_AVERAGE, "average": False, "hold_distance_uphill": True,
+            "momentum_form": "primal_average", "clip_trigger": 2.0}),
+          ("scale_free_dowg_clip_trigger_hold", {**_DOWG_CLIP_TRIGGER_AVERAGE, "average": False,
+                                                 "hold_distance_uphill": True}),
+          ("scale_free_adam_dowg_neutral_start_1e-2_clip_primal_average",
+           {"tuner": "scale_free", "precondition": "adam", "step_rule": "dowg_neutral", "beta": 0.99,
+            "initial_distance": 1e-2, "momentum_form": "primal_average", "relative_clip": 2.0, "clip_trigger": 2.0}),
+          ("scale_free_adam_dowg_neutral_start_1e-2",
+           {"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "step_rule": "dowg_neutral", "beta": 0.99,
+            "initial_distance": 1e-2}))),
 ):
     register_variant(_pinned_as_measured(_variant))
 DEFAULT_VARIANTS = (REFERENCE, "paper", "control")
