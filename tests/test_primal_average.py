@@ -303,9 +303,9 @@ def test_staleness_and_asynchronous_systems_are_refused():
     (dict(step_rule="dowg_neutral"), "primal_average", 2.0),
     (dict(step_rule="secant"), "heavy_ball", 10.0),
     (dict(average=True), "heavy_ball", 10.0),
-    (dict(weight_decay=1e-2, decoupled_weight_decay=True), "heavy_ball", 10.0),
+    (dict(weight_decay=1e-2, decoupled_weight_decay=True), "primal_average", 2.0),  # (docs/tuner.md §22)
     (dict(precondition="adam"), "primal_average", 2.0),  # (in the metric's norms, docs/tuner.md §21)
-    (dict(precondition="adam", weight_decay=1e-2, decoupled_weight_decay=True), "heavy_ball", math.inf),
+    (dict(precondition="adam", weight_decay=1e-2, decoupled_weight_decay=True), "primal_average", 2.0),
     (dict(precondition="adam", momentum_form="heavy_ball"), "heavy_ball", math.inf),
     (dict(tuner="reference"), "heavy_ball", None),
     (dict(momentum_form="heavy_ball"), "heavy_ball", 10.0),
@@ -317,18 +317,19 @@ def test_it_is_the_default_wherever_it_runs(options, form, trigger):
     assert group["clip_trigger"] == (trigger if trigger is None else pytest.approx(trigger))
 
 
-def test_a_group_with_decoupled_decay_runs_heavy_ball_beside_the_default_form():
+def test_a_group_with_its_own_average_runs_heavy_ball_beside_the_default_form():
     model, _, _ = mlp_problem()
     first, second = list(model[0].parameters()), list(model[2].parameters())
-    groups = [{"params": first}, {"params": second, "decoupled_weight_decay": True}]
+    groups = [{"params": first}, {"params": second, "average": True}]
     opt = YellowFin(groups, per_group_tuning=True)
     assert [group["momentum_form"] for group in opt.param_groups] == ["primal_average", "heavy_ball"]
     # Under one shared tuner the two forms cannot meet: the error names what differs and what to pass.
     with pytest.raises(ValueError, match=r"momentum_form \('primal_average' against 'heavy_ball'\).*"
                                          r"momentum_form='heavy_ball'"):
         YellowFin(groups)
-    shared = YellowFin(groups, momentum_form="heavy_ball")
-    assert [group["momentum_form"] for group in shared.param_groups] == ["heavy_ball", "heavy_ball"]
+    # (a group with decoupled decay runs the form, as the others: one tuner serves them all)
+    decayed = YellowFin([{"params": first}, {"params": second, "weight_decay": 1e-3, "decoupled_weight_decay": True}])
+    assert [group["momentum_form"] for group in decayed.param_groups] == ["primal_average", "primal_average"]
 
 
 def test_under_staleness_the_default_runs_heavy_ball_and_the_named_form_is_refused():

@@ -281,12 +281,13 @@ for _variant in (
             overrides={"tuner": "scale_free", "precondition": "adam", "step_rule": "dowg_neutral", "beta": 0.99,
                        "initial_distance": 1e-2, "momentum_form": "primal_average", "relative_clip": 2.0,
                        "clip_trigger": 2.0}),
-    # Each metric's default with decoupled weight decay (AdamW's lambda = 0.1, large enough to move a run of this
-    # suite's length), in the primal-average form (the decay joins z's step at y, as Schedule-Free AdamW decays) and
-    # in heavy ball (x shrinks by eta lambda), which groups with decoupled decay ran until then (docs/tuner.md §22).
-    *(Variant(f"{name}_decay_0.1", f"{name} with decoupled weight decay 0.1",
-              overrides={**overrides, "weight_decay": 0.1, "decoupled_weight_decay": True})
-      for name, overrides in (
+    # Each metric's default with decoupled weight decay, in the primal-average form (the decay joins z's step at y,
+    # as Schedule-Free AdamW decays) and in heavy ball (x shrinks by eta lambda), which groups with decoupled decay
+    # ran until then (docs/tuner.md §22): lambda = 0.1 (AdamW's scale, large enough to move a run of this suite's
+    # length in Adam's metric) and 1e-3 (for the plain metric, whose effective steps are 100 to 1000 times larger).
+    *(Variant(f"{name}_decay_{decay}", f"{name} with decoupled weight decay {decay}",
+              overrides={**overrides, "weight_decay": float(decay), "decoupled_weight_decay": True})
+      for decay in ("0.1", "1e-3") for name, overrides in (
           ("scale_free_dowg_clip_hold_primal_average",
            {**_DOWG_CLIP_TRIGGER_AVERAGE, "average": False, "hold_distance_uphill": True,
             "momentum_form": "primal_average", "clip_trigger": 2.0}),
