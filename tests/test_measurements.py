@@ -7,7 +7,7 @@ import torch
 
 from yellowfin import YellowFin
 from yellowfin import measurements
-from yellowfin.measurements import GradientSample, curvature_range, measure
+from yellowfin.measurements import GradientSample, Sums, curvature_range, measure
 from yellowfin.state import TunerSettings, TunerState
 
 
@@ -116,3 +116,13 @@ def test_averaged_sq_norm_bounds_an_overflowed_cross_term(cross):
     # |<a, b>| <= ||a|| ||b|| = 6, so the result lies in [(3 - 2)^2, (3 + 2)^2]; NaN reads as 0.
     expected = {"inf": 25.0, "-inf": 1.0, "nan": 13.0}[str(cross)]
     assert value.item() == expected
+
+
+def test_the_leads_product_is_divided_by_the_groups_lr_given_as_a_number_or_a_tensor():
+    sums = Sums.zeros(torch.zeros(()))._replace(grad_dot_momentum=torch.tensor(3.0, dtype=torch.float64),
+                                                sq_norm=torch.tensor(5.0, dtype=torch.float64))
+    for lr in (0.5, torch.tensor([0.5], dtype=torch.float32)):
+        divided = sums.lead_per_lr(lr)
+        assert float(divided.grad_dot_momentum) == 6.0 and divided.sq_norm is sums.sq_norm  # (only that sum)
+    for lr in (0.0, torch.tensor(0.0)):  # (a group that stands still adds nothing)
+        assert float(sums.lead_per_lr(lr).grad_dot_momentum) == 0.0

@@ -196,13 +196,16 @@ def test_the_relative_clip_acts_only_above_its_trigger_which_defaults_to_the_mem
     low = TunerSettings(tuner="scale_free", relative_clip=3.0, clip_trigger=2.0)
     _, update_scale = tuning.clipping_scales(5.0**2, 1.0, True, low, grad_sq_mean=4.0)
     assert float(update_scale) == 1.0
-    # the clip off: no trigger either; the reference and Adam's metric take none
+    # the clip off: no trigger either; the reference and heavy ball in Adam's metric take none, and Adam's metric's
+    # default form the clip at its level, as the plain one
     assert TunerSettings(tuner="scale_free", relative_clip=math.inf).clip_trigger == math.inf
-    assert TunerSettings(tuner="scale_free", precondition="adam").clip_trigger == math.inf
+    assert TunerSettings(tuner="scale_free", precondition="adam", momentum_form="heavy_ball").clip_trigger == math.inf
+    adam_form = TunerSettings(tuner="scale_free", precondition="adam")
+    assert adam_form.momentum_form == "primal_average" and adam_form.relative_clip == adam_form.clip_trigger == 2.0
     assert TunerSettings(tuner="reference").clip_trigger is None
     assert TunerSettings() == primal_average  # (the default tuner is the scale-free one)
+    assert TunerSettings(tuner="scale_free", precondition="adam", clip_trigger=10.0).clip_trigger == 10.0  # (taken)
     for options, error in ((dict(tuner="reference", clip_trigger=10.0), ValueError),
-                           (dict(tuner="scale_free", precondition="adam", clip_trigger=10.0), ValueError),
                            (dict(tuner="scale_free", clip_trigger=0.0), ValueError),
                            (dict(tuner="scale_free", clip_trigger=math.nan), ValueError),
                            (dict(tuner="scale_free", clip_trigger="10"), TypeError)):

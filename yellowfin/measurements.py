@@ -59,6 +59,16 @@ class Sums(NamedTuple):
             grad_sq_norm_lr=lr * self.grad_sq_norm_lr,
         )
 
+    def lead_per_lr(self, lr) -> "Sums":
+        """These sums of one group's tensors in primal-average form in Adam's metric, with <g, w> divided by the
+        group's ``lr`` (0 where lr is 0): its lead w moved by lr times the steps the tuner sums
+        (``measure_signal_along_lead``)."""
+        if isinstance(lr, Tensor):
+            lr = lr.detach().reshape(()).to(self.grad_dot_momentum)
+            return self._replace(grad_dot_momentum=torch.where(lr > 0.0, self.grad_dot_momentum / lr, 0.0))
+        return self._replace(grad_dot_momentum=self.grad_dot_momentum / lr if lr > 0.0
+                             else torch.zeros_like(self.grad_dot_momentum))
+
     def vector(self) -> Tensor:
         """The sums as one float64 vector in field order (all fields 0-dim, on one device)."""
         return torch.stack(tuple(self))

@@ -761,11 +761,8 @@ def _reduce(batch: _Batch, settings: TunerSettings, floor: Tensor | None, previo
     if settings.preconditioned:
         sums = Sums.from_vector(_PRECONDITIONED_PASSES[batch.flavour][0](
             batch.grads, batch.preconditioned(previous_momentum), floor))
-        if settings.momentum_form == "primal_average":  # (<g, w> per unit of z's steps: w moved by lr times them)
-            lr = batch.group["lr"]
-            lr = lr.detach().reshape(()).to(sums.grad_dot_momentum) if isinstance(lr, Tensor) else lr
-            sums = sums._replace(grad_dot_momentum=torch.where(
-                torch.as_tensor(lr > 0.0), sums.grad_dot_momentum / lr, 0.0))
+        if settings.momentum_form == "primal_average":
+            sums = sums.lead_per_lr(batch.group["lr"])
     else:
         own, reference = _split_sparse(batch)
         rows = []
