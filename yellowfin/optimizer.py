@@ -548,9 +548,10 @@ class YellowFin(Optimizer):
             self._tuners[index] = state.replace(staleness=value)
 
     def choose_heavy_ball(self, why: str) -> None:
-        """Run heavy ball where the primal-average form was chosen by default (``momentum_form=None``), with the
-        clip's trigger of heavy ball where that too was left to its default: the hook of what the form does not run
-        in (the asynchronous systems, ``set_staleness``, sparse gradients), before the first step.
+        """Run heavy ball where the primal-average form was chosen by default (``momentum_form=None``), with heavy
+        ball's clip (its level and trigger, in Adam's metric none) where that too was left to its default: the hook of
+        what the form does not run in (the asynchronous systems, ``set_staleness``, sparse gradients), before the
+        first step.
 
         Raises ValueError(``why``) where the form was asked for by name, or has already moved the parameters (its
         buffers hold z - xbar, not heavy ball's velocity).
