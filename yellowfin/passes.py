@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .measurements import SECOND_MOMENT_BETA, Sums, adam_metric, next_second_moment
-from .tuning import UpdateCoefficients
+from .tuning import FormScalars, UpdateCoefficients, primal_average_coefficients
 
 
 # --------------------------------------------------------------------------------- pass 1: reduce
@@ -321,27 +321,6 @@ def _update_kernel(
 # Decoupled weight decay lambda (``decay``) joins z's step at the point the gradient was taken, as Schedule-Free AdamW
 # decays: z <- z - eta (s g + lambda y), so e = eta lambda y (``decay_step`` times y before the update) enters as the
 # gradient's term does: y <- y - k e, w <- w - e (before w's decay). The shrink per step is eta lambda, heavy ball's.
-class FormScalars(NamedTuple):
-    """The scalars of the primal-average form's pass 2 (0-dim tensors)."""
-
-    fast_step: Tensor  # lr eta s: z's step along g
-    param_step: Tensor  # k lr eta s: y's step along g
-    lead_into_params: Tensor  # k - (1 - b): the part of w that enters y
-    kept: Tensor  # 1 - c: what the average leaves of w
-    decay_step: Tensor  # lr eta lambda: z's step along y (0 without decoupled decay)
-    into_params: Tensor  # k: the part of z's step that enters y
-
-
-def primal_average_coefficients(c: UpdateCoefficients, lr: float | Tensor, decay: float = 0.0) -> FormScalars:
-    """The scalars of the form's pass 2 from the tuner's coefficients, the group's ``lr`` and decoupled ``decay``."""
-    momentum = torch.where(c.finite, c.momentum, 0.0)  # (a skipped step: no division by 1 - 1)
-    effective_step = c.step_size * lr / (1.0 - momentum)
-    fast_step = effective_step * c.grad_scale
-    into_params = c.average_weight + (1.0 - c.momentum) * (1.0 - c.average_weight)
-    return FormScalars(fast_step, into_params * fast_step, into_params - (1.0 - c.previous_momentum),
-                       1.0 - c.average_weight, effective_step * decay, into_params)
-
-
 def update_primal_average_single_tensor(
     params: list[Tensor], grads: list[Tensor], grad_avgs: list[Tensor], leads: list[Tensor],
     c: UpdateCoefficients, *, lr: float | Tensor, decay: float = 0.0,

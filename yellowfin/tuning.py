@@ -287,6 +287,27 @@ class UpdateCoefficients(NamedTuple):
     previous_momentum: Tensor  # the momentum applied at the step before (read by the primal-average form; 1 if skipped)
 
 
+class FormScalars(NamedTuple):
+    """The scalars of the primal-average form's pass 2 (0-dim tensors; ``passes.update_primal_average_*``)."""
+
+    fast_step: Tensor  # lr eta s: z's step along g
+    param_step: Tensor  # k lr eta s: y's step along g
+    lead_into_params: Tensor  # k - (1 - b): the part of w that enters y
+    kept: Tensor  # 1 - c: what the average leaves of w
+    decay_step: Tensor  # lr eta lambda: z's step along y (0 without decoupled decay)
+    into_params: Tensor  # k: the part of z's step that enters y
+
+
+def primal_average_coefficients(c: UpdateCoefficients, lr: float | Tensor, decay: float = 0.0) -> FormScalars:
+    """The scalars of the form's pass 2 from the tuner's coefficients, the group's ``lr`` and decoupled ``decay``."""
+    momentum = torch.where(c.finite, c.momentum, 0.0)  # (a skipped step: no division by 1 - 1)
+    effective_step = c.step_size * lr / (1.0 - momentum)
+    fast_step = effective_step * c.grad_scale
+    into_params = c.average_weight + (1.0 - c.momentum) * (1.0 - c.average_weight)
+    return FormScalars(fast_step, into_params * fast_step, into_params - (1.0 - c.previous_momentum),
+                       1.0 - c.average_weight, effective_step * decay, into_params)
+
+
 # The iterate average's weights grow as t^AVERAGE_POWER (polynomial-decay averaging, Shamir & Zhang 2013): at
 # step t it covers about the last t / (AVERAGE_POWER + 1) iterates, so it forgets the start without a horizon.
 # 8 is DoG's published choice (Ivgi, Hinder, Carmon 2023), taken as it is, not tuned on our suite.
@@ -447,7 +468,7 @@ def tune_step(state: TunerState, sums: Sums, settings: TunerSettings) -> tuple[T
         new_state = new_state.replace(last_momentum=coefficients.momentum)
     if settings.preconditioned and settings.momentum_form == "primal_average":
         # (the sum of z's step sizes with the average's decay, as w sums the steps: the next signal's weights)
-        fast_step = applied_alpha / (1.0 - torch.where(applied, coefficients.momentum, 0.0)) * coefficients.grad_scale
+        fast_step = primal_average_coefficients(coefficients, 1.0).fast_step
         new_state = new_state.replace(
             lead_step_sum=(1.0 - coefficients.average_weight) * (state.lead_step_sum + fast_step))
     elif settings.preconditioned:  # (the next step's signal reads this one's <g, v> through the momentum it applied)
