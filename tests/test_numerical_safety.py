@@ -223,6 +223,9 @@ gradient_entries = st.one_of(
 # (found by the search: a gradient whose product with the momentum it meets exceeds float32's range, 5.2e21 * 6.5e16)
 @example(shape=(), steps=[([0.0] * 6, None), ([0.0] * 6, None), ([6.5404322476720136e16] + [0.0] * 5, None),
                           ([5.202749973997538e21] + [0.0] * 5, None)], foreach=True)
+# (found by the search: a gradient of float32's smallest denormal norm, whose first DoG step alpha = d / ||g|| = 7e41
+# is beyond float32's range)
+@example(shape=(3,), steps=[([0.0, 0.0, 1.401298464324817e-45, 0.0, 0.0, 0.0], None)], foreach=False)
 @pytest.mark.parametrize("tuner", TUNERS)
 def test_property_state_stays_finite_and_skipped_steps_change_nothing(tuner, shape, steps, foreach):
     p = torch.zeros(shape, dtype=torch.float32, requires_grad=True)
@@ -250,6 +253,32 @@ def test_property_state_stays_finite_and_skipped_steps_change_nothing(tuner, sha
                 assert torch.equal(buffer, buffers_before.get(name, created_buffer(name, snapshot[0][0])))
         assert torch.isfinite(p).all()
         assert all(torch.isfinite(t).all() for t in flat_state(opt))
+
+
+@pytest.mark.parametrize("precondition", [None, "adam"])
+@pytest.mark.parametrize("form", ["heavy_ball", "primal_average"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_a_step_size_beyond_the_dtypes_range_is_bounded_not_inf(dtype, form, precondition):
+    # A gradient of the dtype's smallest denormal norm: the tuner's first step alpha = d / ||g|| (float64) is beyond
+    # the dtype's range, while alpha g is a distance. Every flavour keeps the parameters finite (inf * 0 would be
+    # NaN), and in float32 in the plain metric, where all three reduce the same sums, they agree. (In Adam's metric
+    # g^2 underflows where the flavours square it in the dtype, so they differ there; finite is what they share.)
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    runs = []
+    for flavour in ({"foreach": False}, {"foreach": True}, {"fused": True}):
+        p = torch.tensor([100.0, 0.0, 0.0], dtype=dtype, requires_grad=True)  # (DoG's d grows with ||x_0||)
+        opt = YellowFin([p], momentum_form=form, precondition=precondition, **flavour)
+        for step in range(3):
+            p.grad = torch.tensor([0.0, 0.0, tiny], dtype=dtype)
+            opt.step()
+            if step == 0 and precondition is None:
+                assert float(opt.stats()["alpha"]) > torch.finfo(dtype).max  # (the tuner's own value, in float64)
+        assert torch.isfinite(p).all() and all(torch.isfinite(t).all() for t in flat_state(opt))
+        assert p[0] == 100.0 and p[1] == 0.0 and p[2] < 0.0
+        runs.append(p.detach())
+    if precondition is None and dtype == torch.float32:  # (in half precision the compiled kernels round once,
+        for other in runs[1:]:                            # in float32, and the eager ones at every product)
+            torch.testing.assert_close(other, runs[0], rtol=1e-2, atol=0.0)
 
 
 HOST_READ_CONFIGS = [{}, {"foreach": False}, {"clip_norm": 0.5}, {"per_group_tuning": True},

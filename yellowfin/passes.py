@@ -233,15 +233,17 @@ def update_single_tensor(
 ) -> None:
     """Pass 2 one tensor at a time (dense or sparse gradients): the reference."""
     step_size = c.step_size * lr
+    bounded = _per_dtype(params, c.grad_scale, step_size, 1.0 - step_size * decay)
     for param, grad, grad_avg, momentum_buffer in zip(params, grads, grad_avgs, momenta):
+        grad_scale, step, shrink = bounded[param.dtype]
         grad = _finite_grad(grad, c.finite)
         grad_avg.mul_(c.avg_decay).add_(grad * c.avg_weight)
-        scaled = grad * c.grad_scale
+        scaled = grad * grad_scale
         momentum_buffer.mul_(c.momentum).add_(scaled)
         direction = scaled + momentum_buffer * c.momentum if nesterov else momentum_buffer
         if decay != 0.0:
-            param.mul_(1.0 - step_size * decay)
-        param.add_(direction * -step_size)
+            param.mul_(shrink)
+        param.add_(direction * -step)
 
 
 def update_multi_tensor(
@@ -252,9 +254,8 @@ def update_multi_tensor(
     step_size = c.step_size * lr
     for params, grads, grad_avgs, momenta in _by_device_and_dtype(params, grads, grad_avgs, momenta):
         device = params[0].device
-        finite, avg_decay, avg_weight, momentum, grad_scale, lr_alpha = (
-            x.to(device) for x in (c.finite, c.avg_decay, c.avg_weight, c.momentum, c.grad_scale, step_size)
-        )
+        finite, avg_decay, avg_weight, momentum = (x.to(device) for x in (c.finite, c.avg_decay, c.avg_weight, c.momentum))
+        grad_scale, lr_alpha = _in_range_of(params[0].dtype, *(x.to(device) for x in (c.grad_scale, step_size)))
         grads = [_finite_grad(g, finite) for g in grads]
         # x += c * y as addcmul with a 0-dim c: one pass, where mul-then-add makes a temporary.
         torch._foreach_mul_(grad_avgs, avg_decay)
@@ -279,10 +280,8 @@ def update_compiled(
     step_size = c.step_size * lr
     for params, grads, grad_avgs, momenta in _by_device_and_dtype(params, grads, grad_avgs, momenta):
         device = params[0].device
-        coefficients = tuple(
-            x.to(device) for x in (c.finite, c.avg_decay, c.avg_weight, c.momentum, c.grad_scale, step_size,
-                                   1.0 - step_size * decay)
-        )
+        coefficients = tuple(x.to(device) for x in (c.finite, c.avg_decay, c.avg_weight, c.momentum)) + _in_range_of(
+            params[0].dtype, *(x.to(device) for x in (c.grad_scale, step_size, 1.0 - step_size * decay)))
         params, grads, grad_avgs, momenta = map(_at_least_1d, (params, grads, grad_avgs, momenta))
         for part in _chunks(len(params)):
             _compiled_update(params[part], grads[part], grad_avgs[part], momenta[part], *coefficients, nesterov)
@@ -326,11 +325,11 @@ def update_primal_average_single_tensor(
     c: UpdateCoefficients, *, lr: float | Tensor, decay: float = 0.0,
 ) -> None:
     """Pass 2 in primal-average form, one tensor at a time: the reference."""
-    scalars = primal_average_coefficients(c, lr, decay)
+    bounded = _per_dtype(params, *primal_average_coefficients(c, lr, decay))
     for param, grad, grad_avg, lead in zip(params, grads, grad_avgs, leads):
         grad = _finite_grad(grad, c.finite)
         grad_avg.mul_(c.avg_decay).add_(grad * c.avg_weight)
-        _form_step_single_tensor(param, lead, grad, scalars, decay)
+        _form_step_single_tensor(param, lead, grad, FormScalars(*bounded[param.dtype]), decay)
 
 
 def update_primal_average_multi_tensor(
@@ -345,7 +344,8 @@ def update_primal_average_multi_tensor(
         grads = [_finite_grad(g, finite) for g in grads]
         torch._foreach_mul_(grad_avgs, avg_decay)
         torch._foreach_addcmul_(grad_avgs, grads, [avg_weight] * len(grads))
-        _form_step_multi_tensor(params, leads, grads, FormScalars(*(x.to(device) for x in scalars)), decay)
+        scalars_here = FormScalars(*_in_range_of(params[0].dtype, *(x.to(device) for x in scalars)))
+        _form_step_multi_tensor(params, leads, grads, scalars_here, decay)
 
 
 def _form_step_single_tensor(param: Tensor, lead: Tensor, direction: Tensor, scalars: FormScalars,
@@ -384,7 +384,8 @@ def update_primal_average_compiled(
     scalars = primal_average_coefficients(c, lr, decay)
     for params, grads, grad_avgs, leads in _by_device_and_dtype(params, grads, grad_avgs, leads):
         device = params[0].device
-        coefficients = tuple(x.to(device) for x in (c.finite, c.avg_decay, c.avg_weight, *scalars))
+        coefficients = tuple(x.to(device) for x in (c.finite, c.avg_decay, c.avg_weight)) + _in_range_of(
+            params[0].dtype, *(x.to(device) for x in scalars))
         params, grads, grad_avgs, leads = map(_at_least_1d, (params, grads, grad_avgs, leads))
         for part in _chunks(len(params)):
             _compiled_primal_average_update(params[part], grads[part], grad_avgs[part], leads[part], *coefficients)
@@ -517,19 +518,22 @@ def update_preconditioned_single_tensor(
     step_size = c.step_size * lr
     shrink = _decay_shrink(c, step_size, decay)
     form = tensors.lead_weight is not None
-    scalars = primal_average_coefficients(c, lr, decay) if form else None
+    bounded = _per_dtype(tensors.params, *(primal_average_coefficients(c, lr, decay) if form
+                                            else (c.grad_scale, step_size, shrink)))
     for grad, param, _, momentum_buffer, second_moment, steps in zip(grads, *tensors.lists):
         grad = _finite_grad(grad, c.finite)
         second_moment.copy_(torch.where(c.finite, next_second_moment(second_moment, grad), second_moment))
         steps.add_(c.finite.to(steps.dtype))
         root = torch.sqrt(adam_metric(second_moment, steps, floor))
         if form:
-            _form_step_single_tensor(param, momentum_buffer, grad / root / root, scalars, decay)
+            _form_step_single_tensor(param, momentum_buffer, grad / root / root, FormScalars(*bounded[param.dtype]),
+                                     decay)
             continue
-        momentum_buffer.mul_(c.momentum).add_(grad / root * c.grad_scale)
+        grad_scale, step, shrink_here = bounded[param.dtype]
+        momentum_buffer.mul_(c.momentum).add_(grad / root * grad_scale)
         if decay != 0.0:
-            param.mul_(shrink)
-        param.add_(momentum_buffer / root * -step_size)
+            param.mul_(shrink_here)
+        param.add_(momentum_buffer / root * -step)
 
 
 def update_preconditioned_multi_tensor(
@@ -543,9 +547,9 @@ def update_preconditioned_multi_tensor(
     form_scalars = primal_average_coefficients(c, lr, decay) if form else ()
     for grads, params, _, momenta, second_moments, steps in _by_device_and_dtype(grads, *tensors.lists):
         device = params[0].device
-        finite, momentum, grad_scale, lr_alpha, shrink_here = (
-            x.to(device) for x in (c.finite, c.momentum, c.grad_scale, step_size, shrink)
-        )
+        finite, momentum = c.finite.to(device), c.momentum.to(device)
+        grad_scale, lr_alpha, shrink_here = _in_range_of(
+            params[0].dtype, *(x.to(device) for x in (c.grad_scale, step_size, shrink)))
         grads = [_finite_grad(g, finite) for g in grads]
         # P <- b2 P + (1 - b2) g^2 on an applied step; unchanged on a skipped one (its g reads as zeros).
         kept = (1.0 - (1.0 - SECOND_MOMENT_BETA) * finite.to(torch.float64)).to(second_moments[0].dtype)
@@ -555,8 +559,8 @@ def update_preconditioned_multi_tensor(
         roots = torch._foreach_sqrt([adam_metric(p, t, floor) for p, t in zip(second_moments, steps)])
         if form:
             directions = torch._foreach_div(torch._foreach_div(grads, roots), roots)  # M^-1 g
-            _form_step_multi_tensor(params, momenta, directions, FormScalars(*(x.to(device) for x in form_scalars)),
-                                    decay)
+            scalars_here = FormScalars(*_in_range_of(params[0].dtype, *(x.to(device) for x in form_scalars)))
+            _form_step_multi_tensor(params, momenta, directions, scalars_here, decay)
             continue
         torch._foreach_mul_(momenta, momentum)
         torch._foreach_addcmul_(momenta, torch._foreach_div(grads, roots), [grad_scale] * len(grads))
@@ -616,11 +620,11 @@ def update_preconditioned_compiled(
     form = tensors.lead_weight is not None
     for grads, params, _, momenta, second_moments, steps in _by_device_and_dtype(grads, *tensors.lists):
         device = params[0].device
-        coefficients = tuple(x.to(device) for x in (floor, c.finite, c.momentum, c.grad_scale, step_size, shrink))
+        scalars = primal_average_coefficients(c, lr, decay) if form else (c.momentum, c.grad_scale, step_size, shrink)
+        coefficients = (floor.to(device), c.finite.to(device)) + _in_range_of(
+            params[0].dtype, *(x.to(device) for x in scalars))
         # (the counts too: the kernel increments them in place)
         lists = [_at_least_1d(t) for t in (grads, params, momenta, second_moments, steps)]
-        if form:
-            coefficients = coefficients[:2] + tuple(x.to(device) for x in primal_average_coefficients(c, lr, decay))
         kernel = _compiled_preconditioned_primal_average_update if form else _compiled_preconditioned_update
         for part in _chunks(len(params)):
             kernel(*(each[part] for each in lists), *coefficients)
@@ -700,6 +704,24 @@ def _by_device_and_dtype(*tensor_lists: list[Tensor]) -> Iterator[list[list[Tens
     buckets = Optimizer._group_tensors_by_device_and_dtype(list(tensor_lists), with_indices=True)
     for lists, _ in sorted(buckets.values(), key=lambda bucket: bucket[1][0]):
         yield lists
+
+
+def _in_range_of(dtype: torch.dtype, *scalars: Tensor) -> tuple[Tensor, ...]:
+    """Pass 2's float64 scalars bounded to the range of the ``dtype`` of the tensors they multiply.
+
+    The tuner bounds the step alpha g (alpha ||g|| is a distance), not alpha alone: DoG's first alpha = d / ||g|| is
+    7e41 for a gradient whose norm is float32's smallest denormal. Cast to float32 it would be inf, and inf * 0 NaN.
+    Bounded, a step beyond the dtype's range is shorter than the tuner's, and finite. Normal steps are untouched."""
+    top = torch.finfo(dtype).max
+    if top >= torch.finfo(torch.float64).max:
+        return scalars
+    return tuple(torch.clamp(x, -top, top) for x in scalars)
+
+
+def _per_dtype(params: list[Tensor], *scalars: Tensor) -> dict[torch.dtype, tuple[Tensor, ...]]:
+    """``_in_range_of`` for each dtype of ``params``, for the single-tensor flavours (once per dtype, not per
+    tensor)."""
+    return {dtype: _in_range_of(dtype, *scalars) for dtype in {param.dtype for param in params}}
 
 
 def add_sums(rows: list[Tensor]) -> Tensor:

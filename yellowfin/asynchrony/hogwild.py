@@ -49,11 +49,12 @@ logger = logging.getLogger(__name__)
 
 
 def heavy_ball_in_place(params, buffers, grads, mu: float, alpha: float, grad_scale: float = 1.0) -> None:
-    """v <- mu v + s g; x <- x - alpha v, in place and without locks (lr-outside form; s = ``grad_scale``)."""
+    """v <- mu v + s g; x <- x - alpha v, in place and without locks (lr-outside form; s = ``grad_scale``). alpha is
+    bounded to the parameters' dtype as the tuner's own pass bounds it (a tiny gradient's alpha can exceed it)."""
     with torch.no_grad():
         for p, v, g in zip(params, buffers, grads):
             v.mul_(mu).add_(g, alpha=grad_scale)
-            p.sub_(alpha * v)
+            p.sub_(min(alpha, torch.finfo(p.dtype).max) * v)
 
 
 def clip_scale(grad_norm: float, levels) -> float:
