@@ -5,7 +5,7 @@ with the mini-batch loss multiplied by c in {1e-4, 1e-2, 1, 1e2, 1e4}. A tuning-
 same point for every c. Reported: the final full-batch mean squared error of the unscaled loss on the training
 set, per optimizer and c (mean ± std over seeds), and at c = 1 the effect of the batch size (8, 32, 128).
 
-    python benchmarks/loss_scale.py                       # YellowFin (defaults) and Adam lr 1e-2
+    python benchmarks/loss_scale.py                       # YellowFin (both metrics' defaults) and Adam lr 1e-2
     python benchmarks/loss_scale.py --variants paper      # add registered YellowFin variants (bench/variants.py)
 
 Writes benchmarks/results-loss-scale/loss_scale.json and loss_scale.md. A few seconds of CPU.
@@ -44,6 +44,7 @@ OUT_DIR = Path(__file__).resolve().parent / "results-loss-scale"
 BUILDERS: dict[str, Builder] = {
     "yellowfin": lambda params: YellowFin(params),  # its defaults, as a new user would
     "yellowfin_reference": lambda params: YellowFin.reference_variant(params),  # the authors' algorithm
+    "yellowfin_adam": lambda params: YellowFin(params, precondition="adam"),  # the preconditioned mode's defaults
     "adam_lr1e-2": lambda params: torch.optim.Adam(params, lr=1e-2),
 }
 
