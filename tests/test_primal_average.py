@@ -136,18 +136,22 @@ def test_the_gradients_are_taken_between_the_sgd_sequence_and_its_average():
 
 
 def test_decoupled_decay_joins_zs_step_at_the_point_the_gradient_was_taken():
-    # Written out as the form's definition with Schedule-Free AdamW's decay: z <- z - eta (g + lambda y), y the
-    # parameters the gradient was taken at; xbar z's polynomial average; the parameters (1 - m) z + m xbar.
-    decay, iterates, z, xbar, y = 0.05, [], None, None, None
+    # Written out as the form's definition with Schedule-Free AdamW's decay: z <- z - eta (g + lambda rho y), y the
+    # parameters the gradient was taken at, rho the gradient's RMS per coordinate (the plain metric's unit, which
+    # keeps lambda free of the loss scale: sqrt of the running mean of ||g||^2 over the element count); xbar z's
+    # polynomial average; the parameters (1 - m) z + m xbar.
+    decay, iterates, z, xbar, y, grad_sq_avg = 0.05, [], None, None, None, 0.0
 
     def after_step(opt):
-        nonlocal z, xbar, y
-        stats = opt.stats()
+        nonlocal z, xbar, y, grad_sq_avg
+        stats, beta = opt.stats(), opt.param_groups[0]["beta"]
         grads = torch.cat([p.grad.reshape(-1) for p in opt.param_groups[0]["params"]])
         if z is None:
             z = torch.cat([s["initial_param"].reshape(-1) for s in opt.state.values()])
             y = z.clone()
-        z = z - stats["alpha"] / (1.0 - stats["applied_momentum"]) * (grads + decay * y)  # (no clip acts here)
+        grad_sq_avg = beta * grad_sq_avg + (1.0 - beta) * float(grads.square().sum())
+        rms = math.sqrt(grad_sq_avg / (1.0 - beta ** stats["step"]) / grads.numel())
+        z = z - stats["alpha"] / (1.0 - stats["applied_momentum"]) * (grads + decay * rms * y)  # (no clip acts here)
         weight = (AVERAGE_POWER + 1.0) / (stats["step"] + AVERAGE_POWER)
         xbar = z.clone() if xbar is None else xbar + weight * (z - xbar)
         y = (1.0 - stats["applied_momentum"]) * z + stats["applied_momentum"] * xbar

@@ -496,6 +496,24 @@ UPDATE_FORMS = {**METRICS, **{f"{metric}_heavy_ball": dict(options, momentum_for
 
 @pytest.mark.parametrize("form", sorted(UPDATE_FORMS))
 @pytest.mark.parametrize("flavour", ["single_tensor", "multi_tensor"])
+def test_decoupled_weight_decay_does_not_depend_on_the_loss_scale(flavour, form):
+    # AdamW's lambda: the shrink is lr lambda times the update's size per coordinate, in either metric and form, so
+    # a loss scaled by c leaves it alone (with the shrink lr alpha lambda, c = 1e-4 shrank the plain metric's
+    # parameters 1e4 times harder, and a first step on a small gradient could wipe them out).
+    def decayed(params):
+        return YellowFin(params, weight_decay=0.1, decoupled_weight_decay=True, **UPDATE_FORMS[form],
+                         **FLAVOURS[flavour])
+
+    unscaled, _, opt = train(decayed)
+    undecayed, _, _ = train(lambda params: YellowFin(params, **UPDATE_FORMS[form], **FLAVOURS[flavour]))
+    assert relative_difference(unscaled, undecayed) > 1e-4  # (the decay acted)
+    for loss_scale in (1e-4, 1e-2, 1e2, 1e4):
+        scaled, _, _ = train(decayed, loss_scale=loss_scale)
+        assert relative_difference(scaled, unscaled) < 1e-6, loss_scale
+
+
+@pytest.mark.parametrize("form", sorted(UPDATE_FORMS))
+@pytest.mark.parametrize("flavour", ["single_tensor", "multi_tensor"])
 def test_a_step_never_reads_tensors_on_the_host(flavour, form):
     model, x, y = mlp_problem()
     opt = YellowFin(model.parameters(), **UPDATE_FORMS[form], **FLAVOURS[flavour])

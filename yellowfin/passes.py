@@ -7,9 +7,10 @@ of the step:
 
     gbar <- avg_decay gbar + avg_weight g
     v    <- momentum v + grad_scale g
-    x    <- (1 - lr step_size decay) x - lr step_size d,    d = v, or grad_scale g + momentum v (Nesterov)
+    x    <- (1 - lr decay_rate decay) x - lr step_size d,    d = v, or grad_scale g + momentum v (Nesterov)
 
-with ``lr`` the group's multiplier and ``decay`` the decoupled weight decay (0 when it is coupled).
+with ``lr`` the group's multiplier and ``decay`` the decoupled weight decay (0 when it is coupled), whose unit the
+tuner sets (``tuning.decay_rate``).
 Every flavour of a pass has the same signature:
 
 - ``*_single_tensor``: one tensor at a time, every sum in float64. The obviously correct reference
@@ -233,7 +234,7 @@ def update_single_tensor(
 ) -> None:
     """Pass 2 one tensor at a time (dense or sparse gradients): the reference."""
     step_size = c.step_size * lr
-    bounded = _per_dtype(params, c.grad_scale, step_size, 1.0 - step_size * decay)
+    bounded = _per_dtype(params, c.grad_scale, step_size, 1.0 - c.decay_rate * lr * decay)
     for param, grad, grad_avg, momentum_buffer in zip(params, grads, grad_avgs, momenta):
         grad_scale, step, shrink = bounded[param.dtype]
         grad = _finite_grad(grad, c.finite)
@@ -255,7 +256,8 @@ def update_multi_tensor(
     for params, grads, grad_avgs, momenta in _by_device_and_dtype(params, grads, grad_avgs, momenta):
         device = params[0].device
         finite, avg_decay, avg_weight, momentum = (x.to(device) for x in (c.finite, c.avg_decay, c.avg_weight, c.momentum))
-        grad_scale, lr_alpha = _in_range_of(params[0].dtype, *(x.to(device) for x in (c.grad_scale, step_size)))
+        grad_scale, lr_alpha, shrink = _in_range_of(
+            params[0].dtype, *(x.to(device) for x in (c.grad_scale, step_size, 1.0 - c.decay_rate * lr * decay)))
         grads = [_finite_grad(g, finite) for g in grads]
         # x += c * y as addcmul with a 0-dim c: one pass, where mul-then-add makes a temporary.
         torch._foreach_mul_(grad_avgs, avg_decay)
@@ -267,7 +269,7 @@ def update_multi_tensor(
             direction = torch._foreach_addcmul(torch._foreach_mul(momenta, momentum), grads,
                                                [grad_scale] * len(grads))
         if decay != 0.0:
-            torch._foreach_mul_(params, 1.0 - lr_alpha * decay)
+            torch._foreach_mul_(params, shrink)
         torch._foreach_addcmul_(params, direction, [-lr_alpha] * len(params))
 
 
@@ -281,7 +283,7 @@ def update_compiled(
     for params, grads, grad_avgs, momenta in _by_device_and_dtype(params, grads, grad_avgs, momenta):
         device = params[0].device
         coefficients = tuple(x.to(device) for x in (c.finite, c.avg_decay, c.avg_weight, c.momentum)) + _in_range_of(
-            params[0].dtype, *(x.to(device) for x in (c.grad_scale, step_size, 1.0 - step_size * decay)))
+            params[0].dtype, *(x.to(device) for x in (c.grad_scale, step_size, 1.0 - c.decay_rate * lr * decay)))
         params, grads, grad_avgs, momenta = map(_at_least_1d, (params, grads, grad_avgs, momenta))
         for part in _chunks(len(params)):
             _compiled_update(params[part], grads[part], grad_avgs[part], momenta[part], *coefficients, nesterov)
@@ -318,8 +320,9 @@ def _update_kernel(
 # ball's pass. Dense gradients only; the three flavours.
 #
 # Decoupled weight decay lambda (``decay``) joins z's step at the point the gradient was taken, as Schedule-Free AdamW
-# decays: z <- z - eta (s g + lambda y), so e = eta lambda y (``decay_step`` times y before the update) enters as the
-# gradient's term does: y <- y - k e, w <- w - e (before w's decay). The shrink per step is eta lambda, heavy ball's.
+# decays: z <- z - eta (s g + lambda rho y), so e = eta lambda rho y (``decay_step`` times y before the update) enters
+# as the gradient's term does: y <- y - k e, w <- w - e (before w's decay). The shrink per step, lr lambda
+# decay_rate, is heavy ball's (rho: the plain metric's gradient RMS per coordinate, 1 in Adam's; tuning.decay_rate).
 def update_primal_average_single_tensor(
     params: list[Tensor], grads: list[Tensor], grad_avgs: list[Tensor], leads: list[Tensor],
     c: UpdateCoefficients, *, lr: float | Tensor, decay: float = 0.0,
@@ -516,7 +519,7 @@ def update_preconditioned_single_tensor(
 ) -> None:
     """Pass 2 of the preconditioned tuner, one tensor at a time: the reference."""
     step_size = c.step_size * lr
-    shrink = _decay_shrink(c, step_size, decay)
+    shrink = 1.0 - c.decay_rate * lr * decay
     form = tensors.lead_weight is not None
     bounded = _per_dtype(tensors.params, *(primal_average_coefficients(c, lr, decay) if form
                                             else (c.grad_scale, step_size, shrink)))
@@ -542,7 +545,7 @@ def update_preconditioned_multi_tensor(
 ) -> None:
     """Pass 2 of the preconditioned tuner with multi-tensor kernels, per device and dtype."""
     step_size = c.step_size * lr
-    shrink = _decay_shrink(c, step_size, decay)
+    shrink = 1.0 - c.decay_rate * lr * decay
     form = tensors.lead_weight is not None
     form_scalars = primal_average_coefficients(c, lr, decay) if form else ()
     for grads, params, _, momenta, second_moments, steps in _by_device_and_dtype(grads, *tensors.lists):
@@ -616,7 +619,7 @@ def update_preconditioned_compiled(
     """Pass 2 of the preconditioned tuner with compiled kernels, per device and dtype. Every coefficient is a 0-dim
     tensor, so the tuned values (and a scheduled ``lr``) change without recompiling."""
     step_size = c.step_size * lr
-    shrink = _decay_shrink(c, step_size, decay)
+    shrink = 1.0 - c.decay_rate * lr * decay
     form = tensors.lead_weight is not None
     for grads, params, _, momenta, second_moments, steps in _by_device_and_dtype(grads, *tensors.lists):
         device = params[0].device
@@ -664,12 +667,6 @@ def _preconditioned_primal_average_update_kernel(
         g, root = _kernel_metric_root(grad, second_moment, count, floor, finite)
         _kernel_form_step(param, lead, g / root / root, fast_step, param_step, lead_into_params, kept, decay_step,
                           into_params)
-
-
-def _decay_shrink(c: UpdateCoefficients, step_size: Tensor, decay: float) -> Tensor:
-    """1 - lr eta decay, the preconditioned tuner's decoupled decay (``step_size`` is lr times the tuned step). A
-    skipped step applies momentum 1 and step 0, where eta would be 0 / 0: it shrinks by 1 instead."""
-    return torch.where(c.finite, 1.0 - step_size / (1.0 - c.momentum) * decay, 1.0)
 
 
 # --------------------------------------------------------------------------------- helpers

@@ -285,6 +285,7 @@ class UpdateCoefficients(NamedTuple):
     step_size: Tensor  # alpha before the group's multiplier (0 on a skipped step)
     average_weight: Tensor  # xbar <- xbar + average_weight (x - xbar) after the update (0 on a skipped step)
     previous_momentum: Tensor  # the momentum applied at the step before (read by the primal-average form; 1 if skipped)
+    decay_rate: Tensor  # decoupled weight decay shrinks by lr lambda decay_rate per step (``decay_rate``; 0 if skipped)
 
 
 class FormScalars(NamedTuple):
@@ -294,7 +295,7 @@ class FormScalars(NamedTuple):
     param_step: Tensor  # k lr eta s: y's step along g
     lead_into_params: Tensor  # k - (1 - b): the part of w that enters y
     kept: Tensor  # 1 - c: what the average leaves of w
-    decay_step: Tensor  # lr eta lambda: z's step along y (0 without decoupled decay)
+    decay_step: Tensor  # lr lambda decay_rate: z's step along y (0 without decoupled decay)
     into_params: Tensor  # k: the part of z's step that enters y
 
 
@@ -305,7 +306,25 @@ def primal_average_coefficients(c: UpdateCoefficients, lr: float | Tensor, decay
     fast_step = effective_step * c.grad_scale
     into_params = c.average_weight + (1.0 - c.momentum) * (1.0 - c.average_weight)
     return FormScalars(fast_step, into_params * fast_step, into_params - (1.0 - c.previous_momentum),
-                       1.0 - c.average_weight, effective_step * decay, into_params)
+                       1.0 - c.average_weight, c.decay_rate * lr * decay, into_params)
+
+
+def decay_rate(alpha: Tensor, momentum: Tensor, grad_sq_mean: Tensor, numel: Tensor, settings: TunerSettings
+               ) -> Tensor:
+    """The decoupled weight decay's shrink per step, per unit of lr lambda (docs/algorithm.md §4.6).
+
+    The scale-free tuner gives lambda AdamW's meaning, the shrink lr lambda times the update's size per coordinate,
+    so that it does not depend on the loss scale: in Adam's metric the update is the effective step alpha / (1 - m)
+    times a normalised gradient, so that step itself; in the plain metric it is the effective step times the
+    gradient's RMS per coordinate, sqrt(E||g||^2 / n) (a step of loss-free units: scaling the loss by c scales the
+    step by 1/c and the RMS by c). The reference shrinks by lr alpha lambda, in its own units, as it always has.
+    """
+    if not settings.scale_free:
+        return alpha
+    effective_step = alpha / (1.0 - momentum)
+    if settings.preconditioned:
+        return effective_step
+    return effective_step * torch.sqrt(grad_sq_mean / torch.clamp(numel, min=1.0))
 
 
 # The iterate average's weights grow as t^AVERAGE_POWER (polynomial-decay averaging, Shamir & Zhang 2013): at
@@ -463,7 +482,11 @@ def tune_step(state: TunerState, sums: Sums, settings: TunerSettings) -> tuple[T
         step_size=torch.where(applied, applied_alpha, 0.0),
         average_weight=torch.where(applied, average_weight(state.step + 1.0), 0.0),
         previous_momentum=torch.where(applied, state.last_momentum, 1.0),
+        decay_rate=torch.zeros_like(sq_norm),
     )
+    grad_sq_mean = measured.grad_sq_avg / measurements.debias_factor(state.step, settings.beta)
+    coefficients = coefficients._replace(decay_rate=torch.where(
+        applied, decay_rate(coefficients.step_size, coefficients.momentum, grad_sq_mean, sums.numel, settings), 0.0))
     if settings.momentum_form == "primal_average":  # (the weight of the average in the parameters, for the next step)
         new_state = new_state.replace(last_momentum=coefficients.momentum)
     if settings.preconditioned and settings.momentum_form == "primal_average":

@@ -282,9 +282,10 @@ for _variant in (
                        "initial_distance": 1e-2, "momentum_form": "primal_average", "relative_clip": 2.0,
                        "clip_trigger": 2.0}),
     # Each metric's default with decoupled weight decay, in the primal-average form (the decay joins z's step at y,
-    # as Schedule-Free AdamW decays) and in heavy ball (x shrinks by eta lambda), which groups with decoupled decay
-    # ran until then (docs/tuner.md §22): lambda = 0.1 (AdamW's scale, large enough to move a run of this suite's
-    # length in Adam's metric) and 1e-3 (for the plain metric, whose effective steps are 100 to 1000 times larger).
+    # as Schedule-Free AdamW decays) and in heavy ball (x shrinks), which groups with decoupled decay ran until then
+    # (docs/tuner.md §22): lambda = 0.1 (AdamW's scale, large enough to move a run of this suite's length in Adam's
+    # metric) and 1e-3 (for the plain metric while its shrink was lr alpha lambda, in loss units). Since §23 the plain
+    # metric's lambda has AdamW's meaning too (tuning.decay_rate): its §22 runs were taken with the old unit.
     *(Variant(f"{name}_decay_{decay}", f"{name} with decoupled weight decay {decay}",
               overrides={**overrides, "weight_decay": float(decay), "decoupled_weight_decay": True})
       for decay in ("0.1", "1e-3") for name, overrides in (
