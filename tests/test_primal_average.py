@@ -307,7 +307,7 @@ def test_staleness_and_asynchronous_systems_are_refused():
     (dict(step_rule="dowg_neutral"), "primal_average", 2.0),
     (dict(step_rule="secant"), "heavy_ball", 10.0),
     (dict(average=True), "heavy_ball", 10.0),
-    (dict(weight_decay=1e-2, decoupled_weight_decay=True), "heavy_ball", 10.0),  # (docs/tuner.md §22)
+    (dict(weight_decay=1e-2, decoupled_weight_decay=True), "primal_average", 2.0),  # (docs/tuner.md §23)
     (dict(precondition="adam"), "primal_average", 2.0),  # (in the metric's norms, docs/tuner.md §21)
     (dict(precondition="adam", weight_decay=1e-2, decoupled_weight_decay=True), "primal_average", 2.0),
     (dict(precondition="adam", momentum_form="heavy_ball"), "heavy_ball", math.inf),
@@ -331,15 +331,11 @@ def test_a_group_with_its_own_average_runs_heavy_ball_beside_the_default_form():
     with pytest.raises(ValueError, match=r"momentum_form \('primal_average' against 'heavy_ball'\).*"
                                          r"momentum_form='heavy_ball'"):
         YellowFin(groups)
-    # A group with decoupled decay runs heavy ball in the plain metric, the form in Adam's, as the others there.
-    decayed = [{"params": first}, {"params": second, "weight_decay": 1e-3, "decoupled_weight_decay": True}]
-    opt = YellowFin(decayed, per_group_tuning=True)
-    assert [group["momentum_form"] for group in opt.param_groups] == ["primal_average", "heavy_ball"]
-    with pytest.raises(ValueError, match=r"momentum_form \('primal_average' against 'heavy_ball'\).*"
-                                         r"decoupled_weight_decay=True"):
-        YellowFin(decayed)
-    adam = YellowFin(decayed, precondition="adam")  # (one tuner serves both)
-    assert [group["momentum_form"] for group in adam.param_groups] == ["primal_average", "primal_average"]
+    # A group with decoupled decay runs the form in either metric, as the others there: one tuner serves both.
+    decayed = [{"params": first}, {"params": second, "weight_decay": 1e-1, "decoupled_weight_decay": True}]
+    for metric in ({}, {"precondition": "adam"}):
+        opt = YellowFin(decayed, **metric)
+        assert [group["momentum_form"] for group in opt.param_groups] == ["primal_average", "primal_average"]
 
 
 def test_under_staleness_the_default_runs_heavy_ball_and_the_named_form_is_refused():

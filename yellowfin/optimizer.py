@@ -137,8 +137,9 @@ class YellowFin(Optimizer):
     with ``precondition="adam"`` it measures and steps in Adam's diagonal metric instead (§9). In either metric
     it applies the tuned pair in primal-averaging form (``momentum_form``, §11): the gradients are taken between a
     plain-SGD sequence and its average over the run, which :meth:`averaged` puts in the parameters while you
-    evaluate; where that form does not run (the secant rule, asynchrony, sparse gradients, ``average=True``, and
-    by default decoupled decay in the plain metric) it runs heavy ball, the box's update. ``average=True`` keeps heavy ball's iterates'
+    evaluate; where that form does not run (the secant rule, asynchrony, sparse gradients, ``average=True``) it
+    runs heavy ball, the box's update. Its decoupled weight decay has AdamW's meaning in either metric: a shrink of
+    ``lr`` times λ times the update's size per coordinate, free of the loss scale (§8). ``average=True`` keeps heavy ball's iterates'
     polynomial average beside them, for any tuner, and :meth:`averaged` hands it out likewise (§10): the
     trajectory is the same, the point you hand out is the average.
 
@@ -268,9 +269,6 @@ class YellowFin(Optimizer):
             # (torch only warns; the per-tensor and multi-tensor paths would update such a tensor once and twice)
             raise ValueError("a parameter group lists the same tensor more than once: list each parameter once")
         options = {**self.defaults, **param_group}
-        if options["momentum_form"] is None and options["decoupled_weight_decay"] and options["precondition"] is None:
-            # (in the plain metric the form with decoupled decay lost the char-LSTM to heavy ball: docs/tuner.md §22)
-            options["momentum_form"] = "heavy_ball"
         settings = _check_group(options)
         # The group names its memory and momentum form (and a scale-free group its rule, clip, first move and
         # distance hold): a checkpoint keeps them when a default changes.
@@ -288,8 +286,8 @@ class YellowFin(Optimizer):
                                    if getattr(shared, name) != getattr(settings, name))
                 raise ValueError(
                     f"parameter groups that share one tuner must share its settings; these differ: {differ} (a group "
-                    "with average=True, or in the plain metric with decoupled_weight_decay=True, runs heavy ball: pass "
-                    "momentum_form='heavy_ball' for all); pass per_group_tuning=True to tune groups separately"
+                    "with average=True runs heavy ball: pass momentum_form='heavy_ball' for all); pass "
+                    "per_group_tuning=True to tune groups separately"
                 )
         super().add_param_group(param_group)
         self._left_to_default.append(frozenset(name for name in _FALLBACK_OPTIONS if options.get(name) is None))
