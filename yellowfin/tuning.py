@@ -285,7 +285,7 @@ class UpdateCoefficients(NamedTuple):
     step_size: Tensor  # alpha before the group's multiplier (0 on a skipped step)
     average_weight: Tensor  # xbar <- xbar + average_weight (x - xbar) after the update (0 on a skipped step)
     previous_momentum: Tensor  # the momentum applied at the step before (read by the primal-average form; 1 if skipped)
-    decay_rate: Tensor  # decoupled weight decay shrinks by lr lambda decay_rate per step (``decay_rate``; 0 if skipped)
+    decay_rate: Tensor  # decoupled weight decay shrinks by lr lambda decay_rate per step (0 on a skipped step)
 
 
 class FormScalars(NamedTuple):
@@ -309,9 +309,10 @@ def primal_average_coefficients(c: UpdateCoefficients, lr: float | Tensor, decay
                        1.0 - c.average_weight, c.decay_rate * lr * decay, into_params)
 
 
-def decay_rate(alpha: Tensor, momentum: Tensor, grad_sq_mean: Tensor, numel: Tensor, settings: TunerSettings
-               ) -> Tensor:
-    """The decoupled weight decay's shrink per step, per unit of lr lambda (docs/algorithm.md §4.6).
+def decay_rate(alpha: Tensor, momentum: Tensor, measured: TunerState, step: Tensor, numel: Tensor,
+               settings: TunerSettings) -> Tensor:
+    """The decoupled weight decay's shrink per step, per unit of lr lambda (docs/algorithm.md §4.6, §8), for the
+    applied ``alpha`` and ``momentum`` of step ``step``, whose ||g||^2 the ``measured`` state's running mean holds.
 
     The scale-free tuner gives lambda AdamW's meaning, the shrink lr lambda times the update's size per coordinate,
     so that it does not depend on the loss scale: in Adam's metric the update is the effective step alpha / (1 - m)
@@ -324,6 +325,7 @@ def decay_rate(alpha: Tensor, momentum: Tensor, grad_sq_mean: Tensor, numel: Ten
     effective_step = alpha / (1.0 - momentum)
     if settings.preconditioned:
         return effective_step
+    grad_sq_mean = measured.grad_sq_avg / measurements.debias_factor(step, settings.beta)
     return effective_step * torch.sqrt(grad_sq_mean / torch.clamp(numel, min=1.0))
 
 
@@ -473,20 +475,20 @@ def tune_step(state: TunerState, sums: Sums, settings: TunerSettings) -> tuple[T
     applied_mu, applied_alpha = (state.mu, state.alpha) if settings.update_first else (mu, alpha)
     if settings.adaptive_clipping and not settings.scale_free:
         update_scale = bound_first_step(update_scale, applied_alpha, curvature_sample, started)
+    momentum = torch.where(applied, applied_momentum(applied_mu, state.momentum_offset, settings.eps), 1.0)
+    step_size = torch.where(applied, applied_alpha, 0.0)
     coefficients = UpdateCoefficients(
         finite=applied,
         avg_decay=avg_decay,
         avg_weight=avg_weight,
-        momentum=torch.where(applied, applied_momentum(applied_mu, state.momentum_offset, settings.eps), 1.0),
+        momentum=momentum,
         grad_scale=torch.where(applied, scale * update_scale, 0.0),
-        step_size=torch.where(applied, applied_alpha, 0.0),
+        step_size=step_size,
         average_weight=torch.where(applied, average_weight(state.step + 1.0), 0.0),
         previous_momentum=torch.where(applied, state.last_momentum, 1.0),
-        decay_rate=torch.zeros_like(sq_norm),
+        decay_rate=torch.where(
+            applied, decay_rate(step_size, momentum, measured, state.step, sums.numel, settings), 0.0),
     )
-    grad_sq_mean = measured.grad_sq_avg / measurements.debias_factor(state.step, settings.beta)
-    coefficients = coefficients._replace(decay_rate=torch.where(
-        applied, decay_rate(coefficients.step_size, coefficients.momentum, grad_sq_mean, sums.numel, settings), 0.0))
     if settings.momentum_form == "primal_average":  # (the weight of the average in the parameters, for the next step)
         new_state = new_state.replace(last_momentum=coefficients.momentum)
     if settings.preconditioned and settings.momentum_form == "primal_average":
