@@ -139,9 +139,9 @@ class YellowFin(Optimizer):
     plain-SGD sequence and its average over the run, which :meth:`averaged` puts in the parameters while you
     evaluate; where that form does not run (the secant rule, asynchrony, sparse gradients, ``average=True``) it
     runs heavy ball, the box's update. Its decoupled weight decay has AdamW's meaning in either metric: a shrink of
-    ``lr`` times λ times the update's size per coordinate, free of the loss scale (§8). ``average=True`` keeps heavy ball's iterates'
-    polynomial average beside them, for any tuner, and :meth:`averaged` hands it out likewise (§10): the
-    trajectory is the same, the point you hand out is the average.
+    ``lr`` times λ times the update's size per coordinate, free of the loss scale (§8). ``average=True`` keeps
+    heavy ball's iterates' polynomial average beside them, for any tuner, and :meth:`averaged` hands it out
+    likewise (§10): the trajectory is the same, the point you hand out is the average.
 
     Args:
         params: parameters or parameter groups.

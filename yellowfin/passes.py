@@ -255,7 +255,8 @@ def update_multi_tensor(
     step_size = c.step_size * lr
     for params, grads, grad_avgs, momenta in _by_device_and_dtype(params, grads, grad_avgs, momenta):
         device = params[0].device
-        finite, avg_decay, avg_weight, momentum = (x.to(device) for x in (c.finite, c.avg_decay, c.avg_weight, c.momentum))
+        finite, avg_decay, avg_weight, momentum = (
+            x.to(device) for x in (c.finite, c.avg_decay, c.avg_weight, c.momentum))
         grad_scale, lr_alpha, shrink = _in_range_of(
             params[0].dtype, *(x.to(device) for x in (c.grad_scale, step_size, 1.0 - c.decay_rate * lr * decay)))
         grads = [_finite_grad(g, finite) for g in grads]
