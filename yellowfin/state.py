@@ -293,8 +293,8 @@ def default_momentum_form(settings: "TunerSettings") -> str:
     on every gradient above its level, the form ended below tuned momentum SGD on every seed of every task of the
     suite, and below heavy ball on every seed of four tasks, where heavy ball with that clip lost two (docs/tuner.md
     §19); in Adam's metric it reached tuned Adam on every task and gained on five (§21), with decoupled weight decay
-    too (§22), and in the plain metric with decoupled decay in AdamW's units ahead of heavy ball on all four tasks
-    screened (§23). Where it does not run (asynchrony, sparse gradients) heavy ball takes its place
+    too (§22), and in the plain metric with decoupled decay in AdamW's units ahead of heavy ball with it on the mean
+    of all seven tasks (§23.2). Where it does not run (asynchrony, sparse gradients) heavy ball takes its place
     (``YellowFin.choose_heavy_ball``)."""
     runs = settings.scale_free and settings.step_rule in PRIMAL_AVERAGE_STEP_RULES and not settings.average
     return "primal_average" if runs else "heavy_ball"
