@@ -257,8 +257,7 @@ def update_multi_tensor(
         device = params[0].device
         finite, avg_decay, avg_weight, momentum = (
             x.to(device) for x in (c.finite, c.avg_decay, c.avg_weight, c.momentum))
-        grad_scale, lr_alpha, shrink = _in_range_of(
-            params[0].dtype, *(x.to(device) for x in (c.grad_scale, step_size, 1.0 - c.decay_rate * lr * decay)))
+        grad_scale, lr_alpha, shrink = _scalars_for(params[0], c.grad_scale, step_size, 1.0 - c.decay_rate * lr * decay)
         grads = [_finite_grad(g, finite) for g in grads]
         # x += c * y as addcmul with a 0-dim c: one pass, where mul-then-add makes a temporary.
         torch._foreach_mul_(grad_avgs, avg_decay)
@@ -283,8 +282,8 @@ def update_compiled(
     step_size = c.step_size * lr
     for params, grads, grad_avgs, momenta in _by_device_and_dtype(params, grads, grad_avgs, momenta):
         device = params[0].device
-        coefficients = tuple(x.to(device) for x in (c.finite, c.avg_decay, c.avg_weight, c.momentum)) + _in_range_of(
-            params[0].dtype, *(x.to(device) for x in (c.grad_scale, step_size, 1.0 - c.decay_rate * lr * decay)))
+        coefficients = tuple(x.to(device) for x in (c.finite, c.avg_decay, c.avg_weight, c.momentum)) + _scalars_for(
+            params[0], c.grad_scale, step_size, 1.0 - c.decay_rate * lr * decay)
         params, grads, grad_avgs, momenta = map(_at_least_1d, (params, grads, grad_avgs, momenta))
         for part in _chunks(len(params)):
             _compiled_update(params[part], grads[part], grad_avgs[part], momenta[part], *coefficients, nesterov)
@@ -348,8 +347,7 @@ def update_primal_average_multi_tensor(
         grads = [_finite_grad(g, finite) for g in grads]
         torch._foreach_mul_(grad_avgs, avg_decay)
         torch._foreach_addcmul_(grad_avgs, grads, [avg_weight] * len(grads))
-        scalars_here = FormScalars(*_in_range_of(params[0].dtype, *(x.to(device) for x in scalars)))
-        _form_step_multi_tensor(params, leads, grads, scalars_here, decay)
+        _form_step_multi_tensor(params, leads, grads, FormScalars(*_scalars_for(params[0], *scalars)), decay)
 
 
 def _form_step_single_tensor(param: Tensor, lead: Tensor, direction: Tensor, scalars: FormScalars,
@@ -388,8 +386,8 @@ def update_primal_average_compiled(
     scalars = primal_average_coefficients(c, lr, decay)
     for params, grads, grad_avgs, leads in _by_device_and_dtype(params, grads, grad_avgs, leads):
         device = params[0].device
-        coefficients = tuple(x.to(device) for x in (c.finite, c.avg_decay, c.avg_weight)) + _in_range_of(
-            params[0].dtype, *(x.to(device) for x in scalars))
+        coefficients = tuple(x.to(device) for x in (c.finite, c.avg_decay, c.avg_weight)) + _scalars_for(
+            params[0], *scalars)
         params, grads, grad_avgs, leads = map(_at_least_1d, (params, grads, grad_avgs, leads))
         for part in _chunks(len(params)):
             _compiled_primal_average_update(params[part], grads[part], grad_avgs[part], leads[part], *coefficients)
@@ -552,8 +550,7 @@ def update_preconditioned_multi_tensor(
     for grads, params, _, momenta, second_moments, steps in _by_device_and_dtype(grads, *tensors.lists):
         device = params[0].device
         finite, momentum = c.finite.to(device), c.momentum.to(device)
-        grad_scale, lr_alpha, shrink_here = _in_range_of(
-            params[0].dtype, *(x.to(device) for x in (c.grad_scale, step_size, shrink)))
+        grad_scale, lr_alpha, shrink_here = _scalars_for(params[0], c.grad_scale, step_size, shrink)
         grads = [_finite_grad(g, finite) for g in grads]
         # P <- b2 P + (1 - b2) g^2 on an applied step; unchanged on a skipped one (its g reads as zeros).
         kept = (1.0 - (1.0 - SECOND_MOMENT_BETA) * finite.to(torch.float64)).to(second_moments[0].dtype)
@@ -563,8 +560,8 @@ def update_preconditioned_multi_tensor(
         roots = torch._foreach_sqrt([adam_metric(p, t, floor) for p, t in zip(second_moments, steps)])
         if form:
             directions = torch._foreach_div(torch._foreach_div(grads, roots), roots)  # M^-1 g
-            scalars_here = FormScalars(*_in_range_of(params[0].dtype, *(x.to(device) for x in form_scalars)))
-            _form_step_multi_tensor(params, momenta, directions, scalars_here, decay)
+            _form_step_multi_tensor(params, momenta, directions, FormScalars(*_scalars_for(params[0], *form_scalars)),
+                                    decay)
             continue
         torch._foreach_mul_(momenta, momentum)
         torch._foreach_addcmul_(momenta, torch._foreach_div(grads, roots), [grad_scale] * len(grads))
@@ -625,8 +622,7 @@ def update_preconditioned_compiled(
     for grads, params, _, momenta, second_moments, steps in _by_device_and_dtype(grads, *tensors.lists):
         device = params[0].device
         scalars = primal_average_coefficients(c, lr, decay) if form else (c.momentum, c.grad_scale, step_size, shrink)
-        coefficients = (floor.to(device), c.finite.to(device)) + _in_range_of(
-            params[0].dtype, *(x.to(device) for x in scalars))
+        coefficients = (floor.to(device), c.finite.to(device)) + _scalars_for(params[0], *scalars)
         # (the counts too: the kernel increments them in place)
         lists = [_at_least_1d(t) for t in (grads, params, momenta, second_moments, steps)]
         kernel = _compiled_preconditioned_primal_average_update if form else _compiled_preconditioned_update
@@ -714,6 +710,12 @@ def _in_range_of(dtype: torch.dtype, *scalars: Tensor) -> tuple[Tensor, ...]:
     if top >= torch.finfo(torch.float64).max:
         return scalars
     return tuple(torch.clamp(x, -top, top) for x in scalars)
+
+
+def _scalars_for(tensor: Tensor, *scalars: Tensor) -> tuple[Tensor, ...]:
+    """The scalars on ``tensor``'s device, bounded to its dtype's range (``_in_range_of``): what a multi-tensor or
+    compiled pass multiplies that device and dtype's tensors by."""
+    return _in_range_of(tensor.dtype, *(x.to(tensor.device) for x in scalars))
 
 
 def _per_dtype(params: list[Tensor], *scalars: Tensor) -> dict[torch.dtype, tuple[Tensor, ...]]:
