@@ -39,7 +39,8 @@ def optimizers(params, device):
     """name -> (constructor, traffic family). Peers that are not installed are left out."""
     makers = {
         # the default, the scale-free tuner (docs/algorithm.md §8) in primal-average form (§11): the reference's
-        # passes with more sums in pass 1, and x_0 to read
+        # passes with more sums in pass 1, and x_0 to read; since docs/tuner.md §24 with the average of its gradient
+        # points (one more lerp after the update), which "average=False" leaves out
         "yellowfin (loop)": (lambda: YellowFin(params, foreach=False), None),
         "yellowfin (foreach)": (lambda: YellowFin(params, foreach=True), None),
         "yellowfin (fused)": (lambda: YellowFin(params, fused=True), None),
@@ -47,8 +48,9 @@ def optimizers(params, device):
         "yellowfin reference (loop)": (lambda: YellowFin.reference_variant(params, foreach=False), "yellowfin"),
         "yellowfin reference (foreach)": (lambda: YellowFin.reference_variant(params, foreach=True), "yellowfin"),
         "yellowfin reference (fused)": (lambda: YellowFin.reference_variant(params, fused=True), "yellowfin"),
-        # the iterate average (§10): one more lerp over x and xbar after the update
-        "yellowfin average=True (foreach)": (lambda: YellowFin(params, average=True), None),
+        # the iterate average (§10): one more lerp over x and xbar after the update (heavy ball's, as first measured)
+        "yellowfin average=True (foreach)": (lambda: YellowFin(params, average=True, momentum_form="heavy_ball"), None),
+        "yellowfin average=False (foreach)": (lambda: YellowFin(params, average=False), None),
         "yellowfin momentum_form=heavy_ball (foreach)": (lambda: YellowFin(params, momentum_form="heavy_ball"), None),
         # Adam's metric in heavy ball (as the table first measured it) and in its default form (docs/tuner.md §21)
         "yellowfin precondition=adam (loop)": (

@@ -17,13 +17,20 @@ TUNER_BUFFERS = {"reference": {"grad_avg", "momentum_buffer"},
                  "preconditioned": {"second_moment", "momentum_buffer", "initial_param", "step"}}
 
 
+def expected_buffers(kind, opt):
+    """TUNER_BUFFERS[kind], with the average handed out where the optimizer keeps one (by default, in the
+    primal-average form)."""
+    return TUNER_BUFFERS[kind] | ({"averaged_param"} if opt.param_groups[0]["average"] else set())
+
+
 def created_buffer(name, param):
     """A per-parameter buffer as the first step that sees the parameter's gradient creates it, skipped or not:
-    ``initial_param`` (x_0) is the parameter as it stands then, ``step`` (the preconditioned tuner's count) a 0-dim
-    float64 zero; every other buffer is zeros."""
+    ``initial_param`` (x_0) and ``averaged_param`` (the average handed out, which starts at the first iterate) are the
+    parameter as it stands then, ``step`` (the preconditioned tuner's count) a 0-dim float64 zero; every other buffer
+    is zeros."""
     if name == "step":
         return torch.zeros((), dtype=torch.float64, device=param.device)
-    return param.detach().clone() if name == "initial_param" else torch.zeros_like(param)
+    return param.detach().clone() if name in ("initial_param", "averaged_param") else torch.zeros_like(param)
 
 
 def make_model(seed=0, dtype=torch.float64):

@@ -227,13 +227,16 @@ def test_state_is_two_buffers_per_parameter_after_a_step():
         assert opt.state[p]["momentum_buffer"].shape == p.shape
 
 
-def test_scale_free_state_is_three_buffers_per_parameter_the_third_the_initial_parameters():
+@pytest.mark.parametrize("average", [False, True])
+def test_scale_free_state_is_three_buffers_per_parameter_the_third_the_initial_parameters(average):
+    # (and a fourth, the average handed out, where one is kept: by default, in the primal-average form)
     model, data = make_model(), make_data()
     initial = [p.detach().clone() for p in model.parameters()]
-    opt = YellowFin(model.parameters(), tuner="scale_free")
+    opt = YellowFin(model.parameters(), tuner="scale_free", **({} if average else {"average": False}))
     train(model, opt, data, steps=2)
     for p, x0 in zip(model.parameters(), initial):
-        assert set(opt.state[p]) == {"grad_avg", "momentum_buffer", "initial_param"}
+        assert set(opt.state[p]) == {"grad_avg", "momentum_buffer", "initial_param"} | ({"averaged_param"} if average
+                                                                                          else set())
         assert opt.state[p]["momentum_buffer"].shape == p.shape
         assert torch.equal(opt.state[p]["initial_param"], x0) and not torch.equal(p.detach(), x0)
 
@@ -714,6 +717,8 @@ RAN_BEFORE_THE_OPTION = {
     ("scale_free", "clip_trigger"): 3.0,
     ("scale_free", "initial_distance"): 1e-3,
     ("scale_free", "hold_distance_uphill"): False,
+    ("reference", "average"): False,
+    ("scale_free", "average"): False,
 }
 # (the clip_trigger case saves a relative clip of its own, 3, so that "its own level" is not the default 2)
 SAVED_WITH = {("scale_free", "clip_trigger"): {"relative_clip": 3.0}}

@@ -271,7 +271,7 @@ def test_the_default_tuner_takes_the_preconditioner_and_the_reference_does_not()
     heavy_ball = preconditioned(model.parameters()).param_groups[0]
     assert heavy_ball["relative_clip"] == math.inf and heavy_ball["clip_trigger"] == math.inf
     assert YellowFin._settings({**group, "momentum_form": "heavy_ball", "relative_clip": None,
-                                "clip_trigger": None}) == YellowFin._settings(heavy_ball)
+                                "clip_trigger": None, "average": None}) == YellowFin._settings(heavy_ball)
     with pytest.raises(ValueError, match="tuner='scale_free'"):
         YellowFin.reference_variant(model.parameters(), precondition="adam")
 

@@ -6,6 +6,7 @@ default meets what it does not run in (staleness, the asynchronous systems, spar
 ball instead. (That its step reads nothing on the host
 and that a checkpoint resumes it are tested with the other forms, in tests/test_scale_free.py.)"""
 
+import copy
 import math
 import sys
 from pathlib import Path
@@ -26,6 +27,9 @@ METRICS = {"plain": {}, "adam": dict(precondition="adam")}
 
 
 def primal_average(flavour="multi_tensor", **options):
+    # (handing out the form's own average xbar, which these tests write out; the average of the gradient points, the
+    # default's, is tested with the other averages, in tests/test_average.py)
+    options = {"average": False, **options}
     return lambda params: YellowFin(params, momentum_form="primal_average", **FLAVOURS[flavour], **options)
 
 
@@ -54,7 +58,7 @@ def test_the_prototype_with_the_clip_at_its_level_runs_the_defaults_numbers():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from tuner_screen import PRIMAL_AVERAGING_VARIANTS, PrimalAveragingForm
 
-    library, model, opt = train(lambda params: YellowFin(params, foreach=False))
+    library, model, opt = train(lambda params: YellowFin(params, foreach=False, average=False))
     variant = PRIMAL_AVERAGING_VARIANTS["primal_averaging_trigger_2"]
     prototype, _, flat_form = train(lambda params: PrimalAveragingForm(params, **variant))
     assert relative_difference(library, prototype) < 1e-12
@@ -277,7 +281,6 @@ def test_a_parameter_without_a_gradient_stands_still(metric):
 @pytest.mark.parametrize("options, message", [
     (dict(tuner="reference"), "tuner='scale_free'"),
     (dict(step_rule="secant"), "step_rule"),
-    (dict(average=True), "average=False"),
     (dict(nesterov=True), "nesterov"),
     (dict(momentum_form="primal"), "momentum_form"),
 ])
@@ -300,36 +303,40 @@ def test_staleness_and_asynchronous_systems_are_refused():
             refuse_under_asynchrony(opt, workers, closed_loop=True, workers_apply_heavy_ball=heavy_ball)
 
 
-@pytest.mark.parametrize("options, form, trigger", [
-    ({}, "primal_average", 2.0),  # (the clip acting on every gradient above its level, docs/tuner.md §19)
-    (dict(relative_clip=3.0), "primal_average", 3.0),
-    (dict(step_rule="dog"), "primal_average", 2.0),
-    (dict(step_rule="dowg_neutral"), "primal_average", 2.0),
-    (dict(step_rule="secant"), "heavy_ball", 10.0),
-    (dict(average=True), "heavy_ball", 10.0),
-    (dict(weight_decay=1e-2, decoupled_weight_decay=True), "primal_average", 2.0),  # (docs/tuner.md §23)
-    (dict(precondition="adam"), "primal_average", 2.0),  # (in the metric's norms, docs/tuner.md §21)
-    (dict(precondition="adam", weight_decay=1e-2, decoupled_weight_decay=True), "primal_average", 2.0),
-    (dict(precondition="adam", momentum_form="heavy_ball"), "heavy_ball", math.inf),
-    (dict(tuner="reference"), "heavy_ball", None),
-    (dict(momentum_form="heavy_ball"), "heavy_ball", 10.0),
+# (the form keeps the average of its gradient points by default, heavy ball none: docs/tuner.md §24)
+@pytest.mark.parametrize("options, form, trigger, average", [
+    ({}, "primal_average", 2.0, True),  # (the clip acting on every gradient above its level, docs/tuner.md §19)
+    (dict(relative_clip=3.0), "primal_average", 3.0, True),
+    (dict(step_rule="dog"), "primal_average", 2.0, True),
+    (dict(step_rule="dowg_neutral"), "primal_average", 2.0, True),
+    (dict(step_rule="secant"), "heavy_ball", 10.0, False),
+    (dict(average=True), "primal_average", 2.0, True),
+    (dict(average=False), "primal_average", 2.0, False),
+    (dict(step_rule="secant", average=True), "heavy_ball", 10.0, True),
+    (dict(weight_decay=1e-2, decoupled_weight_decay=True), "primal_average", 2.0, True),  # (docs/tuner.md §23)
+    (dict(precondition="adam"), "primal_average", 2.0, True),  # (in the metric's norms, docs/tuner.md §21)
+    (dict(precondition="adam", weight_decay=1e-2, decoupled_weight_decay=True), "primal_average", 2.0, True),
+    (dict(precondition="adam", momentum_form="heavy_ball"), "heavy_ball", math.inf, False),
+    (dict(tuner="reference"), "heavy_ball", None, False),
+    (dict(momentum_form="heavy_ball"), "heavy_ball", 10.0, False),
 ], ids=str)
-def test_it_is_the_default_wherever_it_runs(options, form, trigger):
+def test_it_is_the_default_wherever_it_runs(options, form, trigger, average):
     model, _, _ = mlp_problem()
     group = YellowFin(model.parameters(), **options).param_groups[0]
     assert group["momentum_form"] == form
     assert group["clip_trigger"] == (trigger if trigger is None else pytest.approx(trigger))
+    assert group["average"] is average
 
 
-def test_a_group_with_its_own_average_runs_heavy_ball_beside_the_default_form():
+def test_a_group_in_heavy_ball_runs_beside_the_default_form():
     model, _, _ = mlp_problem()
     first, second = list(model[0].parameters()), list(model[2].parameters())
-    groups = [{"params": first}, {"params": second, "average": True}]
+    groups = [{"params": first}, {"params": second, "momentum_form": "heavy_ball"}]
     opt = YellowFin(groups, per_group_tuning=True)
     assert [group["momentum_form"] for group in opt.param_groups] == ["primal_average", "heavy_ball"]
-    # Under one shared tuner the two forms cannot meet: the error names what differs and what to pass.
-    with pytest.raises(ValueError, match=r"momentum_form \('primal_average' against 'heavy_ball'\).*"
-                                         r"momentum_form='heavy_ball'"):
+    assert [group["average"] for group in opt.param_groups] == [True, False]
+    # Under one shared tuner the two forms cannot meet: the error names what differs.
+    with pytest.raises(ValueError, match=r"momentum_form \('primal_average' against 'heavy_ball'\)"):
         YellowFin(groups)
     # A group with decoupled decay runs the form in either metric, as the others there: one tuner serves both.
     decayed = [{"params": first}, {"params": second, "weight_decay": 1e-1, "decoupled_weight_decay": True}]
@@ -384,6 +391,31 @@ def test_the_asynchronous_systems_run_the_default_in_heavy_ball():
     opt = YellowFin(model.parameters())
     refuse_under_asynchrony(opt, 1, closed_loop=True)  # (one worker is synchronous training: the form stays)
     assert opt.param_groups[0]["momentum_form"] == "primal_average"
+    # The average the form keeps by default goes with it (heavy ball hands out its iterate); one asked for stays.
+    for options, kept in (({}, False), (dict(average=True), True)):
+        opt = YellowFin(model.parameters(), **options)
+        refuse_under_asynchrony(opt, 4, closed_loop=True)
+        assert opt.param_groups[0]["average"] is kept
+
+
+def test_a_checkpoint_of_the_form_without_the_average_resumes_handing_out_xbar():
+    # (saved before the form kept the average of its gradient points by default: it resumes as it ran)
+    expected, expected_model, expected_opt = train(primal_average(), steps=40)
+    model, x, y = mlp_problem()
+    opt = primal_average()(model.parameters())
+    for step in range(40):
+        if step == 20:
+            saved = copy.deepcopy(opt.state_dict())
+            opt = YellowFin(model.parameters())  # (today's default keeps the average)
+            opt.load_state_dict(saved)
+            assert opt.param_groups[0]["average"] is False
+        rows = (torch.arange(16) + 16 * step) % 64
+        opt.zero_grad()
+        ((model(x[rows]) - y[rows]) ** 2).mean().backward()
+        opt.step()
+    assert torch.equal(flat(model), expected)
+    assert not any("averaged_param" in state for state in opt.state.values())
+    assert torch.equal(averaged_flat(model, opt), averaged_flat(expected_model, expected_opt))
 
 
 def test_a_loaded_checkpoint_keeps_its_form_under_staleness():

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from yellowfin import YellowFin
-from helpers import TUNER_BUFFERS, TUNERS, created_buffer, flat_state
+from helpers import TUNERS, created_buffer, expected_buffers, flat_state
 
 SHAPES = [(3,), (2, 2), ()]  # the trainable parameters; a fourth, frozen one never has a gradient
 
@@ -92,7 +92,7 @@ def _check_sequence(sequence, dtype, seed, **options):
             # scale-free tuner's initial_param). (State index i is params[i]: the frozen parameter has none.)
             for index, buffers in after["state"].items():
                 kind = "preconditioned" if "precondition" in options else options["tuner"]
-                assert set(buffers) == TUNER_BUFFERS[kind]
+                assert set(buffers) == expected_buffers(kind, opt)
                 for name, value in buffers.items():
                     expected = before["state"].get(index, {}).get(name, created_buffer(name, before_params[index]))
                     assert torch.equal(value, expected), name

@@ -48,7 +48,7 @@ _REFERENCE_OPTIONS = dict(
     step_rule=None, precondition=None, average=False,
 )
 # The options that YellowFin.choose_heavy_ball resolves again where a group left them to their defaults.
-_FALLBACK_OPTIONS = ("momentum_form", "relative_clip", "clip_trigger")
+_FALLBACK_OPTIONS = ("momentum_form", "relative_clip", "clip_trigger", "average")
 # Keys torch itself may put into a param group.
 _TORCH_GROUP_KEYS = ("params", "param_names", "differentiable")
 
@@ -189,7 +189,7 @@ class YellowFin(Optimizer):
         initial_distance: float | None = None,
         growth_cap: bool = False,
         hold_distance_uphill: bool | None = None,
-        average: bool = False,
+        average: bool | None = None,
         momentum_form: str | None = None,
         shard_group=None,
         **unknown,
@@ -208,12 +208,12 @@ class YellowFin(Optimizer):
             initial_distance=initial_distance, growth_cap=growth_cap,
             hold_distance_uphill=hold_distance_uphill, average=average, momentum_form=momentum_form,
         )
-        # (beta, step_rule, the clip, the first move, the distance hold and the momentum form as given: None stays
-        # None, so that each group's tuner picks its own)
+        # (beta, step_rule, the clip, the first move, the distance hold, the momentum form and the average as given:
+        # None stays None, so that each group's tuner picks its own)
         defaults = dict(
             vars(settings), beta=beta, step_rule=step_rule, relative_clip=relative_clip, clip_trigger=clip_trigger,
             initial_distance=initial_distance, hold_distance_uphill=hold_distance_uphill,
-            momentum_form=momentum_form, lr=lr,
+            momentum_form=momentum_form, average=average, lr=lr,
             weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, nesterov=nesterov,
             maximize=maximize, foreach=foreach, fused=fused,
         )
@@ -274,6 +274,7 @@ class YellowFin(Optimizer):
         # distance hold): a checkpoint keeps them when a default changes.
         param_group["beta"] = settings.beta
         param_group["momentum_form"] = settings.momentum_form
+        param_group["average"] = settings.average
         if settings.scale_free:
             param_group.update(step_rule=settings.step_rule, relative_clip=settings.relative_clip,
                                clip_trigger=settings.clip_trigger, initial_distance=settings.initial_distance,
@@ -285,8 +286,7 @@ class YellowFin(Optimizer):
                                    for name in TunerSettings.names()
                                    if getattr(shared, name) != getattr(settings, name))
                 raise ValueError(
-                    f"parameter groups that share one tuner must share its settings; these differ: {differ} (a group "
-                    "with average=True runs heavy ball: pass momentum_form='heavy_ball' for all); pass "
+                    f"parameter groups that share one tuner must share its settings; these differ: {differ}; pass "
                     "per_group_tuning=True to tune groups separately"
                 )
         super().add_param_group(param_group)
@@ -472,16 +472,16 @@ class YellowFin(Optimizer):
             for group in groups:
                 for p in group["params"]:
                     state = self.state[p] if p in self.state else {}
-                    if group["momentum_form"] == "primal_average" and "momentum_buffer" in state:
+                    if state.get("averaged_param") is not None:
+                        iterate = p.detach().clone(memory_format=torch.preserve_format)
+                        p.copy_(state["averaged_param"])
+                        state["averaged_param"].copy_(iterate)
+                    elif group["momentum_form"] == "primal_average" and "momentum_buffer" in state:
                         if entering:
                             held[p] = p.detach().clone(memory_format=torch.preserve_format)
                             p.sub_(state["momentum_buffer"] * kept_out.to(p.device))
                         else:
                             p.copy_(iterates[p])
-                    elif state.get("averaged_param") is not None:
-                        iterate = p.detach().clone(memory_format=torch.preserve_format)
-                        p.copy_(state["averaged_param"])
-                        state["averaged_param"].copy_(iterate)
         return held
 
     def _refuse_inside_averaged(self, what: str) -> None:
@@ -572,9 +572,11 @@ class YellowFin(Optimizer):
             options = {**group, "momentum_form": "heavy_ball"}
             if group["tuner"] == "scale_free":  # (the clip's level and trigger heavy ball's, where left to them)
                 options.update({name: None for name in ("relative_clip", "clip_trigger") if name in left[index]})
+            if "average" in left[index]:  # (and heavy ball's choice of the point handed out: its iterate)
+                options["average"] = None
             settings = self._settings(options)
             group.update(momentum_form=settings.momentum_form, relative_clip=settings.relative_clip,
-                         clip_trigger=settings.clip_trigger)
+                         clip_trigger=settings.clip_trigger, average=settings.average)
 
     # ----------------------------------------------------------------------------- saving
     def state_dict(self) -> dict:
@@ -809,8 +811,10 @@ def _resolved_options_of_old_groups(saved: dict) -> dict:
     before step_rule existed, "dog" if with step_rule=None while that meant DoG's rule; no relative clip if saved
     before relative_clip existed; a clip that acts at its own level if saved before clip_trigger existed; the first
     move its rule had then if saved before initial_distance existed; no distance hold if saved before
-    hold_distance_uphill existed. Nothing else."""
+    hold_distance_uphill existed; no average if saved before the group named its own. Nothing else."""
     resolved = {"momentum_form": "heavy_ball"} if saved.get("momentum_form") is None else {}
+    if saved.get("average") is None:  # (every group kept no average until the default kept one in the form)
+        resolved["average"] = False
     if "tuner" not in saved:  # saved before the option existed, when every tuner was the reference
         return {**resolved, "tuner": "reference"}
     if saved["tuner"] != "scale_free":

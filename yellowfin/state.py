@@ -90,8 +90,11 @@ class TunerSettings:
     hold_distance_uphill: bool | None = None
     # Keep the iterates' polynomial average (weights growing as t^AVERAGE_POWER, tuning.average_weight) in one more
     # buffer per parameter; ``YellowFin.averaged()`` puts it in the parameters for evaluation. It changes nothing
-    # in the trajectory: it is the point to hand out, which under gradient noise is much closer to the optimum.
-    average: bool = False
+    # in the trajectory: it is the point to hand out, which under gradient noise is much closer to the optimum. In
+    # primal-average form the iterates are the points y where the gradients are taken, and their average is handed
+    # out instead of the form's own average xbar, whose feedback through y shortens its window by 1 - mu
+    # (docs/algorithm.md §11). None: default_average (in the primal-average form, not in heavy ball).
+    average: bool | None = None
     # How the tuned (mu, alpha) move the parameters. "heavy_ball": v <- mu v + g, x <- x - alpha v. "primal_average":
     # the same pair in primal-averaging form (docs/algorithm.md §11): a plain-SGD sequence z moves by the effective
     # step alpha / (1 - mu), an average xbar of z follows it with the polynomial average's weights, and the
@@ -115,8 +118,10 @@ class TunerSettings:
             if self.step_rule is None:  # (an unknown precondition is refused below)
                 object.__setattr__(self, "step_rule", DEFAULT_STEP_RULE.get(self.precondition, "dog"))
             _check(self.step_rule in STEP_RULES, "step_rule", self.step_rule, " or ".join(map(repr, STEP_RULES)))
-        if self.momentum_form is None:  # (before the clip's trigger, whose default reads it)
+        if self.momentum_form is None:  # (before the clip's trigger and the average, whose defaults read it)
             object.__setattr__(self, "momentum_form", default_momentum_form(self))
+        if self.average is None:
+            object.__setattr__(self, "average", default_average(self.momentum_form))
         # The relative clip's level and trigger, in this order (the trigger's default reads the resolved level).
         for name, default in (
                 ("relative_clip", lambda: default_relative_clip(self.precondition, self.momentum_form)),
@@ -187,9 +192,6 @@ class TunerSettings:
                 raise ValueError("momentum_form='primal_average' is an option of tuner='scale_free' with step_rule "
                                  f"'dog', 'dowg' or 'dowg_neutral'; got tuner={self.tuner!r}, "
                                  f"step_rule={self.step_rule!r}")
-            if self.average:
-                raise ValueError("average=True keeps a second average beside the one momentum_form='primal_average' "
-                                 "already keeps: averaged() hands that one out without it; use average=False")
         if self.scale_free:
             # These name variants of the reference's own decisions, which the scale-free tuner does not make.
             for name, reference_only in (("update_first", True), ("smooth_tuned", True),
@@ -289,15 +291,24 @@ PRIMAL_AVERAGE_STEP_RULES = ("dog", "dowg", "dowg_neutral")
 
 def default_momentum_form(settings: "TunerSettings") -> str:
     """TunerSettings.momentum_form when none is given: the primal-average form wherever it runs (the scale-free tuner
-    with a DoG or DoWG rule, in either metric, without a second average), heavy ball elsewhere. With the clip acting
+    with a DoG or DoWG rule, in either metric), heavy ball elsewhere. With the clip acting
     on every gradient above its level, the form ended below tuned momentum SGD on every seed of every task of the
     suite, and below heavy ball on every seed of four tasks, where heavy ball with that clip lost two (docs/tuner.md
     §19); in Adam's metric it reached tuned Adam on every task and gained on five (§21), with decoupled weight decay
     too (§22), and in the plain metric with decoupled decay in AdamW's units ahead of heavy ball with it on the mean
     of all seven tasks (§23.2). Where it does not run (asynchrony, sparse gradients) heavy ball takes its place
     (``YellowFin.choose_heavy_ball``)."""
-    runs = settings.scale_free and settings.step_rule in PRIMAL_AVERAGE_STEP_RULES and not settings.average
+    runs = settings.scale_free and settings.step_rule in PRIMAL_AVERAGE_STEP_RULES
     return "primal_average" if runs else "heavy_ball"
+
+
+def default_average(momentum_form: str) -> bool:
+    """TunerSettings.average when none is given: kept in the primal-average form, whose own average xbar is pulled back
+    through the gradient points y with a gain 1 / (1 - mu), so that it averages over a window 1 - mu times the
+    polynomial average's (on the noisy quadratic its excess loss was 4 times the average of the y's, every seed;
+    docs/tuner.md §24); not in heavy ball, whose iterate is its gradient point and which hands out the iterate unless
+    asked."""
+    return momentum_form == "primal_average"
 
 
 def default_clip_trigger(momentum_form: str, relative_clip: float, beta: float) -> float:

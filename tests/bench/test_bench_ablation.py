@@ -166,7 +166,11 @@ def test_variants_build_what_they_say():
     # The default is the clipped DoWG variant with the distance hold in primal-average form, its clip acting on every
     # gradient above its level; before that form became the default, it ran heavy ball with the clip's trigger at
     # 10x the RMS, and the variants were measured on that (with the average, which only changes the point handed out).
-    assert settings(default) == settings(get_variant("scale_free_dowg_clip_hold_primal_average").build(params))
+    # Since the form keeps the average of its gradient points by default, the form's own average is average=False.
+    assert settings(default) == settings(
+        get_variant("scale_free_dowg_clip_hold_primal_average_average").build(params))
+    assert dataclasses.replace(settings(default), average=False) == settings(
+        get_variant("scale_free_dowg_clip_hold_primal_average").build(params))
     assert settings(default).momentum_form == "primal_average" and settings(default).clip_trigger == 2.0
     scale_free_default = settings(YellowFin(params, momentum_form="heavy_ball"))
     # Every scale-free variant pins the rule and clip it was measured with.

@@ -233,3 +233,21 @@ def test_yellowfin_with_average_is_evaluated_at_the_average_it_keeps():
     assert averaged["exact_loss"] != plain["exact_loss"]  # ... evaluated elsewhere: at the average
     assert averaged["exact_loss"][0] == plain["exact_loss"][0]  # (which starts at the first iterate)
     assert averaged["eval"]["test"]["excess_loss"] == pytest.approx(averaged["exact_loss"][-1])
+
+
+def test_yellowfins_average_is_evaluated_with_refreshed_batchnorm_statistics(monkeypatch, tiny_task_options):
+    # The averaged weights never saw the batch-norm statistics measured along the iterates: as for Schedule-Free,
+    # the runner refreshes them on training batches before evaluating (docs/algorithm.md §10 tells users the same).
+    task = get_task("fmnist_resnet8", **tiny_task_options["fmnist_resnet8"])
+    refreshed, evaluated = [], []
+    real_refresh, real_evaluate = runner._refresh_batchnorm, task.evaluate
+    monkeypatch.setattr(runner, "_refresh_batchnorm", lambda t, model, seed: refreshed.append(model)
+                        or real_refresh(t, model, seed))
+    monkeypatch.setattr(task, "evaluate", lambda model, split: evaluated.append(model) or real_evaluate(model, split))
+    train_run(task, get_optimizer_spec("yellowfin"), seed=0, steps=3)
+    assert len(refreshed) == 1 and evaluated and all(model is refreshed[0] for model in evaluated)
+    running_means = [m.running_mean for m in refreshed[0].modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert running_means and all(torch.isfinite(mean).all() for mean in running_means)
+    refreshed.clear()
+    train_run(task, get_optimizer_spec("adam"), seed=0, steps=3, lr=1e-3)  # (its iterate: nothing to refresh)
+    assert refreshed == []

@@ -95,7 +95,10 @@ def _dog_averager(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> A
 class YellowFinAverage:
     """The average that YellowFin keeps (average=True, or in primal-average form), as a model to evaluate: a copy of
     the model whose parameters are copied from ``optimizer.averaged()`` after every step (its buffers, such as
-    batch-norm statistics, from the model's current ones)."""
+    batch-norm statistics, from the model's current ones; the runner refreshes the latter before the final
+    evaluation, as docs/algorithm.md §10 tells users to)."""
+
+    refreshes_batchnorm = True
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         import copy

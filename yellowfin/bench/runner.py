@@ -26,8 +26,9 @@ from yellowfin.bench.tasks import Task, get_task
 
 DEFAULT_SEEDS = (0, 1, 2)
 QUICK_SEEDS = (0,)
-# Schedule-Free evaluates at the averaged point, whose batch-norm statistics were never measured: its authors
-# recommend refreshing them with a few training batches before evaluating.
+# Schedule-Free and YellowFin's average evaluate at an averaged point, whose batch-norm statistics were never
+# measured: Schedule-Free's authors, and docs/algorithm.md §10, recommend refreshing them with a few training batches
+# before evaluating.
 BATCHNORM_REFRESH_BATCHES = 20
 # YellowFin's measurements behind each (mu, alpha), kept in the trace to explain its choices.
 TUNER_ESTIMATES = ("h_min", "h_max", "grad_var", "dist")
@@ -128,8 +129,8 @@ def train_run(task: Task, spec: OptimizerSpec, seed: int, steps: int, lr: float 
     eval_start = time.perf_counter()
     if not diverged:
         set_train_mode(spec, optimizer, False)
-        if spec.needs_mode_switch:
-            _refresh_batchnorm(task, model, seed)
+        if spec.needs_mode_switch or getattr(averager, "refreshes_batchnorm", False):
+            _refresh_batchnorm(task, evaluated, seed)
         evaluation = {split: task.evaluate(evaluated, split) for split in ("val", "test")}
         if any(not math.isfinite(v) for split in evaluation.values() for v in split.values()):
             diverged = True

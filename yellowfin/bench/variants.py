@@ -281,6 +281,19 @@ for _variant in (
             overrides={"tuner": "scale_free", "precondition": "adam", "step_rule": "dowg_neutral", "beta": 0.99,
                        "initial_distance": 1e-2, "momentum_form": "primal_average", "relative_clip": 2.0,
                        "clip_trigger": 2.0}),
+    # Each metric's default handing out its gradient points' polynomial average (average=True) instead of the form's
+    # average xbar: the trajectory is the default's; the form's feedback through y shortens xbar's effective window
+    # by the factor 1 - mu, where y carries only z's fast fluctuation (docs/tuner.md §24).
+    Variant("scale_free_dowg_clip_hold_primal_average_average",
+            "scale_free_dowg_clip_hold_primal_average, handing out its gradient points' polynomial average",
+            overrides={**_DOWG_CLIP_TRIGGER_AVERAGE, "average": True, "hold_distance_uphill": True,
+                       "momentum_form": "primal_average", "clip_trigger": 2.0}),
+    Variant("scale_free_adam_dowg_neutral_start_1e-2_clip_primal_average_average",
+            "scale_free_adam_dowg_neutral_start_1e-2_clip_primal_average, handing out its gradient points' "
+            "polynomial average",
+            overrides={"tuner": "scale_free", "precondition": "adam", "step_rule": "dowg_neutral", "beta": 0.99,
+                       "initial_distance": 1e-2, "momentum_form": "primal_average", "relative_clip": 2.0,
+                       "clip_trigger": 2.0, "average": True}),
     # Each metric's default with decoupled weight decay, in the primal-average form (the decay joins z's step at y,
     # as Schedule-Free AdamW decays) and in heavy ball (x shrinks), which groups with decoupled decay ran until then
     # (docs/tuner.md §22): lambda = 0.1 (AdamW's scale, large enough to move a run of this suite's length in Adam's
