@@ -136,12 +136,13 @@ class YellowFin(Optimizer):
     sum weighs every gradient alike (``"dog"``), or from a secant curvature (``"secant"``);
     with ``precondition="adam"`` it measures and steps in Adam's diagonal metric instead (§9). In either metric
     it applies the tuned pair in primal-averaging form (``momentum_form``, §11): the gradients are taken between a
-    plain-SGD sequence and its average over the run, which :meth:`averaged` puts in the parameters while you
-    evaluate; where that form does not run (the secant rule, asynchrony, sparse gradients, ``average=True``) it
-    runs heavy ball, the box's update. Its decoupled weight decay has AdamW's meaning in either metric: a shrink of
+    plain-SGD sequence and its average over the run, and the form keeps the polynomial average of those gradient
+    points, which :meth:`averaged` puts in the parameters while you evaluate (``average=False``: the form's own
+    average instead, one buffer less); where that form does not run (the secant rule, asynchrony, sparse gradients)
+    it runs heavy ball, the box's update. Its decoupled weight decay has AdamW's meaning in either metric: a shrink of
     ``lr`` times λ times the update's size per coordinate, free of the loss scale (§8). ``average=True`` keeps
-    heavy ball's iterates' polynomial average beside them, for any tuner, and :meth:`averaged` hands it out
-    likewise (§10): the trajectory is the same, the point you hand out is the average.
+    the iterates' polynomial average in heavy ball too, for any tuner, and :meth:`averaged` hands it out likewise
+    (§10): the trajectory is the same, the point you hand out is the average.
 
     Args:
         params: parameters or parameter groups.
@@ -437,8 +438,9 @@ class YellowFin(Optimizer):
     # ----------------------------------------------------------------------------- the average
     @contextlib.contextmanager
     def averaged(self) -> Iterator[None]:
-        """Inside ``with optimizer.averaged():`` the parameters hold the iterates' average (``average=True``), or
-        with ``momentum_form="primal_average"`` the average that form keeps, for evaluation or for saving the
+        """Inside ``with optimizer.averaged():`` the parameters hold the iterates' average (``average=True``, the
+        default in the primal-average form, where the iterates are its gradient points), or with
+        ``momentum_form="primal_average", average=False`` that form's own average, for evaluation or for saving the
         model; on leaving, they hold the iterates again. ``step()`` and ``state_dict()`` refuse to run inside. A
         parameter that has not stepped yet keeps its value.
 
@@ -464,8 +466,9 @@ class YellowFin(Optimizer):
 
     @torch.no_grad()
     def _swap_averages(self, iterates: dict | None = None) -> dict:
-        """Swap the parameters with their averages; the primal-average form's average, xbar = y - (1 - b) w, is
-        not kept, so its iterates go into the returned dict on the way in and come back from ``iterates``."""
+        """Swap the parameters with their averages: the kept average where there is one, else the primal-average
+        form's own, xbar = y - (1 - b) w, which is not kept, so its iterates go into the returned dict on the way in
+        and come back from ``iterates``."""
         entering, held = iterates is None, {}
         for index, groups in enumerate(self._scopes()):
             kept_out = 1.0 - self._tuners[index].last_momentum

@@ -137,3 +137,34 @@ def test_plateau_escape_keeps_each_run_and_reads_it_back_instead_of_rerunning(tm
     assert list(runs.iterdir()) == [path]  # (no temporary left behind)
     monkeypatch.setattr(escape, "get_task", lambda *a, **k: pytest.fail("a kept run was trained again"))
     assert escape.run("primal_average", 0, escape.WINDOW, out=runs) == record
+
+
+def test_handed_out_point_evaluates_the_forms_own_average_and_the_gradient_points_average(tmp_path, capsys):
+    # Its xbar, formed from the buffer, is what average=False hands out on the same trajectory; its y's average is what
+    # the default hands out; a second run keeps the file it wrote.
+    import torch
+
+    from yellowfin import YellowFin
+    from yellowfin.bench.tasks import get_task
+
+    handed_out_point = load("handed_out_point")
+    handed_out_point.main(["--tasks", "quadratic", "--seeds", "0", "--steps", "30", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "quadratic" / "plain_seed0.json").read_text())
+    task = get_task("quadratic")
+    for average, point in ((False, "xbar"), (True, "ybar")):
+        torch.manual_seed(0)
+        model = task.make_model(0)
+        opt = YellowFin(model.parameters(), average=average)
+        batches = task.train_batches(0)
+        for _ in range(30):
+            opt.zero_grad()
+            task.loss(model, next(batches)).backward()
+            opt.step()
+        with opt.averaged():
+            assert record["test"][point]["excess_loss"] == pytest.approx(task.exact_loss(model), rel=1e-12)
+    assert record["test"]["y"]["excess_loss"] == pytest.approx(task.exact_loss(model), rel=1e-12)
+    parts = record["test"]["ybar"]
+    assert parts["flat"] + parts["stiff"] == pytest.approx(parts["excess_loss"], rel=1e-12)
+    assert "the y's polynomial average" in (tmp_path / "handed_out_point.md").read_text()
+    handed_out_point.main(["--tasks", "quadratic", "--seeds", "0", "--steps", "30", "--out", str(tmp_path)])
+    assert "kept" in capsys.readouterr().out
