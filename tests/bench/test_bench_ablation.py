@@ -180,8 +180,8 @@ def test_variants_build_what_they_say():
         assert settings(get_variant(name).build(params)) == dataclasses.replace(
             scale_free_default, step_rule=rule, relative_clip=math.inf, clip_trigger=math.inf, initial_distance=start,
             hold_distance_uphill=False)
-    # ... and its first move, growth cap, distance hold and form, so that new defaults leave what each variant's runs
-    # measured as they were. (the variants named "..._start_<r>..." measure another start r, those named
+    # ... and its first move, growth cap, distance hold, form and average, so that new defaults leave what each
+    # variant's runs measured as they were. (the variants named "..._start_<r>..." measure another start r, those named
     # "..._growth_cap..." the cap, "..._hold..." the hold, "..._primal_average" the form)
     for variant in VARIANTS.values():
         if variant.overrides.get("tuner") == "scale_free":
@@ -192,6 +192,8 @@ def test_variants_build_what_they_say():
             assert variant.overrides["hold_distance_uphill"] == ("_hold" in variant.name)
             assert variant.overrides["momentum_form"] == ("primal_average" if "_primal_average" in variant.name
                                                           else "heavy_ball")
+            # ("..._average" names the average handed out, "..._primal_average" alone the form)
+            assert variant.overrides["average"] == bool(re.search(r"(?<!primal)_average(_|$)", variant.name))
     clipped = settings(get_variant("scale_free_dowg_clip_average").build(params))
     assert clipped == dataclasses.replace(scale_free_default, average=True, clip_trigger=2.0,  # (as first measured)
                                           hold_distance_uphill=False)

@@ -97,15 +97,22 @@ def get_variant(name: str) -> Variant:
 
 # The scale-free variants measured before the relative clip existed run without it, whatever its default becomes.
 _UNCLIPPED = {"relative_clip": math.inf}
-# ... and every scale-free variant without a start, a growth cap, a distance hold or a momentum form of its own runs as
-# it was measured: with its rule's first move from before initial_distance existed, without the growth cap and the
-# hold, in heavy ball, whatever the defaults become.
+# ... and every scale-free variant without a start, a growth cap, a distance hold, a momentum form or an average of its
+# own runs as it was measured: with its rule's first move from before initial_distance existed, without the growth cap,
+# the hold and the average, in heavy ball, whatever the defaults become.
 
 
 # The plain metric's rule and clip as scale_free_dowg_clip_trigger_average measured them, handing out the average: what
 # the later changes to the plain default were each measured on top of.
 _DOWG_CLIP_TRIGGER_AVERAGE = {"tuner": "scale_free", "step_rule": "dowg", "relative_clip": 2.0,
                               "clip_trigger": outlier_trigger(0.99), "beta": 0.99, "average": True}
+# Each metric's default as measured since the primal-average form became it (docs/tuner.md §20, §21), handing out the
+# form's own average xbar (average=False), as it did until §24.
+_PLAIN_DEFAULT_FORM = {**_DOWG_CLIP_TRIGGER_AVERAGE, "average": False, "hold_distance_uphill": True,
+                       "momentum_form": "primal_average", "clip_trigger": 2.0}
+_ADAM_DEFAULT_FORM = {"tuner": "scale_free", "precondition": "adam", "step_rule": "dowg_neutral", "beta": 0.99,
+                      "initial_distance": 1e-2, "momentum_form": "primal_average", "relative_clip": 2.0,
+                      "clip_trigger": 2.0, "average": False}
 
 
 def _pinned_as_measured(variant: Variant) -> Variant:
@@ -113,7 +120,7 @@ def _pinned_as_measured(variant: Variant) -> Variant:
     if overrides.get("tuner") != "scale_free":
         return variant
     pinned = {"initial_distance": INITIAL_DISTANCE_BEFORE_THE_OPTION[overrides["step_rule"]], "growth_cap": False,
-              "hold_distance_uphill": False, "momentum_form": "heavy_ball"}
+              "hold_distance_uphill": False, "momentum_form": "heavy_ball", "average": False}
     return dataclasses.replace(variant, overrides={**pinned, **overrides})
 
 
@@ -270,30 +277,24 @@ for _variant in (
     Variant("scale_free_dowg_clip_hold_primal_average",
             "scale_free_dowg_clip_trigger_hold_primal_average with the clip acting on every gradient above 2x the "
             "running RMS",
-            overrides={**_DOWG_CLIP_TRIGGER_AVERAGE, "average": False, "hold_distance_uphill": True,
-                       "momentum_form": "primal_average", "clip_trigger": 2.0}),
+            overrides=_PLAIN_DEFAULT_FORM),
     # Adam's metric's default (the neutral rule from 1e-2) in primal-averaging form, its signal read along the form's
     # lead w = z - xbar (three buffers: P, w, x_0), with the plain form's clip acting on every gradient above its level,
     # here of the metric's norms (docs/tuner.md §21).
     Variant("scale_free_adam_dowg_neutral_start_1e-2_clip_primal_average",
             "scale_free_adam_dowg_neutral_start_1e-2's (mu, alpha) in primal-averaging form, its signal along the lead "
             "z - xbar, the clip at 2x the running RMS",
-            overrides={"tuner": "scale_free", "precondition": "adam", "step_rule": "dowg_neutral", "beta": 0.99,
-                       "initial_distance": 1e-2, "momentum_form": "primal_average", "relative_clip": 2.0,
-                       "clip_trigger": 2.0}),
+            overrides=_ADAM_DEFAULT_FORM),
     # Each metric's default handing out its gradient points' polynomial average (average=True) instead of the form's
     # average xbar: the trajectory is the default's; the form's feedback through y shortens xbar's effective window
     # by the factor 1 - mu, where y carries only z's fast fluctuation (docs/tuner.md §24).
     Variant("scale_free_dowg_clip_hold_primal_average_average",
             "scale_free_dowg_clip_hold_primal_average, handing out its gradient points' polynomial average",
-            overrides={**_DOWG_CLIP_TRIGGER_AVERAGE, "average": True, "hold_distance_uphill": True,
-                       "momentum_form": "primal_average", "clip_trigger": 2.0}),
+            overrides={**_PLAIN_DEFAULT_FORM, "average": True}),
     Variant("scale_free_adam_dowg_neutral_start_1e-2_clip_primal_average_average",
             "scale_free_adam_dowg_neutral_start_1e-2_clip_primal_average, handing out its gradient points' "
             "polynomial average",
-            overrides={"tuner": "scale_free", "precondition": "adam", "step_rule": "dowg_neutral", "beta": 0.99,
-                       "initial_distance": 1e-2, "momentum_form": "primal_average", "relative_clip": 2.0,
-                       "clip_trigger": 2.0, "average": True}),
+            overrides={**_ADAM_DEFAULT_FORM, "average": True}),
     # Each metric's default with decoupled weight decay, in the primal-average form (the decay joins z's step at y,
     # as Schedule-Free AdamW decays) and in heavy ball (x shrinks), which groups with decoupled decay ran until then
     # (docs/tuner.md §22): lambda = 0.1 (AdamW's scale, large enough to move a run of this suite's length in Adam's
@@ -302,14 +303,10 @@ for _variant in (
     *(Variant(f"{name}_decay_{decay}", f"{name} with decoupled weight decay {decay}",
               overrides={**overrides, "weight_decay": float(decay), "decoupled_weight_decay": True})
       for decay in ("0.1", "1e-3") for name, overrides in (
-          ("scale_free_dowg_clip_hold_primal_average",
-           {**_DOWG_CLIP_TRIGGER_AVERAGE, "average": False, "hold_distance_uphill": True,
-            "momentum_form": "primal_average", "clip_trigger": 2.0}),
+          ("scale_free_dowg_clip_hold_primal_average", _PLAIN_DEFAULT_FORM),
           ("scale_free_dowg_clip_trigger_hold", {**_DOWG_CLIP_TRIGGER_AVERAGE, "average": False,
                                                  "hold_distance_uphill": True}),
-          ("scale_free_adam_dowg_neutral_start_1e-2_clip_primal_average",
-           {"tuner": "scale_free", "precondition": "adam", "step_rule": "dowg_neutral", "beta": 0.99,
-            "initial_distance": 1e-2, "momentum_form": "primal_average", "relative_clip": 2.0, "clip_trigger": 2.0}),
+          ("scale_free_adam_dowg_neutral_start_1e-2_clip_primal_average", _ADAM_DEFAULT_FORM),
           ("scale_free_adam_dowg_neutral_start_1e-2",
            {"tuner": "scale_free", **_UNCLIPPED, "precondition": "adam", "step_rule": "dowg_neutral", "beta": 0.99,
             "initial_distance": 1e-2}))),
