@@ -17,6 +17,9 @@ the suite's runs (benchmarks/results) and the ablation's (benchmarks/results-abl
         scale_free_dowg_clip_hold_primal_average --seeds 0 1 2 --results benchmarks/results-clip-trigger
     yellowfin ablate <the seven tasks> --variants scale_free_adam_dowg_neutral_start_1e-2_clip_primal_average \
         --seeds 0 1 2 --results benchmarks/results-adam-primal-average
+    yellowfin ablate <the seven tasks> --variants scale_free_dowg_clip_hold_primal_average_average \
+        scale_free_adam_dowg_neutral_start_1e-2_clip_primal_average_average --seeds 0 1 2 \
+        --results benchmarks/results-gradient-point-average              (and seeds 3 4 on the quadratic)
 
 A grid-tuned optimizer is shown at the learning rate the suite chose (the one it ran on every seed).
 
@@ -38,7 +41,9 @@ HERE = Path(__file__).resolve().parent
 # (The default is the primal-average form with the clip at its level since docs/tuner.md §20: the suite's "yellowfin"
 # runs are yf_scale_free_dowg_clip_hold_primal_average's of benchmarks/results-clip-trigger, bit for bit.)
 ROWS = (
-    ("YellowFin default (primal-average form), its average", "yellowfin", "suite"),
+    ("YellowFin default (primal-average form), the average of its gradient points (§24)", "yellowfin", "suite"),
+    ("YellowFin primal-average form, its own average (the default from §20 to §23)",
+     "yf_scale_free_dowg_clip_hold_primal_average", "ablation"),
     ("YellowFin heavy ball (the default before §20), its average", "yf_scale_free_dowg_clip_trigger_hold_average",
      "ablation"),
     ("YellowFin primal-average form, clip trigger 10, its average",
@@ -46,8 +51,10 @@ ROWS = (
     ("YellowFin heavy ball, clip_trigger=2, its average", "yf_scale_free_dowg_clip_hold_average", "ablation"),
     ("YellowFin Adam's metric, last iterate", "yf_scale_free_adam_dowg_neutral_start_1e-2", "ablation"),
     ("YellowFin Adam's metric, its average", "yf_scale_free_adam_dowg_neutral_start_1e-2_average", "ablation"),
-    ("YellowFin Adam's metric, primal-average form (its default since §21), its average",
+    ("YellowFin Adam's metric, primal-average form (its default from §21 to §23), its own average",
      "yf_scale_free_adam_dowg_neutral_start_1e-2_clip_primal_average", "ablation"),
+    ("YellowFin Adam's metric, primal-average form, the average of its gradient points (its default since §24)",
+     "yf_scale_free_adam_dowg_neutral_start_1e-2_clip_primal_average_average", "ablation"),
     ("YellowFin reference, last iterate", "yellowfin_reference", "suite"),
     ("momentum SGD (tuned lr)", "sgd_momentum", "suite"),
     ("Adam (tuned lr)", "adam", "suite"),
@@ -107,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=HERE / "results")
     parser.add_argument("--ablation", type=Path, nargs="+",
                         default=[HERE / "results-ablation", HERE / "results-primal-average",
-                                 HERE / "results-clip-trigger", HERE / "results-adam-primal-average"])
+                                 HERE / "results-clip-trigger", HERE / "results-adam-primal-average",
+                                 HERE / "results-gradient-point-average"])
     args = parser.parse_args(argv)
     for directory in (args.results, *args.ablation):
         if not directory.is_dir():
