@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from yellowfin import YellowFin
-from yellowfin.bench.runner import BATCHNORM_REFRESH_BATCHES, _refresh_batchnorm, environment
+from yellowfin.bench.runner import BATCHNORM_REFRESH_BATCHES, refresh_batchnorm, environment
 from yellowfin.bench.tasks import TABLE_ORDER, TASKS, get_task
 from yellowfin.files import atomic_write
 
@@ -84,7 +84,7 @@ def run_one(task_name: str, metric: str, seed: int, steps: int | None, data_dir:
     for name, point in _points(model, opt).items():
         record["test"][name] = task.evaluate(point, "test")
         if _has_batchnorm(point):
-            _refresh_batchnorm(task, point, seed)
+            refresh_batchnorm(task, point, seed)
             record["test"][name + "+refreshed"] = task.evaluate(point, "test")
         if task_name == "quadratic":
             record["test"][name].update(_quadratic_parts(task, point))

@@ -85,3 +85,32 @@ def test_data_dir_reaches_every_fashion_mnist_task(tmp_path, capsys, fmnist_dir)
     for task in ("logreg", "autoencoder", "fmnist_resnet8"):
         record = json.loads((results / task / "yellowfin_seed0_steps2.json").read_text())
         assert record["task"]["data_dir"] == str(fmnist_dir) and record["completed_steps"] == 2
+
+
+def test_demo_evaluates_yellowfins_average_with_its_own_batchnorm_statistics(tiny_task_options):
+    # A copy of the average, its statistics measured again (docs/algorithm.md §10); the trained model is left as it was.
+    import copy
+
+    import torch
+
+    from yellowfin import YellowFin
+    from yellowfin.bench.demo import DemoRun, _evaluate_handed_out
+    from yellowfin.bench.runner import refresh_batchnorm
+    from yellowfin.bench.tasks import get_task
+
+    task = get_task("fmnist_resnet8", **tiny_task_options["fmnist_resnet8"])
+    model = task.make_model(0)
+    opt = YellowFin(model.parameters())
+    batches = task.train_batches(0)
+    for _ in range(3):
+        opt.zero_grad()
+        task.loss(model, next(batches)).backward()
+        opt.step()
+    before = copy.deepcopy(model.state_dict())
+    measured = _evaluate_handed_out(task, DemoRun("YellowFin", opt, model, losses=[1.0]), seed=0)
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+    with opt.averaged():
+        expected = copy.deepcopy(model)
+    refresh_batchnorm(task, expected, 0)
+    assert measured == task.evaluate(expected, "test")
+    assert measured != task.evaluate(model, "test")

@@ -240,8 +240,8 @@ def test_yellowfins_average_is_evaluated_with_refreshed_batchnorm_statistics(mon
     # the runner refreshes them on training batches before evaluating (docs/algorithm.md §10 tells users the same).
     task = get_task("fmnist_resnet8", **tiny_task_options["fmnist_resnet8"])
     refreshed, evaluated = [], []
-    real_refresh, real_evaluate = runner._refresh_batchnorm, task.evaluate
-    monkeypatch.setattr(runner, "_refresh_batchnorm", lambda t, model, seed: refreshed.append(model)
+    real_refresh, real_evaluate = runner.refresh_batchnorm, task.evaluate
+    monkeypatch.setattr(runner, "refresh_batchnorm", lambda t, model, seed: refreshed.append(model)
                         or real_refresh(t, model, seed))
     monkeypatch.setattr(task, "evaluate", lambda model, split: evaluated.append(model) or real_evaluate(model, split))
     train_run(task, get_optimizer_spec("yellowfin"), seed=0, steps=3)

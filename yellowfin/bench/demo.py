@@ -6,6 +6,7 @@ baselines.)"""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -19,6 +20,7 @@ import torch
 from yellowfin.bench import metrics
 from yellowfin.bench import results as results_io
 from yellowfin.bench.data import DataNotFoundError
+from yellowfin.bench.runner import refresh_batchnorm
 from yellowfin.bench.tasks import Task, get_task
 
 ADAM_DEFAULT_LR = 1e-3
@@ -108,7 +110,7 @@ def run_demo(minutes: float = 3.0, data_dir: str | None = None, out_dir: str | P
             if bar is not None:
                 bar.close()
     for run in runs:
-        run.test = _evaluate_handed_out(task, run) if run.losses else {}
+        run.test = _evaluate_handed_out(task, run, seed) if run.losses else {}
     table = summary_table(task, runs)
     figure = plot_demo(task, runs, out_dir / "demo.png", fallback)
     summary_path = out_dir / "demo.json"
@@ -116,13 +118,15 @@ def run_demo(minutes: float = 3.0, data_dir: str | None = None, out_dir: str | P
     return DemoResult(task.name, fallback, runs, figure, summary_path, table)
 
 
-def _evaluate_handed_out(task: Task, run: DemoRun) -> dict[str, float]:
-    """The test metrics at the point the optimizer hands out: YellowFin's average where it keeps one (the
-    primal-average form, its default), else the parameters."""
+def _evaluate_handed_out(task: Task, run: DemoRun, seed: int) -> dict[str, float]:
+    """The test metrics at the point the optimizer hands out: YellowFin's average where it keeps one (its default),
+    a copy with its batch-norm statistics measured again (docs/algorithm.md §10), else the parameters."""
     keeps_average = getattr(run.optimizer, "keeps_average", None)
     if keeps_average is not None and keeps_average():
         with run.optimizer.averaged():
-            return task.evaluate(run.model, "test")
+            average = copy.deepcopy(run.model)
+        refresh_batchnorm(task, average, seed)
+        return task.evaluate(average, "test")
     return task.evaluate(run.model, "test")
 
 

@@ -52,7 +52,9 @@ def environment() -> dict[str, Any]:
     }
 
 
-def _refresh_batchnorm(task: Task, model: nn.Module, seed: int) -> None:
+def refresh_batchnorm(task: Task, model: nn.Module, seed: int) -> None:
+    """Measure a model's batch-norm statistics again, on training batches of a stream apart from the run's, for a
+    point whose weights never produced them (an average); a model without batch norm is left alone."""
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return
     batches = task.train_batches(seed + 7919)
@@ -130,7 +132,7 @@ def train_run(task: Task, spec: OptimizerSpec, seed: int, steps: int, lr: float 
     if not diverged:
         set_train_mode(spec, optimizer, False)
         if spec.needs_mode_switch or getattr(averager, "refreshes_batchnorm", False):
-            _refresh_batchnorm(task, evaluated, seed)
+            refresh_batchnorm(task, evaluated, seed)
         evaluation = {split: task.evaluate(evaluated, split) for split in ("val", "test")}
         if any(not math.isfinite(v) for split in evaluation.values() for v in split.values()):
             diverged = True
