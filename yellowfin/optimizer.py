@@ -136,9 +136,9 @@ class YellowFin(Optimizer):
     sum weighs every gradient alike (``"dog"``), or from a secant curvature (``"secant"``);
     with ``precondition="adam"`` it measures and steps in Adam's diagonal metric instead (§9). In either metric
     it applies the tuned pair in primal-averaging form (``momentum_form``, §11): the gradients are taken between a
-    plain-SGD sequence and its average over the run, and the form keeps the polynomial average of those gradient
-    points, which :meth:`averaged` puts in the parameters while you evaluate (``average=False``: the form's own
-    average instead, one buffer less); where that form does not run (the secant rule, asynchrony, sparse gradients)
+    plain-SGD sequence and its average over the run, and in the plain metric the form keeps the polynomial average of
+    those gradient points, which :meth:`averaged` puts in the parameters while you evaluate (``average=False``, and
+    Adam's metric unless ``average=True``: the form's own average instead, one buffer less); where that form does not run (the secant rule, asynchrony, sparse gradients)
     it runs heavy ball, the box's update. Its decoupled weight decay has AdamW's meaning in either metric: a shrink of
     ``lr`` times λ times the update's size per coordinate, free of the loss scale (§8). ``average=True`` keeps
     the iterates' polynomial average in heavy ball too, for any tuner, and :meth:`averaged` hands it out likewise
@@ -439,8 +439,8 @@ class YellowFin(Optimizer):
     @contextlib.contextmanager
     def averaged(self) -> Iterator[None]:
         """Inside ``with optimizer.averaged():`` the parameters hold the iterates' average (``average=True``, the
-        default in the primal-average form, where the iterates are its gradient points), or with
-        ``momentum_form="primal_average", average=False`` that form's own average, for evaluation or for saving the
+        default in the plain metric's primal-average form, where the iterates are its gradient points), or in the
+        primal-average form without it that form's own average, for evaluation or for saving the
         model; on leaving, they hold the iterates again. ``step()`` and ``state_dict()`` refuse to run inside. A
         parameter that has not stepped yet keeps its value.
 

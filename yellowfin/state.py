@@ -93,7 +93,7 @@ class TunerSettings:
     # in the trajectory: it is the point to hand out, which under gradient noise is much closer to the optimum. In
     # primal-average form the iterates are the points y where the gradients are taken, and their average is handed
     # out instead of the form's own average xbar, whose feedback through y shortens its window by 1 - mu
-    # (docs/algorithm.md §11). None: default_average (in the primal-average form, not in heavy ball).
+    # (docs/algorithm.md §11). None: default_average (in the plain metric's primal-average form only).
     average: bool | None = None
     # How the tuned (mu, alpha) move the parameters. "heavy_ball": v <- mu v + g, x <- x - alpha v. "primal_average":
     # the same pair in primal-averaging form (docs/algorithm.md §11): a plain-SGD sequence z moves by the effective
@@ -121,7 +121,7 @@ class TunerSettings:
         if self.momentum_form is None:  # (before the clip's trigger and the average, whose defaults read it)
             object.__setattr__(self, "momentum_form", default_momentum_form(self))
         if self.average is None:
-            object.__setattr__(self, "average", default_average(self.momentum_form))
+            object.__setattr__(self, "average", default_average(self.momentum_form, self.precondition))
         # The relative clip's level and trigger, in this order (the trigger's default reads the resolved level).
         for name, default in (
                 ("relative_clip", lambda: default_relative_clip(self.precondition, self.momentum_form)),
@@ -302,13 +302,14 @@ def default_momentum_form(settings: "TunerSettings") -> str:
     return "primal_average" if runs else "heavy_ball"
 
 
-def default_average(momentum_form: str) -> bool:
-    """TunerSettings.average when none is given: kept in the primal-average form, whose own average xbar is pulled back
-    through the gradient points y with a gain 1 / (1 - mu), so that it averages over a window 1 - mu times the
-    polynomial average's (on the noisy quadratic its excess loss was 3.8 times the average of the y's over five seeds,
-    and higher on every seed; docs/tuner.md §24); not in heavy ball, whose iterate is its gradient point and which
-    hands out the iterate unless asked."""
-    return momentum_form == "primal_average"
+def default_average(momentum_form: str, precondition: str | None) -> bool:
+    """TunerSettings.average when none is given: kept in the plain metric's primal-average form, whose own average xbar
+    is pulled back through the gradient points y with a gain 1 / (1 - mu), so that it averages over a window 1 - mu
+    times the polynomial average's (on the noisy quadratic its excess loss was 3.8 times the average of the y's over
+    five seeds, and higher on every seed; docs/tuner.md §24). Not in Adam's metric, whose state is held to three
+    buffers per parameter (as many as Adam's plus one: P, the form's buffer, x_0), nor in heavy ball, whose iterate is
+    its gradient point; average=True keeps it there too."""
+    return momentum_form == "primal_average" and precondition is None
 
 
 def default_clip_trigger(momentum_form: str, relative_clip: float, beta: float) -> float:

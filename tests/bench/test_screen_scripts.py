@@ -88,7 +88,7 @@ def test_held_out_shows_a_tuned_optimizer_at_the_learning_rate_run_on_every_seed
     rows = [line for line in out.splitlines() if line.startswith("| momentum SGD")]
     assert rows == ["| momentum SGD (tuned lr) | 2 ± 1 |", "| momentum SGD (tuned lr) | 0.9 ± 0.1 |"]
     assert "| YellowFin heavy ball (the default before §20), its average | 0.25 (1 seed) |" in out
-    assert "| YellowFin default (primal-average form), its average | 0.5 ± 0 |" in out
+    assert "| YellowFin default (primal-average form), the average of its gradient points (§24) | 0.5 ± 0 |" in out
     assert "| Prodigy | – |" in out
     assert "logreg (accuracy)" in out
 
