@@ -80,7 +80,7 @@ def run_one(task_name: str, metric: str, seed: int, steps: int | None, data_dir:
         loss = task.loss(model, next(batches))
         loss.backward()
         opt.step()
-    record = {"task": task_name, "metric": metric, "seed": seed, "steps": steps, "final_train_loss": float(loss),
+    record = {"task": task_name, "metric": metric, "seed": seed, "steps": steps, "final_train_loss": loss.item(),
               "train_seconds": time.perf_counter() - start, "stats": opt.stats(), "test": {}}
     for name, point in _points(model, opt).items():
         record["test"][name] = task.evaluate(point, "test")
