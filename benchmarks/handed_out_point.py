@@ -1,12 +1,12 @@
 """The point the primal-average form hands out: its own average xbar, or the average of its gradient points y.
 
 The form (docs/algorithm.md §11) keeps z, a plain-SGD sequence, and xbar, z's polynomial average, and takes its
-gradients at y = (1 - m) z + m xbar. Three points could be handed out after a run, all on the same trajectory:
-y (the parameters), xbar (``average=False``: y - (1 - b) w from the buffer, no extra memory) and the polynomial
-average of the y's (``average=True``, one more buffer; the plain metric's default since docs/tuner.md §24). This script trains each
-metric's default once per task and seed and evaluates all three on the test split, where the model has batch norm
-also after refreshing its statistics on 20 training batches (the bench's protocol for every averaged point). On the
-noisy quadratic it splits the exact excess loss between the 90 flat directions (eigenvalues below 1) and the 10
+gradients at y = (1 - m) z + m xbar. Three points could be handed out after a run, all on the same trajectory: y (the
+parameters), xbar (``average=False``: y - (1 - b) w from the buffer, no extra memory) and the polynomial average of
+the y's (``average=True``, one more buffer; the plain metric's default since docs/tuner.md §24). This script trains
+each metric's default once per task and seed and evaluates all three on the test split, where the model has batch
+norm also after refreshing its statistics on 20 training batches (the bench's protocol for every averaged point). On
+the noisy quadratic it splits the exact excess loss between the 90 flat directions (eigenvalues below 1) and the 10
 stiff ones (30 to 60), where the gradient noise is largest.
 
     python benchmarks/handed_out_point.py [--tasks ...] [--seeds 0 1 2] [--metric plain|adam]

@@ -137,12 +137,13 @@ class YellowFin(Optimizer):
     with ``precondition="adam"`` it measures and steps in Adam's diagonal metric instead (§9). In either metric
     it applies the tuned pair in primal-averaging form (``momentum_form``, §11): the gradients are taken between a
     plain-SGD sequence and its average over the run, and in the plain metric the form keeps the polynomial average of
-    those gradient points, which :meth:`averaged` puts in the parameters while you evaluate (``average=False``, and
-    Adam's metric unless ``average=True``: the form's own average instead, one buffer less); where that form does not run (the secant rule, asynchrony, sparse gradients)
-    it runs heavy ball, the box's update. Its decoupled weight decay has AdamW's meaning in either metric: a shrink of
-    ``lr`` times λ times the update's size per coordinate, free of the loss scale (§8). ``average=True`` keeps
-    the iterates' polynomial average in heavy ball too, for any tuner, and :meth:`averaged` hands it out likewise
-    (§10): the trajectory is the same, the point you hand out is the average.
+    those gradient points, which :meth:`averaged` puts in the parameters while you evaluate (``average=False``,
+    and Adam's metric unless ``average=True``: the form's own average instead, one buffer less); where that form does
+    not run (the secant rule, asynchrony, sparse gradients) it runs heavy ball, the box's update. Its decoupled
+    weight decay has AdamW's meaning in either metric: a shrink of ``lr`` times λ times the update's size per
+    coordinate, free of the loss scale (§8). ``average=True`` keeps the iterates' polynomial average in heavy ball
+    too, for any tuner, and :meth:`averaged` hands it out likewise (§10): the trajectory is the same, the point you
+    hand out is the average.
 
     Args:
         params: parameters or parameter groups.
