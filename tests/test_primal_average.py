@@ -339,7 +339,8 @@ def test_a_group_in_heavy_ball_runs_beside_the_default_form():
     assert [group["momentum_form"] for group in opt.param_groups] == ["primal_average", "heavy_ball"]
     assert [group["average"] for group in opt.param_groups] == [True, False]
     # Under one shared tuner the two forms cannot meet: the error names what differs.
-    with pytest.raises(ValueError, match=r"momentum_form \('primal_average' against 'heavy_ball'\)"):
+    with pytest.raises(ValueError, match=r"momentum_form \('primal_average' against 'heavy_ball'\).*"
+                                         r"per_group_tuning=True"):
         YellowFin(groups)
     # A group with decoupled decay runs the form in either metric, as the others there: one tuner serves both.
     decayed = [{"params": first}, {"params": second, "weight_decay": 1e-1, "decoupled_weight_decay": True}]

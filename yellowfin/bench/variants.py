@@ -107,7 +107,7 @@ _UNCLIPPED = {"relative_clip": math.inf}
 _DOWG_CLIP_TRIGGER_AVERAGE = {"tuner": "scale_free", "step_rule": "dowg", "relative_clip": 2.0,
                               "clip_trigger": outlier_trigger(0.99), "beta": 0.99, "average": True}
 # Each metric's default as measured since the primal-average form became it (docs/tuner.md §20, §21), handing out the
-# form's own average xbar (average=False), as it did until §24.
+# form's own average xbar (average=False): the plain metric's default until §24, Adam's metric's still.
 _PLAIN_DEFAULT_FORM = {**_DOWG_CLIP_TRIGGER_AVERAGE, "average": False, "hold_distance_uphill": True,
                        "momentum_form": "primal_average", "clip_trigger": 2.0}
 _ADAM_DEFAULT_FORM = {"tuner": "scale_free", "precondition": "adam", "step_rule": "dowg_neutral", "beta": 0.99,
@@ -285,9 +285,9 @@ for _variant in (
             "scale_free_adam_dowg_neutral_start_1e-2's (mu, alpha) in primal-averaging form, its signal along the lead "
             "z - xbar, the clip at 2x the running RMS",
             overrides=_ADAM_DEFAULT_FORM),
-    # Each metric's default handing out its gradient points' polynomial average (average=True) instead of the form's
-    # average xbar: the trajectory is the default's; the form's feedback through y shortens xbar's effective window
-    # by the factor 1 - mu, where y carries only z's fast fluctuation (docs/tuner.md §24).
+    # Each metric's form handing out its gradient points' polynomial average (average=True) instead of the form's
+    # average xbar (the plain metric's default since docs/tuner.md §24): the same trajectory; the form's feedback
+    # through y shortens xbar's effective window by the factor 1 - mu, where y carries only z's fast fluctuation.
     Variant("scale_free_dowg_clip_hold_primal_average_average",
             "scale_free_dowg_clip_hold_primal_average, handing out its gradient points' polynomial average",
             overrides={**_PLAIN_DEFAULT_FORM, "average": True}),
